@@ -1,0 +1,24 @@
+# One command to set up and run the demo, one to run the tests.
+GUEST_DIR ?= /var/lib/clearcri/guest
+
+.PHONY: deps guest demo test lint unit integration bench
+
+deps:
+	scripts/install-deps.sh
+
+guest: deps
+	clearcri guest build --guest-dir $(GUEST_DIR)
+
+demo: guest
+	clearcri demo --guest-dir $(GUEST_DIR)
+
+lint:
+	ruff check .
+	ruff format --check .
+	mypy
+
+test: guest lint
+	CLEARCRI_GUEST_DIR=$(GUEST_DIR) python3 -m pytest -v -rs tests/unit tests/integration
+
+bench: guest
+	clearcri bench boot --guest-dir $(GUEST_DIR)

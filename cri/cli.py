@@ -1,0 +1,107 @@
+"""The `clearcri` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from sandbox.guest import DEFAULT_GUEST_DIR, build_guest
+
+DESCRIPTION = """\
+clearcri: a Kubernetes container runtime (CRI v1) that runs every pod in its own
+minimal QEMU virtual machine.
+
+commands:
+  guest build   build (or refresh) the guest kernel, initramfs and DAX OS image
+  demo          boot one pod VM, run a busybox container in it, print timings, remove it
+  bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
+"""
+
+
+def _progress(line: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {line}", file=sys.stderr, flush=True)
+
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
+    assets = build_guest(Path(args.guest_dir), progress=_progress, force=args.force)
+    print(f"kernel   {assets.kernel} ({assets.kernel_version})")
+    print(f"initrd   {assets.initrd}")
+    print(f"os image {assets.os_image} ({assets.os_image.stat().st_size / 2**20:.1f} MiB)")
+    print(f"version  {assets.version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sandbox.demo import run_demo
+
+    return asyncio.run(run_demo(Path(args.guest_dir), Path(args.run_root)))
+
+
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from sandbox.bench import run_boot_bench
+
+    return asyncio.run(
+        run_boot_bench(
+            guest_dir=Path(args.guest_dir),
+            runs=args.runs,
+            memory_vms=args.memory_vms,
+            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clearcri",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    guest = sub.add_parser("guest", help="guest assets (kernel, initramfs, OS image)")
+    guest_sub = guest.add_subparsers(dest="guest_command", required=True)
+    build = guest_sub.add_parser(
+        "build", help="fetch Debian packages and build the guest assets (idempotent, cached)"
+    )
+    build.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR), help="where assets live")
+    build.add_argument("--force", action="store_true", help="rebuild everything")
+    build.set_defaults(func=cmd_guest_build)
+
+    demo = sub.add_parser("demo", help="boot one pod VM and run a busybox container in it")
+    demo.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    demo.add_argument("--run-root", default=f"/run/clearcri/demo-{uuid.uuid4().hex[:8]}")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    boot = bench_sub.add_parser(
+        "boot", help="boot time (phases, vs bare-kernel floor) and memory per VM (DAX vs blk)"
+    )
+    boot.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    boot.add_argument("--runs", type=int, default=5, help="boots per configuration")
+    boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
+    boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    boot.set_defaults(func=cmd_bench_boot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`clearcri bench boot`: boot time against the bare-kernel floor, and host memory per VM.
+
+Every figure is measured in the same run as its baseline and printed with medians,
+min and max; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from sandbox.guest import locate_guest
+from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.vm import MachineSpec, VmProcess, build_command
+
+FLOOR_MARKER = b"clearcri-floor-ready"
+
+
+def read_kib(path: Path, key: str) -> int:
+    """The value in kB of line ``key:`` in a /proc file such as meminfo or smaps_rollup."""
+    for line in path.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{key} not in {path}")
+
+
+def mem_available_kib() -> int:
+    return read_kib(Path("/proc/meminfo"), "MemAvailable")
+
+
+def pss_kib(pid: int) -> int:
+    return read_kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
+
+
+async def boot_floor(host: SandboxHost, work_dir: Path, index: int) -> float:
+    """Seconds from spawn to the floor initramfs's marker on the console."""
+    run_dir = work_dir / f"floor-{index}"
+    run_dir.mkdir(parents=True)
+    assets = host.assets
+    spec = MachineSpec(
+        name=f"floor-{index}",
+        kernel=assets.kernel,
+        initrd=assets.floor_initrd,
+        os_image=assets.os_image,
+        run_dir=run_dir,
+        accel=host.accel,
+        image_slots=host.config.image_slots,
+        tcg_tb_size_mib=host.config.tcg_tb_size_mib,
+    )
+    cmd = build_command(spec, qemu=host.config.qemu)
+    t0 = time.monotonic()
+    proc = await VmProcess.spawn(cmd, stderr_log=spec.stderr_log, cwd=run_dir)
+    try:
+        while proc.alive and time.monotonic() - t0 < 60:
+            with contextlib.suppress(OSError):
+                if FLOOR_MARKER in spec.console_log.read_bytes():
+                    return time.monotonic() - t0
+            await asyncio.sleep(0.005)
+        raise RuntimeError(f"floor boot printed no marker: {spec.console_log.read_bytes()!r}")
+    finally:
+        proc.kill()
+        await proc.wait(10)
+
+
+def _stats(values: list[float]) -> str:
+    return (
+        f"median {statistics.median(values):6.3f}  min {min(values):6.3f}  max {max(values):6.3f}"
+    )
+
+
+async def run_boot_bench(*, guest_dir: Path, runs: int, memory_vms: int, work_dir: Path) -> int:
+    assets = locate_guest(guest_dir)
+    config = SandboxConfig(run_root=work_dir / "run", guest_dir=guest_dir, accel="auto")
+    host = SandboxHost(config, assets)
+    print(f"guest {assets.version}  kernel {assets.kernel_version}  accel {host.accel}")
+    print(f"  ({host.accel_reason})")
+    floors: list[float] = []
+    phases: dict[str, list[float]] = {
+        "vmm_spawn": [],
+        "firmware": [],
+        "kernel": [],
+        "agent_ready": [],
+        "total": [],
+    }
+    for i in range(runs):
+        floors.append(await boot_floor(host, work_dir, i))
+        sandbox = PodSandbox.create(host, SandboxSpec(f"bench-boot-{i}"))
+        try:
+            boot = await sandbox.start()
+        finally:
+            await sandbox.destroy()
+        for name in phases:
+            phases[name].append(getattr(boot, name))
+    print(f"\nboot, {runs} runs each, seconds")
+    print(f"  floor (same kernel, trivial /init)  {_stats(floors)}")
+    for name, values in phases.items():
+        print(f"  {name:<34} {_stats(values)}")
+    ratio = statistics.median(phases["total"]) / statistics.median(floors)
+    print(f"  ratio spawn->agent ready / floor: {ratio:.2f}  (target <= 1.15)")
+
+    print(f"\nhost memory per idle VM ({config.default_memory_mib} MiB guests)")
+    for mode in ("pmem", "blk"):
+        mode_host = SandboxHost(replace(config, os_image_mode=mode), assets)
+        for count in sorted({1, memory_vms}):
+            pss, drop = await measure_memory(mode_host, count, f"bench-mem-{mode}")
+            print(
+                f"  {mode:<4} {count:>3} VMs: PSS {pss / count / 1024:7.1f} MiB/VM, "
+                f"MemAvailable drop {drop / count / 1024:7.1f} MiB/VM "
+                f"({drop / 1024:7.1f} MiB total)"
+            )
+    return 0
+
+
+async def measure_memory(host: SandboxHost, count: int, prefix: str) -> tuple[int, int]:
+    """Total qemu PSS and MemAvailable drop (KiB) with ``count`` idle VMs."""
+    before = mem_available_kib()
+    sandboxes: list[PodSandbox] = []
+    try:
+        for i in range(count):
+            sandbox = PodSandbox.create(host, SandboxSpec(f"{prefix}-{i}"))
+            sandboxes.append(sandbox)
+            await sandbox.start()
+        await asyncio.sleep(5)
+        pss = sum(pss_kib(s.pid) for s in sandboxes)
+        drop = before - mem_available_kib()
+    finally:
+        for sandbox in sandboxes:
+            await sandbox.destroy()
+    return pss, drop

@@ -1,0 +1,463 @@
+"""One pod = one VM: create, start, stop, destroy and re-adopt a pod sandbox.
+
+A sandbox's host-side state lives in one run directory (``<run_root>/<sandbox id>``):
+the QMP and agent sockets, the console log, qemu's pid file and ``state.json``. A new
+daemon process re-adopts a running VM from that directory instead of killing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.client import AgentClient, AgentError
+from sandbox.accel import choose_accel
+from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.qmp import QmpControl, QmpError
+from sandbox.rootfs import RootfsImage
+from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
+
+log = logging.getLogger(__name__)
+
+SANDBOX_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+STATE_FILE = "state.json"
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed; the message says what and what to do."""
+
+
+class SandboxNotFound(SandboxError):
+    pass
+
+
+class SandboxExhausted(SandboxError):
+    """A per-VM resource (such as image slots) is used up."""
+
+
+@dataclass
+class SandboxConfig:
+    """Node-wide settings for pod VMs (daemon configuration, `[vm]` table)."""
+
+    run_root: Path = Path("/run/clearcri/sandboxes")
+    guest_dir: Path = DEFAULT_GUEST_DIR
+    qemu: str = QEMU_BINARY
+    accel: str = "auto"
+    # Guest size when the pod sets no limits (documented in docs/operations.md).
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    # Memory the guest kernel, agent and page tables need on top of container limits.
+    guest_overhead_mib: int = 128
+    max_vcpus: int = 0  # 0: the host's CPU count
+    image_slots: int = 4
+    tcg_tb_size_mib: int = 16
+    mem_merge: bool = True
+    boot_timeout_s: float = 60.0
+    stop_timeout_s: float = 10.0
+    sandbox_filter: bool = True
+    # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
+    os_image_mode: str = "pmem"
+
+
+@dataclass
+class SandboxSpec:
+    """What one pod asks for."""
+
+    sandbox_id: str
+    hostname: str = ""
+    resolv_conf: str = ""
+    hosts: str = ""
+    cpu_quota_us: int = 0
+    cpu_period_us: int = 0
+    memory_limit_bytes: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BootTimes:
+    """Phases of one boot, in seconds."""
+
+    vmm_spawn: float = 0.0
+    firmware: float = 0.0
+    kernel: float = 0.0
+    agent_ready: float = 0.0
+    total: float = 0.0
+
+
+def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
+    """vCPUs and memory (MiB) for a pod: from its limits, else the defaults."""
+    max_vcpus = config.max_vcpus or os.cpu_count() or 1
+    vcpus = config.default_vcpus
+    if spec.cpu_quota_us > 0 and spec.cpu_period_us > 0:
+        vcpus = math.ceil(spec.cpu_quota_us / spec.cpu_period_us)
+    vcpus = max(1, min(vcpus, max_vcpus))
+    memory = config.default_memory_mib
+    if spec.memory_limit_bytes > 0:
+        memory = max(64, math.ceil(spec.memory_limit_bytes / 2**20) + config.guest_overhead_mib)
+    return vcpus, memory
+
+
+class SandboxHost:
+    """What every sandbox on this node shares: config, guest assets, accelerator."""
+
+    def __init__(self, config: SandboxConfig, assets: GuestAssets | None = None) -> None:
+        self.config = config
+        self.assets = assets or locate_guest(config.guest_dir)
+        choice = choose_accel(
+            config.accel,
+            qemu=config.qemu,
+            assets=self.assets,
+            cache_file=config.run_root.parent / "accel.json",
+        )
+        self.accel = choice.accel
+        self.accel_reason = choice.reason
+        config.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def sandbox_ids(self) -> list[str]:
+        """Ids of every sandbox with a run directory (running or not)."""
+        return sorted(
+            p.name for p in self.config.run_root.iterdir() if (p / STATE_FILE).exists()
+        )
+
+
+class PodSandbox:
+    """One pod VM."""
+
+    def __init__(self, host: SandboxHost, machine: MachineSpec, spec: SandboxSpec) -> None:
+        self.host = host
+        self.machine = machine
+        self.spec = spec
+        self.id = spec.sandbox_id
+        self.state = "created"
+        self.exit_reason = ""
+        self.created_at = time.time()
+        self.boot = BootTimes()
+        self.pid = 0
+        self.slots: dict[int, str] = {}
+        self.process: VmProcess | None = None
+        self.qmp: QmpControl | None = None
+        self._agent: AgentClient | None = None
+        self._lock = asyncio.Lock()
+        self._exit_callbacks: list[Callable[[PodSandbox], None]] = []
+
+    # construction -------------------------------------------------------
+
+    @classmethod
+    def create(cls, host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
+        if not SANDBOX_ID_RE.match(spec.sandbox_id):
+            raise SandboxError(
+                f"invalid sandbox id {spec.sandbox_id!r}: use 1-128 letters, digits, '_', '.', '-'"
+            )
+        run_dir = host.config.run_root / spec.sandbox_id
+        if run_dir.exists():
+            raise SandboxError(f"sandbox {spec.sandbox_id} already exists")
+        vcpus, memory = size_vm(spec, host.config)
+        cfg = host.config
+        machine = MachineSpec(
+            name=spec.sandbox_id,
+            kernel=host.assets.kernel,
+            initrd=host.assets.initrd,
+            os_image=host.assets.os_image,
+            run_dir=run_dir,
+            vcpus=vcpus,
+            memory_mib=memory,
+            accel=host.accel,
+            tcg_tb_size_mib=cfg.tcg_tb_size_mib,
+            image_slots=cfg.image_slots,
+            mem_merge=cfg.mem_merge,
+            sandbox_filter=cfg.sandbox_filter,
+            os_image_mode=cfg.os_image_mode,
+            extra_args=tuple(spec.extra_args),
+        )
+        run_dir.mkdir(parents=True, mode=0o700)
+        sandbox = cls(host, machine, spec)
+        sandbox._save()
+        return sandbox
+
+    @classmethod
+    async def adopt(cls, host: SandboxHost, sandbox_id: str) -> PodSandbox:
+        """Re-attach to a sandbox left by an earlier daemon process.
+
+        A VM that still runs is reconnected (QMP and agent); one that is gone is
+        returned in state "dead" so the caller can report and destroy it.
+        """
+        run_dir = host.config.run_root / sandbox_id
+        try:
+            saved = json.loads((run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
+        machine_fields = dict(saved["machine"])
+        for key in ("kernel", "initrd", "os_image", "run_dir"):
+            machine_fields[key] = Path(machine_fields[key])
+        machine_fields["extra_args"] = tuple(machine_fields.get("extra_args", ()))
+        machine = MachineSpec(**machine_fields)
+        sandbox = cls(host, machine, SandboxSpec(**saved["spec"]))
+        sandbox.state = saved["state"]
+        sandbox.exit_reason = saved.get("exit_reason", "")
+        sandbox.created_at = saved["created_at"]
+        sandbox.boot = BootTimes(**saved.get("boot", {}))
+        sandbox.pid = saved.get("pid", 0)
+        sandbox.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
+        if sandbox.state not in ("ready", "booting") or not sandbox.pid:
+            return sandbox
+        process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")
+        if process is None:
+            sandbox._set_dead("the VM exited while no daemon was watching it")
+            return sandbox
+        sandbox.process = process
+        process.on_exit(sandbox._vm_exited)
+        try:
+            sandbox.qmp = QmpControl(f"clearcri-{sandbox_id}")
+            await sandbox.qmp.connect(machine.qmp_socket, timeout=5.0)
+            sandbox._agent = await AgentClient.connect(machine.agent_socket, timeout=10.0)
+        except (QmpError, AgentError, OSError) as exc:
+            log.warning("sandbox=%s adopt failed, killing the VM: %s", sandbox_id, exc)
+            await sandbox._kill_vm()
+            sandbox._set_dead(f"could not reconnect to the VM after a restart: {exc}")
+            return sandbox
+        if sandbox.state == "booting":
+            sandbox.state = "ready"
+        sandbox._save()
+        log.info("sandbox=%s adopted pid=%d", sandbox_id, sandbox.pid)
+        return sandbox
+
+    # lifecycle ------------------------------------------------------------
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None or self.state != "ready":
+            raise SandboxError(f"sandbox {self.id} is not running (state {self.state})")
+        return self._agent
+
+    def on_exit(self, callback: Callable[[PodSandbox], None]) -> None:
+        """Call ``callback`` when the VM goes away (crash, shutdown or kill)."""
+        self._exit_callbacks.append(callback)
+
+    async def start(self) -> BootTimes:
+        """Boot the VM and wait until its agent is ready."""
+        if self.state != "created":
+            raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
+        self.state = "booting"
+        cmd = build_command(self.machine, qemu=self.host.config.qemu)
+        t0 = time.monotonic()
+        try:
+            self.process = await VmProcess.spawn(
+                cmd, stderr_log=self.machine.stderr_log, cwd=self.machine.run_dir
+            )
+            self.pid = self.process.pid
+            self.process.on_exit(self._vm_exited)
+            self._save()
+            self.qmp = QmpControl(f"clearcri-{self.id}")
+            await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
+            t_spawned = time.monotonic()
+            self._agent = await self._connect_agent()
+            t_ready = time.monotonic()
+            ready = self._agent.ready
+            init_start = float(ready.boot_times.get("init_start", 0.0))
+            agent_uptime = float(ready.boot_times.get("agent_ready", 0.0))
+            self.boot = BootTimes(
+                vmm_spawn=t_spawned - t0,
+                firmware=max(0.0, (t_ready - t_spawned) - agent_uptime),
+                kernel=init_start,
+                agent_ready=max(0.0, agent_uptime - init_start),
+                total=t_ready - t0,
+            )
+            await self._agent.sync_clock(time.time_ns())
+            await self._agent.set_pod_config(
+                hostname=self.spec.hostname or self.id[:63],
+                resolv_conf=self.spec.resolv_conf,
+                hosts=self.spec.hosts,
+            )
+        except BaseException as exc:
+            detail = self._failure_detail(exc)
+            await self._kill_vm()
+            self._set_dead(detail)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise SandboxError(f"sandbox {self.id} failed to boot: {detail}") from exc
+        self.state = "ready"
+        self._save()
+        log.info(
+            "sandbox=%s ready pid=%d boot=%.3fs accel=%s",
+            self.id,
+            self.pid,
+            self.boot.total,
+            self.machine.accel,
+        )
+        return self.boot
+
+    async def _connect_agent(self) -> AgentClient:
+        assert self.process is not None
+        connect = asyncio.ensure_future(
+            AgentClient.connect(self.machine.agent_socket, timeout=self.host.config.boot_timeout_s)
+        )
+        exited = asyncio.ensure_future(self.process.wait())
+        done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if connect in done:
+            exited.cancel()
+            return connect.result()
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        raise SandboxError("the VM exited during boot")
+
+    def _failure_detail(self, exc: BaseException) -> str:
+        parts = [str(exc) or type(exc).__name__]
+        tail = self.console_tail()
+        if tail:
+            parts.append(f"console: {tail}")
+        with contextlib.suppress(OSError):
+            err = self.machine.stderr_log.read_text(errors="replace").strip()[-400:]
+            if err:
+                parts.append(f"qemu: {err}")
+        return "; ".join(parts)
+
+    def console_tail(self, limit: int = 400) -> str:
+        try:
+            data = self.machine.console_log.read_bytes()[-limit:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the VM: the agent stops the containers and powers off; then QMP
+        quit; then SIGKILL. Idempotent."""
+        if self.state in ("stopped", "dead", "created"):
+            if self.state == "created":
+                self.state = "stopped"
+                self._save()
+            return
+        grace = self.host.config.stop_timeout_s if timeout is None else timeout
+        self.state = "stopping"
+        self._save()
+        if self._agent is not None:
+            with contextlib.suppress(AgentError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._agent.shutdown(), timeout=max(grace, 0.1))
+        if self.process is not None and self.process.alive:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self.process.wait(timeout=max(grace, 0.1))
+        await self._kill_vm()
+        if self.state != "dead":
+            self.state = "stopped"
+            self.exit_reason = self.exit_reason or "stopped"
+        self._save()
+
+    async def destroy(self) -> None:
+        """Stop the VM and remove everything the sandbox made on the host."""
+        await self.stop(timeout=0)
+        await self._close_channels()
+        shutil.rmtree(self.machine.run_dir, ignore_errors=True)
+        self.state = "removed"
+
+    async def close(self) -> None:
+        """Drop host connections but leave the VM running (daemon shutdown)."""
+        await self._close_channels()
+
+    async def _close_channels(self) -> None:
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                await self._agent.close()
+        if self.qmp is not None:
+            await self.qmp.close()
+
+    async def _kill_vm(self) -> None:
+        process = self.process
+        if process is None or not process.alive:
+            return
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.quit(), timeout=2.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(timeout=3.0)
+        if process.alive:
+            process.kill(signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(timeout=10.0)
+
+    def _vm_exited(self, process: VmProcess) -> None:
+        if self.state in ("stopping", "stopped", "removed"):
+            return
+        reason = "the VM exited"
+        if self.qmp is not None and self.qmp.panicked:
+            reason = "the guest kernel panicked"
+        elif self.qmp is not None and self.qmp.shutdown_reason:
+            reason = f"the VM shut down ({self.qmp.shutdown_reason})"
+        elif process.returncode is not None:
+            code = process.returncode
+            reason = f"qemu exited with {'signal ' + str(-code) if code < 0 else code}"
+        self._set_dead(reason)
+
+    def _set_dead(self, reason: str) -> None:
+        was = self.state
+        self.state = "dead"
+        self.exit_reason = reason
+        with contextlib.suppress(OSError):
+            self._save()
+        if was != "dead":
+            log.warning("sandbox=%s dead: %s", self.id, reason)
+            for callback in self._exit_callbacks:
+                callback(self)
+
+    def _save(self) -> None:
+        machine = asdict(self.machine)
+        for key in ("kernel", "initrd", "os_image", "run_dir"):
+            machine[key] = str(machine[key])
+        machine["extra_args"] = list(machine["extra_args"])
+        data: dict[str, Any] = {
+            "spec": asdict(self.spec),
+            "machine": machine,
+            "state": self.state,
+            "exit_reason": self.exit_reason,
+            "created_at": self.created_at,
+            "boot": asdict(self.boot),
+            "pid": self.pid,
+            "slots": {str(k): v for k, v in self.slots.items()},
+        }
+        path = self.machine.run_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+
+    # container images ------------------------------------------------------
+
+    async def attach_image(self, image: RootfsImage) -> str:
+        """Make ``image`` available in the guest; return its mount point there.
+
+        The image is hot-plugged into a free PCIe root port as a shared read-only
+        virtio-pmem device the first time a container of this pod needs it.
+        QEMU 7.2 cannot unplug such devices, so a slot stays with its image for the
+        VM's life and is reused by every later container of the same image.
+        """
+        agent = self.agent
+        async with self._lock:
+            for slot, image_id in self.slots.items():
+                if image_id == image.image_id:
+                    _, pci = slot_root_port(slot)
+                    return await agent.mount_image(image.image_id, {"pci_path": pci})
+            free = [s for s in range(self.machine.image_slots) if s not in self.slots]
+            if not free:
+                raise SandboxExhausted(
+                    f"sandbox {self.id} has used all {self.machine.image_slots} image slots; "
+                    "raise vm.image_slots in the config to run more distinct images per pod"
+                )
+            slot = free[0]
+            bus, pci = slot_root_port(slot)
+            assert self.qmp is not None
+            await self.qmp.hotplug_pmem(
+                dev_id=f"img{slot}", bus=bus, path=image.path, size=image.size
+            )
+            self.slots[slot] = image.image_id
+            self._save()
+            return await agent.mount_image(image.image_id, {"pci_path": pci})

@@ -1,0 +1,109 @@
+"""QMP control of one pod VM: status, hot-plug of DAX images, quit, lifecycle events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+log = logging.getLogger(__name__)
+
+# Events that tell why a VM went away.
+LIFECYCLE_EVENTS = ("SHUTDOWN", "GUEST_PANICKED", "RESET", "STOP")
+
+
+class QmpError(Exception):
+    """A QMP command failed or QEMU could not be reached."""
+
+
+class QmpControl:
+    """A connected QMP session with the events we care about recorded."""
+
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+        self._listener = EventListener(LIFECYCLE_EVENTS)
+        self._events_task: asyncio.Task[None] | None = None
+        self.shutdown_reason: str | None = None
+        self.panicked = False
+        self._on_event: list[Callable[[str, dict[str, Any]], None]] = []
+
+    async def connect(self, path: Path, *, timeout: float = 10.0) -> None:
+        """Connect to QEMU's QMP socket, retrying while it is not there yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self._client.connect(str(path))
+                break
+            except QMPError as exc:
+                if loop.time() >= deadline:
+                    raise QmpError(f"cannot connect to QMP at {path}: {exc}") from exc
+                await asyncio.sleep(0.02)
+        self._client.register_listener(self._listener)
+        self._events_task = asyncio.create_task(self._pump_events())
+
+    def on_event(self, callback: Callable[[str, dict[str, Any]], None]) -> None:
+        self._on_event.append(callback)
+
+    async def _pump_events(self) -> None:
+        async for event in self._listener:
+            name = str(event["event"])
+            data = cast(dict[str, Any], event.get("data", {}))
+            if name == "SHUTDOWN":
+                self.shutdown_reason = str(data.get("reason", "unknown"))
+            elif name == "GUEST_PANICKED":
+                self.panicked = True
+            log.info("qmp event %s %s", name, data)
+            for callback in self._on_event:
+                callback(name, data)
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        try:
+            return await self._client.execute(cmd, args)
+        except QMPError as exc:
+            raise QmpError(f"QMP {cmd} failed: {exc}") from exc
+
+    async def status(self) -> str:
+        result = await self.execute("query-status")
+        return str(result["status"])
+
+    async def hotplug_pmem(self, *, dev_id: str, bus: str, path: Path, size: int) -> None:
+        """Plug ``path`` read-only and shared as a virtio-pmem device into root port ``bus``."""
+        mem_id = f"{dev_id}-mem"
+        await self.execute(
+            "object-add",
+            {
+                "qom-type": "memory-backend-file",
+                "id": mem_id,
+                "mem-path": str(path),
+                "size": size,
+                "share": True,
+                "readonly": True,
+            },
+        )
+        try:
+            await self.execute(
+                "device_add",
+                {"driver": "virtio-pmem-pci", "id": dev_id, "memdev": mem_id, "bus": bus},
+            )
+        except QmpError:
+            with contextlib.suppress(QmpError):
+                await self.execute("object-del", {"id": mem_id})
+            raise
+
+    async def quit(self) -> None:
+        with contextlib.suppress(QmpError, EOFError, ConnectionError):
+            await self.execute("quit")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._events_task

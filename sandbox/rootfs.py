@@ -1,0 +1,86 @@
+"""Container images as shared read-only DAX devices.
+
+Each container image becomes ONE read-only erofs file on the host. Every pod VM that
+runs a container of that image gets the file hot-plugged as a virtio-pmem device
+(``memory-backend-file,share=on,readonly=on``) and mounts it with DAX, so the image's
+pages live once in the host page cache however many pods use it. Each container gets
+its own writable overlay upper layer inside the guest (see docs/rootfs.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.vm import align_up
+
+MKFS_EROFS = "mkfs.erofs"
+
+
+class RootfsBuildError(Exception):
+    """Building the erofs image of a container rootfs failed."""
+
+
+@dataclass(frozen=True)
+class RootfsImage:
+    """A read-only erofs image of one container image's root filesystem."""
+
+    image_id: str
+    path: Path
+
+    @property
+    def size(self) -> int:
+        """Size of the file, a multiple of the persistent-memory alignment."""
+        return self.path.stat().st_size
+
+
+def image_id_for(key: str) -> str:
+    """A short stable id (safe as a QEMU id and a guest directory name) for ``key``."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build_rootfs_image(source_dir: Path, dest: Path, *, image_id: str) -> RootfsImage:
+    """Make ``dest`` an erofs image of ``source_dir`` (idempotent, atomic).
+
+    Inline tail data is disabled (it defeats DAX for small files), timestamps and
+    UUID are fixed so that the same tree always gives the same bytes, and the file
+    is padded to the 2 MiB alignment a persistent-memory device needs.
+    """
+    if dest.exists():
+        return RootfsImage(image_id, dest)
+    if not source_dir.is_dir():
+        raise RootfsBuildError(f"{source_dir} is not a directory")
+    if shutil.which(MKFS_EROFS) is None:
+        raise RootfsBuildError("mkfs.erofs not found: install erofs-utils")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        proc = subprocess.run(
+            [
+                MKFS_EROFS,
+                "-Enoinline_data",
+                "-T0",
+                "-U",
+                "00000000-0000-0000-0000-000000000000",
+                "--quiet",
+                str(tmp),
+                str(source_dir),
+            ],
+            capture_output=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RootfsBuildError(
+                f"mkfs.erofs failed for {source_dir}: {proc.stderr.decode(errors='replace')}"
+            )
+        size = tmp.stat().st_size
+        os.truncate(tmp, align_up(size))
+        os.chmod(tmp, 0o444)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return RootfsImage(image_id, dest)

@@ -1,0 +1,296 @@
+"""The qemu-lite machine: command line and process supervision for one pod VM.
+
+The machine is q35 with everything optional switched off (no SATA, SMBus, USB, vmport,
+graphics, default devices or user config), qboot firmware and a direct PVH kernel boot.
+Devices are exactly: the guest OS image as a read-only virtio-pmem device (DAX), a
+virtio-serial port for the agent, the serial console into a file, and empty PCIe root
+ports where container images are hot-plugged later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.protocol import AGENT_PORT_NAME
+
+QEMU_BINARY = "qemu-system-x86_64"
+QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
+
+# Kernel parameters that cut boot time on a machine with no legacy devices.
+FAST_BOOT_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd "
+    "tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 "
+    "cryptomgr.notests random.trust_cpu=on swiotlb=noforce"
+)
+
+# Address of the first hot-plug root port on pcie.0; one root port per slot,
+# multifunction ports packed eight per PCI device.
+FIRST_HOTPLUG_DEVICE = 0x08
+# The guest OS image always sits at this address so it is /dev/pmem0.
+OS_IMAGE_ADDR = "0x03"
+AGENT_SERIAL_ADDR = "0x04"
+# Room in the guest-physical address space for hot-plugged persistent memory.
+HOTPLUG_ADDRESS_SPACE_MIB = 64 * 1024
+
+PMEM_ALIGN = 2 * 1024 * 1024
+
+
+def align_up(value: int, align: int = PMEM_ALIGN) -> int:
+    return (value + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that decides one VM's command line."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    os_image: Path
+    run_dir: Path
+    vcpus: int = 1
+    memory_mib: int = 256
+    accel: str = "tcg"
+    tcg_tb_size_mib: int = 16
+    image_slots: int = 4
+    mem_merge: bool = True
+    sandbox_filter: bool = True
+    extra_cmdline: str = ""
+    # "pmem": the OS image is mapped with DAX (the product). "blk": the same image on
+    # a plain virtio-blk disk, only for the memory benchmark's comparison.
+    os_image_mode: str = "pmem"
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+
+def slot_root_port(slot: int) -> tuple[str, str]:
+    """The (device id, guest PCI address) of hot-plug slot ``slot``."""
+    dev, fn = divmod(slot, 8)
+    return f"slot{slot}", f"0000:00:{FIRST_HOTPLUG_DEVICE + dev:02x}.{fn}"
+
+
+def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
+    """The qemu command line for ``spec``."""
+    if spec.vcpus < 1:
+        raise ValueError("a VM needs at least one vCPU")
+    if spec.memory_mib < 64:
+        raise ValueError("a VM needs at least 64 MiB of memory")
+    if spec.accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be kvm or tcg, not {spec.accel!r}")
+    os_size = align_up(spec.os_image.stat().st_size)
+    maxmem = spec.memory_mib + HOTPLUG_ADDRESS_SPACE_MIB
+    machine = "q35,sata=off,smbus=off,usb=off,vmport=off,graphics=off"
+    machine += f",mem-merge={'on' if spec.mem_merge else 'off'}"
+    accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={spec.tcg_tb_size_mib}"
+    cmdline = FAST_BOOT_CMDLINE
+    if spec.os_image_mode == "blk":
+        cmdline += " clearcri.root=/dev/vda"
+        os_device = [
+            "-drive",
+            f"file={spec.os_image},if=none,id=osimg,format=raw,readonly=on",
+            "-device",
+            f"virtio-blk-pci,drive=osimg,id=osimg-dev,bus=pcie.0,addr={OS_IMAGE_ADDR}",
+        ]
+    elif spec.os_image_mode == "pmem":
+        os_device = [
+            "-object",
+            f"memory-backend-file,id=osimg,mem-path={spec.os_image},size={os_size},"
+            "share=on,readonly=on",
+            "-device",
+            f"virtio-pmem-pci,memdev=osimg,id=osimg-dev,bus=pcie.0,addr={OS_IMAGE_ADDR}",
+        ]
+    else:
+        raise ValueError(f"os_image_mode must be pmem or blk, not {spec.os_image_mode!r}")
+    if spec.extra_cmdline:
+        cmdline += " " + spec.extra_cmdline
+    cmd = [
+        qemu,
+        "-name",
+        f"clearcri-{spec.name},debug-threads=off",
+        "-M",
+        machine,
+        "-accel",
+        accel,
+        "-cpu",
+        "host" if spec.accel == "kvm" else "qemu64",
+        "-bios",
+        str(QBOOT_ROM),
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-smp",
+        str(spec.vcpus),
+        "-m",
+        f"{spec.memory_mib}M,slots=1,maxmem={maxmem}M",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initrd),
+        "-append",
+        cmdline,
+        *os_device,
+        "-device",
+        f"virtio-serial-pci,id=vser0,bus=pcie.0,addr={AGENT_SERIAL_ADDR}",
+        "-chardev",
+        f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+        "-chardev",
+        f"file,id=console,path={spec.console_log}",
+        "-serial",
+        "chardev:console",
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-pidfile",
+        str(spec.pidfile),
+    ]
+    for slot in range(spec.image_slots):
+        dev_id, pci = slot_root_port(slot)
+        dev, fn = pci.rsplit(":", 1)[1].split(".")
+        multi = ",multifunction=on" if fn == "0" else ""
+        cmd += [
+            "-device",
+            f"pcie-root-port,id={dev_id},bus=pcie.0,chassis={slot + 1},"
+            f"addr=0x{dev}.{fn}{multi}",
+        ]
+    cmd += spec.extra_args
+    if spec.sandbox_filter:
+        cmd += [
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]
+    return cmd
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+class VmProcess:
+    """One qemu process: spawned by us or adopted from an earlier daemon.
+
+    Exit is noticed at once through a pidfd registered on the event loop, for our own
+    children and for adopted processes alike. Our own children are reaped by asyncio.
+    """
+
+    def __init__(self, pid: int, proc: asyncio.subprocess.Process | None = None) -> None:
+        self.pid = pid
+        self._proc = proc
+        self._exited = asyncio.get_running_loop().create_future()
+        self.returncode: int | None = None
+        self._pidfd: int | None = None
+        self._on_exit: list[Callable[[VmProcess], None]] = []
+        self._watch()
+
+    @classmethod
+    async def spawn(cls, cmd: list[str], *, stderr_log: Path, cwd: Path) -> VmProcess:
+        with stderr_log.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        return cls(proc.pid, proc)
+
+    @classmethod
+    def adopt(cls, pid: int, expect_name: str) -> VmProcess | None:
+        """Adopt a running qemu by pid, only if its command line names ``expect_name``."""
+        cmd = read_cmdline(pid)
+        if not cmd or not any(expect_name in part for part in cmd):
+            return None
+        return cls(pid)
+
+    def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._proc is not None:
+            task = loop.create_task(self._proc.wait())
+            task.add_done_callback(lambda t: self._mark_exited(t.result()))
+            return
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._mark_exited(None)
+            return
+        loop.add_reader(self._pidfd, self._pidfd_ready)
+
+    def _pidfd_ready(self) -> None:
+        self._mark_exited(None)
+
+    def _mark_exited(self, code: int | None) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._exited.done():
+            return
+        self.returncode = code
+        self._exited.set_result(code)
+        for callback in list(self._on_exit):
+            callback(self)
+
+    def on_exit(self, callback: Callable[[VmProcess], None]) -> None:
+        if self._exited.done():
+            callback(self)
+        else:
+            self._on_exit.append(callback)
+
+    @property
+    def alive(self) -> bool:
+        return not self._exited.done()
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if not self.alive:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
