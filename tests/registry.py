@@ -136,11 +136,11 @@ class TokenServer:
             def do_GET(self) -> None:
                 server.requests += 1
                 query = parse_qs(urlsplit(self.path).query)
-                user = server._basic_user(self.headers.get("Authorization", ""))
-                if user is False:
+                ok, user = server._basic_user(self.headers.get("Authorization", ""))
+                if not ok:
                     self._reply(401, {"details": "bad credentials"})
                     return
-                self._reply(200, server.issue(user or "", query.get("scope", [])))
+                self._reply(200, server.issue(user, query.get("scope", [])))
 
             def do_POST(self) -> None:
                 server.requests += 1
@@ -159,16 +159,16 @@ class TokenServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
-    def _basic_user(self, header: str) -> str | bool | None:
-        """The authenticated user, None for anonymous, False for wrong credentials."""
+    def _basic_user(self, header: str) -> tuple[bool, str]:
+        """(credentials acceptable, user name); anonymous is acceptable as user ""."""
         if not header:
-            return None
+            return True, ""
         if not header.startswith("Basic "):
-            return False
+            return False, ""
         user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         if self.users.get(user) != password:
-            return False
-        return user
+            return False, ""
+        return True, user
 
     def issue(self, user: str, scopes: list[str]) -> dict[str, Any]:
         access = []
