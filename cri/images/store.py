@@ -280,6 +280,16 @@ class ImageStore:
     async def _pull(
         self, ref: Reference, credentials: Credentials | None, progress: Progress | None
     ) -> ImageRecord:
+        try:
+            return await self._pull_once(ref, credentials, progress)
+        except BaseException:
+            # a failed pull keeps nothing: drop the blobs it fetched that no image uses
+            self.garbage_collect()
+            raise
+
+    async def _pull_once(
+        self, ref: Reference, credentials: Credentials | None, progress: Progress | None
+    ) -> ImageRecord:
         started = time.monotonic()
         self.stats.pulls += 1
         state = await self._resolve(ref, credentials)
