@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.client import AgentClient, AgentError
+from agent.client import AgentClient, AgentError, ExecSession
+from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox.accel import choose_accel
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.qmp import QmpControl, QmpError
@@ -127,9 +128,7 @@ class SandboxHost:
 
     def sandbox_ids(self) -> list[str]:
         """Ids of every sandbox with a run directory (running or not)."""
-        return sorted(
-            p.name for p in self.config.run_root.iterdir() if (p / STATE_FILE).exists()
-        )
+        return sorted(p.name for p in self.config.run_root.iterdir() if (p / STATE_FILE).exists())
 
 
 class PodSandbox:
@@ -461,3 +460,40 @@ class PodSandbox:
             self.slots[slot] = image.image_id
             self._save()
             return await agent.mount_image(image.image_id, {"pci_path": pci})
+
+    # containers -------------------------------------------------------------
+
+    async def create_container(
+        self, container_id: str, spec: ContainerSpec, image: RootfsImage | None = None
+    ) -> ContainerInfo:
+        """Create a container; with ``image``, its rootfs is that shared image plus a
+        private writable layer in the guest."""
+        if image is not None:
+            await self.attach_image(image)
+            spec.image_id = image.image_id
+        return await self.agent.create_container(container_id, spec)
+
+    async def start_container(self, container_id: str) -> ContainerInfo:
+        return await self.agent.start_container(container_id)
+
+    async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
+        return await self.agent.exec(container_id, spec)
+
+    async def stats(self, container_id: str | None = None) -> StatsReport:
+        return await self.agent.container_stats(container_id)
+
+    def host_memory(self) -> dict[str, int]:
+        """The VM's own cost on the host, in bytes: PSS and RSS split of qemu."""
+        out: dict[str, int] = {}
+        if not self.pid or self.process is None or not self.process.alive:
+            return out
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+        return out

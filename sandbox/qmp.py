@@ -36,6 +36,10 @@ class QmpControl:
         """Connect to QEMU's QMP socket, retrying while it is not there yet."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while not path.exists():
+            if loop.time() >= deadline:
+                raise QmpError(f"QMP socket {path} did not appear within {timeout:.0f} s")
+            await asyncio.sleep(0.01)
         while True:
             try:
                 await self._client.connect(str(path))

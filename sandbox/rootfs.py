@@ -84,3 +84,75 @@ def build_rootfs_image(source_dir: Path, dest: Path, *, image_id: str) -> Rootfs
     finally:
         tmp.unlink(missing_ok=True)
     return RootfsImage(image_id, dest)
+
+
+BUSYBOX = Path("/bin/busybox")
+BUSYBOX_APPLETS = (
+    "sh",
+    "ash",
+    "cat",
+    "echo",
+    "ls",
+    "sleep",
+    "env",
+    "id",
+    "ps",
+    "kill",
+    "tty",
+    "stty",
+    "true",
+    "false",
+    "printf",
+    "wc",
+    "grep",
+    "head",
+    "tail",
+    "mkdir",
+    "rm",
+    "touch",
+    "hostname",
+    "wget",
+    "httpd",
+    "nc",
+    "date",
+    "uname",
+    "test",
+    "[",
+    "dd",
+    "mount",
+    "pgrep",
+    "top",
+    "yes",
+    "sync",
+    "ip",
+    "ping",
+    "seq",
+    "sort",
+    "tr",
+    "cut",
+)
+
+
+def make_busybox_tree(dest: Path, busybox: Path = BUSYBOX) -> Path:
+    """A minimal container root: static busybox, its applets, /etc/passwd and group.
+
+    Used by `clearcri demo`, the benchmarks and the tests; real workloads come from
+    pulled images.
+    """
+    if not busybox.exists():
+        raise RootfsBuildError(f"{busybox} not found: install busybox-static")
+    for sub in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "home/nobody"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, dest / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        link = dest / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    (dest / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\n"
+        "www-data:x:33:33:www-data:/var/www:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/home/nobody:/bin/sh\n"
+    )
+    (dest / "etc" / "group").write_text("root:x:0:\nwww-data:x:33:\nnogroup:x:65534:\n")
+    os.chmod(dest / "tmp", 0o1777)
+    return dest

@@ -1,0 +1,131 @@
+"""Daemon configuration: /etc/clearcri/config.toml.
+
+Every key, its default and its meaning are listed in docs/config.md; an unknown key or
+a value of the wrong type is an error that names the key, so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.pod import SandboxConfig
+
+DEFAULT_CONFIG_PATH = Path("/etc/clearcri/config.toml")
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or wrong; the message names the key."""
+
+
+@dataclass
+class DaemonConfig:
+    """The `[daemon]` table."""
+
+    socket: Path = Path("/run/clearcri/clearcri.sock")
+    state_dir: Path = Path("/var/lib/clearcri")
+    run_dir: Path = Path("/run/clearcri")
+    log_dir: Path = Path("/var/log/clearcri")
+    log_level: str = "info"
+    # Image used for nothing inside the VM but reported to kubelet as the pause image.
+    sandbox_image: str = "registry.k8s.io/pause:3.10"
+    cgroup_driver: str = "cgroupfs"
+
+
+@dataclass
+class StreamingConfig:
+    """The `[streaming]` table: exec/attach/port-forward server."""
+
+    address: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port at start
+
+
+@dataclass
+class MetricsConfig:
+    """The `[metrics]` table."""
+
+    address: str = "127.0.0.1"
+    port: int = 9464
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    vm: SandboxConfig = field(default_factory=SandboxConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    registry: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self) -> Config:
+        """Derive dependent defaults (the VM run dir under the daemon's run dir)."""
+        default_vm = SandboxConfig()
+        if self.vm.run_root == default_vm.run_root:
+            self.vm.run_root = self.daemon.run_dir / "sandboxes"
+        if self.vm.guest_dir == default_vm.guest_dir:
+            self.vm.guest_dir = self.daemon.state_dir / "guest"
+        if self.daemon.cgroup_driver not in ("cgroupfs", "systemd"):
+            raise ConfigError("daemon.cgroup_driver must be 'cgroupfs' or 'systemd'")
+        if self.vm.accel not in ("auto", "kvm", "tcg"):
+            raise ConfigError("vm.accel must be 'auto', 'kvm' or 'tcg'")
+        return self
+
+
+def _fill(obj: Any, table: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
+        current = getattr(obj, key)
+        if isinstance(current, Path):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.{key} must be a path string")
+            value = Path(value)
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false")
+        elif isinstance(current, int | float) and not isinstance(current, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}.{key} must be a number")
+            if isinstance(current, int) and not isinstance(value, int):
+                raise ConfigError(f"{where}.{key} must be an integer")
+        elif isinstance(current, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string")
+        setattr(obj, key, value)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read ``path`` (None or a missing default path: all defaults)."""
+    config = Config()
+    if path is None:
+        return config.finish()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if path == DEFAULT_CONFIG_PATH:
+            return config.finish()
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    tables = {
+        "daemon": config.daemon,
+        "vm": config.vm,
+        "streaming": config.streaming,
+        "metrics": config.metrics,
+    }
+    for name, value in data.items():
+        if name == "registry":
+            if not isinstance(value, dict):
+                raise ConfigError("[registry] must be a table")
+            config.registry = value
+            continue
+        if name not in tables:
+            raise ConfigError(f"unknown table [{name}] (known: {', '.join([*tables, 'registry'])})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        _fill(tables[name], value, name)
+    return config.finish()

@@ -1,0 +1,134 @@
+"""The qemu-lite command line, VM sizing and accelerator checks, without booting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox.accel import _kvm_static_verdict, choose_accel
+from sandbox.guest import GuestAssets
+from sandbox.pod import SandboxConfig, SandboxSpec, size_vm
+from sandbox.vm import MachineSpec, align_up, build_command, slot_root_port
+
+
+def _spec(tmp_path: Path, **kw: object) -> MachineSpec:
+    image = tmp_path / "os.img"
+    image.write_bytes(b"\0" * 3_000_000)
+    fields: dict[str, object] = {
+        "name": "pod1",
+        "kernel": tmp_path / "vmlinux",
+        "initrd": tmp_path / "initrd.img",
+        "os_image": image,
+        "run_dir": tmp_path / "run",
+    }
+    fields.update(kw)
+    return MachineSpec(**fields)  # type: ignore[arg-type]
+
+
+def _opts(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, part in enumerate(cmd) if part == flag]
+
+
+def test_command_is_stripped_q35_with_dax_os_image(tmp_path: Path) -> None:
+    cmd = build_command(_spec(tmp_path))
+    assert "-nodefaults" in cmd and "-no-user-config" in cmd and "-no-reboot" in cmd
+    machine = _opts(cmd, "-M")[0]
+    for part in ("q35", "sata=off", "smbus=off", "usb=off", "vmport=off", "graphics=off"):
+        assert part in machine
+    assert _opts(cmd, "-bios") == ["/usr/share/qemu/qboot.rom"]
+    assert _opts(cmd, "-accel") == ["tcg,tb-size=16"]
+    backend = next(o for o in _opts(cmd, "-object") if o.startswith("memory-backend-file"))
+    assert "share=on" in backend and "readonly=on" in backend
+    # the backing size is rounded up to the 2 MiB persistent-memory alignment
+    assert f"size={4 * 2**20}" in backend
+    devices = _opts(cmd, "-device")
+    assert any(d.startswith("virtio-pmem-pci,memdev=osimg") for d in devices)
+    assert any("name=org.clearcri.agent" in d for d in devices)
+    assert sum(d.startswith("pcie-root-port") for d in devices) == 4
+    assert _opts(cmd, "-sandbox")[0].startswith("on,")
+    assert "swiotlb=noforce" in _opts(cmd, "-append")[0]
+
+
+def test_blk_mode_replaces_pmem_with_virtio_blk(tmp_path: Path) -> None:
+    cmd = build_command(_spec(tmp_path, os_image_mode="blk"))
+    devices = _opts(cmd, "-device")
+    assert not any(d.startswith("virtio-pmem-pci") for d in devices)
+    assert any(d.startswith("virtio-blk-pci") for d in devices)
+    assert "clearcri.root=/dev/vda" in _opts(cmd, "-append")[0]
+
+
+def test_kvm_uses_host_cpu(tmp_path: Path) -> None:
+    cmd = build_command(_spec(tmp_path, accel="kvm"))
+    assert _opts(cmd, "-accel") == ["kvm"]
+    assert _opts(cmd, "-cpu") == ["host"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("vcpus", 0, "vCPU"),
+        ("memory_mib", 16, "64 MiB"),
+        ("accel", "hvf", "accel"),
+        ("os_image_mode", "nfs", "os_image_mode"),
+    ],
+)
+def test_bad_machine_specs_are_refused(
+    tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_command(_spec(tmp_path, **{field: value}))
+
+
+def test_slots_pack_eight_functions_per_device() -> None:
+    assert slot_root_port(0) == ("slot0", "0000:00:08.0")
+    assert slot_root_port(7) == ("slot7", "0000:00:08.7")
+    assert slot_root_port(8) == ("slot8", "0000:00:09.0")
+
+
+def test_multifunction_set_on_function_zero_only(tmp_path: Path) -> None:
+    cmd = build_command(_spec(tmp_path, image_slots=9))
+    ports = [d for d in _opts(cmd, "-device") if d.startswith("pcie-root-port")]
+    assert len(ports) == 9
+    assert "multifunction=on" in ports[0] and "addr=0x08.0" in ports[0]
+    assert "multifunction=on" not in ports[1]
+    assert "multifunction=on" in ports[8] and "addr=0x09.0" in ports[8]
+
+
+def test_align_up() -> None:
+    assert align_up(1) == 2 * 2**20
+    assert align_up(2 * 2**20) == 2 * 2**20
+
+
+def test_vm_size_follows_pod_limits() -> None:
+    config = SandboxConfig(default_vcpus=1, default_memory_mib=256, max_vcpus=4)
+    assert size_vm(SandboxSpec("a"), config) == (1, 256)
+    spec = SandboxSpec("a", cpu_quota_us=250_000, cpu_period_us=100_000, memory_limit_bytes=2**30)
+    assert size_vm(spec, config) == (3, 1024 + config.guest_overhead_mib)
+    huge = SandboxSpec("a", cpu_quota_us=10**9, cpu_period_us=100_000)
+    assert size_vm(huge, config)[0] == 4
+
+
+def test_kvm_static_verdict(tmp_path: Path) -> None:
+    assert "does not exist" in _kvm_static_verdict(tmp_path / "kvm", tmp_path)
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    mods = tmp_path / "module"
+    (mods / "kvm_pvm").mkdir(parents=True)
+    assert "kvm_pvm" in _kvm_static_verdict(dev, mods)
+    (mods / "kvm_pvm").rmdir()
+    assert _kvm_static_verdict(dev, mods) == ""
+
+
+def test_choose_accel_honours_tcg_and_rejects_unknown(tmp_path: Path) -> None:
+    assets = GuestAssets(
+        kernel=tmp_path / "k",
+        initrd=tmp_path / "i",
+        os_image=tmp_path / "o",
+        floor_initrd=tmp_path / "f",
+        kernel_version="x",
+        version="v",
+    )
+    assert choose_accel("tcg", qemu="qemu", assets=assets).accel == "tcg"
+    with pytest.raises(ValueError, match="auto, kvm or tcg"):
+        choose_accel("fast", qemu="qemu", assets=assets)
