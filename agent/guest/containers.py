@@ -1,0 +1,772 @@
+"""Containers and exec processes in the guest, run with crun."""
+
+# try/except/pass is used instead of contextlib.suppress to keep contextlib out of the
+# guest start-up imports.
+# ruff: noqa: SIM105
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from agent.guest import oci, system
+from agent.guest.errors import OpError, already_exists, internal, invalid, not_found, precondition
+from agent.guest.procs import decode_status
+from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
+from agent.protocol import (
+    EVENT,
+    EVENT_CONTAINER_EXITED,
+    EVENT_CONTAINER_OOM,
+    EVENT_EXEC_EXITED,
+    STDERR,
+    STDOUT,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerStats,
+    ExecSpec,
+    ExecStarted,
+    ExitStatus,
+    encode_json,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from agent.guest.channel import Writer
+    from agent.guest.procs import Spawner
+    from agent.guest.settings import Settings
+
+#: How long output may keep flowing after a process exited before its exit is reported
+#: (a background child can hold the pipe open forever).
+DRAIN_TIMEOUT = 1.0
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def check_id(kind: str, value: str) -> None:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 128
+        or value[0] in ".-"
+        or not set(value) <= _ID_CHARS
+    ):
+        raise invalid(f"{kind} {value!r} is not valid: use 1-128 of [A-Za-z0-9_.-]")
+
+
+class StreamTarget:
+    """What host DATA/CLOSE frames and resize/signal requests on a stream act on."""
+
+    def __init__(self, stdin: StdinFeeder | None, tty_fd: int | None, stdin_once: bool) -> None:
+        self.stdin = stdin
+        self.tty_fd = tty_fd
+        self.stdin_once = stdin_once
+        self.generation = 0  # connection that attached the stream (execs only)
+
+    def write_stdin(self, data: bytes) -> None:
+        if self.stdin is not None:
+            self.stdin.write(data)
+
+    def close_stdin(self, *, detach: bool = False) -> None:
+        """Host closed stdin; a container without stdin_once keeps it for the next attach."""
+        if self.stdin is not None and (self.stdin_once or not detach):
+            self.stdin.close()
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.tty_fd is None:
+            raise precondition("the stream has no terminal")
+        set_window_size(self.tty_fd, cols, rows)
+
+
+class _Process:
+    """Stdio plumbing shared by containers and exec processes."""
+
+    def __init__(self) -> None:
+        self.pumps: list[OutputPump] = []
+        self.tty_fd: int | None = None
+        self.stdin: StdinFeeder | None = None
+        self.exited = threading.Event()
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for pump in self.pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+
+    def close_tty(self) -> None:
+        if self.tty_fd is not None:
+            try:
+                os.close(self.tty_fd)
+            except OSError:
+                pass
+            self.tty_fd = None
+
+
+class Container(_Process):
+    def __init__(self, container_id: str, spec: ContainerSpec, stream: int, bundle: str) -> None:
+        super().__init__()
+        self.id = container_id
+        self.spec = spec
+        self.stream = stream
+        self.bundle = bundle
+        self.rootfs = f"{bundle}/rootfs"
+        self.state = "creating"
+        self.pid = 0
+        self.created_at_ns = time.time_ns()
+        self.started_at_ns = 0
+        self.exit_status: ExitStatus | None = None
+        self.cgroup_dir: str | None = None
+        self.lock = threading.Lock()
+
+    def info(self) -> ContainerInfo:
+        return ContainerInfo(
+            id=self.id,
+            state=self.state,
+            pid=self.pid,
+            stream=self.stream,
+            image_id=self.spec.image_id,
+            created_at_ns=self.created_at_ns,
+            exit_status=self.exit_status,
+        )
+
+
+class ExecProcess(_Process):
+    def __init__(self, container: Container, stream: int) -> None:
+        super().__init__()
+        self.container = container
+        self.stream = stream
+        self.pid = 0
+        self.exit_code: int | None = None
+
+
+class ContainerManager:
+    def __init__(self, settings: Settings, spawner: Spawner, writer: Writer) -> None:
+        self.settings = settings
+        self.spawner = spawner
+        self.writer = writer
+        self.containers: dict[str, Container] = {}
+        self.execs: dict[int, ExecProcess] = {}
+        self.streams: dict[int, StreamTarget] = {}
+        self._lock = threading.Lock()
+        self._next_stream = 1
+        self._pod_pidns_pid = 0
+        os.makedirs(settings.containers_dir, exist_ok=True)
+        os.makedirs(settings.crun_root, exist_ok=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _new_stream(self) -> int:
+        with self._lock:
+            stream = self._next_stream
+            self._next_stream += 1
+            return stream
+
+    def get(self, container_id: str) -> Container:
+        container = self.containers.get(container_id)
+        if container is None or container.state == "creating":
+            raise not_found(f"container {container_id!r} does not exist in the guest")
+        return container
+
+    def _crun(self, *args: str, timeout: float = 60.0) -> tuple[int, str]:
+        argv = [*self.settings.crun_global_args(), *args]
+        code, out, err = self.spawner.run(argv, timeout=timeout)
+        return code, (out + err).decode(errors="replace").strip()
+
+    def _cgroup_dir(self, container_id: str) -> str | None:
+        if self.settings.cgroup_mode != "v2":
+            return None
+        return f"{self.settings.cgroup_root}/clearcri/{container_id}"
+
+    def _prepare_cgroup_parent(self) -> None:
+        parent = f"{self.settings.cgroup_root}/clearcri"
+        if os.path.isdir(parent):
+            return
+        os.makedirs(parent, exist_ok=True)
+        try:
+            with open(f"{self.settings.cgroup_root}/cgroup.subtree_control") as f:
+                enabled = f.read().split()
+            if enabled:
+                with open(f"{parent}/cgroup.subtree_control", "w") as f:
+                    f.write(" ".join(f"+{c}" for c in enabled))
+        except OSError:
+            pass  # crun enables what it needs; this only saves it the work
+
+    def _pod_pid_namespace(self) -> str:
+        """Path of the pod-wide pid namespace, started on first use."""
+        with self._lock:
+            pid = self._pod_pidns_pid
+            if pid and os.path.exists(f"/proc/{pid}/ns/pid_for_children"):
+                return f"/proc/{pid}/ns/pid_for_children"
+            busybox = self.settings.busybox
+            argv = [busybox, "unshare", "--pid", "--fork", busybox, "sleep", "2147483647"]
+            from agent.guest.procs import which
+
+            resolved = which(busybox)
+            if resolved is None:
+                raise internal(f"{busybox} not found: needed for a pod-wide pid namespace")
+            argv[0] = argv[4] = resolved
+            pid = self.spawner.spawn(argv)
+            self._pod_pidns_pid = pid
+        path = f"/proc/{pid}/ns/pid_for_children"
+        own = os.readlink("/proc/self/ns/pid")
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                if os.readlink(path) != own:
+                    return path
+            except OSError:
+                pass
+            time.sleep(0.005)
+        raise internal("the pod pid namespace did not come up")
+
+    # ------------------------------------------------------------------ create
+
+    def create(self, container_id: str, spec: ContainerSpec) -> ContainerInfo:
+        check_id("container id", container_id)
+        try:
+            oci.validate_spec(spec)
+        except ValueError as exc:
+            raise invalid(str(exc)) from exc
+        if spec.image_id:
+            check_id("image id", spec.image_id)
+            lower = f"{self.settings.images_dir}/{spec.image_id}"
+            if not os.path.isdir(lower) or lower not in system.mount_points():
+                raise precondition(f"image {spec.image_id!r} is not mounted: call mount_image")
+        elif spec.rootfs_dir:
+            lower = spec.rootfs_dir
+            if not os.path.isdir(lower):
+                raise invalid(f"rootfs_dir {lower!r} is not a directory")
+        else:
+            raise invalid("the spec names neither image_id nor rootfs_dir")
+
+        bundle = f"{self.settings.containers_dir}/{container_id}"
+        with self._lock:
+            if container_id in self.containers:
+                raise already_exists(f"container {container_id!r} already exists")
+            container = Container(container_id, spec, 0, bundle)
+            self.containers[container_id] = container  # reserves the id
+        try:
+            container.stream = self._new_stream()
+            self._create(container, lower)
+        except BaseException:
+            self._discard(container)
+            raise
+        container.state = "created"
+        return container.info()
+
+    def _create(self, container: Container, lower: str) -> None:
+        spec = container.spec
+        bundle = container.bundle
+        if os.path.exists(bundle):
+            self._remove_tree(bundle)
+        for sub in ("upper", "work", "rootfs"):
+            os.makedirs(f"{bundle}/{sub}", exist_ok=True)
+        system.mount(
+            "overlay",
+            container.rootfs,
+            "overlay",
+            0,
+            f"lowerdir={lower},upperdir={bundle}/upper,workdir={bundle}/work",
+        )
+        pidns = self._pod_pid_namespace() if spec.pid_namespace == "pod" else None
+        cgroup_path: str | None = None
+        if self.settings.cgroup_mode == "v2":
+            self._prepare_cgroup_parent()
+            cgroup_path = f"/clearcri/{container.id}"
+            container.cgroup_dir = self._cgroup_dir(container.id)
+        etc_dir = self.settings.etc_dir
+        self._ensure_etc_files(etc_dir)
+        try:
+            config = oci.build_oci_config(
+                spec,
+                rootfs=container.rootfs,
+                cgroup_path=cgroup_path,
+                pid_namespace_path=pidns,
+                etc_dir=etc_dir,
+            )
+        except ValueError as exc:
+            raise invalid(str(exc)) from exc
+        with open(f"{bundle}/config.json", "w") as f:
+            json.dump(config, f)
+
+        console: ConsoleReceiver | None = None
+        child_fds: list[int] = []
+        stdin_w: int | None = None
+        out_r: list[int] = []
+        try:
+            argv = [
+                *self.settings.crun_global_args(),
+                f"--log={bundle}/crun.log",
+                "create",
+                f"--bundle={bundle}",
+                f"--pid-file={bundle}/pid",
+            ]
+            if spec.tty:
+                console = ConsoleReceiver(f"{bundle}/console.sock")
+                argv.append(f"--console-socket={console.path}")
+                stdin_fd = out_fd = err_fd = None
+            else:
+                stdin_fd = None
+                if spec.stdin:
+                    stdin_fd, stdin_w = os.pipe()
+                    child_fds.append(stdin_fd)
+                r1, out_fd = os.pipe()
+                r2, err_fd = os.pipe()
+                out_r = [r1, r2]
+                child_fds += [out_fd, err_fd]
+            argv.append(container.id)
+            pid = self.spawner.spawn(argv, stdin=stdin_fd, stdout=out_fd, stderr=err_fd)
+            for fd in child_fds:
+                os.close(fd)
+            child_fds = []
+            status = self.spawner.reaper.wait(pid, 120.0)
+            code = decode_status(status)[0] if status is not None else -1
+            if code != 0:
+                raise internal(f"crun create failed: {self._read_log(bundle) or f'exit {code}'}")
+            if console is not None:
+                container.tty_fd = console.result()
+                console = None
+            with open(f"{bundle}/pid") as f:
+                container.pid = int(f.read().strip())
+        except BaseException:
+            for fd in child_fds + out_r + ([stdin_w] if stdin_w is not None else []):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        finally:
+            if console is not None:
+                console.close()
+
+        stream = container.stream
+        if container.tty_fd is not None:
+            master = container.tty_fd
+            container.pumps.append(OutputPump(self.writer, stream, STDOUT, master, close=False))
+            if spec.stdin:
+                container.stdin = StdinFeeder(os.dup(master), tty=True)
+        else:
+            container.pumps.append(OutputPump(self.writer, stream, STDOUT, out_r[0], close=True))
+            container.pumps.append(OutputPump(self.writer, stream, STDERR, out_r[1], close=True))
+            if stdin_w is not None:
+                container.stdin = StdinFeeder(stdin_w, tty=False)
+        self.streams[stream] = StreamTarget(container.stdin, container.tty_fd, spec.stdin_once)
+        self.spawner.reaper.watch(container.pid, lambda st: self._on_exit(container, st))
+
+    def _ensure_etc_files(self, etc_dir: str) -> None:
+        for name in ("hosts", "resolv.conf", "hostname"):
+            path = f"{etc_dir}/{name}"
+            if not os.path.exists(path):
+                default = "127.0.0.1\tlocalhost\n::1\tlocalhost\n" if name == "hosts" else ""
+                system.write_file(path, default)
+
+    def _read_log(self, bundle: str) -> str:
+        try:
+            with open(f"{bundle}/crun.log", errors="replace") as f:
+                text = f.read().strip()
+        except OSError:
+            return ""
+        # crun writes one message per line (or glued together); keep the last ones.
+        return text[-2000:]
+
+    def _on_exit(self, container: Container, status: int) -> None:
+        finished = time.time_ns()
+        # Draining output may take a moment; never hold up the reaper for it.
+        threading.Thread(
+            target=self._finish, args=(container, status, finished), daemon=True
+        ).start()
+
+    def _finish(self, container: Container, status: int, finished: int) -> None:
+        container.drain(DRAIN_TIMEOUT)
+        code, sig = decode_status(status)
+        oom = self._oom_kills(container) > 0
+        reason = "OOMKilled" if oom else ("Completed" if code == 0 else "Error")
+        exit_status = ExitStatus(
+            exit_code=code,
+            signal=sig,
+            started_at_ns=container.started_at_ns,
+            finished_at_ns=finished,
+            reason=reason,
+        )
+        with container.lock:
+            container.exit_status = exit_status
+            container.state = "exited"
+        if oom:
+            self.writer.send(
+                encode_json(
+                    EVENT,
+                    container.stream,
+                    {"event": EVENT_CONTAINER_OOM, "container_id": container.id},
+                )
+            )
+        self.writer.send(
+            encode_json(
+                EVENT,
+                container.stream,
+                {
+                    "event": EVENT_CONTAINER_EXITED,
+                    "container_id": container.id,
+                    "stream": container.stream,
+                    "status": exit_status.to_dict(),
+                },
+            )
+        )
+        container.exited.set()
+
+    def _oom_kills(self, container: Container) -> int:
+        if container.cgroup_dir is None:
+            return 0
+        try:
+            with open(f"{container.cgroup_dir}/memory.events") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, container_id: str) -> ContainerInfo:
+        container = self.get(container_id)
+        with container.lock:
+            if container.state != "created":
+                raise precondition(f"container {container_id!r} is {container.state}, not created")
+            # Set before crun start: a short-lived process may exit before crun returns.
+            container.started_at_ns = time.time_ns()
+            code, output = self._crun("start", container.id)
+            if code != 0:
+                container.started_at_ns = 0
+                raise internal(f"crun start failed: {output}")
+            if container.state == "created":
+                container.state = "running"
+        return container.info()
+
+    def signal(self, container_id: str, signal: int, all_processes: bool = False) -> None:
+        container = self.get(container_id)
+        if not 0 < signal < 65:
+            raise invalid(f"signal {signal} is out of range")
+        if container.state == "exited" or container.exited.is_set():
+            return
+        if all_processes and self.settings.cgroup_mode == "v2":
+            code, output = self._crun("kill", "--all", container.id, str(signal))
+            if code != 0 and not container.exited.is_set():
+                raise internal(f"crun kill failed: {output}")
+            return
+        try:
+            os.kill(container.pid, signal)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, container_id: str, timeout: float | None = None) -> ExitStatus:
+        container = self.get(container_id)
+        if not container.exited.wait(timeout):
+            raise OpError("DEADLINE_EXCEEDED", f"container {container_id!r} is still running")
+        assert container.exit_status is not None
+        return container.exit_status
+
+    def delete(self, container_id: str, force: bool = False) -> None:
+        container = self.containers.get(container_id)
+        if container is None or container.state == "creating":
+            return
+        if not container.exited.is_set():
+            if container.state == "running" and not force:
+                raise precondition(
+                    f"container {container_id!r} is running: stop it or delete with force"
+                )
+            self._kill_and_wait(container, 5.0)
+        self._crun("delete", "--force", container.id)
+        self._discard(container)
+
+    def _kill_and_wait(self, container: Container, timeout: float) -> None:
+        if container.pid:
+            try:
+                os.kill(container.pid, 9)
+            except ProcessLookupError:
+                pass
+        container.exited.wait(timeout)
+
+    def _discard(self, container: Container) -> None:
+        """Release everything a container holds; safe on half-created containers."""
+        for exec_process in [e for e in self.execs.values() if e.container is container]:
+            if exec_process.pid:
+                try:
+                    os.kill(exec_process.pid, 9)
+                except ProcessLookupError:
+                    pass
+        if container.stdin is not None:
+            container.stdin.close()
+        container.drain(DRAIN_TIMEOUT)
+        container.close_tty()
+        self.streams.pop(container.stream, None)
+        if container.state == "creating":
+            self._crun("delete", "--force", container.id)
+        rootfs = container.rootfs
+        if rootfs in system.mount_points():
+            try:
+                system.umount(rootfs)
+            except OSError:
+                system.umount(rootfs, detach=True)
+        self._remove_tree(container.bundle)
+        if container.cgroup_dir is not None and os.path.isdir(container.cgroup_dir):
+            try:
+                os.rmdir(container.cgroup_dir)
+            except OSError:
+                pass
+        with self._lock:
+            if self.containers.get(container.id) is container:
+                del self.containers[container.id]
+
+    @staticmethod
+    def _remove_tree(path: str) -> None:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+    def list_all(self) -> list[ContainerInfo]:
+        return [c.info() for c in list(self.containers.values()) if c.state != "creating"]
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self, container_id: str | None) -> list[ContainerStats]:
+        if container_id:
+            targets = [self.get(container_id)]
+        else:
+            targets = [c for c in list(self.containers.values()) if c.state != "creating"]
+        return [self._stats(c) for c in targets]
+
+    def _stats(self, container: Container) -> ContainerStats:
+        stats = ContainerStats(id=container.id, timestamp_ns=time.time_ns())
+        cgroup = container.cgroup_dir
+        if cgroup is None or not os.path.isdir(cgroup):
+            return stats
+        cpu = _read_keyed(f"{cgroup}/cpu.stat")
+        memory = _read_keyed(f"{cgroup}/memory.stat")
+        stats.cpu_usage_usec = cpu.get("usage_usec", 0)
+        stats.memory_current = _read_int(f"{cgroup}/memory.current")
+        stats.memory_anon = memory.get("anon", 0)
+        stats.memory_file = memory.get("file", 0)
+        stats.memory_working_set = max(0, stats.memory_current - memory.get("inactive_file", 0))
+        stats.pids_current = _read_int(f"{cgroup}/pids.current")
+        return stats
+
+    # ------------------------------------------------------------------ exec
+
+    def exec(
+        self, container_id: str, spec: ExecSpec, generation: int
+    ) -> tuple[ExecStarted, Callable[[], None]]:
+        """Start an exec; the returned function starts its output once the reply is out."""
+        container = self.get(container_id)
+        if container.state != "running" or container.exited.is_set():
+            raise precondition(f"container {container_id!r} is not running")
+        if not spec.args:
+            raise invalid("exec args must not be empty")
+        stream = self._new_stream()
+        process = ExecProcess(container, stream)
+        bundle = container.bundle
+        process_path = f"{bundle}/exec-{stream}.json"
+        pid_path = f"{bundle}/exec-{stream}.pid"
+        log_path = f"{bundle}/exec-{stream}.log"
+        with open(process_path, "w") as f:
+            json.dump(oci.build_exec_process(container.spec, spec), f)
+        argv = [
+            *self.settings.crun_global_args(),
+            f"--log={log_path}",
+            "exec",
+            f"--process={process_path}",
+            "--detach",
+            f"--pid-file={pid_path}",
+        ]
+        console: ConsoleReceiver | None = None
+        child_fds: list[int] = []
+        parent_fds: list[int] = []
+        stdin_fd = out_fd = err_fd = None
+        stdin_w: int | None = None
+        try:
+            if spec.tty:
+                console = ConsoleReceiver(f"{bundle}/exec-{stream}.sock")
+                argv.append(f"--console-socket={console.path}")
+            else:
+                if spec.stdin:
+                    stdin_fd, stdin_w = os.pipe()
+                    child_fds.append(stdin_fd)
+                    parent_fds.append(stdin_w)
+                r1, out_fd = os.pipe()
+                r2, err_fd = os.pipe()
+                child_fds += [out_fd, err_fd]
+                parent_fds += [r1, r2]
+            argv.append(container.id)
+            crun_pid = self.spawner.spawn(argv, stdin=stdin_fd, stdout=out_fd, stderr=err_fd)
+            for fd in child_fds:
+                os.close(fd)
+            child_fds = []
+            status = self.spawner.reaper.wait(crun_pid, 60.0)
+            code = decode_status(status)[0] if status is not None else -1
+            if code != 0:
+                try:
+                    with open(log_path, errors="replace") as f:
+                        message = f.read().strip()[-2000:]
+                except OSError:
+                    message = f"exit {code}"
+                raise internal(f"crun exec failed: {message}")
+            if console is not None:
+                process.tty_fd = console.result()
+                console = None
+            with open(pid_path) as f:
+                process.pid = int(f.read().strip())
+        except BaseException:
+            for fd in child_fds + parent_fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            for path in (process_path, pid_path, log_path):
+                _unlink(path)
+            raise
+        finally:
+            if console is not None:
+                console.close()
+
+        if process.tty_fd is not None:
+            if spec.stdin:
+                process.stdin = StdinFeeder(os.dup(process.tty_fd), tty=True)
+        elif stdin_w is not None:
+            process.stdin = StdinFeeder(stdin_w, tty=False)
+        target = StreamTarget(process.stdin, process.tty_fd, True)
+        target.generation = generation
+        self.streams[stream] = target
+        self.execs[stream] = process
+        for path in (process_path, pid_path, log_path):
+            _unlink(path)
+
+        def activate() -> None:
+            # Runs once the reply is queued, so the host knows the stream before its data.
+            if process.tty_fd is not None:
+                master = process.tty_fd
+                process.pumps.append(OutputPump(self.writer, stream, STDOUT, master, close=False))
+            else:
+                out_fd, err_fd = parent_fds[-2], parent_fds[-1]
+                process.pumps.append(OutputPump(self.writer, stream, STDOUT, out_fd, close=True))
+                process.pumps.append(OutputPump(self.writer, stream, STDERR, err_fd, close=True))
+            if spec.timeout is not None and spec.timeout > 0:
+                timer = threading.Timer(spec.timeout, self._exec_timeout, args=(process,))
+                timer.daemon = True
+                timer.start()
+            self.spawner.reaper.watch(process.pid, lambda st: self._on_exec_exit(process, st))
+
+        return ExecStarted(stream=stream, pid=process.pid), activate
+
+    def _exec_timeout(self, process: ExecProcess) -> None:
+        if not process.exited.is_set():
+            try:
+                os.kill(process.pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def _on_exec_exit(self, process: ExecProcess, status: int) -> None:
+        threading.Thread(target=self._finish_exec, args=(process, status), daemon=True).start()
+
+    def _finish_exec(self, process: ExecProcess, status: int) -> None:
+        process.drain(DRAIN_TIMEOUT)
+        code, sig = decode_status(status)
+        process.exit_code = code
+        self.writer.send(
+            encode_json(
+                EVENT,
+                process.stream,
+                {
+                    "event": EVENT_EXEC_EXITED,
+                    "stream": process.stream,
+                    "exit_code": code,
+                    "signal": sig,
+                },
+            )
+        )
+        process.exited.set()
+        if process.stdin is not None:
+            process.stdin.close()
+        process.close_tty()
+        self.streams.pop(process.stream, None)
+        self.execs.pop(process.stream, None)
+
+    def signal_exec(self, stream: int, signal: int) -> None:
+        process = self.execs.get(stream)
+        if process is None:
+            raise not_found(f"exec stream {stream} does not exist")
+        try:
+            os.kill(process.pid, signal)
+        except ProcessLookupError:
+            pass
+
+    def reset_connection(self, generation: int) -> None:
+        """A new host connected: exec sessions of the old one lose their stdin."""
+        for target in list(self.streams.values()):
+            if target.generation and target.generation != generation and target.stdin:
+                target.stdin.close()
+
+    def stop_all(self, grace: float) -> None:
+        running = [c for c in list(self.containers.values()) if c.pid and not c.exited.is_set()]
+        for container in running:
+            try:
+                os.kill(container.pid, 15)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for container in running:
+            container.exited.wait(max(0.0, deadline - time.monotonic()))
+        for container in running:
+            if not container.exited.is_set():
+                self._kill_and_wait(container, 2.0)
+        for container in list(self.containers.values()):
+            try:
+                self.delete(container.id, force=True)
+            except OpError:
+                pass
+        if self._pod_pidns_pid:
+            try:
+                os.kill(self._pod_pidns_pid, 9)
+            except ProcessLookupError:
+                pass
+            self._pod_pidns_pid = 0
+
+
+def _read_int(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                try:
+                    values[key] = int(value)
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return values
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def spec_from_args(args: dict[str, Any]) -> ContainerSpec:
+    try:
+        spec: ContainerSpec = ContainerSpec.from_dict(args.get("spec") or {})
+    except ValueError as exc:
+        raise invalid(f"bad container spec: {exc}") from exc
+    return spec

@@ -1,0 +1,387 @@
+"""OCI runtime configuration for crun, built from a ContainerSpec (pure functions)."""
+
+from __future__ import annotations
+
+from agent.protocol import ContainerSpec, ExecSpec, Resources
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: The capability set containerd and Docker give a container by default.
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+DEFAULT_READONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+#: Syscalls the "runtime/default" profile refuses with EPERM. Everything else is allowed:
+#: the VM is the isolation boundary, this profile removes the kernel-wide knobs and the
+#: attack surface a normal workload has no use for.
+DEFAULT_SECCOMP_DENY = (
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vhangup",
+)
+
+_EPERM = 1
+
+# Device nodes every container may use (major, minor, type), as runc's default list.
+_DEFAULT_DEVICES = (
+    ("c", 1, 3),  # null
+    ("c", 1, 5),  # zero
+    ("c", 1, 7),  # full
+    ("c", 1, 8),  # random
+    ("c", 1, 9),  # urandom
+    ("c", 5, 0),  # tty
+    ("c", 5, 1),  # console
+    ("c", 5, 2),  # ptmx
+    ("c", 136, None),  # pts/*
+)
+
+
+def default_seccomp_profile() -> dict[str, Any]:
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {
+                "names": list(DEFAULT_SECCOMP_DENY),
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": _EPERM,
+            }
+        ],
+    }
+
+
+def _with_default_env(env: list[str], tty: bool) -> list[str]:
+    names = {item.split("=", 1)[0] for item in env}
+    result = list(env)
+    if "PATH" not in names:
+        result.insert(0, DEFAULT_PATH)
+    if tty and "TERM" not in names:
+        result.append("TERM=xterm")
+    return result
+
+
+def _capabilities(names: list[str] | None) -> dict[str, list[str]]:
+    caps = list(DEFAULT_CAPABILITIES if names is None else names)
+    return {
+        "bounding": caps,
+        "effective": caps,
+        "permitted": caps,
+        "inheritable": [],
+        "ambient": [],
+    }
+
+
+def _user(uid: int, gid: int, additional_gids: list[int]) -> dict[str, Any]:
+    user: dict[str, Any] = {"uid": uid, "gid": gid}
+    if additional_gids:
+        user["additionalGids"] = list(additional_gids)
+    return user
+
+
+def process_config(spec: ContainerSpec) -> dict[str, Any]:
+    process: dict[str, Any] = {
+        "terminal": spec.tty,
+        "user": _user(spec.uid, spec.gid, spec.additional_gids),
+        "args": list(spec.args),
+        "env": _with_default_env(spec.env, spec.tty),
+        "cwd": spec.cwd or "/",
+        "capabilities": _capabilities(spec.capabilities),
+        "noNewPrivileges": spec.no_new_privs,
+    }
+    if spec.rlimits:
+        process["rlimits"] = [
+            {"type": r.type, "soft": r.soft, "hard": r.hard} for r in spec.rlimits
+        ]
+    if spec.oom_score_adj is not None:
+        process["oomScoreAdj"] = spec.oom_score_adj
+    return process
+
+
+def resources_config(resources: Resources) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cpu: dict[str, Any] = {}
+    if resources.cpu_shares is not None:
+        cpu["shares"] = resources.cpu_shares
+    if resources.cpu_quota is not None:
+        cpu["quota"] = resources.cpu_quota
+    if resources.cpu_period is not None:
+        cpu["period"] = resources.cpu_period
+    if resources.cpuset_cpus:
+        cpu["cpus"] = resources.cpuset_cpus
+    if resources.cpuset_mems:
+        cpu["mems"] = resources.cpuset_mems
+    if cpu:
+        out["cpu"] = cpu
+    if resources.memory_limit is not None and resources.memory_limit > 0:
+        out["memory"] = {"limit": resources.memory_limit, "swap": resources.memory_limit}
+    if resources.pids_limit is not None and resources.pids_limit > 0:
+        out["pids"] = {"limit": resources.pids_limit}
+    return out
+
+
+def _default_mounts(with_cgroup: bool) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        # The pod shares one IPC namespace, so it shares the VM's /dev/shm too.
+        {
+            "destination": "/dev/shm",
+            "type": "bind",
+            "source": "/dev/shm",
+            "options": ["rbind", "nosuid", "nodev", "noexec"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+    ]
+    if with_cgroup:
+        mounts.append(
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            }
+        )
+    return mounts
+
+
+def build_oci_config(
+    spec: ContainerSpec,
+    *,
+    rootfs: str,
+    cgroup_path: str | None,
+    pid_namespace_path: str | None = None,
+    etc_dir: str | None = None,
+) -> dict[str, Any]:
+    """The config.json for one container.
+
+    ``cgroup_path`` is the cgroup v2 path (e.g. "/clearcri/<id>") or None when crun runs
+    without cgroups (then no resources and no cgroup mount). ``pid_namespace_path`` joins
+    an existing pid namespace (pod-wide sharing). ``etc_dir`` holds the pod's hosts,
+    resolv.conf and hostname files.
+    """
+    mounts = _default_mounts(cgroup_path is not None)
+    destinations = {m.destination for m in spec.mounts}
+    if etc_dir is not None and spec.pod_etc_files:
+        for name in ("hosts", "resolv.conf", "hostname"):
+            target = f"/etc/{name}"
+            if target not in destinations:
+                mounts.append(
+                    {
+                        "destination": target,
+                        "type": "bind",
+                        "source": f"{etc_dir}/{name}",
+                        "options": ["rbind", "rprivate", "ro" if name == "hostname" else "rw"],
+                    }
+                )
+    for mount in spec.mounts:
+        mounts = [m for m in mounts if m["destination"] != mount.destination]
+        options = list(mount.options)
+        if mount.type == "bind" and not any(o in ("bind", "rbind") for o in options):
+            options.insert(0, "rbind")
+        mounts.append(
+            {
+                "destination": mount.destination,
+                "type": mount.type,
+                "source": mount.source or mount.type,
+                "options": options,
+            }
+        )
+
+    # Network, IPC and UTS belong to the VM and are shared by the whole pod.
+    namespaces: list[dict[str, str]] = [{"type": "mount"}]
+    if pid_namespace_path:
+        namespaces.append({"type": "pid", "path": pid_namespace_path})
+    else:
+        namespaces.append({"type": "pid"})
+    if cgroup_path is not None:
+        namespaces.append({"type": "cgroup"})
+
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "maskedPaths": list(
+            DEFAULT_MASKED_PATHS if spec.masked_paths is None else spec.masked_paths
+        ),
+        "readonlyPaths": list(
+            DEFAULT_READONLY_PATHS if spec.readonly_paths is None else spec.readonly_paths
+        ),
+    }
+    if spec.sysctls:
+        linux["sysctl"] = dict(spec.sysctls)
+    if cgroup_path is not None:
+        linux["cgroupsPath"] = cgroup_path
+        resources: dict[str, Any] = (
+            resources_config(spec.resources) if spec.resources is not None else {}
+        )
+        devices: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
+        for kind, major, minor in _DEFAULT_DEVICES:
+            rule: dict[str, Any] = {"allow": True, "type": kind, "major": major, "access": "rwm"}
+            if minor is not None:
+                rule["minor"] = minor
+            devices.append(rule)
+        resources["devices"] = devices
+        linux["resources"] = resources
+    if spec.seccomp is not None:
+        if spec.seccomp == "runtime/default":
+            linux["seccomp"] = default_seccomp_profile()
+        elif isinstance(spec.seccomp, dict):
+            linux["seccomp"] = spec.seccomp
+        elif spec.seccomp != "unconfined":
+            raise ValueError(f"unsupported seccomp profile {spec.seccomp!r}")
+
+    return {
+        "ociVersion": "1.0.2",
+        "process": process_config(spec),
+        "root": {"path": rootfs, "readonly": spec.readonly_rootfs},
+        "mounts": mounts,
+        "linux": linux,
+        "annotations": dict(spec.annotations),
+    }
+
+
+def build_exec_process(container: ContainerSpec, spec: ExecSpec) -> dict[str, Any]:
+    """The process.json for ``crun exec``: the container's process with exec overrides."""
+    env = _with_default_env(container.env, False)
+    overridden = {item.split("=", 1)[0] for item in spec.env}
+    env = [item for item in env if item.split("=", 1)[0] not in overridden] + list(spec.env)
+    if spec.tty and not any(item.startswith("TERM=") for item in env):
+        env.append("TERM=xterm")
+    uid = container.uid if spec.uid is None else spec.uid
+    gid = container.gid if spec.gid is None else spec.gid
+    groups = container.additional_gids if spec.additional_gids is None else spec.additional_gids
+    process = process_config(container)
+    process.update(
+        {
+            "terminal": spec.tty,
+            "user": _user(uid, gid, groups),
+            "args": list(spec.args),
+            "env": env,
+            "cwd": spec.cwd or container.cwd or "/",
+        }
+    )
+    process.pop("oomScoreAdj", None)
+    return process
+
+
+def validate_spec(spec: ContainerSpec) -> None:
+    """Raise ValueError for a spec crun could never run."""
+    if not spec.args:
+        raise ValueError("args must not be empty")
+    if spec.pid_namespace not in ("container", "pod"):
+        raise ValueError(f"pid_namespace must be 'container' or 'pod', not {spec.pid_namespace!r}")
+    for mount in spec.mounts:
+        if not mount.destination.startswith("/"):
+            raise ValueError(f"mount destination {mount.destination!r} is not absolute")
+    if not spec.cwd.startswith("/"):
+        raise ValueError(f"cwd {spec.cwd!r} is not absolute")
+    if spec.stdin_once and not spec.stdin:
+        raise ValueError("stdin_once needs stdin")

@@ -1,0 +1,117 @@
+"""Where the agent keeps its state and how it runs crun (overridable for local tests)."""
+
+from __future__ import annotations
+
+import os
+
+
+class Settings:
+    """Paths and modes of one agent instance.
+
+    In the VM every default holds. To run the agent on an ordinary host (tests), point
+    ``run_dir`` somewhere private and use ``cgroup_mode="disabled"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: str = "/run/clearcri",
+        cgroup_mode: str = "v2",
+        cgroup_root: str = "/sys/fs/cgroup",
+        crun: str = "crun",
+        busybox: str = "busybox",
+        power_off: bool = True,
+        port_name: str | None = None,
+        port_path: str | None = None,
+        port_fd: int | None = None,
+    ) -> None:
+        if cgroup_mode not in ("v2", "disabled"):
+            raise ValueError(f"cgroup mode must be 'v2' or 'disabled', not {cgroup_mode!r}")
+        self.run_dir = run_dir.rstrip("/") or "/"
+        self.cgroup_mode = cgroup_mode
+        self.cgroup_root = cgroup_root
+        self.crun = crun
+        self.busybox = busybox
+        self.power_off = power_off
+        self.port_name = port_name
+        self.port_path = port_path
+        self.port_fd = port_fd
+
+    @property
+    def images_dir(self) -> str:
+        return f"{self.run_dir}/images"
+
+    @property
+    def containers_dir(self) -> str:
+        return f"{self.run_dir}/containers"
+
+    @property
+    def etc_dir(self) -> str:
+        return f"{self.run_dir}/etc"
+
+    @property
+    def crun_root(self) -> str:
+        return f"{self.run_dir}/crun"
+
+    @property
+    def boot_times_path(self) -> str:
+        return f"{self.run_dir}/boot-times"
+
+    @property
+    def dax_path(self) -> str:
+        return f"{self.run_dir}/dax"
+
+    def crun_global_args(self) -> list[str]:
+        manager = "cgroupfs" if self.cgroup_mode == "v2" else "disabled"
+        return [self.crun, f"--root={self.crun_root}", f"--cgroup-manager={manager}"]
+
+    @classmethod
+    def from_argv(cls, argv: list[str], environ: dict[str, str] | None = None) -> Settings:
+        """Options: --run-dir DIR --cgroup v2|disabled --crun PATH --busybox PATH
+        --no-poweroff --port-name NAME --port PATH --port-fd N. Each has a
+        CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for key, value in env.items():
+            if key.startswith("CLEARCRI_AGENT_"):
+                values[key[len("CLEARCRI_AGENT_") :].lower().replace("_", "-")] = value
+        flags = {"no-poweroff"}
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            if not arg.startswith("--"):
+                raise ValueError(f"unexpected argument {arg!r}")
+            name, eq, value = arg[2:].partition("=")
+            if name in flags:
+                values[name] = "1"
+            elif eq:
+                values[name] = value
+            elif i + 1 < len(argv):
+                i += 1
+                values[name] = argv[i]
+            else:
+                raise ValueError(f"option --{name} needs a value")
+            i += 1
+        known = {
+            "run-dir",
+            "cgroup",
+            "crun",
+            "busybox",
+            "no-poweroff",
+            "port-name",
+            "port",
+            "port-fd",
+        }
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+        return cls(
+            run_dir=values.get("run-dir", "/run/clearcri"),
+            cgroup_mode=values.get("cgroup", "v2"),
+            crun=values.get("crun", "crun"),
+            busybox=values.get("busybox", "busybox"),
+            power_off=values.get("no-poweroff", "") not in ("1", "true", "yes"),
+            port_name=values.get("port-name"),
+            port_path=values.get("port"),
+            port_fd=int(values["port-fd"]) if "port-fd" in values else None,
+        )
