@@ -617,7 +617,6 @@ class ImageStore:
             with self.db.transaction() as conn:
                 conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
             self.rootfs_path(image_id).unlink(missing_ok=True)
-        self._image_locks.pop(image_id, None)
         self.garbage_collect()
         log.info("image removed id=%s", image_id)
         return True
