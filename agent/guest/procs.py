@@ -19,8 +19,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-# Signal numbers Python leaves ignored (SIGPIPE, SIGXFSZ); children get the defaults back.
-_RESET_SIGNALS = (13, 25)
+# Signals the agent may leave ignored (SIGINT as PID 1; SIGPIPE and SIGXFSZ, ignored by
+# Python itself): children get the default actions back.
+_RESET_SIGNALS = (2, 13, 25)
 _MAX_UNCLAIMED = 4096
 
 

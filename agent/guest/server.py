@@ -441,7 +441,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.getpid() != 1:
             raise SystemExit(2) from exc
         settings = Settings()
-    if os.getpid() != 1:
+    if os.getpid() == 1:
+        # Ctrl-Alt-Del makes the kernel send SIGINT to init; it must not stop the agent.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
         from agent.guest import system
 
         system.set_child_subreaper()
