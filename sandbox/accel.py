@@ -31,7 +31,9 @@ class AccelChoice:
     reason: str
 
 
-def _kvm_static_verdict(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/module")) -> str:
+def _kvm_static_verdict(
+    dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/module")
+) -> str:
     """Return an empty string when KVM might work, else why it cannot."""
     if not dev.exists():
         return f"{dev} does not exist"

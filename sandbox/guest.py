@@ -92,6 +92,7 @@ INIT_APPLETS: tuple[str, ...] = (
     "printf",
     "echo",
     "switch_root",
+    "ip",
     "poweroff",
     "reboot",
 )

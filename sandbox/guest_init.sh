@@ -118,6 +118,9 @@ if [ -n "$enable" ]; then
 fi
 step "cgroup controllers:$enable"
 
+# Containers share the VM's network namespace: its loopback must be up.
+ip link set lo up || fail "cannot bring up lo"
+
 mkdir -p /newroot/run/clearcri/etc || fail "cannot create /run/clearcri"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >/newroot/run/clearcri/etc/hosts
 printf '%s\n%s\n' "$dax" "$dax_line" >/newroot/run/clearcri/dax

@@ -333,7 +333,7 @@ class PodSandbox:
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the VM: the agent stops the containers and powers off; then QMP
         quit; then SIGKILL. Idempotent."""
-        if self.state in ("stopped", "dead", "created"):
+        if self.state in ("stopped", "dead", "created", "removed"):
             if self.state == "created":
                 self.state = "stopped"
                 self._save()
@@ -354,7 +354,9 @@ class PodSandbox:
         self._save()
 
     async def destroy(self) -> None:
-        """Stop the VM and remove everything the sandbox made on the host."""
+        """Stop the VM and remove everything the sandbox made on the host. Idempotent."""
+        if self.state == "removed":
+            return
         await self.stop(timeout=0)
         await self._close_channels()
         shutil.rmtree(self.machine.run_dir, ignore_errors=True)

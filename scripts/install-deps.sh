@@ -8,7 +8,7 @@ apt_packages=(
     qemu-system-x86 qemu-system-data qemu-utils
     crun erofs-utils busybox-static cpio zstd xz-utils
     containernetworking-plugins iproute2 util-linux procps
-    docker-registry
+    docker-registry apache2-utils skopeo
 )
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -1,0 +1,54 @@
+"""Shared fixtures for tests that boot real pod VMs (TCG where KVM cannot run guests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
+
+GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    # The guest is built by `make test` before pytest runs; a missing guest is a failure.
+    return locate_guest(GUEST_DIR)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> RootfsImage:
+    work = tmp_path_factory.mktemp("busybox")
+    tree = make_busybox_tree(work / "tree")
+    return build_rootfs_image(tree, work / "busybox.erofs", image_id="busybox")
+
+
+@pytest.fixture
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Sockets need short paths: keep the run root directly under /tmp.
+    path = Path(f"/tmp/cc-test-{os.getpid()}-{os.urandom(3).hex()}")
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sandbox_host(guest_assets: GuestAssets, run_root: Path) -> SandboxHost:
+    config = SandboxConfig(run_root=run_root / "sandboxes", guest_dir=GUEST_DIR, accel="auto")
+    return SandboxHost(config, guest_assets)
+
+
+@pytest.fixture
+async def pod(sandbox_host: SandboxHost) -> AsyncIterator[PodSandbox]:
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("pod-" + os.urandom(4).hex()))
+    try:
+        await sandbox.start()
+        yield sandbox
+    finally:
+        await sandbox.destroy()

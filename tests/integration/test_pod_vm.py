@@ -1,0 +1,233 @@
+"""Pod VMs for real: boot, containers, exec, signals, crash, re-adoption, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent.protocol import ContainerSpec, ExecSpec
+from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
+from sandbox.rootfs import RootfsImage
+from sandbox.vm import pid_alive
+
+pytestmark = pytest.mark.vm
+
+
+async def _collect(sandbox: PodSandbox, cid: str) -> tuple[bytes, bytes]:
+    out: dict[int, list[bytes]] = {1: [], 2: []}
+    async for channel, data in sandbox.agent.subscribe_output(cid):
+        out.setdefault(channel, []).append(data)
+    return b"".join(out[1]), b"".join(out[2])
+
+
+def _qemu_pids_named(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"clearcri-{name},".encode() in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_boot_reports_dax_and_phases(pod: PodSandbox) -> None:
+    ready = pod.agent.ready
+    assert ready.dax is True, "the guest OS image must be mounted with DAX"
+    assert ready.kernel_release
+    assert 0 < pod.boot.kernel < pod.boot.total
+    assert pod.boot.total > 0 and pod.boot.vmm_spawn > 0
+    assert pod.state == "ready"
+    assert pod.console_tail(), "the serial console is captured"
+
+
+async def test_busybox_container_output_and_exit_code(
+    pod: PodSandbox, busybox_image: RootfsImage
+) -> None:
+    spec = ContainerSpec(args=["sh", "-c", "echo hello; echo oops >&2; exit 3"])
+    await pod.create_container("c1", spec, busybox_image)
+    collector = asyncio.ensure_future(_collect(pod, "c1"))
+    await pod.start_container("c1")
+    status = await pod.agent.wait_container("c1", timeout=60)
+    stdout, stderr = await asyncio.wait_for(collector, 30)
+    assert status.exit_code == 3
+    assert status.reason == "Error"
+    assert stdout == b"hello\n"
+    assert stderr == b"oops\n"
+    assert status.finished_at_ns >= status.started_at_ns > 0
+    await pod.agent.delete_container("c1")
+    assert not [c for c in await pod.agent.list_containers() if c.id == "c1"]
+
+
+async def test_exec_with_and_without_tty(pod: PodSandbox, busybox_image: RootfsImage) -> None:
+    await pod.create_container("c1", ContainerSpec(args=["sleep", "1000"]), busybox_image)
+    await pod.start_container("c1")
+    result = await pod.agent.exec_sync("c1", ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+
+    session = await pod.exec("c1", ExecSpec(args=["sh", "-c", "tty; stty size"], tty=True))
+    chunks = [data async for _channel, data in session]
+    assert await session.wait(30) == 0
+    text = b"".join(chunks).decode()
+    assert "/dev/pts/" in text
+
+    session = await pod.exec("c1", ExecSpec(args=["cat"], stdin=True))
+    await session.write_stdin(b"ping through stdin\n")
+    await session.close_stdin()
+    echoed = b"".join([data async for _channel, data in session])
+    assert echoed == b"ping through stdin\n"
+    assert await session.wait(30) == 0
+
+
+async def test_signal_stops_container(pod: PodSandbox, busybox_image: RootfsImage) -> None:
+    await pod.create_container("c1", ContainerSpec(args=["sleep", "1000"]), busybox_image)
+    await pod.start_container("c1")
+    await pod.agent.signal_container("c1", signal.SIGKILL)
+    status = await pod.agent.wait_container("c1", timeout=60)
+    assert status.signal == signal.SIGKILL
+    assert status.exit_code == 128 + signal.SIGKILL
+
+
+async def test_two_containers_share_the_pod_network(
+    pod: PodSandbox, busybox_image: RootfsImage
+) -> None:
+    server = ContainerSpec(args=["sh", "-c", "echo pod-shared > /tmp/x; httpd -f -p 8080 -h /tmp"])
+    await pod.create_container("web", server, busybox_image)
+    await pod.start_container("web")
+    await pod.create_container("client", ContainerSpec(args=["sleep", "1000"]), busybox_image)
+    await pod.start_container("client")
+    for _ in range(50):
+        result = await pod.agent.exec_sync(
+            "client", ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/x"], timeout=20
+        )
+        if result.exit_code == 0:
+            break
+        await asyncio.sleep(0.2)
+    assert result.stdout == b"pod-shared\n", result.stderr
+    # one image slot serves both containers of the same image
+    assert list(pod.slots.values()) == ["busybox"]
+
+
+async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHost) -> None:
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("crash1"))
+    await sandbox.start()
+    died = asyncio.Event()
+    sandbox.on_exit(lambda _s: died.set())
+    os.kill(sandbox.pid, signal.SIGKILL)
+    await asyncio.wait_for(died.wait(), 10)
+    assert sandbox.state == "dead"
+    assert "signal 9" in sandbox.exit_reason
+    with pytest.raises(SandboxError, match="not running"):
+        _ = sandbox.agent
+    await sandbox.destroy()
+    assert not sandbox.machine.run_dir.exists()
+
+
+async def test_failed_boot_leaves_nothing(sandbox_host: SandboxHost) -> None:
+    sandbox_host.config.qemu = "/bin/false"
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("fail1"))
+    with pytest.raises(SandboxError, match="failed to boot"):
+        await sandbox.start()
+    assert sandbox.state == "dead"
+    await sandbox.destroy()
+    assert not sandbox.machine.run_dir.exists()
+
+
+ADOPT_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from agent.protocol import ContainerSpec
+    from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+    from sandbox.rootfs import RootfsImage
+
+    async def main() -> None:
+        run_root, guest_dir, image = sys.argv[1], sys.argv[2], sys.argv[3]
+        config = SandboxConfig(run_root=Path(run_root), guest_dir=Path(guest_dir))
+        host = SandboxHost(config)
+        sandbox = PodSandbox.create(host, SandboxSpec("adopt1"))
+        await sandbox.start()
+        await sandbox.create_container(
+            "keep", ContainerSpec(args=["sleep", "1000"]), RootfsImage("busybox", Path(image))
+        )
+        await sandbox.start_container("keep")
+        await sandbox.close()
+        print(sandbox.pid, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_new_process_readopts_running_vm(
+    sandbox_host: SandboxHost, busybox_image: RootfsImage
+) -> None:
+    config = sandbox_host.config
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        ADOPT_CHILD,
+        str(config.run_root),
+        str(config.guest_dir),
+        str(busybox_image.path),
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0
+    pid = int(out.split()[-1])
+    assert pid_alive(pid), "the VM must outlive the process that started it"
+
+    sandbox = await PodSandbox.adopt(sandbox_host, "adopt1")
+    try:
+        assert sandbox.state == "ready"
+        assert sandbox.pid == pid
+        running = {c.id: c.state for c in await sandbox.agent.list_containers()}
+        assert running == {"keep": "running"}
+        result = await sandbox.agent.exec_sync("keep", ["echo", "still here"], timeout=20)
+        assert result.stdout == b"still here\n"
+    finally:
+        await sandbox.destroy()
+    assert not pid_alive(pid)
+    assert not (config.run_root / "adopt1").exists()
+
+
+async def test_adopting_a_dead_vm_reports_it(sandbox_host: SandboxHost) -> None:
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("gone1"))
+    await sandbox.start()
+    pid = sandbox.pid
+    await sandbox.close()
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not pid_alive(pid):
+            break
+        await asyncio.sleep(0.05)
+    adopted = await PodSandbox.adopt(sandbox_host, "gone1")
+    assert adopted.state == "dead"
+    assert "exited" in adopted.exit_reason
+    await adopted.destroy()
+
+
+async def test_destroy_leaves_no_process_socket_or_file(
+    sandbox_host: SandboxHost, busybox_image: RootfsImage
+) -> None:
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("clean1"))
+    await sandbox.start()
+    await sandbox.create_container("c", ContainerSpec(args=["sleep", "100"]), busybox_image)
+    await sandbox.start_container("c")
+    pid = sandbox.pid
+    await sandbox.destroy()
+    await sandbox.destroy()  # idempotent
+    assert not pid_alive(pid)
+    assert _qemu_pids_named("clean1") == []
+    assert not sandbox.machine.run_dir.exists()
+    assert list(sandbox_host.config.run_root.iterdir()) == []
