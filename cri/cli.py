@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
     boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     boot.set_defaults(func=cmd_bench_boot)
+
+    from cri.node_install import register_node_commands
+
+    register_node_commands(sub)
     return parser
 
 

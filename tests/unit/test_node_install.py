@@ -1,0 +1,466 @@
+"""`clearcri node install|upgrade|uninstall` with a fake command runner (no pip, no systemd).
+
+The real thing (a venv built with pip, the daemon run from it) is in
+tests/integration/test_node_install.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from cri.cli import build_parser
+from cri.config import load_config
+from cri.node_install import (
+    CONFIG_PATH,
+    GUEST_FILES,
+    MANIFEST_PATH,
+    UNIT_NAME,
+    UNIT_PATH,
+    VENV_LINK,
+    InstallManifest,
+    NodeInstaller,
+    NodeInstallError,
+    Options,
+    ReleaseSource,
+    Systemd,
+    cni_conflist,
+    relocate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGING = REPO / "packaging"
+
+
+def tree(root: Path) -> list[str]:
+    """Every path under ``root`` (symlinks not followed), relative, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            found.append(str(Path(dirpath, name).relative_to(root)))
+    return sorted(found)
+
+
+class FakeRunner:
+    """Stands in for venv/pip/python/systemctl: records argv, makes a venv skeleton."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_on: str = ""
+
+    def __call__(self, argv: Sequence[str]) -> None:
+        argv = list(argv)
+        self.calls.append(argv)
+        if self.fail_on and any(self.fail_on in a for a in argv):
+            raise NodeInstallError(f"{self.fail_on} failed")
+        if argv[1:3] == ["-m", "venv"]:
+            venv = Path(argv[-1])
+            (venv / "bin").mkdir(parents=True)
+            (venv / "bin/python").write_text("#!/bin/sh\n")
+            (venv / "bin/clearcri").write_text("#!/bin/sh\n")
+
+    def commands(self, word: str) -> list[list[str]]:
+        return [c for c in self.calls if word in c]
+
+
+class FakeSystemd(Systemd):
+    def __init__(self, run: FakeRunner, usable: bool) -> None:
+        self.run = run
+        self.usable = usable
+
+
+def make_wheel(path: Path, payload: str) -> Path:
+    wheel = path / "clearcri-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("cri/__init__.py", payload)
+    return wheel
+
+
+def make_guest(path: Path, os_image: bytes = b"os" * 100) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in GUEST_FILES:
+        (path / name).write_bytes(name.encode())
+    (path / "os.img").write_bytes(os_image)
+    (path / "manifest.json").write_text(json.dumps({"complete": True, "version": "x"}))
+    return path
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> ReleaseSource:
+    work = tmp_path / "release"
+    work.mkdir()
+    return ReleaseSource(
+        source=make_wheel(work, "v1"),
+        packaging_dir=PACKAGING,
+        guest_dir=make_guest(work / "guest"),
+        python="/usr/bin/python3",
+    )
+
+
+@pytest.fixture
+def prefix(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+def installer(
+    prefix: Path, runner: FakeRunner, *, usable: bool = False, **options: object
+) -> tuple[NodeInstaller, list[str]]:
+    lines: list[str] = []
+    opts = Options(prefix=prefix, **options)  # type: ignore[arg-type]
+    return (
+        NodeInstaller(opts, report=lines.append, run=runner, systemd=FakeSystemd(runner, usable)),
+        lines,
+    )
+
+
+# -- packaged files --------------------------------------------------------------------
+
+
+def test_packaged_config_is_a_valid_config_pointing_at_the_installed_guest() -> None:
+    config = load_config(PACKAGING / "config.toml")
+    assert config.vm.guest_dir == Path("/opt/clearcri/guest")
+    assert config.daemon.socket == Path("/run/clearcri/clearcri.sock")
+    assert config.metrics.port == 9464
+
+
+def test_unit_keeps_pod_vms_on_stop_and_runs_the_installed_daemon() -> None:
+    unit = (PACKAGING / UNIT_NAME).read_text()
+    lines = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in unit.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    assert lines["KillMode"] == "process"
+    assert lines["Delegate"] == "yes"
+    assert lines["ExecStart"] == f"/{VENV_LINK}/bin/clearcri serve --config /{CONFIG_PATH}"
+    assert lines["WantedBy"] == "multi-user.target"
+
+
+def test_relocate_moves_every_clearcri_path_under_the_prefix(tmp_path: Path) -> None:
+    config = relocate((PACKAGING / "config.toml").read_text(), Path("/x/p"))
+    data = tomllib.loads(config)
+    assert data["daemon"]["socket"] == "/x/p/run/clearcri/clearcri.sock"
+    assert data["daemon"]["state_dir"] == "/x/p/var/lib/clearcri"
+    assert data["vm"]["guest_dir"] == "/x/p/opt/clearcri/guest"
+    unit = relocate((PACKAGING / UNIT_NAME).read_text(), Path("/x/p"))
+    assert (
+        "ExecStart=/x/p/opt/clearcri/venv/bin/clearcri serve --config /x/p/etc/clearcri/config.toml"
+        in unit
+    )
+    assert relocate(config, Path("/")) == config
+
+
+def test_cni_conflist_is_a_bridge_with_the_subnet() -> None:
+    data = json.loads(cni_conflist("10.99.0.0/16"))
+    bridge = data["plugins"][0]
+    assert bridge["type"] == "bridge"
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.99.0.0/16"}]]
+
+
+# -- install / reinstall / uninstall ---------------------------------------------------
+
+
+def test_install_then_uninstall_leaves_the_prefix_as_it_was(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    (prefix / "etc").mkdir()
+    (prefix / "etc/hostname").write_text("node\n")
+    before = tree(prefix)
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, start=False, cni=True)
+    manifest = inst.install(source)
+
+    assert (prefix / VENV_LINK).is_symlink()
+    assert (prefix / VENV_LINK / "bin/clearcri").is_file()
+    assert (prefix / "opt/clearcri/guest/os.img").read_bytes() == b"os" * 100
+    assert (prefix / CONFIG_PATH).is_file()
+    assert (prefix / UNIT_PATH).is_file()
+    assert (prefix / "etc/cni/net.d/10-clearcri.conflist").is_file()
+    assert "etc" not in manifest.created_dirs  # it was there before
+    assert "opt" in manifest.created_dirs
+    assert any("--container-runtime-endpoint=unix://" in line for line in lines)
+    assert any("--no-start" in line for line in lines)
+    saved = InstallManifest.load(prefix)
+    assert saved is not None and saved.digest == manifest.digest
+
+    inst.uninstall()
+    assert tree(prefix) == before
+    assert (prefix / "etc/hostname").read_text() == "node\n"
+
+
+def test_reinstalling_the_same_release_changes_nothing(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    inst.install(source)
+    stat_before = {p: (prefix / p).lstat().st_mtime_ns for p in tree(prefix)}
+    runner.calls.clear()
+    inst2, lines = installer(prefix, runner, start=False)
+    inst2.install(source)
+    assert runner.calls == []
+    assert any("nothing to do" in line for line in lines)
+    assert {p: (prefix / p).lstat().st_mtime_ns for p in tree(prefix)} == stat_before
+
+
+def test_reinstall_repairs_a_damaged_installation(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    inst.install(source)
+    (prefix / UNIT_PATH).unlink()
+    inst.install(source)
+    assert (prefix / UNIT_PATH).is_file()
+
+
+def test_install_of_another_release_asks_for_upgrade(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    inst.install(source)
+    other = tmp_path / "other"
+    other.mkdir()
+    source.source = make_wheel(other, "v2")
+    with pytest.raises(NodeInstallError, match="node upgrade"):
+        inst.install(source)
+
+
+def test_existing_config_is_never_overwritten_nor_removed(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    (prefix / "etc/clearcri").mkdir(parents=True)
+    (prefix / CONFIG_PATH).write_text("[daemon]\nlog_level = 'debug'\n")
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, start=False, purge=True)
+    manifest = inst.install(source)
+    assert CONFIG_PATH not in manifest.files
+    assert (prefix / CONFIG_PATH).read_text() == "[daemon]\nlog_level = 'debug'\n"
+    assert any("keeping the existing config" in line for line in lines)
+    inst.uninstall()
+    assert (prefix / CONFIG_PATH).read_text() == "[daemon]\nlog_level = 'debug'\n"
+
+
+def test_edited_config_is_kept_on_uninstall_unless_purge(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, start=False)
+    inst.install(source)
+    with (prefix / CONFIG_PATH).open("a") as f:
+        f.write("# tuned for this node\n")
+    inst.uninstall()
+    assert (prefix / CONFIG_PATH).is_file()
+    assert not (prefix / UNIT_PATH).exists()
+    assert not (prefix / "opt").exists()
+    assert any("edited after install" in line for line in lines)
+
+    (prefix / CONFIG_PATH).unlink()
+    (prefix / "etc/clearcri").rmdir()
+    (prefix / "etc").rmdir()
+    inst.install(source)
+    with (prefix / CONFIG_PATH).open("a") as f:
+        f.write("# tuned\n")
+    purge, _ = installer(prefix, runner, start=False, purge=True)
+    purge.uninstall()
+    assert tree(prefix) == []
+
+
+def test_foreign_unit_is_not_replaced_without_force(prefix: Path, source: ReleaseSource) -> None:
+    (prefix / "etc/systemd/system").mkdir(parents=True)
+    (prefix / UNIT_PATH).write_text("[Service]\nExecStart=/bin/true\n")
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    with pytest.raises(NodeInstallError, match="--force"):
+        inst.install(source)
+    # The failed install took back everything it had made.
+    assert tree(prefix) == ["etc", "etc/systemd", "etc/systemd/system", f"{UNIT_PATH}"]
+    forced, _ = installer(prefix, runner, start=False, force=True)
+    forced.install(source)
+    assert "ExecStart=/bin/true" not in (prefix / UNIT_PATH).read_text()
+
+
+def test_failed_install_leaves_nothing_behind(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    runner.fail_on = "install"  # pip install fails
+    inst, _ = installer(prefix, runner, start=False)
+    with pytest.raises(NodeInstallError):
+        inst.install(source)
+    assert tree(prefix) == []
+
+
+def test_cni_config_only_when_none_exists(prefix: Path, source: ReleaseSource) -> None:
+    (prefix / "etc/cni/net.d").mkdir(parents=True)
+    (prefix / "etc/cni/net.d/05-flannel.conflist").write_text("{}")
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, start=False, cni=True)
+    manifest = inst.install(source)
+    assert not (prefix / "etc/cni/net.d/10-clearcri.conflist").exists()
+    assert not any("cni" in rel for rel in manifest.files)
+    assert any("keeping the existing CNI config" in line for line in lines)
+
+
+def test_uninstall_refuses_while_pod_vms_run(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    inst.install(source)
+    pod = prefix / "run/clearcri/sandboxes/abc"
+    pod.mkdir(parents=True)
+    with pytest.raises(NodeInstallError, match="drain"):
+        inst.uninstall()
+    assert (prefix / MANIFEST_PATH).is_file()
+    forced, _ = installer(prefix, runner, start=False, force=True)
+    forced.uninstall()
+    assert not (prefix / "opt").exists()
+    assert pod.is_dir()  # the daemon's run dir is not ours
+
+
+def test_uninstall_without_installation_is_an_error(prefix: Path) -> None:
+    inst, _ = installer(prefix, FakeRunner())
+    with pytest.raises(NodeInstallError, match="nothing removed"):
+        inst.uninstall()
+
+
+# -- upgrade ---------------------------------------------------------------------------
+
+
+def test_upgrade_switches_release_keeps_config_and_shares_unchanged_guest_files(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    first = inst.install(source)
+    with (prefix / CONFIG_PATH).open("a") as f:
+        f.write("# local change\n")
+    config = (prefix / CONFIG_PATH).read_text()
+    old_os = (prefix / "opt/clearcri/guest/os.img").resolve()
+
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    second = inst.upgrade(source)
+    assert second.release != first.release
+    assert second.releases == [first.release, second.release]
+    assert (prefix / CONFIG_PATH).read_text() == config
+    new_os = (prefix / "opt/clearcri/guest/os.img").resolve()
+    assert new_os != old_os
+    assert new_os.stat().st_ino == old_os.stat().st_ino  # same content: one inode
+
+    # A changed OS image is a new file: running VMs keep mapping the old one.
+    source.source = make_wheel(work, "v3")
+    source.guest_dir = make_guest(tmp_path / "guest3", os_image=b"new" * 50)
+    third = inst.upgrade(source)
+    newest = (prefix / "opt/clearcri/guest/os.img").resolve()
+    assert newest.read_bytes() == b"new" * 50
+    assert newest.stat().st_ino != new_os.stat().st_ino
+    # Only the current and the previous release stay.
+    assert third.releases == [second.release, third.release]
+    assert not (prefix / "opt/clearcri/releases" / first.release).exists()
+
+    inst.uninstall()
+    assert tree(prefix) == ["etc", "etc/clearcri", CONFIG_PATH]
+
+
+def test_upgrade_of_the_same_release_does_nothing(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, start=False)
+    inst.install(source)
+    runner.calls.clear()
+    inst.upgrade(source)
+    assert runner.calls == []
+    assert any("nothing to upgrade" in line for line in lines)
+
+
+def test_upgrade_needs_an_installation_unless_asked_to_install(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    inst, _ = installer(prefix, FakeRunner(), start=False)
+    with pytest.raises(NodeInstallError, match="node install"):
+        inst.upgrade(source)
+    inst.upgrade(source, install_missing=True)
+    assert (prefix / MANIFEST_PATH).is_file()
+
+
+def test_failed_upgrade_keeps_the_running_release(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    first = inst.install(source)
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    runner.fail_on = "load_config"
+    with pytest.raises(NodeInstallError):
+        inst.upgrade(source)
+    assert os.readlink(prefix / VENV_LINK) == f"releases/{first.release}/venv"
+    assert sorted(os.listdir(prefix / "opt/clearcri/releases")) == [first.release]
+
+
+# -- systemd ---------------------------------------------------------------------------
+
+
+def test_with_systemd_install_enables_upgrade_restarts_uninstall_disables(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, usable=True)
+    inst.install(source)
+    assert ["systemctl", "daemon-reload"] in runner.calls
+    assert ["systemctl", "enable", "--now", UNIT_NAME] in runner.calls
+    runner.calls.clear()
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    inst.upgrade(source)
+    assert ["systemctl", "restart", UNIT_NAME] in runner.calls
+    assert ["systemctl", "daemon-reload"] not in runner.calls  # unit unchanged
+    runner.calls.clear()
+    inst.uninstall()
+    assert runner.calls == [
+        ["systemctl", "disable", "--now", UNIT_NAME],
+        ["systemctl", "daemon-reload"],
+    ]
+
+
+def test_without_systemd_the_unit_is_installed_and_the_start_explained(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, usable=False)
+    inst.install(source)
+    assert not [c for c in runner.calls if c[0] == "systemctl"]
+    text = "\n".join(lines)
+    assert "systemctl daemon-reload && systemctl enable --now clearcri.service" in text
+    assert f"{prefix}/opt/clearcri/venv/bin/clearcri serve --config" in text
+
+
+def test_systemd_is_never_used_for_a_prefix(tmp_path: Path) -> None:
+    assert not Systemd(tmp_path).usable
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def test_cli_registers_node_commands(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["node", "install", "--prefix", str(tmp_path), "--no-start", "--cni"])
+    assert args.node_command == "install" and args.no_start and args.cni
+    args = parser.parse_args(["node", "upgrade", "--install"])
+    assert args.install and args.prefix == "/"
+    args = parser.parse_args(["node", "uninstall", "--purge"])
+    assert args.purge
+
+
+def test_cli_reports_errors_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["node", "uninstall", "--prefix", str(tmp_path)])
+    assert args.func(args) == 1
+    assert "no clearcri installation" in capsys.readouterr().err
