@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from agent.protocol import (
     ExecStarted,
     ExitStatus,
     FrameDecoder,
+    NetInterface,
     ProtocolError,
     ReadyInfo,
     StatsReport,
@@ -49,6 +51,27 @@ from agent.protocol import (
 )
 
 # ---------------------------------------------------------------------------- errors
+
+
+SUN_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An address to connect() to the unix socket ``path``, however long it is.
+
+    A path past the sun_path limit is reached through /proc/self/fd of an O_PATH
+    descriptor of its directory, held open for the duration of the connect.
+    """
+    text = str(path)
+    if len(text.encode()) <= SUN_PATH_MAX:
+        yield text
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 class AgentError(Exception):
@@ -345,7 +368,8 @@ class AgentClient:
         last: BaseException | None = None
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=1 << 22)
+                with socket_address(Path(socket_path)) as address:
+                    reader, writer = await asyncio.open_unix_connection(address, limit=1 << 22)
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 last = exc
@@ -603,6 +627,19 @@ class AgentClient:
         result = await self.request("sync_clock", {"unix_ns": unix_ns or time.time_ns()})
         return int(result["offset_ns"])
 
+    async def configure_network(
+        self, interfaces: list[NetInterface] | list[dict[str, Any]]
+    ) -> list[dict[str, str]]:
+        """Give guest NICs their MAC, MTU, addresses and routes (see NetInterface);
+        returns [{"name", "mac"}] of the configured NICs."""
+        records = [
+            i if isinstance(i, NetInterface) else NetInterface.from_dict(i) for i in interfaces
+        ]
+        result = await self.request(
+            "configure_network", {"interfaces": [r.to_dict() for r in records]}, timeout=60.0
+        )
+        return [{"name": str(i["name"]), "mac": str(i["mac"])} for i in result["interfaces"]]
+
     async def mount_image(self, image_id: str, source: dict[str, Any]) -> str:
         """Mount an image read-only at <run>/images/<image_id>; source is
         {"pci_path": ...}, {"device": ..., "fstype": ...} or {"dir": ...}."""
@@ -705,6 +742,22 @@ class AgentClient:
             code = await session.wait(10.0)
         await collector
         return ExecResult(code, b"".join(chunks[1]), b"".join(chunks[2]), timed_out)
+
+    async def write_files(self, key: str, entries: list[dict[str, Any]]) -> str:
+        """Create a volume directory in the guest from host files; returns its guest path.
+        Entries: {"path", "type": "file"|"dir"|"symlink", "mode", "data" (base64),
+        "target" (symlinks), "uid", "gid"}."""
+        result = await self.request("write_files", {"key": key, "entries": entries})
+        return str(result["path"])
+
+    async def remove_volumes(self, keys: list[str]) -> None:
+        await self.request("remove_volumes", {"keys": keys})
+
+    async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
+        """Write cgroup v2 limits (cpu_max, cpu_weight, memory_max, pids_max, cpuset_*)."""
+        await self.request(
+            "update_container", {"container_id": container_id, "resources": resources}
+        )
 
     async def shutdown(self, *, grace: float = 10.0) -> None:
         """Stop every container (SIGTERM, grace, SIGKILL) and power the VM off."""

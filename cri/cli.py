@@ -18,6 +18,7 @@ clearcri: a Kubernetes container runtime (CRI v1) that runs every pod in its own
 minimal QEMU virtual machine.
 
 commands:
+  serve         run the CRI daemon (kubelet, crictl and critest talk to its socket)
   guest build   build (or refresh) the guest kernel, initramfs and DAX OS image
   demo          boot one pod VM, run a busybox container in it, print timings, remove it
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
@@ -36,6 +37,24 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
     print(f"os image {assets.os_image} ({assets.os_image.stat().st_size / 2**20:.1f} MiB)")
     print(f"version  {assets.version}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cri.config import ConfigError, load_config
+    from cri.server import DaemonError, serve
+
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"clearcri: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.socket:
+        config.daemon.socket = Path(args.socket)
+    try:
+        return asyncio.run(serve(config))
+    except DaemonError as exc:
+        print(f"clearcri: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CRI daemon")
+    serve.add_argument(
+        "--config",
+        default="/etc/clearcri/config.toml",
+        help="config file (TOML; a missing default file means all defaults)",
+    )
+    serve.add_argument("--socket", default="", help="override daemon.socket")
+    serve.set_defaults(func=cmd_serve)
 
     guest = sub.add_parser("guest", help="guest assets (kernel, initramfs, OS image)")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)

@@ -60,12 +60,12 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     registry: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self) -> Config:
-        """Derive dependent defaults (the VM run dir under the daemon's run dir)."""
-        default_vm = SandboxConfig()
-        if self.vm.run_root == default_vm.run_root:
+    def finish(self, vm_keys: frozenset[str] = frozenset()) -> Config:
+        """Derive dependent defaults: unless set, the VM run dir lives under the daemon's
+        run dir and the guest assets under its state dir."""
+        if "run_root" not in vm_keys:
             self.vm.run_root = self.daemon.run_dir / "sandboxes"
-        if self.vm.guest_dir == default_vm.guest_dir:
+        if "guest_dir" not in vm_keys:
             self.vm.guest_dir = self.daemon.state_dir / "guest"
         if self.daemon.cgroup_driver not in ("cgroupfs", "systemd"):
             raise ConfigError("daemon.cgroup_driver must be 'cgroupfs' or 'systemd'")
@@ -128,4 +128,5 @@ def load_config(path: Path | None) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table")
         _fill(tables[name], value, name)
-    return config.finish()
+    vm_table = data.get("vm", {})
+    return config.finish(frozenset(vm_table) if isinstance(vm_table, dict) else frozenset())

@@ -79,8 +79,25 @@ IMAGES_SCHEMA = Migration(
     ),
 )
 
+# Pods and containers: one JSON document per row (the records in cri/runtime/state.py).
+RUNTIME_SCHEMA = Migration(
+    version=2,
+    name="pods and containers",
+    statements=(
+        "CREATE TABLE pods (id TEXT PRIMARY KEY, data TEXT NOT NULL)",
+        """
+        CREATE TABLE containers (
+            id TEXT PRIMARY KEY,
+            pod_id TEXT NOT NULL,
+            data TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX containers_by_pod ON containers(pod_id)",
+    ),
+)
+
 # Append-only: a new table or column is a new Migration with the next version.
-MIGRATIONS: tuple[Migration, ...] = (IMAGES_SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (IMAGES_SCHEMA, RUNTIME_SCHEMA)
 
 
 class Store:

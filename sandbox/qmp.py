@@ -11,6 +11,8 @@ from typing import Any, cast
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from agent.client import socket_address
+
 log = logging.getLogger(__name__)
 
 # Events that tell why a VM went away.
@@ -42,7 +44,8 @@ class QmpControl:
             await asyncio.sleep(0.01)
         while True:
             try:
-                await self._client.connect(str(path))
+                with socket_address(path) as address:
+                    await self._client.connect(address)
                 break
             except QMPError as exc:
                 if loop.time() >= deadline:

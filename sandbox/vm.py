@@ -161,7 +161,9 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         "-device",
         f"virtio-serial-pci,id=vser0,bus=pcie.0,addr={AGENT_SERIAL_ADDR}",
         "-chardev",
-        f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
+        # qemu runs in run_dir: relative socket paths stay under the 108-byte limit
+        # of unix socket addresses however deep run_dir is.
+        f"socket,id=agent,path={spec.agent_socket.name},server=on,wait=off",
         "-device",
         f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         "-chardev",
@@ -169,7 +171,7 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         "-serial",
         "chardev:console",
         "-qmp",
-        f"unix:{spec.qmp_socket},server=on,wait=off",
+        f"unix:{spec.qmp_socket.name},server=on,wait=off",
         "-pidfile",
         str(spec.pidfile),
     ]
@@ -225,7 +227,10 @@ class VmProcess:
         self._watch()
 
     @classmethod
-    async def spawn(cls, cmd: list[str], *, stderr_log: Path, cwd: Path) -> VmProcess:
+    async def spawn(
+        cls, cmd: list[str], *, stderr_log: Path, cwd: Path, pass_fds: tuple[int, ...] = ()
+    ) -> VmProcess:
+        """Start qemu; ``pass_fds`` stay open in it under the same numbers (a tap fd)."""
         with stderr_log.open("ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -234,6 +239,7 @@ class VmProcess:
                 stderr=err,
                 cwd=cwd,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         return cls(proc.pid, proc)
 

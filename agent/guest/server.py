@@ -26,6 +26,7 @@ from agent.protocol import (
     AGENT_VERSION,
     CLOSE,
     DATA,
+    FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
     PROTOCOL_VERSION,
@@ -83,6 +84,7 @@ class Server:
             "ping": lambda args, gen: {"time_ns": time.time_ns()},
             "set_pod_config": self.op_set_pod_config,
             "sync_clock": self.op_sync_clock,
+            "configure_network": self.op_configure_network,
             "mount_image": self.op_mount_image,
             "unmount_image": self.op_unmount_image,
             "create_container": self.op_create_container,
@@ -96,6 +98,9 @@ class Server:
             "signal_exec": self.op_signal_exec,
             "resize": self.op_resize,
             "shutdown": self.op_shutdown,
+            "write_files": self.op_write_files,
+            "remove_volumes": self.op_remove_volumes,
+            "update_container": self.op_update_container,
         }
 
     # ------------------------------------------------------------------ main loop
@@ -278,6 +283,23 @@ class Server:
         system.set_clock(unix_ns)
         return {"offset_ns": unix_ns - before}
 
+    def op_configure_network(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
+        from agent.guest import network
+
+        interfaces = args["interfaces"]
+        if not isinstance(interfaces, list) or not all(isinstance(i, dict) for i in interfaces):
+            raise OpError(INVALID_ARGUMENT, "interfaces must be a list of objects")
+        busybox = which(self.settings.busybox) or self.settings.busybox
+        try:
+            configured = network.configure(
+                interfaces,
+                lambda argv: self.spawner.run(argv, timeout=30.0),
+                ip=(busybox, "ip"),
+            )
+        except network.NetworkConfigError as exc:
+            raise OpError(FAILED_PRECONDITION, str(exc)) from exc
+        return {"interfaces": configured}
+
     def op_mount_image(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
         from agent.guest import system
         from agent.guest.containers import check_id
@@ -350,6 +372,23 @@ class Server:
 
     def op_delete_container(self, args: dict[str, Any], generation: int) -> None:
         self.manager.delete(args["container_id"], bool(args.get("force", False)))
+
+    def op_write_files(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
+        from agent.guest import volumes
+
+        base = f"{self.settings.run_dir}/volumes"
+        return {"path": volumes.write_files(base, str(args["key"]), list(args["entries"]))}
+
+    def op_remove_volumes(self, args: dict[str, Any], generation: int) -> None:
+        from agent.guest import volumes
+
+        volumes.remove_volumes(f"{self.settings.run_dir}/volumes", list(args["keys"]))
+
+    def op_update_container(self, args: dict[str, Any], generation: int) -> None:
+        from agent.guest import volumes
+
+        container = self.manager.get(str(args["container_id"]))
+        volumes.update_cgroup(container.cgroup_dir, dict(args["resources"]))
 
     def op_list_containers(self, args: dict[str, Any], generation: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.manager.list_all()]

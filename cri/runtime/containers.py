@@ -1,0 +1,545 @@
+"""CreateContainer, StartContainer, StopContainer, RemoveContainer, ContainerStatus,
+ListContainers, UpdateContainerResources, ReopenContainerLog, ExecSync."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from cri_api.v1 import api_pb2
+
+from agent.client import AgentError, AgentTimeout
+from agent.client import NotFound as AgentNotFound
+from agent.protocol import Mount
+from cri.images.errors import ImageError
+from cri.runtime import convert
+from cri.runtime.core import ContainerIO, RuntimeCore, agent_error
+from cri.runtime.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from cri.runtime.logs import ContainerLog
+from cri.runtime.state import (
+    CREATED,
+    EXITED,
+    POD_READY,
+    RUNNING,
+    ContainerRecord,
+    PodRecord,
+    encode_proto,
+)
+from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
+
+log = logging.getLogger("clearcri.runtime")
+
+EXEC_OUTPUT_LIMIT = 16 << 20
+VOLUME_LIMIT = 64 << 20
+
+
+def _signal_number(name: str) -> int:
+    if not name:
+        return signal.SIGTERM
+    upper = name.upper()
+    if not upper.startswith("SIG"):
+        upper = "SIG" + upper
+    try:
+        return int(signal.Signals[upper])
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise InvalidArgument(f"unknown stop signal {name!r}") from None
+
+
+def _collect_volume(host_path: Path) -> list[dict[str, Any]]:
+    """The entries that copy ``host_path`` (file or tree) into the guest."""
+    entries: list[dict[str, Any]] = []
+    total = 0
+
+    def add_file(path: Path, rel: str, st: os.stat_result) -> None:
+        nonlocal total
+        data = path.read_bytes()
+        total += len(data)
+        if total > VOLUME_LIMIT:
+            raise InvalidArgument(
+                f"mount source {host_path} is larger than {VOLUME_LIMIT >> 20} MiB; pod VMs "
+                "copy host paths into the guest"
+            )
+        entries.append(
+            {
+                "path": rel,
+                "type": "file",
+                "mode": stat.S_IMODE(st.st_mode),
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+                "data": base64.b64encode(data).decode(),
+            }
+        )
+
+    st = host_path.stat()
+    if stat.S_ISREG(st.st_mode):
+        add_file(host_path, "data", st)
+        return entries
+    for root, dirs, files in os.walk(host_path, followlinks=False):
+        root_path = Path(root)
+        rel_root = root_path.relative_to(host_path)
+        rst = root_path.stat()
+        entries.append(
+            {
+                "path": str(Path("data") / rel_root),
+                "type": "dir",
+                "mode": stat.S_IMODE(rst.st_mode),
+                "uid": rst.st_uid,
+                "gid": rst.st_gid,
+            }
+        )
+        for name in dirs + files:
+            path = root_path / name
+            lst = path.lstat()
+            rel = str(Path("data") / rel_root / name)
+            if stat.S_ISLNK(lst.st_mode):
+                entries.append({"path": rel, "type": "symlink", "target": os.readlink(path)})
+            elif stat.S_ISREG(lst.st_mode):
+                add_file(path, rel, lst)
+    return entries
+
+
+class ContainerOps(RuntimeCore):
+    async def create_container(
+        self,
+        pod_id: str,
+        config: api_pb2.ContainerConfig,
+        pod_config: api_pb2.PodSandboxConfig | None,
+    ) -> str:
+        pod = self.get_pod(pod_id)
+        if pod.state != POD_READY:
+            raise FailedPrecondition(f"pod sandbox {pod.id} is not ready")
+        meta = config.metadata
+        if not meta.name:
+            raise InvalidArgument("container metadata needs a name")
+        if not config.image.image:
+            raise InvalidArgument("container config needs an image")
+        for other in self.state.pod_containers(pod.id):
+            if (other.name, other.attempt) == (meta.name, meta.attempt):
+                raise AlreadyExists(
+                    f"container {meta.name} attempt {meta.attempt} already exists in pod "
+                    f"{pod.id} as {other.id}; remove it first"
+                )
+        if config.linux.security_context.privileged:
+            raise InvalidArgument("privileged containers cannot run in a pod VM")
+        record = self.images.get(config.image.image)
+        if record is None:
+            raise NotFound(f"image {config.image.image} is not present: pull it first")
+        sandbox = self.running_sandbox(pod.id)
+        pod_cfg = pod.pod_config() if pod_config is None else pod_config
+        try:
+            image = await self.images.rootfs_image(record.id)
+            ctx = config.linux.security_context
+            if ctx.HasField("run_as_user") or ctx.run_as_username:
+                user_spec = (
+                    str(ctx.run_as_user.value)
+                    if ctx.HasField("run_as_user")
+                    else ctx.run_as_username
+                )
+                if ctx.HasField("run_as_group"):
+                    user_spec += f":{ctx.run_as_group.value}"
+                user = await self.images.resolve_user(record.id, user_spec)
+            else:
+                user = await self.images.resolve_user(record.id)
+        except ImageError as exc:
+            raise FailedPrecondition(f"image {config.image.image}: {exc}") from exc
+        gids = list(user.additional_gids) + [
+            g for g in ctx.supplemental_groups if g not in user.additional_gids
+        ]
+        spec = convert.container_spec(
+            pod=pod_cfg,
+            config=config,
+            image=record.config,
+            uid=user.uid,
+            gid=user.gid,
+            additional_gids=gids,
+        )
+        cid = secrets.token_hex(32)
+        log_path = ""
+        if pod_cfg.log_directory and config.log_path:
+            log_path = str(Path(pod_cfg.log_directory) / config.log_path)
+        volume_keys: list[str] = []
+        try:
+            for index, mount in enumerate(config.mounts):
+                key = f"{cid[:16]}-{index}"
+                spec.mounts.append(await self._guest_mount(sandbox, key, mount))
+                volume_keys.append(key)
+            await sandbox.create_container(cid, spec, image)
+        except SandboxExhausted as exc:
+            await self._drop_volumes(sandbox, volume_keys)
+            raise ResourceExhausted(str(exc)) from exc
+        except (AgentError, SandboxError) as exc:
+            await self._drop_volumes(sandbox, volume_keys)
+            if isinstance(exc, AgentError):
+                raise agent_error(exc, f"create container {meta.name}") from exc
+            raise FailedPrecondition(str(exc)) from exc
+        repo_digests = record.repo_digests
+        ctr = ContainerRecord(
+            id=cid,
+            pod_id=pod.id,
+            name=meta.name,
+            attempt=meta.attempt,
+            created_at_ns=time.time_ns(),
+            config=encode_proto(config),
+            image=config.image.image,
+            image_id=record.id,
+            image_ref=repo_digests[0] if repo_digests else record.id,
+            log_path=log_path,
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            user_uid=user.uid,
+            user_gid=user.gid,
+            user_gids=gids,
+            resources=encode_proto(config.linux.resources)
+            if config.linux.HasField("resources")
+            else "",
+            stop_signal=record.config.stop_signal,
+        )
+        try:
+            self.state.save_container(ctr)
+        except BaseException:
+            with contextlib.suppress(AgentError):
+                await sandbox.agent.delete_container(cid, force=True)
+            await self._drop_volumes(sandbox, volume_keys)
+            raise
+        self._open_io(ctr, sandbox)
+        log.info("pod=%s container=%s name=%s created", pod.id[:12], cid[:12], meta.name)
+        self.publish(api_pb2.CONTAINER_CREATED_EVENT, cid, pod)
+        return cid
+
+    async def _guest_mount(self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount) -> Mount:
+        if not mount.container_path:
+            raise InvalidArgument("a mount has no container_path")
+        if mount.image.image:
+            raise InvalidArgument("image volumes are not supported by pod VMs yet")
+        options = ["rbind", "ro" if mount.readonly else "rw"]
+        if not mount.host_path:
+            raise InvalidArgument(f"mount {mount.container_path} has no host_path")
+        host_path = Path(mount.host_path)
+        if not host_path.exists():
+            # as other runtimes do: a missing bind source is created as a directory
+            await asyncio.to_thread(host_path.mkdir, parents=True, exist_ok=True)
+        entries = await asyncio.to_thread(_collect_volume, host_path)
+        try:
+            base = await sandbox.agent.write_files(key, entries)
+        except AgentError as exc:
+            raise agent_error(exc, f"copy {mount.host_path} into the pod VM") from exc
+        return Mount(destination=mount.container_path, source=f"{base}/data", options=options)
+
+    async def _drop_volumes(self, sandbox: PodSandbox, keys: list[str]) -> None:
+        if keys and sandbox.state == "ready":
+            with contextlib.suppress(AgentError, SandboxError):
+                await sandbox.agent.remove_volumes(keys)
+
+    def _open_io(self, ctr: ContainerRecord, sandbox: PodSandbox) -> ContainerIO:
+        io = self.io.get(ctr.id)
+        if io is not None:
+            return io
+        try:
+            container_log = ContainerLog(Path(ctr.log_path) if ctr.log_path else None)
+        except OSError as exc:
+            log.warning("container=%s cannot open log %s: %s", ctr.id[:12], ctr.log_path, exc)
+            container_log = ContainerLog(None)
+        io = ContainerIO(log=container_log)
+        self.io[ctr.id] = io
+        try:
+            io.output = sandbox.agent.subscribe_output(ctr.id)
+        except AgentError as exc:
+            log.warning("container=%s no output stream: %s", ctr.id[:12], exc)
+            return io
+        io.pump = self.spawn(self._pump(ctr.id, io), f"pump-{ctr.id[:12]}")
+        return io
+
+    async def _pump(self, cid: str, io: ContainerIO) -> None:
+        assert io.output is not None
+        try:
+            async for channel, data in io.output:
+                io.log.write("stderr" if channel == 2 else "stdout", data)
+                io.fan_out((channel, data))
+        finally:
+            io.log.flush()
+            io.fan_out(None)
+
+    async def start_container(self, container_id: str) -> None:
+        ctr = self.get_container(container_id)
+        if ctr.state != CREATED:
+            raise FailedPrecondition(
+                f"container {ctr.id} is {api_pb2.ContainerState.Name(ctr.state)}, not CREATED"
+            )
+        sandbox = self.running_sandbox(ctr.pod_id)
+        self._open_io(ctr, sandbox)
+        try:
+            await sandbox.start_container(ctr.id)
+        except AgentError as exc:
+            self._mark_failed_start(ctr, str(exc))
+            raise agent_error(exc, f"start container {ctr.name}") from exc
+        ctr.state = RUNNING
+        ctr.started_at_ns = time.time_ns()
+        self.state.save_container(ctr)
+        self._watch_exit(ctr, sandbox)
+        log.info("container=%s started", ctr.id[:12])
+        self.publish(api_pb2.CONTAINER_STARTED_EVENT, ctr.id, self.state.pods.get(ctr.pod_id))
+
+    def _mark_failed_start(self, ctr: ContainerRecord, message: str) -> None:
+        now = time.time_ns()
+        ctr.state = EXITED
+        ctr.started_at_ns = ctr.started_at_ns or now
+        ctr.finished_at_ns = now
+        ctr.exit_code = 128
+        ctr.reason = "StartError"
+        ctr.message = message
+        self.state.save_container(ctr)
+
+    def _watch_exit(self, ctr: ContainerRecord, sandbox: PodSandbox) -> None:
+        io = self.io.get(ctr.id)
+        task = self.spawn(self._wait_exit(ctr.id, sandbox), f"wait-{ctr.id[:12]}")
+        if io is not None:
+            io.waiter = task
+
+    async def _wait_exit(self, cid: str, sandbox: PodSandbox) -> None:
+        try:
+            status = await sandbox.agent.wait_container(cid)
+        except (AgentError, SandboxError):
+            return  # the VM went away: the pod's exit handler settles the container
+        ctr = self.state.containers.get(cid)
+        if ctr is None or ctr.state == EXITED:
+            return
+        reason = status.reason or ("Completed" if status.exit_code == 0 else "Error")
+        self._mark_exited(ctr, status.exit_code, reason, "", status.finished_at_ns)
+        if status.started_at_ns:
+            ctr.started_at_ns = status.started_at_ns
+            self.state.save_container(ctr)
+        log.info("container=%s exited code=%d reason=%s", cid[:12], status.exit_code, reason)
+        self.publish(api_pb2.CONTAINER_STOPPED_EVENT, cid, self.state.pods.get(ctr.pod_id))
+
+    async def stop_container(self, container_id: str, timeout: int) -> None:
+        ctr = self.state.find_container(container_id)
+        if ctr is None:
+            raise NotFound(f"container {container_id} not found")
+        if ctr.state != RUNNING:
+            return
+        sandbox = self.sandboxes.get(ctr.pod_id)
+        if sandbox is None or sandbox.state != "ready":
+            return
+        config = ctr.container_config()
+        sig = _signal_number(
+            api_pb2.Signal.Name(config.stop_signal) if config.stop_signal else ctr.stop_signal
+        )
+        io = self.io.get(ctr.id)
+        with contextlib.suppress(AgentError):
+            if timeout > 0:
+                await sandbox.agent.signal_container(ctr.id, sig)
+                try:
+                    status = await sandbox.agent.wait_container(ctr.id, timeout=timeout)
+                    await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
+                    return
+                except AgentTimeout:
+                    pass
+            await sandbox.agent.signal_container(ctr.id, signal.SIGKILL, all_processes=True)
+            status = await sandbox.agent.wait_container(ctr.id, timeout=30)
+            await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
+        if io is not None and io.waiter is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(io.waiter), 5)
+
+    async def _settle(self, ctr: ContainerRecord, code: int, reason: str, finished: int) -> None:
+        if ctr.state == EXITED:
+            return
+        reason = reason or ("Completed" if code == 0 else "Error")
+        self._mark_exited(ctr, code, reason, "", finished or time.time_ns())
+        self.publish(api_pb2.CONTAINER_STOPPED_EVENT, ctr.id, self.state.pods.get(ctr.pod_id))
+
+    async def remove_container(self, container_id: str) -> None:
+        ctr = self.state.find_container(container_id)
+        if ctr is None:
+            return
+        sandbox = self.sandboxes.get(ctr.pod_id)
+        if sandbox is not None and sandbox.state == "ready":
+            try:
+                await sandbox.agent.delete_container(ctr.id, force=True)
+            except AgentNotFound:
+                pass
+            except AgentError as exc:
+                log.warning("container=%s delete in guest: %s", ctr.id[:12], exc)
+            count = len(ctr.container_config().mounts)
+            await self._drop_volumes(sandbox, [f"{ctr.id[:16]}-{i}" for i in range(count)])
+        io = self.io.pop(ctr.id, None)
+        if io is not None:
+            for task in (io.pump, io.waiter):
+                if task is not None:
+                    task.cancel()
+            io.fan_out(None)
+            io.log.close()
+        self.state.delete_container(ctr.id)
+        log.info("container=%s removed", ctr.id[:12])
+        self.publish(api_pb2.CONTAINER_DELETED_EVENT, ctr.id, self.state.pods.get(ctr.pod_id))
+
+    def container_status_message(self, ctr: ContainerRecord) -> api_pb2.ContainerStatus:
+        config = ctr.container_config()
+        status = api_pb2.ContainerStatus(
+            id=ctr.id,
+            metadata=ctr.metadata(),
+            state=ctr.state,  # type: ignore[arg-type]
+            created_at=ctr.created_at_ns,
+            started_at=ctr.started_at_ns,
+            finished_at=ctr.finished_at_ns,
+            exit_code=ctr.exit_code,
+            image=api_pb2.ImageSpec(image=ctr.image, user_specified_image=ctr.image),
+            image_ref=ctr.image_ref,
+            image_id=ctr.image_id,
+            reason=ctr.reason,
+            message=ctr.message,
+            labels=ctr.labels,
+            annotations=ctr.annotations,
+            log_path=ctr.log_path,
+        )
+        for mount in config.mounts:
+            status.mounts.append(mount)
+        if ctr.resources:
+            res = api_pb2.LinuxContainerResources()
+            res.ParseFromString(base64.b64decode(ctr.resources))
+            status.resources.linux.CopyFrom(res)
+        status.user.linux.uid = ctr.user_uid
+        status.user.linux.gid = ctr.user_gid
+        status.user.linux.supplemental_groups.extend(ctr.user_gids)
+        return status
+
+    def container_status(self, container_id: str, verbose: bool) -> api_pb2.ContainerStatusResponse:
+        ctr = self.get_container(container_id)
+        response = api_pb2.ContainerStatusResponse(status=self.container_status_message(ctr))
+        if verbose:
+            response.info["info"] = json.dumps(
+                {"sandboxID": ctr.pod_id, "imageID": ctr.image_id, "logPath": ctr.log_path}
+            )
+        return response
+
+    def list_containers(self, flt: api_pb2.ContainerFilter | None) -> list[api_pb2.Container]:
+        out = []
+        for ctr in self.state.containers.values():
+            if flt is not None:
+                if flt.id and not ctr.id.startswith(flt.id):
+                    continue
+                if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
+                    continue
+                if flt.HasField("state") and ctr.state != flt.state.state:
+                    continue
+                if any(ctr.labels.get(k) != v for k, v in flt.label_selector.items()):
+                    continue
+            out.append(
+                api_pb2.Container(
+                    id=ctr.id,
+                    pod_sandbox_id=ctr.pod_id,
+                    metadata=ctr.metadata(),
+                    image=api_pb2.ImageSpec(image=ctr.image),
+                    image_ref=ctr.image_ref,
+                    image_id=ctr.image_id,
+                    state=ctr.state,  # type: ignore[arg-type]
+                    created_at=ctr.created_at_ns,
+                    labels=ctr.labels,
+                    annotations=ctr.annotations,
+                )
+            )
+        return out
+
+    async def update_resources(
+        self, container_id: str, resources: api_pb2.LinuxContainerResources
+    ) -> None:
+        ctr = self.get_container(container_id)
+        if ctr.state not in (CREATED, RUNNING):
+            raise FailedPrecondition(f"container {ctr.id} has exited; nothing to update")
+        sandbox = self.running_sandbox(ctr.pod_id)
+        values = convert.cgroup_values(resources)
+        if values:
+            try:
+                await sandbox.agent.update_container(ctr.id, values)
+            except AgentError as exc:
+                raise agent_error(exc, f"update resources of {ctr.name}") from exc
+        ctr.resources = encode_proto(resources)
+        self.state.save_container(ctr)
+
+    def reopen_log(self, container_id: str) -> None:
+        ctr = self.get_container(container_id)
+        if ctr.state != RUNNING:
+            raise FailedPrecondition(f"container {ctr.id} is not running; its log is closed")
+        io = self.io.get(ctr.id)
+        if io is None:
+            raise FailedPrecondition(f"container {ctr.id} has no open log")
+        try:
+            io.log.reopen()
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot reopen {ctr.log_path}: {exc}") from exc
+
+    async def exec_sync(
+        self, container_id: str, cmd: list[str], timeout: int
+    ) -> api_pb2.ExecSyncResponse:
+        ctr = self.get_container(container_id)
+        if not cmd:
+            raise InvalidArgument("exec needs a command")
+        if ctr.state != RUNNING:
+            raise FailedPrecondition(f"container {ctr.id} is not running")
+        sandbox = self.running_sandbox(ctr.pod_id)
+        try:
+            result = await sandbox.agent.exec_sync(
+                ctr.id, cmd, timeout=float(timeout) if timeout > 0 else None
+            )
+        except AgentError as exc:
+            raise agent_error(exc, f"exec in {ctr.name}") from exc
+        if result.timed_out:
+            raise DeadlineExceeded(
+                f"command {cmd!r} did not finish within {timeout} s and was killed"
+            )
+        return api_pb2.ExecSyncResponse(
+            stdout=result.stdout[:EXEC_OUTPUT_LIMIT],
+            stderr=result.stderr[:EXEC_OUTPUT_LIMIT],
+            exit_code=result.exit_code,
+        )
+
+    async def recover_containers(self, pod: PodRecord, sandbox: PodSandbox) -> None:
+        try:
+            infos = {info.id: info for info in await sandbox.agent.list_containers()}
+        except AgentError as exc:
+            log.warning("pod=%s cannot list containers: %s", pod.id[:12], exc)
+            return
+        now = time.time_ns()
+        for ctr in self.state.pod_containers(pod.id):
+            info = infos.get(ctr.id)
+            if info is None:
+                if ctr.state != EXITED:
+                    self._mark_exited(ctr, 255, "Error", "lost while the daemon was down", now)
+                continue
+            if info.state == "exited" and info.exit_status is not None:
+                status = info.exit_status
+                if ctr.state != EXITED:
+                    self._mark_exited(
+                        ctr,
+                        status.exit_code,
+                        status.reason or "Error",
+                        "",
+                        status.finished_at_ns or now,
+                    )
+                continue
+            self._open_io(ctr, sandbox)
+            if info.state == "running":
+                if ctr.state != RUNNING:
+                    ctr.state = RUNNING
+                    ctr.started_at_ns = ctr.started_at_ns or now
+                    self.state.save_container(ctr)
+                self._watch_exit(ctr, sandbox)

@@ -1,0 +1,256 @@
+"""Translate CRI requests into what the sandbox and agent understand.
+
+Pure functions: CRI protobufs in, agent records (ContainerSpec, Resources) out. They
+hold the CRI semantics (command/args merged with the image, env override, security
+context, capabilities, seccomp, resources) so they can be unit-tested without a VM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cri_api.v1 import api_pb2
+
+from agent.protocol import ContainerSpec, Resources
+from cri.images.manifest import ImageConfig
+from cri.runtime.errors import InvalidArgument
+
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+ALL_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+
+DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _cap_name(name: str) -> str:
+    upper = name.strip().upper()
+    return upper if upper.startswith("CAP_") or upper == "ALL" else f"CAP_{upper}"
+
+
+def capabilities(ctx: api_pb2.LinuxContainerSecurityContext) -> list[str]:
+    """The container's capability set from the CRI add/drop lists."""
+    if ctx.privileged:
+        return list(ALL_CAPABILITIES)
+    adds = [_cap_name(c) for c in ctx.capabilities.add_capabilities]
+    drops = [_cap_name(c) for c in ctx.capabilities.drop_capabilities]
+    for cap in adds + drops:
+        if cap != "ALL" and cap not in ALL_CAPABILITIES:
+            raise InvalidArgument(f"unknown capability {cap!r}")
+    caps = list(ALL_CAPABILITIES) if "ALL" in adds else list(DEFAULT_CAPABILITIES)
+    for cap in adds:
+        if cap != "ALL" and cap not in caps:
+            caps.append(cap)
+    if "ALL" in drops:
+        # "drop ALL, add X" keeps only the explicitly added ones
+        return [c for c in adds if c != "ALL"]
+    return [c for c in caps if c not in drops]
+
+
+def merge_command(config: api_pb2.ContainerConfig, image: ImageConfig) -> list[str]:
+    """Kubernetes semantics: command replaces the entrypoint (and drops the image's
+    cmd); args replace the image's cmd."""
+    if config.command:
+        args = list(config.command) + list(config.args)
+    else:
+        args = list(image.entrypoint) + (list(config.args) if config.args else list(image.cmd))
+    if not args:
+        raise InvalidArgument(
+            "the container has no command: set command or args, or use an image with an "
+            "entrypoint or cmd"
+        )
+    return args
+
+
+def merge_env(config: api_pb2.ContainerConfig, image: ImageConfig) -> list[str]:
+    """Image env first, then the container's, later keys replacing earlier ones."""
+    merged: dict[str, str] = {}
+    for item in image.env:
+        key, _, value = item.partition("=")
+        merged[key] = value
+    for kv in config.envs:
+        if not kv.key:
+            raise InvalidArgument("an environment variable has an empty name")
+        merged[kv.key] = kv.value
+    if "PATH" not in merged:
+        merged["PATH"] = DEFAULT_PATH_ENV.split("=", 1)[1]
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def seccomp_profile(ctx: api_pb2.LinuxContainerSecurityContext) -> Any:
+    """None (unconfined), "runtime/default", or a loaded OCI seccomp profile."""
+    if ctx.HasField("seccomp"):
+        profile = ctx.seccomp
+        if profile.profile_type == api_pb2.SecurityProfile.RuntimeDefault:
+            return "runtime/default"
+        if profile.profile_type == api_pb2.SecurityProfile.Unconfined:
+            return None
+        return _load_seccomp(profile.localhost_ref)
+    path = ctx.seccomp_profile_path
+    if path in ("", "unconfined"):
+        return None
+    if path in ("runtime/default", "docker/default"):
+        return "runtime/default"
+    if path.startswith("localhost/"):
+        return _load_seccomp(path.removeprefix("localhost/"))
+    raise InvalidArgument(f"unknown seccomp profile {path!r}")
+
+
+def _load_seccomp(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"seccomp profile {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"seccomp profile {path} is unreadable: {exc}") from exc
+
+
+def resources(res: api_pb2.LinuxContainerResources | None) -> Resources | None:
+    if res is None:
+        return None
+    out = Resources()
+    if res.cpu_shares:
+        out.cpu_shares = res.cpu_shares
+    if res.cpu_quota > 0:
+        out.cpu_quota = res.cpu_quota
+    if res.cpu_period > 0:
+        out.cpu_period = res.cpu_period
+    if res.cpuset_cpus:
+        out.cpuset_cpus = res.cpuset_cpus
+    if res.cpuset_mems:
+        out.cpuset_mems = res.cpuset_mems
+    if res.memory_limit_in_bytes > 0:
+        out.memory_limit = res.memory_limit_in_bytes
+    return out
+
+
+def cgroup_values(res: api_pb2.LinuxContainerResources) -> dict[str, str]:
+    """cgroup v2 file values for UpdateContainerResources."""
+    values: dict[str, str] = {}
+    if res.cpu_quota > 0 or res.cpu_period > 0:
+        quota = str(res.cpu_quota) if res.cpu_quota > 0 else "max"
+        values["cpu_max"] = f"{quota} {res.cpu_period or 100000}"
+    if res.cpu_shares:
+        # the usual shares (2..262144) to weight (1..10000) mapping
+        shares = max(2, min(262144, res.cpu_shares))
+        values["cpu_weight"] = str(1 + ((shares - 2) * 9999) // 262142)
+    if res.memory_limit_in_bytes > 0:
+        values["memory_max"] = str(res.memory_limit_in_bytes)
+    if res.cpuset_cpus:
+        values["cpuset_cpus"] = res.cpuset_cpus
+    if res.cpuset_mems:
+        values["cpuset_mems"] = res.cpuset_mems
+    return values
+
+
+def pid_namespace(pod: api_pb2.PodSandboxConfig, config: api_pb2.ContainerConfig) -> str:
+    mode = config.linux.security_context.namespace_options.pid
+    if not config.linux.security_context.HasField("namespace_options"):
+        mode = pod.linux.security_context.namespace_options.pid
+    return "pod" if mode == api_pb2.POD else "container"
+
+
+def container_spec(
+    *,
+    pod: api_pb2.PodSandboxConfig,
+    config: api_pb2.ContainerConfig,
+    image: ImageConfig,
+    uid: int,
+    gid: int,
+    additional_gids: list[int],
+) -> ContainerSpec:
+    """The agent's ContainerSpec for a CRI CreateContainer (mounts are added later)."""
+    ctx = config.linux.security_context
+    args = merge_command(config, image)
+    spec = ContainerSpec(
+        args=args,
+        env=merge_env(config, image),
+        cwd=config.working_dir or image.working_dir or "/",
+        uid=uid,
+        gid=gid,
+        additional_gids=additional_gids,
+        capabilities=capabilities(ctx),
+        no_new_privs=ctx.no_new_privs,
+        readonly_rootfs=ctx.readonly_rootfs,
+        masked_paths=list(ctx.masked_paths) if ctx.masked_paths else None,
+        readonly_paths=list(ctx.readonly_paths) if ctx.readonly_paths else None,
+        seccomp=seccomp_profile(ctx),
+        tty=config.tty,
+        stdin=config.stdin,
+        stdin_once=config.stdin_once,
+        resources=resources(config.linux.resources if config.linux.HasField("resources") else None),
+        sysctls=dict(pod.linux.sysctls),
+        annotations=dict(config.annotations),
+        pid_namespace=pid_namespace(pod, config),
+    )
+    if config.linux.resources.oom_score_adj:
+        spec.oom_score_adj = config.linux.resources.oom_score_adj
+    return spec
+
+
+def resolv_conf(dns: api_pb2.DNSConfig) -> str:
+    """/etc/resolv.conf text from the pod's DNSConfig ("" when it sets nothing)."""
+    lines = [f"nameserver {s}" for s in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "\n".join(lines) + "\n" if lines else ""

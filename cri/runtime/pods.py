@@ -1,0 +1,326 @@
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox,
+and re-adoption of pods after a daemon restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+
+from cri_api.v1 import api_pb2
+
+from agent.client import AgentError
+from cri.runtime.convert import resolv_conf
+from cri.runtime.core import RuntimeCore
+from cri.runtime.errors import AlreadyExists, InvalidArgument, Unavailable
+from cri.runtime.state import (
+    EXITED,
+    POD_NOTREADY,
+    POD_READY,
+    RUNNING,
+    UNKNOWN,
+    PodRecord,
+    encode_proto,
+)
+from sandbox.pod import PodSandbox, SandboxError, SandboxSpec
+
+log = logging.getLogger("clearcri.runtime")
+
+VM_HANDLER = "clearcri"
+HANDLERS = ("", VM_HANDLER)
+
+
+def _label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _hosts_file(hostname: str) -> str:
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if hostname:
+        lines.append(f"127.0.1.1\t{hostname}")
+    return "\n".join(lines) + "\n"
+
+
+class PodOps(RuntimeCore):
+    async def run_pod_sandbox(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
+        meta = config.metadata
+        if not meta.name or not meta.namespace or not meta.uid:
+            raise InvalidArgument("pod metadata needs name, namespace and uid")
+        if runtime_handler not in HANDLERS:
+            raise InvalidArgument(
+                f"unknown runtime handler {runtime_handler!r}: this runtime serves {VM_HANDLER!r}"
+            )
+        ns_opts = config.linux.security_context.namespace_options
+        if (
+            ns_opts.network == api_pb2.NODE
+            or ns_opts.pid == api_pb2.NODE
+            or ns_opts.ipc == api_pb2.NODE
+        ):
+            raise InvalidArgument(
+                "a pod VM cannot share the host's network, PID or IPC namespace; "
+                "run host-namespace pods with a runtime that serves them"
+            )
+        if config.linux.security_context.privileged:
+            raise InvalidArgument("privileged pods cannot run in a pod VM")
+        for pod in self.state.pods.values():
+            m = pod
+            if (m.name, m.namespace, m.uid, m.attempt) == (
+                meta.name,
+                meta.namespace,
+                meta.uid,
+                meta.attempt,
+            ):
+                raise AlreadyExists(
+                    f"pod {meta.namespace}/{meta.name} attempt {meta.attempt} already exists "
+                    f"as {pod.id}; remove it first"
+                )
+        pod_id = secrets.token_hex(32)
+        if config.log_directory:
+            await asyncio.to_thread(_mkdir, config.log_directory)
+        res = config.linux.resources
+        spec = SandboxSpec(
+            sandbox_id=pod_id,
+            hostname=config.hostname or meta.name,
+            resolv_conf=resolv_conf(config.dns_config),
+            hosts=_hosts_file(config.hostname or meta.name),
+            cpu_quota_us=res.cpu_quota,
+            cpu_period_us=res.cpu_period,
+            memory_limit_bytes=res.memory_limit_in_bytes,
+        )
+        started = time.monotonic()
+        try:
+            sandbox = PodSandbox.create(self.host, spec)
+        except SandboxError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        try:
+            await sandbox.start()
+        except SandboxError as exc:
+            await sandbox.destroy()
+            raise Unavailable(f"pod {meta.namespace}/{meta.name}: {exc}") from exc
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        pod = PodRecord(
+            id=pod_id,
+            name=meta.name,
+            uid=meta.uid,
+            namespace=meta.namespace,
+            attempt=meta.attempt,
+            created_at_ns=time.time_ns(),
+            runtime_handler=runtime_handler or VM_HANDLER,
+            config=encode_proto(config),
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            vm_pid=sandbox.pid,
+            boot_seconds=time.monotonic() - started,
+        )
+        try:
+            self.state.save_pod(pod)
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        self._watch_sandbox(pod, sandbox)
+        log.info(
+            "pod=%s name=%s/%s started boot=%.2fs",
+            pod_id[:12],
+            meta.namespace,
+            meta.name,
+            pod.boot_seconds,
+        )
+        self.publish(api_pb2.CONTAINER_CREATED_EVENT, pod_id, pod)
+        self.publish(api_pb2.CONTAINER_STARTED_EVENT, pod_id, pod)
+        return pod_id
+
+    def _watch_sandbox(self, pod: PodRecord, sandbox: PodSandbox) -> None:
+        self.sandboxes[pod.id] = sandbox
+        sandbox.on_exit(lambda s: self._sandbox_died(pod.id, s.exit_reason))
+
+    def _sandbox_died(self, pod_id: str, reason: str) -> None:
+        pod = self.state.pods.get(pod_id)
+        if pod is None:
+            return
+        pod.state = POD_NOTREADY
+        pod.reason = reason
+        now = time.time_ns()
+        for ctr in self.state.pod_containers(pod_id):
+            if ctr.state in (RUNNING, UNKNOWN):
+                self._mark_exited(ctr, 255, "Error", f"the pod VM went away: {reason}", now)
+        with contextlib.suppress(Exception):
+            self.state.save_pod(pod)
+        log.warning("pod=%s VM gone: %s", pod_id[:12], reason)
+        self.publish(api_pb2.CONTAINER_STOPPED_EVENT, pod_id, pod)
+
+    async def stop_pod_sandbox(self, pod_id: str) -> None:
+        pod = self.state.find_pod(pod_id)
+        if pod is None:
+            return  # idempotent: nothing left to stop
+        async with self.pod_lock(pod.id):
+            sandbox = self.sandboxes.get(pod.id)
+            now = time.time_ns()
+            if sandbox is not None and sandbox.state == "ready":
+                # Give running containers their exit status before the VM goes.
+                running = [c for c in self.state.pod_containers(pod.id) if c.state == RUNNING]
+                for ctr in running:
+                    with contextlib.suppress(AgentError, SandboxError):
+                        await sandbox.agent.signal_container(ctr.id, 9, all_processes=True)
+                for ctr in running:
+                    with contextlib.suppress(AgentError, SandboxError, TimeoutError):
+                        status = await sandbox.agent.wait_container(ctr.id, timeout=5)
+                        self._mark_exited(
+                            ctr,
+                            status.exit_code,
+                            status.reason or "Error",
+                            "",
+                            status.finished_at_ns or now,
+                        )
+                await sandbox.stop()
+            for ctr in self.state.pod_containers(pod.id):
+                if ctr.state != EXITED:
+                    self._mark_exited(ctr, 137, "Error", "the pod was stopped", now)
+                self._close_io(ctr.id)
+            if pod.state != POD_NOTREADY:
+                pod.state = POD_NOTREADY
+                pod.reason = pod.reason or "stopped"
+                self.state.save_pod(pod)
+                self.publish(api_pb2.CONTAINER_STOPPED_EVENT, pod.id, pod)
+
+    def _close_io(self, container_id: str) -> None:
+        io = self.io.pop(container_id, None)
+        if io is None:
+            return
+        for task in (io.pump, io.waiter):
+            if task is not None:
+                task.cancel()
+        io.fan_out(None)
+        io.log.close()
+
+    async def remove_pod_sandbox(self, pod_id: str) -> None:
+        pod = self.state.find_pod(pod_id)
+        if pod is None:
+            return
+        await self.stop_pod_sandbox(pod.id)
+        async with self.pod_lock(pod.id):
+            sandbox = self.sandboxes.pop(pod.id, None)
+            if sandbox is not None:
+                await sandbox.destroy()
+            else:
+                await self._destroy_leftover(pod.id)
+            for ctr in self.state.pod_containers(pod.id):
+                self._close_io(ctr.id)
+                self.publish(api_pb2.CONTAINER_DELETED_EVENT, ctr.id, None)
+            self.state.delete_pod(pod.id)
+        self._pod_locks.pop(pod.id, None)
+        self.publish(api_pb2.CONTAINER_DELETED_EVENT, pod.id, None)
+        log.info("pod=%s removed", pod.id[:12])
+
+    async def _destroy_leftover(self, pod_id: str) -> None:
+        run_dir = self.host.config.run_root / pod_id
+        if not run_dir.exists():
+            return
+        try:
+            sandbox = await PodSandbox.adopt(self.host, pod_id)
+        except SandboxError:
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            return
+        await sandbox.destroy()
+
+    def pod_status_message(self, pod: PodRecord) -> api_pb2.PodSandboxStatus:
+        config = pod.pod_config()
+        ns = config.linux.security_context.namespace_options
+        status = api_pb2.PodSandboxStatus(
+            id=pod.id,
+            metadata=pod.metadata(),
+            state=pod.state,  # type: ignore[arg-type]
+            created_at=pod.created_at_ns,
+            labels=pod.labels,
+            annotations=pod.annotations,
+            runtime_handler=pod.runtime_handler,
+        )
+        if pod.ips:
+            status.network.ip = pod.ips[0]
+            for ip in pod.ips[1:]:
+                status.network.additional_ips.add(ip=ip)
+        opts = status.linux.namespaces.options
+        opts.network = ns.network
+        opts.pid = ns.pid
+        opts.ipc = ns.ipc
+        return status
+
+    def pod_status(self, pod_id: str, verbose: bool) -> api_pb2.PodSandboxStatusResponse:
+        pod = self.get_pod(pod_id)
+        response = api_pb2.PodSandboxStatusResponse(
+            status=self.pod_status_message(pod), timestamp=time.time_ns()
+        )
+        for ctr in self.state.pod_containers(pod.id):
+            response.containers_statuses.append(self.container_status_message(ctr))
+        if verbose:
+            sandbox = self.sandboxes.get(pod.id)
+            info: dict[str, object] = {
+                "runtimeHandler": pod.runtime_handler,
+                "vm": {
+                    "pid": pod.vm_pid,
+                    "state": sandbox.state if sandbox else "gone",
+                    "accelerator": self.host.accel,
+                    "vcpus": sandbox.machine.vcpus if sandbox else 0,
+                    "memoryMiB": sandbox.machine.memory_mib if sandbox else 0,
+                    "bootSeconds": pod.boot_seconds,
+                    "exitReason": pod.reason,
+                },
+            }
+            response.info["info"] = json.dumps(info)
+        return response
+
+    def list_pods(self, flt: api_pb2.PodSandboxFilter | None) -> list[api_pb2.PodSandbox]:
+        out = []
+        for pod in self.state.pods.values():
+            if flt is not None:
+                if flt.id and not pod.id.startswith(flt.id):
+                    continue
+                if flt.HasField("state") and pod.state != flt.state.state:
+                    continue
+                if not _label_match(pod.labels, dict(flt.label_selector)):
+                    continue
+            out.append(
+                api_pb2.PodSandbox(
+                    id=pod.id,
+                    metadata=pod.metadata(),
+                    state=pod.state,  # type: ignore[arg-type]
+                    created_at=pod.created_at_ns,
+                    labels=pod.labels,
+                    annotations=pod.annotations,
+                    runtime_handler=pod.runtime_handler,
+                )
+            )
+        return out
+
+    async def recover(self) -> None:
+        """Re-adopt every pod VM an earlier daemon left; settle the ones that died."""
+        known = set(self.state.pods)
+        for pod in list(self.state.pods.values()):
+            if pod.state != POD_READY:
+                continue
+            try:
+                sandbox = await PodSandbox.adopt(self.host, pod.id)
+            except SandboxError as exc:
+                self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
+                continue
+            if sandbox.state != "ready":
+                self._sandbox_died(pod.id, sandbox.exit_reason or "the VM is gone")
+                continue
+            self._watch_sandbox(pod, sandbox)
+            await self.recover_containers(pod, sandbox)
+            log.info("pod=%s re-adopted pid=%d", pod.id[:12], sandbox.pid)
+        # A VM whose pod never reached the database (daemon killed mid-RunPodSandbox).
+        for leftover in self.host.sandbox_ids():
+            if leftover not in known:
+                log.warning("removing sandbox %s that has no pod record", leftover[:12])
+                await self._destroy_leftover(leftover)
+
+
+def _mkdir(path: str) -> None:
+    os.makedirs(path, exist_ok=True)

@@ -1,0 +1,163 @@
+"""`clearcri serve`: the composition root of the daemon.
+
+Loads the config, takes the lock file (a second daemon refuses to start), opens the
+state database, re-adopts the pod VMs an earlier daemon left running, and serves CRI
+on a unix socket with grpc.aio. SIGTERM/SIGINT stop serving and close connections to
+the VMs but leave the pods running: the next daemon re-adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cri_api.v1 import api_pb2_grpc
+
+from cri.config import Config
+from cri.images.hosts import RegistryHosts
+from cri.images.service import ImageService
+from cri.images.store import ImageStore
+from cri.runtime.service import Runtime, RuntimeService
+from cri.runtime.state import RuntimeState
+from cri.store import Store
+from sandbox.guest import GuestAssetsMissing
+from sandbox.pod import SandboxHost
+
+log = logging.getLogger("clearcri.server")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class LockFile:
+    """An exclusive flock on ``<run_dir>/clearcri.lock`` held for the daemon's life."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise DaemonError(
+                f"another clearcri daemon holds {self.path} (pid {owner or 'unknown'}); "
+                "stop it first or use another daemon.run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.lock = LockFile(config.daemon.run_dir / "clearcri.lock")
+        self.server: grpc.aio.Server | None = None
+        self.runtime: Runtime | None = None
+        self.store: Store | None = None
+        self.images: ImageStore | None = None
+        self.extras: list[Any] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.lock.acquire()
+        try:
+            self.store = Store(cfg.daemon.state_dir / "state.db")
+            hosts = RegistryHosts.from_dict(cfg.registry)
+            self.images = ImageStore(self.store, cfg.daemon.state_dir / "images", hosts=hosts)
+            try:
+                host = await asyncio.to_thread(SandboxHost, cfg.vm)
+            except (GuestAssetsMissing, ValueError) as exc:
+                raise DaemonError(str(exc)) from exc
+            state = RuntimeState(self.store)
+            self.runtime = Runtime(cfg, state, host, self.images)
+            await self.runtime.recover()
+            service = RuntimeService(self.runtime)
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", 16 << 20),
+                    ("grpc.max_send_message_length", 16 << 20),
+                ]
+            )
+            api_pb2_grpc.add_RuntimeServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+            api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(self.images), server)  # type: ignore[no-untyped-call]
+            socket_path = cfg.daemon.socket
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+            server.add_insecure_port(f"unix://{socket_path}")
+            await server.start()
+            os.chmod(socket_path, 0o660)
+            self.server = server
+            self.service = service
+            log.info(
+                "serving CRI on unix://%s accel=%s pods=%d",
+                socket_path,
+                host.accel,
+                len(state.pods),
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        """Stop serving; leave pod VMs running for the next daemon."""
+        if self.server is not None:
+            await self.server.stop(grace=5)
+            self.server = None
+        for extra in self.extras:
+            with contextlib.suppress(Exception):
+                await extra.stop()
+        if self.runtime is not None:
+            for task in list(self.runtime.background):
+                task.cancel()
+            for io in self.runtime.io.values():
+                io.log.close()
+            for sandbox in self.runtime.sandboxes.values():
+                await sandbox.close()
+        if self.images is not None:
+            await self.images.aclose()
+        if self.store is not None:
+            self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.daemon.socket.unlink()
+        self.lock.release()
+
+
+async def serve(config: Config) -> int:
+    daemon = Daemon(config)
+    await daemon.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        await daemon.wait()
+        log.info("shutting down; pod VMs keep running")
+    finally:
+        await daemon.close()
+    return 0

@@ -1,0 +1,350 @@
+"""`clearcri serve` end to end over its gRPC socket, with real VMs and a real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2, api_pb2_grpc
+
+from sandbox.vm import pid_alive
+from tests.integration.conftest import GUEST_DIR
+from tests.integration.cri_daemon import CriDaemon
+from tests.registry import RegistryServer, busybox_layer, push_image, registry  # noqa: F401
+
+pytestmark = pytest.mark.vm
+
+LOG_LINE = re.compile(rb"^\S+Z (stdout|stderr) (F|P) (.*)$")
+
+
+@pytest.fixture(scope="module")
+def image_ref(registry: RegistryServer) -> str:  # noqa: F811
+    asyncio.run(push_image(registry.host, "library/busybox", ["1"], [busybox_layer()]))
+    return f"{registry.host}/library/busybox:1"
+
+
+@pytest.fixture
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriDaemon]:
+    root = Path(f"/tmp/cc-cri-{os.getpid()}-{os.urandom(3).hex()}")
+    root.mkdir()
+    d = CriDaemon(root, GUEST_DIR)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        # a test that failed half-way may leave pods: remove them with a fresh daemon
+        leftovers = list((root / "run" / "sandboxes").glob("*/state.json"))
+        if leftovers:
+            d.start()
+            asyncio.run(_remove_all(d))
+            d.stop()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _remove_all(d: CriDaemon) -> None:
+    async with d.channel() as channel:
+        rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        pods = await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())
+        for pod in pods.items:
+            await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+
+
+@pytest.fixture
+async def stubs(
+    daemon: CriDaemon,
+) -> AsyncIterator[tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub]]:
+    async with daemon.channel() as channel:
+        yield (
+            api_pb2_grpc.RuntimeServiceStub(channel),  # type: ignore[no-untyped-call]
+            api_pb2_grpc.ImageServiceStub(channel),  # type: ignore[no-untyped-call]
+        )
+
+
+def pod_config(name: str, log_dir: Path) -> api_pb2.PodSandboxConfig:
+    return api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, namespace="default", uid=f"uid-{name}"),
+        hostname=name,
+        log_directory=str(log_dir),
+        labels={"app": name},
+        dns_config=api_pb2.DNSConfig(servers=["10.96.0.10"], searches=["svc.cluster.local"]),
+    )
+
+
+def container_config(name: str, image: str, *cmd: str) -> api_pb2.ContainerConfig:
+    return api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name=name),
+        image=api_pb2.ImageSpec(image=image),
+        command=list(cmd),
+        log_path=f"{name}.log",
+        labels={"c": name},
+    )
+
+
+async def _wait_state(
+    rt: api_pb2_grpc.RuntimeServiceStub, cid: str, state: int, timeout: float = 60
+) -> api_pb2.ContainerStatus:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))
+        status: api_pb2.ContainerStatus = response.status
+        if status.state == state or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.2)
+
+
+async def test_pod_and_container_lifecycle(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+    daemon: CriDaemon,
+) -> None:
+    rt, images = stubs
+    version = await rt.Version(api_pb2.VersionRequest())
+    assert version.runtime_name == "clearcri" and version.runtime_api_version == "v1"
+    status = await rt.Status(api_pb2.StatusRequest(verbose=True))
+    assert {c.type: c.status for c in status.status.conditions}["RuntimeReady"]
+    assert "clearcri" in [h.name for h in status.runtime_handlers]
+
+    await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+    log_dir = tmp_path / "logs"
+    pod_id = (
+        await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config("web", log_dir)))
+    ).pod_sandbox_id
+    pod = (await rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id))).status
+    assert pod.state == api_pb2.SANDBOX_READY
+    assert (pod.metadata.name, pod.metadata.namespace) == ("web", "default")
+    assert pod.created_at > 0
+
+    config = container_config(
+        "app", image_ref, "sh", "-c", "echo started; echo oops >&2; exec sleep 1000"
+    )
+    config.envs.add(key="GREETING", value="hi")
+    cid = (
+        await rt.CreateContainer(
+            api_pb2.CreateContainerRequest(
+                pod_sandbox_id=pod_id,
+                config=config,
+                sandbox_config=pod_config("web", log_dir),
+            )
+        )
+    ).container_id
+    created = (await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))).status
+    assert created.state == api_pb2.CONTAINER_CREATED
+    await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+    running = await _wait_state(rt, cid, api_pb2.CONTAINER_RUNNING)
+    assert running.started_at >= running.created_at > 0
+    assert running.image.image == image_ref
+    assert running.image_ref and running.log_path == str(log_dir / "app.log")
+
+    result = await rt.ExecSync(
+        api_pb2.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "echo $GREETING; exit 4"])
+    )
+    assert (result.stdout, result.exit_code) == (b"hi\n", 4)
+    resolv = await rt.ExecSync(
+        api_pb2.ExecSyncRequest(container_id=cid, cmd=["cat", "/etc/resolv.conf"])
+    )
+    assert b"nameserver 10.96.0.10" in resolv.stdout
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rt.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=["sleep", "30"], timeout=1))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    records = []
+    for _ in range(50):
+        lines = (log_dir / "app.log").read_bytes().splitlines()
+        records = [LOG_LINE.match(line) for line in lines]
+        if len(records) >= 2:
+            break
+        await asyncio.sleep(0.2)
+    assert all(records)
+    got = {(m.group(1), m.group(3)) for m in records if m}
+    assert got == {(b"stdout", b"started"), (b"stderr", b"oops")}
+
+    listed = await rt.ListContainers(
+        api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(label_selector={"c": "app"}))
+    )
+    assert [c.id for c in listed.containers] == [cid]
+    stats = await rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=cid))
+    assert stats.stats.memory.working_set_bytes.value > 0
+    pod_stats = await rt.PodSandboxStats(api_pb2.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
+    assert pod_stats.stats.linux.memory.working_set_bytes.value > 0
+
+    # the pod shares one PID namespace (CRI's default, POD), so sleep is not PID 1 and
+    # SIGTERM ends it
+    await rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=5))
+    stopped = await _wait_state(rt, cid, api_pb2.CONTAINER_EXITED)
+    assert stopped.state == api_pb2.CONTAINER_EXITED
+    assert stopped.exit_code == 128 + signal.SIGTERM and stopped.reason == "Error"
+    assert stopped.finished_at >= stopped.started_at
+
+    await rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid))
+    await rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid))
+    await rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    pod = (await rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id))).status
+    assert pod.state == api_pb2.SANDBOX_NOTREADY
+    await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert (await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items == []
+    assert list((daemon.root / "run" / "sandboxes").iterdir()) == []
+
+
+async def test_errors_carry_codes_and_reasons(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    tmp_path: Path,
+) -> None:
+    rt, _ = stubs
+
+    async def code_of(call: object) -> grpc.StatusCode:
+        try:
+            await call  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            assert exc.details(), "every error says what was wrong"
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    missing = "f" * 64
+    assert (
+        await code_of(rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=missing)))
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        await code_of(rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=missing)))
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        await code_of(rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=missing)))
+        == grpc.StatusCode.OK
+    )
+    assert (
+        await code_of(rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=missing)))
+        == grpc.StatusCode.OK
+    )
+    assert (
+        await code_of(
+            rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=api_pb2.PodSandboxConfig()))
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(
+            rt.RunPodSandbox(
+                api_pb2.RunPodSandboxRequest(
+                    config=pod_config("x", tmp_path), runtime_handler="nope"
+                )
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(rt.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x")))
+        == grpc.StatusCode.UNIMPLEMENTED
+    )
+    assert await code_of(rt.Version(api_pb2.VersionRequest())) == grpc.StatusCode.OK
+
+
+async def test_daemon_restart_keeps_pods_and_notices_dead_vms(
+    daemon: CriDaemon, image_ref: str, tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "logs"
+    async with daemon.channel() as channel:
+        rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+        await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+        pod_ids = []
+        cids = []
+        for name in ("keep", "doomed"):
+            pod_id = (
+                await rt.RunPodSandbox(
+                    api_pb2.RunPodSandboxRequest(config=pod_config(name, log_dir / name))
+                )
+            ).pod_sandbox_id
+            cfg = container_config(
+                name, image_ref, "sh", "-c", "while true; do echo tick; sleep 1; done"
+            )
+            cid = (
+                await rt.CreateContainer(
+                    api_pb2.CreateContainerRequest(
+                        pod_sandbox_id=pod_id,
+                        config=cfg,
+                        sandbox_config=pod_config(name, log_dir / name),
+                    )
+                )
+            ).container_id
+            await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+            pod_ids.append(pod_id)
+            cids.append(cid)
+        vm_pid = int(
+            __import__("json").loads(
+                (daemon.root / "run" / "sandboxes" / pod_ids[1] / "state.json").read_text()
+            )["pid"]
+        )
+
+    daemon.stop(signal.SIGKILL)
+    os.kill(vm_pid, signal.SIGKILL)  # one VM dies while no daemon watches it
+    for _ in range(100):
+        if not pid_alive(vm_pid):
+            break
+        await asyncio.sleep(0.05)
+    daemon.start()
+
+    async with daemon.channel() as channel:
+        rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        keep = (
+            await rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_ids[0]))
+        ).status
+        assert keep.state == api_pb2.SANDBOX_READY
+        status = (
+            await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cids[0]))
+        ).status
+        assert status.state == api_pb2.CONTAINER_RUNNING
+        result = await rt.ExecSync(
+            api_pb2.ExecSyncRequest(container_id=cids[0], cmd=["echo", "after restart"])
+        )
+        assert result.stdout == b"after restart\n"
+        log_file = log_dir / "keep" / "keep.log"
+        size = log_file.stat().st_size
+        for _ in range(50):
+            if log_file.stat().st_size > size:
+                break
+            await asyncio.sleep(0.2)
+        assert log_file.stat().st_size > size, "logs keep flowing after a restart"
+
+        doomed = (
+            await rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_ids[1]))
+        ).status
+        assert doomed.state == api_pb2.SANDBOX_NOTREADY
+        dead = (
+            await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cids[1]))
+        ).status
+        assert dead.state == api_pb2.CONTAINER_EXITED
+        assert dead.reason == "Error" and dead.message
+
+        for pod_id in pod_ids:
+            await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert list((daemon.root / "run" / "sandboxes").iterdir()) == []
+
+
+def test_second_daemon_refuses_to_start(daemon: CriDaemon) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "cri.cli", "serve", "--config", str(daemon.config_path)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert b"another clearcri daemon" in second.stderr
+    # the first daemon still serves
+    with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
+        stub = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        assert stub.Version(api_pb2.VersionRequest(), timeout=5).runtime_name == "clearcri"
