@@ -14,6 +14,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cri.streaming import spdy, websocket
 from cri.streaming.backend import STDERR, STDOUT, ProcessStreams
@@ -86,7 +87,9 @@ def failure_status(version: int, message: str) -> bytes:
     """What the error stream carries when the session could not run."""
     if version < 4:
         return message.encode()
-    return _status({"status": "Failure", "message": message, "reason": "InternalError", "code": 500})
+    return _status(
+        {"status": "Failure", "message": message, "reason": "InternalError", "code": 500}
+    )
 
 
 def success_status(version: int) -> bytes:
@@ -118,9 +121,13 @@ class ResizeDecoder:
             self._buf = text[end:]
             if isinstance(value, dict):
                 width, height = value.get("Width"), value.get("Height")
-                if isinstance(width, int) and isinstance(height, int):
-                    if 0 < width < 1 << 16 and 0 < height < 1 << 16:
-                        sizes.append((width, height))
+                if (
+                    isinstance(width, int)
+                    and isinstance(height, int)
+                    and 0 < width < 1 << 16
+                    and 0 < height < 1 << 16
+                ):
+                    sizes.append((width, height))
         return sizes
 
 
@@ -397,15 +404,12 @@ async def run_session(
             await channels.finish(status)
         else:
             await channels.finish(b"")
-    except BaseException:
-        for task in (output, waiter, *helpers):
-            task.cancel()
-        raise
     finally:
         gone.cancel()
-        for task in (output, waiter, *helpers):
-            task.cancel()
-        await asyncio.gather(output, waiter, *helpers, return_exceptions=True)
+        tasks: list[asyncio.Future[Any]] = [output, waiter, *helpers]
+        for future in tasks:
+            future.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await process.close()
     return code

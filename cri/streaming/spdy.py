@@ -78,7 +78,73 @@ def _dictionary() -> bytes:
     """The SPDY/3 header compression dictionary (draft 3, section 2.6.10.1): a list of
     length-prefixed header names and values followed by common status lines, dates and
     content types as one run of text."""
-    words = ["options", "head", "post", "put", "delete", "trace", "accept", "accept-charset", "accept-encoding", "accept-language", "accept-ranges", "age", "allow", "authorization", "cache-control", "connection", "content-base", "content-encoding", "content-language", "content-length", "content-location", "content-md5", "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host", "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since", "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer", "retry-after", "server", "te", "trailer", "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning", "www-authenticate", "method", "get", "status", "200_OK", "version", "HTTP/1.1", "url", "public", "set-cookie", "keep-alive", "origin"]
+    words = [
+        "options",
+        "head",
+        "post",
+        "put",
+        "delete",
+        "trace",
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "accept-ranges",
+        "age",
+        "allow",
+        "authorization",
+        "cache-control",
+        "connection",
+        "content-base",
+        "content-encoding",
+        "content-language",
+        "content-length",
+        "content-location",
+        "content-md5",
+        "content-range",
+        "content-type",
+        "date",
+        "etag",
+        "expect",
+        "expires",
+        "from",
+        "host",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "last-modified",
+        "location",
+        "max-forwards",
+        "pragma",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "range",
+        "referer",
+        "retry-after",
+        "server",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "vary",
+        "via",
+        "warning",
+        "www-authenticate",
+        "method",
+        "get",
+        "status",
+        "200_OK",
+        "version",
+        "HTTP/1.1",
+        "url",
+        "public",
+        "set-cookie",
+        "keep-alive",
+        "origin",
+    ]
     items = [w.replace("_", " ") for w in words]  # "200 OK" is the one entry with a space
     prefix = b"".join(struct.pack(">I", len(w)) + w.encode() for w in items)
     text = (
@@ -223,7 +289,7 @@ def _control(kind: int, flags: int, payload: bytes) -> bytes:
     return HEADER.pack(0x80000000 | (VERSION << 16) | kind, (flags << 24) | len(payload)) + payload
 
 
-def data_frame(stream_id: int, data: bytes, *, fin: bool = False) -> bytes:
+def data_frame(stream_id: int, data: bytes | memoryview, *, fin: bool = False) -> bytes:
     if len(data) > 0xFFFFFF:
         raise ValueError("DATA payload too large")
     flags = FLAG_FIN if fin else 0

@@ -234,10 +234,10 @@ class SpdyConnection:
         elif kind == spdy.GOAWAY:
             # The client will open no more streams; the open ones finish normally.
             pass
-        elif kind == spdy.HEADERS:
-            if frame.fin and (stream := self.streams.get(frame.stream_id)) is not None:
-                stream._feed_eof()
-                self._maybe_forget(stream)
+        elif kind == spdy.HEADERS and frame.fin and frame.stream_id in self.streams:
+            stream = self.streams[frame.stream_id]
+            stream._feed_eof()
+            self._maybe_forget(stream)
         # SYN_REPLY (we open no streams), SETTINGS and WINDOW_UPDATE are ignored.
 
     def _on_syn_stream(self, frame: spdy.Frame) -> None:

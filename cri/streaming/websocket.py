@@ -51,7 +51,9 @@ def apply_mask(data: bytes, mask: bytes) -> bytes:
     )
 
 
-def encode_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None) -> bytes:
+def encode_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = None
+) -> bytes:
     """One frame. Servers send unmasked frames; ``mask`` is for clients (and tests)."""
     first = (0x80 if fin else 0) | opcode
     n = len(payload)
@@ -250,7 +252,9 @@ class WebSocketConnection:
     async def send_binary(self, data: bytes) -> None:
         await self.send(BINARY, data)
 
-    async def close(self, code: int = NORMAL_CLOSURE, reason: str = "", linger: float = 2.0) -> None:
+    async def close(
+        self, code: int = NORMAL_CLOSURE, reason: str = "", linger: float = 2.0
+    ) -> None:
         """Send a close frame (once) and wait up to ``linger`` seconds for the client's
         close frame (reading and dropping what comes before it); then close."""
         if not self._close_sent and not self.closed.is_set():
