@@ -20,6 +20,9 @@ minimal QEMU virtual machine.
 commands:
   serve         run the CRI daemon (kubelet, crictl and critest talk to its socket)
   guest build   build (or refresh) the guest kernel, initramfs and DAX OS image
+  image push-busybox REF
+                push a busybox image built from the host's busybox-static to a
+                registry (offline demos and labs)
   demo          boot one pod VM, run a busybox container in it, print timings, remove it
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
 """
@@ -55,6 +58,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DaemonError as exc:
         print(f"clearcri: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_image_push_busybox(args: argparse.Namespace) -> int:
+    from cri.images.local import push_tree
+    from sandbox.rootfs import make_busybox_tree
+
+    with tempfile.TemporaryDirectory(prefix="clearcri-image-") as work:
+        tree = make_busybox_tree(Path(work) / "root")
+        digest = asyncio.run(push_tree(tree, args.reference))
+    print(f"{args.reference}@{digest}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -103,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild everything")
     build.set_defaults(func=cmd_guest_build)
 
+    image = sub.add_parser("image", help="image helpers")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    push_bb = image_sub.add_parser(
+        "push-busybox", help="push a busybox image made from the host's busybox-static"
+    )
+    push_bb.add_argument("reference", help="e.g. 127.0.0.1:5000/demo/busybox:1")
+    push_bb.set_defaults(func=cmd_image_push_busybox)
+
     demo = sub.add_parser("demo", help="boot one pod VM and run a busybox container in it")
     demo.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
     demo.add_argument("--run-root", default=f"/run/clearcri/demo-{uuid.uuid4().hex[:8]}")
@@ -131,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # one line per request is too much at INFO; failures still show
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.func(args)
     return result
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The main job: set everything up, start `clearcri serve`, and run a demo pod in a VM
+# with crictl. The daemon keeps serving until Ctrl-C; then the demo pod, the daemon and
+# the demo registry are stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+clearcri guest build
+scripts/build-cri-tools.sh
+bin="$HOME/.cache/clearcri/bin"
+socket=/run/clearcri/clearcri.sock
+work=$(mktemp -d /tmp/clearcri-demo.XXXXXX)
+pids=()
+cleanup() {
+    set +e
+    if [ -n "${pod:-}" ]; then
+        "${crictl[@]}" rmp -f "$pod" >/dev/null 2>&1
+    fi
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# An offline registry with a busybox image (nothing is downloaded).
+if ! (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null; then
+    docker-registry serve scripts/registry.yml >"$work/registry.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
+fi
+clearcri image push-busybox 127.0.0.1:5000/demo/busybox:1
+
+clearcri serve >"$work/clearcri.log" 2>&1 &
+daemon=$!
+pids=("$daemon" "${pids[@]}")
+for _ in $(seq 300); do [ -S "$socket" ] && break; sleep 0.1; done
+printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n' "$socket" "$socket" >"$work/crictl.yaml"
+crictl=("$bin/crictl" --config "$work/crictl.yaml")
+
+cat >"$work/pod.json" <<JSON
+{"metadata": {"name": "demo", "namespace": "default", "uid": "demo-$(date +%s)"},
+ "hostname": "demo", "log_directory": "$work/logs",
+ "dns_config": {"servers": ["10.96.0.10"], "searches": ["default.svc.cluster.local"]}}
+JSON
+cat >"$work/container.json" <<JSON
+{"metadata": {"name": "hello"}, "image": {"image": "127.0.0.1:5000/demo/busybox:1"},
+ "command": ["sh", "-c", "echo hello from \$(hostname), kernel \$(uname -r); exec httpd -f -p 8080 -h /etc"],
+ "log_path": "hello.log"}
+JSON
+"${crictl[@]}" pull 127.0.0.1:5000/demo/busybox:1
+start=$(date +%s.%N)
+pod=$("${crictl[@]}" runp "$work/pod.json")
+ctr=$("${crictl[@]}" create "$pod" "$work/container.json" "$work/pod.json")
+"${crictl[@]}" start "$ctr" >/dev/null
+end=$(date +%s.%N)
+echo "pod $pod and its container started in $(python3 -c "print(round($end - $start, 2))") s (a VM boot included)"
+"${crictl[@]}" pods
+"${crictl[@]}" ps
+echo "--- exec in the pod VM:"
+"${crictl[@]}" exec "$ctr" sh -c 'uname -a; cat /etc/resolv.conf; wget -qO- http://127.0.0.1:8080/hostname'
+echo "--- container log:"
+"${crictl[@]}" logs "$ctr"
+echo
+echo "clearcri is serving on unix://$socket with the demo pod running."
+echo "Try: $bin/crictl --runtime-endpoint unix://$socket ps   (Ctrl-C here to stop)"
+wait "$daemon"
