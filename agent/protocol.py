@@ -498,6 +498,23 @@ class ExecStarted(Record):
     pid: int = 0
 
 
+class NetRoute(Record):
+    #: CIDR ("0.0.0.0/0", "fd00::/64"); gateway "" makes a device route.
+    dst: str
+    gateway: str = ""
+
+
+class NetInterface(Record):
+    """A guest NIC for ``configure_network``: the NIC whose MAC is ``match_mac`` (or
+    already ``mac``) gets ``mac``, ``mtu``, the ``addresses`` (CIDR) and ``routes``."""
+
+    mac: str
+    match_mac: str = ""
+    mtu: int = 0
+    addresses: list[str] = field(default_factory=list)
+    routes: list[NetRoute] = field(default_factory=list)
+
+
 def iter_records() -> Iterator[type[Record]]:
     """Every record type defined in this module (used by tests)."""
     return iter(list(_RECORDS.values()))

@@ -26,6 +26,15 @@ from agent.client import AgentClient, AgentError, ExecSession
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox.accel import choose_accel
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.network import (
+    NetworkConfig,
+    NetworkError,
+    NetworkManager,
+    NetworkResult,
+    PodNetwork,
+    PodNetworkSpec,
+    TapDevice,
+)
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
@@ -70,6 +79,8 @@ class SandboxConfig:
     sandbox_filter: bool = True
     # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
     os_image_mode: str = "pmem"
+    # CNI: config and plugin directories, netns directory (sandbox/network.py).
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 @dataclass
@@ -84,6 +95,12 @@ class SandboxSpec:
     cpu_period_us: int = 0
     memory_limit_bytes: int = 0
     extra_args: list[str] = field(default_factory=list)
+    # None: the VM gets no NIC. Otherwise CNI decides its address (sandbox/network.py).
+    network: PodNetworkSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.network, dict):  # read back from state.json
+            self.network = PodNetworkSpec.from_dict(self.network)
 
 
 @dataclass
@@ -124,6 +141,7 @@ class SandboxHost:
         )
         self.accel = choice.accel
         self.accel_reason = choice.reason
+        self.network = NetworkManager(config.network)
         config.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def sandbox_ids(self) -> list[str]:
@@ -150,6 +168,9 @@ class PodSandbox:
         self._agent: AgentClient | None = None
         self._lock = asyncio.Lock()
         self._exit_callbacks: list[Callable[[PodSandbox], None]] = []
+        self.network: PodNetwork | None = None
+        if spec.network is not None:
+            self.network = host.network.for_pod(spec.sandbox_id, spec.network, self._save)
 
     # construction -------------------------------------------------------
 
@@ -203,6 +224,8 @@ class PodSandbox:
         machine_fields["extra_args"] = tuple(machine_fields.get("extra_args", ()))
         machine = MachineSpec(**machine_fields)
         sandbox = cls(host, machine, SandboxSpec(**saved["spec"]))
+        if sandbox.network is not None:
+            sandbox.network.restore(saved.get("network"))
         sandbox.state = saved["state"]
         sandbox.exit_reason = saved.get("exit_reason", "")
         sandbox.created_at = saved["created_at"]
@@ -250,11 +273,22 @@ class PodSandbox:
             raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
         self.state = "booting"
         cmd = build_command(self.machine, qemu=self.host.config.qemu)
-        t0 = time.monotonic()
+        tap: TapDevice | None = None
         try:
+            if self.network is not None:
+                # The namespace and tap now; CNI ADD runs while the guest boots.
+                tap = await self.network.prepare()
+            t0 = time.monotonic()
             self.process = await VmProcess.spawn(
-                cmd, stderr_log=self.machine.stderr_log, cwd=self.machine.run_dir
+                cmd + (tap.qemu_args() if tap else []),
+                stderr_log=self.machine.stderr_log,
+                cwd=self.machine.run_dir,
+                pass_fds=tap.pass_fds if tap else (),
             )
+            if tap is not None:
+                tap.close()
+                assert self.network is not None
+                self.network.start_attach()
             self.pid = self.process.pid
             self.process.on_exit(self._vm_exited)
             self._save()
@@ -274,14 +308,22 @@ class PodSandbox:
                 total=t_ready - t0,
             )
             await self._agent.sync_clock(time.time_ns())
+            hostname = self.spec.hostname or self.id[:63]
+            resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
+            if self.network is not None:
+                await self.network.configure_guest(self._agent)
+                resolv_conf, hosts = self.network.etc_files(hostname, resolv_conf, hosts)
             await self._agent.set_pod_config(
-                hostname=self.spec.hostname or self.id[:63],
-                resolv_conf=self.spec.resolv_conf,
-                hosts=self.spec.hosts,
+                hostname=hostname, resolv_conf=resolv_conf, hosts=hosts
             )
         except BaseException as exc:
             detail = self._failure_detail(exc)
+            if tap is not None:
+                tap.close()
             await self._kill_vm()
+            if self.network is not None:
+                with contextlib.suppress(NetworkError):
+                    await self.network.teardown()
             self._set_dead(detail)
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -337,6 +379,7 @@ class PodSandbox:
             if self.state == "created":
                 self.state = "stopped"
                 self._save()
+            await self._release_network()
             return
         grace = self.host.config.stop_timeout_s if timeout is None else timeout
         self.state = "stopping"
@@ -352,6 +395,22 @@ class PodSandbox:
             self.state = "stopped"
             self.exit_reason = self.exit_reason or "stopped"
         self._save()
+        await self._release_network()
+
+    async def _release_network(self) -> None:
+        """CNI DEL and netns removal; on failure the pod keeps its network state and
+        stop/destroy can be called again."""
+        if self.network is None:
+            return
+        try:
+            await self.network.teardown()
+        except NetworkError as exc:
+            raise SandboxError(f"sandbox {self.id}: {exc}") from exc
+
+    @property
+    def network_result(self) -> NetworkResult | None:
+        """The pod's IPs, routes, MAC, DNS (None without a network)."""
+        return self.network.result if self.network is not None else None
 
     async def destroy(self) -> None:
         """Stop the VM and remove everything the sandbox made on the host. Idempotent."""
@@ -425,6 +484,7 @@ class PodSandbox:
             "boot": asdict(self.boot),
             "pid": self.pid,
             "slots": {str(k): v for k, v in self.slots.items()},
+            "network": self.network.to_state() if self.network is not None else None,
         }
         path = self.machine.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")

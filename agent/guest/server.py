@@ -289,13 +289,8 @@ class Server:
         interfaces = args["interfaces"]
         if not isinstance(interfaces, list) or not all(isinstance(i, dict) for i in interfaces):
             raise OpError(INVALID_ARGUMENT, "interfaces must be a list of objects")
-        busybox = which(self.settings.busybox) or self.settings.busybox
         try:
-            configured = network.configure(
-                interfaces,
-                lambda argv: self.spawner.run(argv, timeout=30.0),
-                ip=(busybox, "ip"),
-            )
+            configured = network.configure(interfaces)
         except network.NetworkConfigError as exc:
             raise OpError(FAILED_PRECONDITION, str(exc)) from exc
         return {"interfaces": configured}
