@@ -175,6 +175,12 @@ class ReleaseSource:
     wheelhouse: Path | None = None
     python: str = sys.executable
     system_site_packages: bool = True
+    #: The config written when none exists (default: the packaged config.toml).
+    config_file: Path | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.config_file or self.packaging_dir / "config.toml"
 
     @classmethod
     def from_release_dir(cls, release: Path, **kwargs: Any) -> ReleaseSource:
@@ -197,9 +203,9 @@ class ReleaseSource:
             raise NodeInstallError(f"source {self.source} has no pyproject.toml")
         if self.source.is_file() and self.source.suffix != ".whl":
             raise NodeInstallError(f"source {self.source} is neither a project dir nor a wheel")
-        for name in (UNIT_NAME, "config.toml"):
-            if not (self.packaging_dir / name).is_file():
-                raise NodeInstallError(f"packaging file {self.packaging_dir / name} is missing")
+        for path in (self.packaging_dir / UNIT_NAME, self.config):
+            if not path.is_file():
+                raise NodeInstallError(f"{path} is missing")
         manifest = self.guest_dir / MANIFEST_NAME
         try:
             complete = json.loads(manifest.read_text()).get("complete")
@@ -288,8 +294,8 @@ def build_release(source: ReleaseSource, work: Path, report: Report = _print) ->
     version = wheel.name.split("-")[1]
     digest = hashlib.sha256()
     digest.update(wheel_digest(wheel).encode())
-    for name in (UNIT_NAME, "config.toml"):
-        digest.update(sha256_file(source.packaging_dir / name).encode())
+    # The config is not part of a release: upgrades keep it.
+    digest.update(sha256_file(source.packaging_dir / UNIT_NAME).encode())
     digest.update((source.guest_dir / MANIFEST_NAME).read_bytes())
     for name in GUEST_FILES:
         digest.update(str((source.guest_dir / name).stat().st_size).encode())
@@ -350,6 +356,9 @@ class Options:
     cni_subnet: str = DEFAULT_CNI_SUBNET
     force: bool = False
     purge: bool = False
+    #: Replace a config this tool wrote (and nobody edited since) when the release's
+    #: config differs: for a config managed elsewhere, as the Helm chart's ConfigMap.
+    update_config: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -530,10 +539,9 @@ class NodeInstaller:
         return relocate(text, self.prefix).encode()
 
     def config_text(self, release: BuiltRelease) -> bytes:
-        text = (release.source.packaging_dir / "config.toml").read_text()
-        return relocate(text, self.prefix).encode()
+        return relocate(release.source.config.read_text(), self.prefix).encode()
 
-    def check_config(self, tree: Path) -> None:
+    def check_config(self, tree: Path, config: Path | None = None) -> None:
         """Load the config with the release's code: a wrong key fails before the switch."""
         python = tree / "venv/bin/python"
         self.run(
@@ -542,18 +550,54 @@ class NodeInstaller:
                 "-c",
                 "import sys, pathlib; from cri.config import load_config; "
                 "load_config(pathlib.Path(sys.argv[1]))",
-                str(self.path(CONFIG_PATH)),
+                str(config or self.path(CONFIG_PATH)),
             ]
         )
 
-    def place_config(self, release: BuiltRelease, manifest: InstallManifest) -> None:
+    def config_replaced(self, release: BuiltRelease, manifest: InstallManifest) -> bool:
+        """Whether place_config would replace the existing config."""
         path = self.path(CONFIG_PATH)
+        return (
+            self.options.update_config
+            and path.is_file()
+            and path.read_bytes() != self.config_text(release)
+            and self.owned_unchanged(CONFIG_PATH, manifest)
+        )
+
+    def place_config(self, release: BuiltRelease, manifest: InstallManifest) -> bool:
+        """Write the config if there is none (or, with update_config, replace the one
+        this tool wrote if nobody edited it). True when the file changed."""
+        path = self.path(CONFIG_PATH)
+        data = self.config_text(release)
         if path.exists():
-            note = "" if CONFIG_PATH in manifest.files else " (not written by this install)"
-            self.report(f"keeping the existing config {path}{note}")
+            if not self.options.update_config or path.read_bytes() == data:
+                if CONFIG_PATH not in manifest.files:
+                    self.report(f"keeping the existing config {path} (not written by this tool)")
+                return False
+            if not self.owned_unchanged(CONFIG_PATH, manifest):
+                self.report(f"keeping the config {path}: it was edited on this node")
+                return False
+            self.report(f"updating the config {path}")
+        else:
+            self.report(f"writing the config {path}")
+        self.write_file(CONFIG_PATH, data, manifest)
+        return True
+
+    def refresh_config(self, release: BuiltRelease, manifest: InstallManifest) -> None:
+        """For an installed release: apply a changed managed config, restart the daemon."""
+        if not self.options.update_config:
             return
-        self.report(f"writing the default config {path}")
-        self.write_file(CONFIG_PATH, self.config_text(release), manifest)
+        old = self.path(CONFIG_PATH).read_bytes() if self.path(CONFIG_PATH).is_file() else None
+        if not self.place_config(release, manifest):
+            return
+        try:
+            self.check_config(self.path(RELEASES_DIR) / manifest.release)
+        except NodeInstallError:
+            if old is not None:
+                self.path(CONFIG_PATH).write_bytes(old)
+            raise
+        manifest.save(self.prefix)
+        self._restart(manifest, unit_changed=False)
 
     def place_unit(self, release: BuiltRelease, manifest: InstallManifest) -> bool:
         """Write the unit; True when its content changed."""
@@ -647,7 +691,8 @@ class NodeInstaller:
                         f"; run `clearcri node upgrade` to replace it with {release.name}"
                     )
                 if self.release_intact(existing):
-                    self.report(f"clearcri {release.name} is already installed; nothing to do")
+                    self.report(f"clearcri {release.name} is already installed")
+                    self.refresh_config(release, existing)
                     self._start(existing, unit_changed=False)
                     return existing
                 self.report(f"repairing the installation of {release.name}")
@@ -734,19 +779,27 @@ class NodeInstaller:
             release = build_release(source, Path(work), self.report)
             if manifest.digest == release.digest and self.release_intact(manifest):
                 self.report(f"clearcri {release.name} is already installed; nothing to upgrade")
+                self.refresh_config(release, manifest)
                 return manifest
             old = manifest.release
             self.report(f"upgrading clearcri {old} -> {release.name}")
             # The new release is built beside the running one; only then is it switched.
             tree = self.build_release_tree(release, manifest)
             try:
-                self.check_config(tree)
+                if self.config_replaced(release, manifest):
+                    candidate = Path(work) / "config.toml"
+                    candidate.write_bytes(self.config_text(release))
+                    self.check_config(tree, candidate)
+                else:
+                    self.check_config(tree)
             except NodeInstallError:
                 if release.name not in manifest.releases:
                     shutil.rmtree(tree, ignore_errors=True)
                 raise
             unit_changed = self.place_unit(release, manifest)
             self.activate(release, manifest)
+            if self.options.update_config:
+                self.place_config(release, manifest)
             if self.options.cni:
                 self.place_cni(manifest)
             manifest.save(self.prefix)
@@ -860,6 +913,14 @@ def _add_release_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cni", action="store_true", help="write a CNI config if none exists")
     parser.add_argument("--cni-subnet", default=DEFAULT_CNI_SUBNET, help="pod subnet for --cni")
     parser.add_argument("--force", action="store_true", help="replace files not installed by us")
+    parser.add_argument(
+        "--config-from", default="", help="config to write when none exists (default: packaged)"
+    )
+    parser.add_argument(
+        "--update-config",
+        action="store_true",
+        help="replace a config this tool wrote, unless edited since (for managed configs)",
+    )
 
 
 def _prefix_arg(parser: argparse.ArgumentParser) -> None:
@@ -917,6 +978,8 @@ def source_from_args(args: argparse.Namespace) -> ReleaseSource:
         source.packaging_dir = Path(args.packaging_dir)
     if args.wheelhouse:
         source.wheelhouse = Path(args.wheelhouse)
+    if args.config_from:
+        source.config_file = Path(args.config_from)
     if args.isolated and source.wheelhouse is None:
         raise NodeInstallError("--isolated needs --wheelhouse or --release for the dependencies")
     return source
@@ -931,6 +994,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             cni_subnet=getattr(args, "cni_subnet", DEFAULT_CNI_SUBNET),
             force=args.force,
             purge=getattr(args, "purge", False),
+            update_config=getattr(args, "update_config", False),
         )
         installer = NodeInstaller(options)
         if args.node_command == "install":

@@ -205,7 +205,7 @@ def test_reinstalling_the_same_release_changes_nothing(prefix: Path, source: Rel
     inst2, lines = installer(prefix, runner, start=False)
     inst2.install(source)
     assert runner.calls == []
-    assert any("nothing to do" in line for line in lines)
+    assert any("already installed" in line for line in lines)
     assert {p: (prefix / p).lstat().st_mtime_ns for p in tree(prefix)} == stat_before
 
 
@@ -464,3 +464,68 @@ def test_cli_reports_errors_without_a_traceback(
     args = parser.parse_args(["node", "uninstall", "--prefix", str(tmp_path)])
     assert args.func(args) == 1
     assert "no clearcri installation" in capsys.readouterr().err
+
+
+# -- a config managed elsewhere (the Helm chart's ConfigMap) ---------------------------
+
+
+def test_managed_config_follows_its_source_unless_edited_on_the_node(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    chart_config = tmp_path / "chart-config.toml"
+    chart_config.write_text('[daemon]\nlog_level = "info"\n')
+    source.config_file = chart_config
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, usable=True, update_config=True)
+    inst.install(source)
+    assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "info"\n'
+
+    # Same release, new config: written, checked with the installed code, daemon restarted.
+    chart_config.write_text('[daemon]\nlog_level = "debug"\n')
+    runner.calls.clear()
+    inst.install(source)
+    assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "debug"\n'
+    assert runner.commands(str(prefix / CONFIG_PATH))  # load_config ran on it
+    assert ["systemctl", "restart", UNIT_NAME] in runner.calls
+
+    # Edited on the node: kept, and said so.
+    (prefix / CONFIG_PATH).write_text('[daemon]\nlog_level = "warning"\n')
+    chart_config.write_text('[daemon]\nlog_level = "error"\n')
+    runner.calls.clear()
+    inst.upgrade(source)
+    assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "warning"\n'
+    assert ["systemctl", "restart", UNIT_NAME] not in runner.calls
+    assert any("edited on this node" in line for line in lines)
+
+
+def test_upgrade_checks_the_new_managed_config_before_switching(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    chart_config = tmp_path / "chart-config.toml"
+    chart_config.write_text('[daemon]\nlog_level = "info"\n')
+    source.config_file = chart_config
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False, update_config=True)
+    first = inst.install(source)
+    chart_config.write_text("[daemon]\nbogus = 1\n")
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    runner.fail_on = "load_config"
+    with pytest.raises(NodeInstallError):
+        inst.upgrade(source)
+    assert os.readlink(prefix / VENV_LINK) == f"releases/{first.release}/venv"
+    assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "info"\n'
+
+
+def test_without_update_config_an_installed_config_is_kept(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    chart_config = tmp_path / "chart-config.toml"
+    chart_config.write_text('[daemon]\nlog_level = "info"\n')
+    source.config_file = chart_config
+    inst, _ = installer(prefix, FakeRunner(), start=False)
+    inst.install(source)
+    chart_config.write_text('[daemon]\nlog_level = "debug"\n')
+    inst.install(source)
+    assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "info"\n'
