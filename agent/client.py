@@ -20,19 +20,24 @@ from agent.protocol import (
     EVENT,
     EVENT_CONTAINER_EXITED,
     EVENT_EXEC_EXITED,
+    EVENT_PORT_FORWARD_CLOSED,
     FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
     MAX_DATA_CHUNK,
     NOT_FOUND,
+    PORT_FORWARD_STREAM_BASE,
+    PORT_FORWARD_WINDOW,
     PROTOCOL_VERSION,
     REQUEST,
     RESPONSE,
     STDIN,
+    STDOUT,
     SYNC,
     SYNC_MARKER,
     UNAVAILABLE,
     UNKNOWN_OP,
+    WINDOW,
     ContainerInfo,
     ContainerSpec,
     ExecSpec,
@@ -40,6 +45,7 @@ from agent.protocol import (
     ExitStatus,
     FrameDecoder,
     NetInterface,
+    PortForwardStarted,
     ProtocolError,
     ReadyInfo,
     StatsReport,
@@ -314,6 +320,109 @@ class ExecSession:
         self.queue.end()
 
 
+class PortForwardStream:
+    """A TCP connection to a port inside the guest, from ``AgentClient.port_forward``.
+
+    Each direction has a window of PORT_FORWARD_WINDOW bytes: ``write`` waits while the
+    guest has not written earlier data to the socket yet, and the guest stops reading
+    the socket while this side has not consumed what it sent.
+    """
+
+    def __init__(self, client: AgentClient, stream: int, port: int) -> None:
+        self._client = client
+        self.stream = stream
+        self.port = port
+        self.address = ""
+        self.error: str | None = None
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._send_credit = PORT_FORWARD_WINDOW
+        self._credit = asyncio.Event()
+        self._consumed = 0  # read by the caller, not yet granted back to the guest
+        self.finished = asyncio.Event()  # the guest released the connection
+
+    async def read(self) -> bytes:
+        """Next bytes from the pod; b"" once it closed its side (or the forward ended)."""
+        while not self._chunks:
+            if self._eof or self._closed:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        self._consumed += len(data)
+        if self._consumed >= PORT_FORWARD_WINDOW // 4 and not self.finished.is_set():
+            grant, self._consumed = self._consumed, 0
+            with contextlib.suppress(AgentError):
+                await self._client._send_frame(
+                    encode_data(self.stream, WINDOW, grant.to_bytes(4, "big"))
+                )
+        return data
+
+    async def write(self, data: bytes) -> None:
+        for start in range(0, len(data), MAX_DATA_CHUNK):
+            chunk = data[start : start + MAX_DATA_CHUNK]
+            while self._send_credit < len(chunk):
+                if self.finished.is_set() or self._closed:
+                    raise ConnectionResetError(f"port-forward to port {self.port} ended")
+                self._credit.clear()
+                await self._credit.wait()
+            if self.finished.is_set() or self._closed:
+                raise ConnectionResetError(f"port-forward to port {self.port} ended")
+            self._send_credit -= len(chunk)
+            await self._client._send_frame(encode_data(self.stream, STDIN, chunk))
+
+    async def close_write(self) -> None:
+        """Half-close: the pod's socket sees end of input."""
+        if not self.finished.is_set() and not self._closed:
+            with contextlib.suppress(AgentError):
+                await self._client._send_frame(encode_close(self.stream, STDIN))
+
+    async def close(self) -> None:
+        """Close both directions (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        if not self.finished.is_set():
+            with contextlib.suppress(AgentError):
+                await self._client._send_frame(encode_frame(CLOSE, self.stream, bytes((STDIN, 1))))
+
+    def _wake(self) -> None:
+        self._readable.set()
+        self._credit.set()
+
+    def _on_frame(self, kind: int, payload: bytes) -> None:
+        if kind == EVENT:
+            try:
+                message = decode_json(payload)
+            except ProtocolError:
+                return
+            if message.get("event") == EVENT_PORT_FORWARD_CLOSED:
+                self.error = message.get("error") or None
+                self._lost()
+            return
+        if not payload:
+            return
+        channel = payload[0]
+        if kind == DATA and channel == STDOUT:
+            self._chunks.append(payload[1:])
+            self._readable.set()
+        elif kind == DATA and channel == WINDOW and len(payload) == 5:
+            self._send_credit += int.from_bytes(payload[1:], "big")
+            self._credit.set()
+        elif kind == CLOSE and channel == STDOUT:
+            self._eof = True
+            self._readable.set()
+
+    def _lost(self) -> None:
+        self._eof = True
+        self.finished.set()
+        self._client._forwards.pop(self.stream, None)
+        self._wake()
+
+
 class ExecResult:
     __slots__ = ("exit_code", "stderr", "stdout", "timed_out")
 
@@ -351,6 +460,8 @@ class AgentClient:
         self._outputs: dict[int, ContainerOutput] = {}
         self._container_streams: dict[str, int] = {}
         self._early: dict[int, list[tuple[int, bytes]]] = {}
+        self._forwards: dict[int, PortForwardStream] = {}
+        self._forward_ids = itertools.count(PORT_FORWARD_STREAM_BASE)
         self._subscribers: list[asyncio.Queue[AgentEvent | None]] = []
         self._callbacks: list[Callable[[AgentEvent], None]] = []
         self._write_lock = asyncio.Lock()
@@ -469,6 +580,10 @@ class AgentClient:
                 future.set_result(message.get("result"))
             else:
                 future.set_exception(error_from_wire(message.get("error") or {}))
+        elif stream >= PORT_FORWARD_STREAM_BASE:
+            forward = self._forwards.get(stream)
+            if forward is not None:
+                forward._on_frame(kind, payload)
         elif kind == DATA and payload:
             target = self._execs.get(stream) or self._outputs.get(stream)
             if target is not None:
@@ -539,6 +654,8 @@ class AgentClient:
         for output in self._outputs.values():
             output.queue.end()
         self._outputs.clear()
+        for forward in list(self._forwards.values()):
+            forward._lost()
         for queue in self._subscribers:
             queue.put_nowait(None)
         self._writer.close()
@@ -758,6 +875,22 @@ class AgentClient:
         await self.request(
             "update_container", {"container_id": container_id, "resources": resources}
         )
+
+    async def port_forward(self, port: int, *, timeout: float = 20.0) -> PortForwardStream:
+        """Open a TCP connection to 127.0.0.1:port (or [::1]:port) inside the guest."""
+        stream = next(self._forward_ids)
+        forward = PortForwardStream(self, stream, port)
+        self._forwards[stream] = forward
+        try:
+            result = await self.request(
+                "port_forward", {"port": port, "stream": stream}, timeout=timeout
+            )
+        except BaseException:
+            self._forwards.pop(stream, None)
+            raise
+        started: PortForwardStarted = PortForwardStarted.from_dict(result)
+        forward.address = started.address
+        return forward
 
     async def shutdown(self, *, grace: float = 10.0) -> None:
         """Stop every container (SIGTERM, grace, SIGKILL) and power the VM off."""

@@ -66,6 +66,14 @@ KIND_NAMES = {
 STDIN = 0
 STDOUT = 1
 STDERR = 2
+#: Port-forward streams only: a 4-byte big-endian count of bytes the sender may send more.
+WINDOW = 3
+
+#: Port-forward stream ids are chosen by the host from this value up (the guest numbers
+#: its exec and container streams from 1).
+PORT_FORWARD_STREAM_BASE = 0x40000000
+#: Bytes either side may send on a port-forward stream before the other grants more.
+PORT_FORWARD_WINDOW = 1 << 20
 
 # Error codes carried in failed responses.
 NOT_FOUND = "NOT_FOUND"
@@ -82,6 +90,7 @@ EVENT_CONTAINER_EXITED = "container_exited"
 EVENT_CONTAINER_OOM = "container_oom"
 EVENT_EXEC_EXITED = "exec_exited"
 EVENT_OUTPUT_DROPPED = "output_dropped"
+EVENT_PORT_FORWARD_CLOSED = "port_forward_closed"
 
 
 class ProtocolError(Exception):
@@ -496,6 +505,12 @@ class StatsReport(Record):
 class ExecStarted(Record):
     stream: int
     pid: int = 0
+
+
+class PortForwardStarted(Record):
+    stream: int
+    #: The address the guest connected to, e.g. "127.0.0.1:8080".
+    address: str = ""
 
 
 class NetRoute(Record):

@@ -29,6 +29,7 @@ from agent.protocol import (
     FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
+    PORT_FORWARD_STREAM_BASE,
     PROTOCOL_VERSION,
     REQUEST,
     RESPONSE,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from agent.guest.containers import ContainerManager
+    from agent.guest.portforward import PortForwards
 
 _START_UPTIME: float | None = None
 
@@ -79,6 +81,7 @@ class Server:
         self.spawner = Spawner(self.reaper)
         self._manager: ContainerManager | None = None
         self._manager_lock = threading.Lock()
+        self._forwards: PortForwards | None = None
         self._ops: dict[str, Callable[[dict[str, Any], int], Any]] = {
             "hello": self.op_hello,
             "ping": lambda args, gen: {"time_ns": time.time_ns()},
@@ -101,6 +104,7 @@ class Server:
             "write_files": self.op_write_files,
             "remove_volumes": self.op_remove_volumes,
             "update_container": self.op_update_container,
+            "port_forward": self.op_port_forward,
         }
 
     # ------------------------------------------------------------------ main loop
@@ -140,8 +144,13 @@ class Server:
             self.writer.resync(self.generation)
             if self._manager is not None:
                 self._manager.reset_connection(self.generation)
+            if self._forwards is not None:
+                self._forwards.reset_connection(self.generation)
         elif frame.kind == REQUEST:
             self.handle_request(frame.payload)
+        elif frame.kind in (DATA, CLOSE) and frame.stream >= PORT_FORWARD_STREAM_BASE:
+            if self._forwards is not None:
+                self._forwards.handle_frame(frame)
         elif frame.kind in (DATA, CLOSE):
             manager = self._manager
             target = manager.streams.get(frame.stream) if manager is not None else None
@@ -427,6 +436,15 @@ class Server:
         if target is None:
             raise not_found(f"stream {args['stream']} does not exist")
         target.resize(int(args["cols"]), int(args["rows"]))
+
+    def op_port_forward(self, args: dict[str, Any], generation: int) -> AfterReply:
+        from agent.guest.portforward import PortForwards
+
+        with self._manager_lock:
+            if self._forwards is None:
+                self._forwards = PortForwards(self.writer)
+        result, forward = self._forwards.open(args, generation)
+        return AfterReply(result, forward.start)
 
     def op_shutdown(self, args: dict[str, Any], generation: int) -> None:
         grace = float(args.get("grace", 10.0))
