@@ -71,6 +71,10 @@ class Config:
             raise ConfigError("daemon.cgroup_driver must be 'cgroupfs' or 'systemd'")
         if self.vm.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError("vm.accel must be 'auto', 'kvm' or 'tcg'")
+        if self.vm.ksm_pages_to_scan < 0:
+            raise ConfigError("vm.ksm_pages_to_scan must be 0 (leave as is) or more")
+        if not 0 <= self.metrics.port <= 65535:
+            raise ConfigError("metrics.port must be 0 (any free port) to 65535")
         return self
 
 

@@ -24,11 +24,13 @@ from cri.config import Config
 from cri.images.hosts import RegistryHosts
 from cri.images.service import ImageService
 from cri.images.store import ImageStore
+from cri.metrics import MetricsExporter, MetricsServer, RuntimeMetrics
 from cri.runtime.service import Runtime, RuntimeService
 from cri.runtime.state import RuntimeState
 from cri.store import Store
 from sandbox.guest import GuestAssetsMissing
 from sandbox.pod import SandboxHost
+from sandbox.vm import configure_host_ksm
 
 log = logging.getLogger("clearcri.server")
 
@@ -75,6 +77,8 @@ class Daemon:
         self.store: Store | None = None
         self.images: ImageStore | None = None
         self.extras: list[Any] = []
+        self.metrics = RuntimeMetrics()
+        self.metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -84,14 +88,30 @@ class Daemon:
             self.store = Store(cfg.daemon.state_dir / "state.db")
             hosts = RegistryHosts.from_dict(cfg.registry)
             self.images = ImageStore(self.store, cfg.daemon.state_dir / "images", hosts=hosts)
+            self.images.pull_observer = self.metrics.image_pulled
+            if cfg.vm.host_ksm:
+                ksm = await asyncio.to_thread(configure_host_ksm, cfg.vm.ksm_pages_to_scan)
+                log.info("%s", ksm)
             try:
                 host = await asyncio.to_thread(SandboxHost, cfg.vm)
             except (GuestAssetsMissing, ValueError) as exc:
                 raise DaemonError(str(exc)) from exc
             state = RuntimeState(self.store)
             self.runtime = Runtime(cfg, state, host, self.images)
+            self.runtime.metrics = self.metrics
             await self.runtime.recover()
             service = RuntimeService(self.runtime)
+            service.observe = self.metrics.observe_cri
+            if cfg.metrics.enabled:
+                exporter = MetricsExporter(self.metrics, self.runtime)
+                self.metrics_server = MetricsServer(exporter, cfg.metrics.address, cfg.metrics.port)
+                try:
+                    await self.metrics_server.start()
+                except OSError as exc:
+                    raise DaemonError(
+                        f"cannot serve metrics on {cfg.metrics.address}:{cfg.metrics.port}: "
+                        f"{exc.strerror or exc}; set [metrics] port or enabled = false"
+                    ) from exc
             server = grpc.aio.server(
                 options=[
                     ("grpc.max_receive_message_length", 16 << 20),
@@ -130,6 +150,9 @@ class Daemon:
         if self.server is not None:
             await self.server.stop(grace=5)
             self.server = None
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         for extra in self.extras:
             with contextlib.suppress(Exception):
                 await extra.stop()

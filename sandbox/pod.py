@@ -74,6 +74,10 @@ class SandboxConfig:
     image_slots: int = 4
     tcg_tb_size_mib: int = 16
     mem_merge: bool = True
+    # Turn the host's KSM on at daemon start where /sys allows it (docs/metrics.md:
+    # memory saved vs. side channels); 0 leaves ksmd's pages_to_scan as it is.
+    host_ksm: bool = False
+    ksm_pages_to_scan: int = 0
     boot_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
     sandbox_filter: bool = True

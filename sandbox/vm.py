@@ -301,3 +301,26 @@ class VmProcess:
                 signal.pidfd_send_signal(self._pidfd, sig)
             else:
                 os.kill(self.pid, sig)
+
+
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+
+
+def configure_host_ksm(pages_to_scan: int = 0, ksm_dir: Path = KSM_DIR) -> str:
+    """Switch the host's KSM on (``run`` = 1) and, if ``pages_to_scan`` > 0, set how many
+    pages ksmd scans per wake-up. QEMU marks guest RAM mergeable (``mem-merge=on``);
+    without ksmd running nothing is merged. Where the host has no KSM or refuses the
+    write (a read-only /sys in a container), nothing changes. Returns what happened,
+    for the log; raises nothing."""
+    run = ksm_dir / "run"
+    if not run.exists():
+        return f"host KSM not available ({ksm_dir} missing); guest memory is not merged"
+    try:
+        if pages_to_scan > 0:
+            (ksm_dir / "pages_to_scan").write_text(f"{pages_to_scan}\n")
+        if run.read_text().strip() != "1":
+            run.write_text("1\n")
+    except OSError as exc:
+        return f"host KSM left as it is: cannot write {ksm_dir}: {exc.strerror or exc}"
+    scan = (ksm_dir / "pages_to_scan").read_text().strip()
+    return f"host KSM on (pages_to_scan={scan})"

@@ -157,6 +157,8 @@ class ImageStore:
         self._leases: Counter[str] = Counter()
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._builds_running = 0
+        # called with (succeeded, seconds) after every pull (cri/metrics.py)
+        self.pull_observer: Callable[[bool, float], None] | None = None
         self.recover()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -280,12 +282,18 @@ class ImageStore:
     async def _pull(
         self, ref: Reference, credentials: Credentials | None, progress: Progress | None
     ) -> ImageRecord:
+        started = time.monotonic()
         try:
-            return await self._pull_once(ref, credentials, progress)
+            record = await self._pull_once(ref, credentials, progress)
         except BaseException:
             # a failed pull keeps nothing: drop the blobs it fetched that no image uses
             self.garbage_collect()
+            if self.pull_observer is not None:
+                self.pull_observer(False, time.monotonic() - started)
             raise
+        if self.pull_observer is not None:
+            self.pull_observer(True, time.monotonic() - started)
+        return record
 
     async def _pull_once(
         self, ref: Reference, credentials: Credentials | None, progress: Progress | None

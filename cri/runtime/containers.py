@@ -14,7 +14,7 @@ import signal
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cri_api.v1 import api_pb2
 
@@ -43,6 +43,9 @@ from cri.runtime.state import (
     encode_proto,
 )
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
+
+if TYPE_CHECKING:
+    from cri.metrics import RuntimeMetrics
 
 log = logging.getLogger("clearcri.runtime")
 
@@ -118,6 +121,8 @@ def _collect_volume(host_path: Path) -> list[dict[str, Any]]:
 
 
 class ContainerOps(RuntimeCore):
+    metrics: RuntimeMetrics | None = None  # set by the daemon (cri/metrics.py)
+
     async def create_container(
         self,
         pod_id: str,
@@ -285,6 +290,7 @@ class ContainerOps(RuntimeCore):
                 f"container {ctr.id} is {api_pb2.ContainerState.Name(ctr.state)}, not CREATED"
             )
         sandbox = self.running_sandbox(ctr.pod_id)
+        started = time.monotonic()
         self._open_io(ctr, sandbox)
         try:
             await sandbox.start_container(ctr.id)
@@ -295,6 +301,8 @@ class ContainerOps(RuntimeCore):
         ctr.started_at_ns = time.time_ns()
         self.state.save_container(ctr)
         self._watch_exit(ctr, sandbox)
+        if self.metrics is not None:
+            self.metrics.container_started(ctr.pod_id, time.monotonic() - started)
         log.info("container=%s started", ctr.id[:12])
         self.publish(api_pb2.CONTAINER_STARTED_EVENT, ctr.id, self.state.pods.get(ctr.pod_id))
 

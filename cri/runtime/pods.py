@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
@@ -28,6 +29,9 @@ from cri.runtime.state import (
     encode_proto,
 )
 from sandbox.pod import PodSandbox, SandboxError, SandboxSpec
+
+if TYPE_CHECKING:
+    from cri.metrics import RuntimeMetrics
 
 log = logging.getLogger("clearcri.runtime")
 
@@ -47,6 +51,8 @@ def _hosts_file(hostname: str) -> str:
 
 
 class PodOps(RuntimeCore):
+    metrics: RuntimeMetrics | None = None  # set by the daemon (cri/metrics.py)
+
     async def run_pod_sandbox(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
         meta = config.metadata
         if not meta.name or not meta.namespace or not meta.uid:
@@ -125,6 +131,8 @@ class PodOps(RuntimeCore):
             await sandbox.destroy()
             raise
         self._watch_sandbox(pod, sandbox)
+        if self.metrics is not None:
+            self.metrics.sandbox_started(pod_id, sandbox.boot, pod.boot_seconds)
         log.info(
             "pod=%s name=%s/%s started boot=%.2fs",
             pod_id[:12],
@@ -144,6 +152,8 @@ class PodOps(RuntimeCore):
         pod = self.state.pods.get(pod_id)
         if pod is None:
             return
+        if self.metrics is not None and pod.state == POD_READY:
+            self.metrics.vm_crashed(reason)
         pod.state = POD_NOTREADY
         pod.reason = reason
         now = time.time_ns()

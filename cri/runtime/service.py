@@ -11,6 +11,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from cri.metrics import list_pod_sandbox_metrics, metric_descriptors
 from cri.runtime.containers import ContainerOps
 from cri.runtime.errors import CriError, InvalidArgument, Unimplemented
 from cri.runtime.pods import VM_HANDLER, PodOps
@@ -322,13 +323,15 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     async def ListMetricDescriptors(
         self, request: api_pb2.ListMetricDescriptorsRequest, context: Context
     ) -> api_pb2.ListMetricDescriptorsResponse:
-        return api_pb2.ListMetricDescriptorsResponse()
+        return api_pb2.ListMetricDescriptorsResponse(descriptors=metric_descriptors())
 
     @cri_call
     async def ListPodSandboxMetrics(
         self, request: api_pb2.ListPodSandboxMetricsRequest, context: Context
     ) -> api_pb2.ListPodSandboxMetricsResponse:
-        return api_pb2.ListPodSandboxMetricsResponse()
+        return api_pb2.ListPodSandboxMetricsResponse(
+            pod_metrics=await list_pod_sandbox_metrics(self.runtime)
+        )
 
     @cri_call
     async def CheckpointContainer(
