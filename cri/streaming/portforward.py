@@ -196,9 +196,18 @@ async def serve_websocket_channels(
                 await ws.send_binary(bytes((2 * index,)) + chunk[start : start + spdy.SEND_CHUNK])
 
     readers = [asyncio.ensure_future(downstream(i, p)) for i, p in enumerate(ports)]
+    all_done = asyncio.ensure_future(asyncio.wait(readers))
     try:
         while True:
-            message = await ws.receive()
+            receiver = asyncio.ensure_future(ws.receive())
+            await asyncio.wait({receiver, all_done}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():
+                # Every pod connection ended: the session is over.
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiver
+                break
+            message = receiver.result()
             if message is None:
                 break
             if message.opcode != websocket.BINARY or not message.data:
@@ -206,9 +215,8 @@ async def serve_websocket_channels(
             number = message.data[0]
             if number % 2 == 0 and (channel := channels.get(number // 2)) is not None:
                 await channel.write(message.data[1:])
-            if all(task.done() for task in readers):
-                break
     finally:
+        all_done.cancel()
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)

@@ -161,6 +161,7 @@ class SpdyCommandChannels(CommandChannels):
     def __init__(self, conn: SpdyConnection, streams: dict[str, SpdyStream]) -> None:
         super().__init__()
         self.conn = conn
+        self.closed = conn.closed
         self.streams = streams
         self._resize = ResizeDecoder()
         self._sizes: list[tuple[int, int]] = []
