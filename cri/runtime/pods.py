@@ -43,6 +43,14 @@ def _label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _pod_hostname(config: api_pb2.PodSandboxConfig) -> str:
+    """The pod's hostname: the one asked for, else the pod name cut to the 63 bytes a
+    hostname may have (as kubelet does), without a trailing '-' or '.'."""
+    if config.hostname:
+        return config.hostname
+    return config.metadata.name[:63].rstrip("-.")
+
+
 def _hosts_file(hostname: str) -> str:
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     if hostname:
@@ -91,9 +99,9 @@ class PodOps(RuntimeCore):
         res = config.linux.resources
         spec = SandboxSpec(
             sandbox_id=pod_id,
-            hostname=config.hostname or meta.name,
+            hostname=_pod_hostname(config),
             resolv_conf=resolv_conf(config.dns_config),
-            hosts=_hosts_file(config.hostname or meta.name),
+            hosts=_hosts_file(_pod_hostname(config)),
             cpu_quota_us=res.cpu_quota,
             cpu_period_us=res.cpu_period,
             memory_limit_bytes=res.memory_limit_in_bytes,
