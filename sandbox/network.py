@@ -59,6 +59,7 @@ CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703
 MS_BIND = 4096
 MNT_DETACH = 2
 TUNSETIFF = 0x400454CA
@@ -795,8 +796,7 @@ def is_netns_mount(path: Path) -> bool:
     """True if ``path`` is a bind-mounted network namespace."""
     try:
         with open(path, "rb") as ns:
-            fcntl.ioctl(ns.fileno(), 0xB702)  # NS_GET_NSTYPE
-            return True
+            return fcntl.ioctl(ns.fileno(), NS_GET_NSTYPE) == CLONE_NEWNET
     except OSError:
         return False
 
