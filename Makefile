@@ -1,7 +1,7 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools run demo test lint bench
+.PHONY: deps guest tools run demo test lint bench conformance
 
 deps:
 	scripts/install-deps.sh
@@ -28,3 +28,9 @@ test: guest tools lint
 
 bench: guest
 	clearcri bench boot --guest-dir $(GUEST_DIR)
+
+# critest offline against clearcri; fails when a spec of tests/conformance/expected-pass.txt
+# fails. CONFORMANCE_ARGS="--expected-only" runs just those specs (CI);
+# "--runtime containerd" runs the containerd + runc baseline.
+conformance: guest tools
+	CLEARCRI_GUEST_DIR=$(GUEST_DIR) scripts/conformance.sh --check $(CONFORMANCE_ARGS)

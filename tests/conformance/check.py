@@ -1,0 +1,127 @@
+"""Compare a critest JUnit report with the list of specs expected to pass.
+
+The list (``expected-pass.txt``, one spec name per line, ``#`` comments) only grows: a
+spec on it that did not pass in the report fails the check, with the reason critest
+gave. Specs that passed but are not on the list are printed so they can be added
+(``--update`` adds them and never removes a line).
+
+    python3 -m tests.conformance.check REPORT.xml [--expected FILE] [--update]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+EXPECTED_PASS = Path(__file__).resolve().parent / "expected-pass.txt"
+IGNORED = ("[BeforeSuite]", "[AfterSuite]", "[SynchronizedBeforeSuite]", "[ReportAfterSuite]")
+
+
+@dataclass(frozen=True)
+class SpecResult:
+    name: str  # the spec text, without ginkgo's "[It] " node prefix
+    outcome: str  # "passed", "failed" or "skipped"
+    seconds: float
+    message: str  # first line of the failure or skip message
+
+
+def spec_name(testcase_name: str) -> str:
+    return testcase_name.removeprefix("[It] ").strip()
+
+
+def read_report(path: Path) -> list[SpecResult]:
+    """The specs in a ginkgo JUnit report (suite set-up nodes left out)."""
+    results = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        if name.startswith(IGNORED):
+            continue
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        skipped = case.find("skipped")
+        if failure is not None:
+            outcome, node = "failed", failure
+        elif skipped is not None:
+            outcome, node = "skipped", skipped
+        else:
+            outcome, node = "passed", None
+        message = ""
+        if node is not None:
+            text = (node.get("message") or node.text or "").strip()
+            message = text.splitlines()[0] if text else ""
+        results.append(
+            SpecResult(spec_name(name), outcome, float(case.get("time", "0") or 0), message)
+        )
+    return results
+
+
+def summary_line(results: list[SpecResult]) -> str:
+    counts = {outcome: 0 for outcome in ("passed", "failed", "skipped")}
+    for result in results:
+        counts[result.outcome] += 1
+    return f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+
+
+def read_expected(path: Path = EXPECTED_PASS) -> list[str]:
+    if not path.exists():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def focus_regex(names: list[str]) -> str:
+    """A ginkgo focus expression (Go RE2) that selects exactly these specs."""
+    special = set("\\.+*?()|[]{}^$")
+    quoted = ("".join("\\" + c if c in special else c for c in name) for name in names)
+    return "^(" + "|".join(quoted) + ")$"
+
+
+def update_expected(path: Path, additions: list[str]) -> None:
+    text = path.read_text() if path.exists() else ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    path.write_text(text + "".join(f"{name}\n" for name in sorted(additions)))
+
+
+def check(report: Path, expected_path: Path, update: bool = False) -> int:
+    results = read_report(report)
+    by_name = {result.name: result for result in results}
+    expected = read_expected(expected_path)
+    broken = []
+    for name in expected:
+        result = by_name.get(name)
+        if result is None:
+            broken.append(f"  {name}\n      not run (missing from the report)")
+        elif result.outcome != "passed":
+            broken.append(f"  {name}\n      {result.outcome}: {result.message}")
+    newly = sorted(r.name for r in results if r.outcome == "passed" and r.name not in expected)
+    print(f"{report}: {summary_line(results)}; {len(expected)} expected to pass")
+    if newly:
+        print(f"{len(newly)} passing spec(s) not yet on {expected_path.name}:")
+        for name in newly:
+            print(f"  {name}")
+        if update:
+            update_expected(expected_path, newly)
+            print(f"added them to {expected_path}")
+    if broken:
+        print(f"{len(broken)} spec(s) expected to pass did not:")
+        print("\n".join(broken))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check a critest JUnit report.")
+    parser.add_argument("report", type=Path)
+    parser.add_argument("--expected", type=Path, default=EXPECTED_PASS)
+    parser.add_argument("--update", action="store_true", help="add newly passing specs")
+    args = parser.parse_args(argv)
+    return check(args.report, args.expected, args.update)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

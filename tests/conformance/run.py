@@ -1,0 +1,488 @@
+"""Run critest offline against clearcri (or Debian's containerd + runc for comparison).
+
+One command does it all and cleans up after itself:
+
+1. builds crictl, critest and ginkgo once (``scripts/build-cri-tools.sh``, cached);
+2. starts Debian's ``docker-registry`` on 127.0.0.1 (port 5000, or a free port when
+   5000 is taken) with its storage in the work directory, and pushes the image set of
+   ``tests/conformance/images.py``;
+3. starts the runtime under test with registry.k8s.io, gcr.io and k8s.gcr.io mirrored
+   to that registry: ``clearcri serve`` with a config of its own, or ``containerd`` with
+   a certs.d ``hosts.toml`` per registry and a CNI bridge of its own;
+4. runs critest (serially unless ``--parallel N``), writing ``junit.xml``,
+   ``critest.log`` and ``summary.txt`` (``N passed, M failed, K skipped``) to the report
+   directory;
+5. removes every pod it left, stops the runtime and the registry by PID, and removes
+   the work directory.
+
+    python3 -m tests.conformance.run [--runtime clearcri|containerd] [--expected-only]
+        [--focus REGEX] [--skip REGEX] [--parallel N] [--report-dir DIR] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tests.conformance import check, images
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS_DIR = Path.home() / ".cache" / "clearcri" / "bin"
+GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", "/var/lib/clearcri/guest"))
+MIRRORED = ("registry.k8s.io", "gcr.io", "k8s.gcr.io")
+SANDBOX_IMAGE = f"registry.k8s.io/{images.SANDBOX_IMAGE_PATH}"
+# Pinned to an upstream digest, so it cannot pass offline.
+ALWAYS_SKIP = ("public image with digest",)
+HOST_PORTS = (12000, 12001, 12002, 12003)  # critest binds these on the host
+# CNI network of the containerd baseline: a bridge and subnet nothing else uses.
+BRIDGE = "ccconf0"
+SUBNET = "10.231.0.0/24"
+
+
+def log(message: str) -> None:
+    print(f"conformance: {message}", file=sys.stderr, flush=True)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(
+    what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with status {proc.returncode}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"{what} not ready within {timeout:.0f} s")
+
+
+class Process:
+    """A child process started here and stopped here, by its PID."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path | None = None):
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=cwd
+            )
+        log(f"started {name} (pid {self.proc.pid})")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        log(f"stopped {self.name} (pid {self.proc.pid})")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class LocalRegistry:
+    def __init__(self, work: Path) -> None:
+        port = 5000 if port_free(5000) else free_port()
+        self.host = f"127.0.0.1:{port}"
+        config = work / "registry.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {work / 'registry'}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n"
+        )
+        self.process = Process(
+            "docker-registry", ["docker-registry", "serve", str(config)], work / "registry.log"
+        )
+        wait_for("docker-registry", self._answers, self.process.proc, 30)
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+# --------------------------------------------------------------------------- runtimes
+
+
+class Runtime:
+    """A CRI runtime started for one run, with its own state under the work dir."""
+
+    name = ""
+    socket: Path
+    process: Process
+
+    def __init__(self, work: Path, registry: str) -> None:
+        self.work = work
+
+    def endpoint(self) -> str:
+        return f"unix://{self.socket}"
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+def crictl(work: Path, endpoint: str, *args: str, timeout: float = 300) -> str:
+    config = work / "crictl.yaml"
+    if not config.exists():
+        config.write_text(
+            f"runtime-endpoint: {endpoint}\nimage-endpoint: {endpoint}\ntimeout: 120\n"
+        )
+    result = subprocess.run(
+        [str(TOOLS_DIR / "crictl"), "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result.stdout
+
+
+def remove_all_pods(work: Path, endpoint: str) -> None:
+    """What a failed or interrupted spec left behind."""
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        pods = crictl(work, endpoint, "pods", "-q").split()
+        if pods:
+            log(f"removing {len(pods)} pod(s) left behind")
+            crictl(work, endpoint, "rmp", "-f", *pods)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (children of what this run started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def unmount_under(root: Path) -> None:
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(root) or point.startswith(f"{root}/"):
+                mounts.append(point)
+    for point in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+class Clearcri(Runtime):
+    name = "clearcri"
+
+    def __init__(self, work: Path, registry: str) -> None:
+        self.work = work
+        self.socket = work / "run" / "clearcri.sock"
+        lines = [
+            "[daemon]",
+            f'socket = "{self.socket}"',
+            f'state_dir = "{work / "state"}"',
+            f'run_dir = "{work / "run"}"',
+            f'log_dir = "{work / "log"}"',
+            f'sandbox_image = "{SANDBOX_IMAGE}"',
+            "[vm]",
+            f'guest_dir = "{GUEST_DIR}"',
+            "[streaming]",
+            'address = "127.0.0.1"',
+            "[metrics]",
+            "enabled = false",
+        ]
+        for host in MIRRORED:
+            lines += [f'[registry.mirrors."{host}"]', f'endpoints = ["http://{registry}"]']
+        config = work / "clearcri.toml"
+        config.write_text("\n".join(lines) + "\n")
+        self.process = Process(
+            "clearcri serve",
+            [sys.executable, "-m", "cri.cli", "serve", "--config", str(config)],
+            work / "runtime.log",
+            cwd=REPO,
+        )
+        wait_for("clearcri serve", self._serving, self.process.proc, 120)
+
+    def _serving(self) -> bool:
+        return self.socket.exists() and bool(crictl(self.work, self.endpoint(), "version"))
+
+    def stop(self) -> None:
+        remove_all_pods(self.work, self.endpoint())
+        self.process.stop()
+        # The daemon leaves pod VMs running for its successor; this run has none.
+        for pid in processes_mentioning(str(self.work / "run")):
+            log(f"killing leftover VM process {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class Containerd(Runtime):
+    """Debian's containerd 1.6 with runc: the baseline the table compares against."""
+
+    name = "containerd"
+
+    def __init__(self, work: Path, registry: str) -> None:
+        self.work = work
+        base = work / "containerd"
+        self.socket = base / "containerd.sock"
+        certs = work / "certs.d"
+        for host in MIRRORED:
+            (certs / host).mkdir(parents=True)
+            (certs / host / "hosts.toml").write_text(
+                f'server = "https://{host}"\n\n[host."http://{registry}"]\n'
+                '  capabilities = ["pull", "resolve"]\n'
+            )
+        cni_conf = work / "cni"
+        cni_conf.mkdir()
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "clearcri-conformance",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": SUBNET}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(work / "cni-ipam"),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }
+        (cni_conf / "10-conformance.conflist").write_text(json.dumps(conflist, indent=2))
+        cri = '[plugins."io.containerd.grpc.v1.cri"]'
+        config = work / "containerd.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{base / "root"}"\n'
+            f'state = "{base / "state"}"\n'
+            f'[grpc]\n  address = "{self.socket}"\n'
+            f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
+            '[debug]\n  level = "warn"\n'
+            f"{cri}\n"
+            f'  sandbox_image = "{SANDBOX_IMAGE}"\n'
+            "  restrict_oom_score_adj = true\n"
+            f"{cri[:-1]}.containerd]\n"
+            '  default_runtime_name = "runc"\n'
+            f"{cri[:-1]}.containerd.runtimes.runc]\n"
+            '  runtime_type = "io.containerd.runc.v2"\n'
+            f"{cri[:-1]}.cni]\n"
+            '  bin_dir = "/usr/lib/cni"\n'
+            f'  conf_dir = "{cni_conf}"\n'
+            f"{cri[:-1]}.registry]\n"
+            f'  config_path = "{certs}"\n'
+        )
+        self.process = Process(
+            "containerd", ["containerd", "--config", str(config)], work / "runtime.log"
+        )
+        wait_for("containerd", self._serving, self.process.proc, 60)
+
+    def _serving(self) -> bool:
+        return self.socket.exists() and bool(crictl(self.work, self.endpoint(), "version"))
+
+    def stop(self) -> None:
+        remove_all_pods(self.work, self.endpoint())
+        self.process.stop()
+        for pid in processes_mentioning(str(self.socket)):  # shims of this containerd
+            log(f"stopping leftover shim {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        unmount_under(self.work)
+        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"clearcri": Clearcri, "containerd": Containerd}
+
+
+# --------------------------------------------------------------------------- critest
+
+
+def build_tools() -> None:
+    subprocess.run([str(REPO / "scripts" / "build-cri-tools.sh"), str(TOOLS_DIR)], check=True)
+
+
+def critest_argv(args: argparse.Namespace, endpoint: str, report_dir: Path) -> list[str]:
+    argv = [
+        str(TOOLS_DIR / "critest"),
+        f"-runtime-endpoint={endpoint}",
+        f"-image-endpoint={endpoint}",
+        f"-ginkgo.junit-report={report_dir / 'junit.xml'}",
+        f"-ginkgo.timeout={args.timeout}",
+        "-ginkgo.no-color",
+        "-ginkgo.v",
+    ]
+    focus = args.focus
+    if args.expected_only:
+        focus = check.focus_regex(check.read_expected())
+    if focus:
+        argv.append(f"-ginkgo.focus={focus}")
+    for pattern in [*ALWAYS_SKIP, *args.skip]:
+        argv.append(f"-ginkgo.skip={pattern}")
+    if args.parallel > 1:
+        argv.append(f"-parallel={args.parallel}")
+    return argv
+
+
+def run_critest(args: argparse.Namespace, runtime: Runtime, report_dir: Path) -> float:
+    argv = critest_argv(args, runtime.endpoint(), report_dir)
+    env = dict(os.environ, PATH=f"{TOOLS_DIR}:{os.environ.get('PATH', '')}")
+    busy = [port for port in HOST_PORTS if not port_free(port)]
+    if busy:
+        log(f"warning: host ports {busy} are in use; the port specs will fail")
+    log(f"running critest against {runtime.name}; output in {report_dir / 'critest.log'}")
+    started = time.monotonic()
+    with (report_dir / "critest.log").open("wb") as out:
+        subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=report_dir)
+    return time.monotonic() - started
+
+
+def write_summary(report_dir: Path, runtime: str, seconds: float, total: float) -> str:
+    junit = report_dir / "junit.xml"
+    if not junit.exists():
+        raise SystemExit(f"critest wrote no report; see {report_dir / 'critest.log'}")
+    results = check.read_report(junit)
+    line = check.summary_line(results)
+    (report_dir / "summary.txt").write_text(f"{line}\n")
+    (report_dir / "results.json").write_text(
+        json.dumps(
+            {
+                "runtime": runtime,
+                "critest_seconds": round(seconds, 1),
+                "total_seconds": round(total, 1),
+                "specs": [
+                    {
+                        "name": r.name,
+                        "outcome": r.outcome,
+                        "seconds": round(r.seconds, 2),
+                        "message": r.message,
+                    }
+                    for r in results
+                ],
+            },
+            indent=1,
+        )
+    )
+    return line
+
+
+@contextlib.contextmanager
+def work_dir(keep: bool) -> Iterator[Path]:
+    # Short: clearcri's VM sockets live under it and unix socket paths are limited.
+    path = Path(tempfile.mkdtemp(prefix="ccconf-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        unmount_under(path)
+        if keep:
+            log(f"kept work directory {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}; cleaning up")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run critest offline against a CRI runtime.")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="clearcri")
+    parser.add_argument("--report-dir", type=Path, help="default: build/conformance/<runtime>")
+    parser.add_argument("--focus", default="", help="ginkgo focus regex")
+    parser.add_argument("--skip", action="append", default=[], help="ginkgo skip regex")
+    parser.add_argument(
+        "--expected-only", action="store_true", help="run only the specs in expected-pass.txt"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="critest -parallel")
+    parser.add_argument("--timeout", default="4h", help="ginkgo suite timeout")
+    parser.add_argument(
+        "--check", action="store_true", help="fail when an expected-pass spec did not pass"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("critest needs root (namespaces, host ports, ipcmk)")
+    report_dir = (args.report_dir or REPO / "build" / "conformance" / args.runtime).resolve()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("junit.xml", "summary.txt", "results.json"):
+        (report_dir / stale).unlink(missing_ok=True)
+    # SIGTERM or SIGINT (even where a background job ignores SIGINT) ends the run
+    # through the same clean-up as an error
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_on_signal)
+    started = time.monotonic()
+    build_tools()
+    with work_dir(args.keep) as work:
+        registry = LocalRegistry(work)
+        runtime: Runtime | None = None
+        try:
+            log(f"pushing the image set to {registry.host}")
+            inputs = images.Inputs(images.DEFAULT_CACHE)
+            inputs.prepare()
+            images.push_all(registry.host, images.image_set(inputs))
+            runtime = RUNTIMES[args.runtime](work, registry.host)
+            seconds = run_critest(args, runtime, report_dir)
+        finally:
+            if runtime is not None:
+                runtime.stop()
+                with contextlib.suppress(OSError):
+                    shutil.copy(runtime.process.log_path, report_dir / "runtime.log")
+            registry.stop()
+    total = time.monotonic() - started
+    line = write_summary(report_dir, args.runtime, seconds, total)
+    print(f"{args.runtime}: {line} (critest {seconds / 60:.1f} min, total {total / 60:.1f} min)")
+    print(f"report: {report_dir / 'junit.xml'}")
+    if args.check:
+        return check.check(report_dir / "junit.xml", check.EXPECTED_PASS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
