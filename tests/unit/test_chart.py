@@ -56,7 +56,7 @@ VALUES: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.corp/clearcri-node", "tag": "0.1.0-1"},
         "imagePullSecrets": [{"name": "corp-pull"}],
         "install": {"cni": True, "cniSubnet": "10.244.0.0/16", "requireKubeletRuntime": False},
-        "ksm": {"enableOnHost": True, "mergeGuestMemory": False},
+        "ksm": {"enableOnHost": True, "mergeGuestMemory": False, "pagesToScan": 2000},
         "config": {
             "logLevel": "debug",
             "cgroupDriver": "systemd",
@@ -271,6 +271,7 @@ def test_default_config_is_a_valid_daemon_config(tmp_path: Path) -> None:
     assert config.daemon.socket == Path("/run/clearcri/clearcri.sock")
     assert config.vm.guest_dir == Path("/opt/clearcri/guest")
     assert config.vm.default_memory_mib == 256 and config.vm.mem_merge
+    assert not config.vm.host_ksm and config.vm.ksm_pages_to_scan == 0
     assert config.metrics.enabled and config.metrics.address == "0.0.0.0"
     assert config.metrics.port == 9464
     assert config.registry == {}
@@ -336,6 +337,7 @@ def test_everything_set(tmp_path: Path) -> None:
         512,
     )
     assert config.vm.max_vcpus == 8 and not config.vm.mem_merge
+    assert config.vm.host_ksm and config.vm.ksm_pages_to_scan == 2000
     hosts = RegistryHosts.from_dict(config.registry)
     assert hosts.ca_files == {"registry.corp": Path("/etc/clearcri/ca.pem")}
     container = node_container(docs)
@@ -346,7 +348,6 @@ def test_everything_set(tmp_path: Path) -> None:
     assert pod["spec"]["affinity"] == VALUES["everything"]["affinity"]
     script = one(docs, "ConfigMap")["data"]["install.sh"]
     assert "--cni --cni-subnet 10.244.0.0/16" in script
-    assert "/sys/kernel/mm/ksm/run" in script
     assert '--require-runtime ""' in script
 
 
