@@ -31,6 +31,7 @@ from cri.runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unimplemented,
 )
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import (
@@ -234,7 +235,8 @@ class ContainerOps(RuntimeCore):
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
-            raise InvalidArgument("image volumes are not supported by pod VMs yet")
+            # UNIMPLEMENTED, the code clients (critest, kubelet) read as "not supported"
+            raise Unimplemented("image volumes are not supported by pod VMs yet")
         options = ["rbind", "ro" if mount.readonly else "rw"]
         if not mount.host_path:
             raise InvalidArgument(f"mount {mount.container_path} has no host_path")
