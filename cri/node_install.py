@@ -93,9 +93,15 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
+#: Variables of the installer's own Python that must not reach the venv's interpreter
+#: (the DaemonSet runs the installer with PYTHONPATH pointing at the wheel).
+SCRUBBED_ENV: tuple[str, ...] = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")
+
+
 def run_command(argv: Sequence[str]) -> None:
     """Run ``argv``; a failure raises NodeInstallError with the command's output."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         output = (proc.stderr or proc.stdout).strip()
         raise NodeInstallError(f"{' '.join(argv)} failed (exit {proc.returncode}): {output}")

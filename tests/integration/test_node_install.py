@@ -31,6 +31,8 @@ from sandbox.guest import locate_guest
 from tests.integration.conftest import GUEST_DIR
 
 REPO = Path(__file__).resolve().parents[2]
+#: For programs of the installed venv: nothing of this checkout on their path.
+VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -115,6 +117,7 @@ def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
         text=True,
         check=True,
         cwd="/",
+        env=VENV_ENV,
     ).stdout
     assert where.startswith(str(prefix / "opt/clearcri/"))  # not this checkout
     config = subprocess.run(
@@ -128,6 +131,7 @@ def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
         capture_output=True,
         text=True,
         check=True,
+        env=VENV_ENV,
     ).stdout.split()
     assert config == [
         str(prefix / "opt/clearcri/guest"),
@@ -179,13 +183,14 @@ def test_install_from_a_release_dir_as_the_daemonset_does(
     with zipfile.ZipFile(wheel) as zf:
         assert "cri/node_install.py" in zf.namelist()
 
+    # As the chart's install script: PYTHONPATH=<wheel> python3 -m cri.node_install, here
+    # with -S so that nothing but the wheel (no site-packages, no checkout) provides cri.
+    env = {**os.environ, "PYTHONPATH": str(wheel)}
     argv = [
         sys.executable,
-        "-I",  # nothing from this checkout or the site-packages: only the wheel
-        "-c",
-        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-        "import runpy; runpy.run_module('cri.node_install', run_name='__main__')",
-        str(wheel),
+        "-S",
+        "-m",
+        "cri.node_install",
         "upgrade",
         "--install",
         "--release",
@@ -197,14 +202,14 @@ def test_install_from_a_release_dir_as_the_daemonset_does(
         str(prefix),
         "--no-start",
     ]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd="/", check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd="/", env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert 'log_level = "debug"' in (prefix / CONFIG_PATH).read_text()
     manifest = InstallManifest.load(prefix)
     assert manifest is not None and manifest.version == "0.1.0"
     # Run again (a DaemonSet pod restart): nothing changes.
     before = tree(prefix)
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd="/", check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd="/", env=env, check=False)
     assert proc.returncode == 0 and "nothing to upgrade" in proc.stdout, proc.stderr
     assert tree(prefix) == before
     node("uninstall", "--prefix", str(prefix))
@@ -235,6 +240,7 @@ class InstalledDaemon:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 cwd="/",
+                env=VENV_ENV,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -529,3 +529,16 @@ def test_without_update_config_an_installed_config_is_kept(
     chart_config.write_text('[daemon]\nlog_level = "debug"\n')
     inst.install(source)
     assert (prefix / CONFIG_PATH).read_text() == '[daemon]\nlog_level = "info"\n'
+
+
+def test_commands_run_without_the_installers_python_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cri.node_install import run_command
+
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/clearcri.whl")
+    out = tmp_path / "env"
+    run_command(["sh", "-c", f'echo "${{PYTHONPATH-unset}}" > {out}'])
+    assert out.read_text() == "unset\n"
+    with pytest.raises(NodeInstallError, match="exit 3"):
+        run_command(["sh", "-c", "echo oops >&2; exit 3"])
