@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -278,7 +279,8 @@ def build_release(source: ReleaseSource, work: Path, report: Report = _print) ->
         report(f"building the clearcri wheel from {source.source}")
         tree = work / "src"
         _copy_project(source.source, tree)
-        run_command(
+        build = functools.partial(
+            run_command,
             [
                 source.python,
                 "-m",
@@ -291,8 +293,17 @@ def build_release(source: ReleaseSource, work: Path, report: Report = _print) ->
                 "--wheel-dir",
                 str(work / "wheel"),
                 str(tree),
-            ]
+            ],
         )
+        try:
+            build()
+        except NodeInstallError as exc:
+            if "bdist_wheel" in str(exc):
+                raise NodeInstallError(
+                    f"{source.python} cannot build wheels: install the `wheel` package "
+                    "(or setuptools >= 70.1), or pass --source with a built wheel"
+                ) from exc
+            raise
         wheels = sorted((work / "wheel").glob("clearcri-*.whl"))
         if len(wheels) != 1:
             raise NodeInstallError(f"building the wheel from {source.source} made no wheel")

@@ -31,6 +31,21 @@ from sandbox.guest import locate_guest
 from tests.integration.conftest import GUEST_DIR
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _can_build_wheels() -> bool:
+    import importlib.metadata
+    import importlib.util
+
+    version = importlib.metadata.version("setuptools")
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return importlib.util.find_spec("wheel") is not None or (major, minor) >= (70, 1)
+
+
+pytestmark = pytest.mark.skipif(
+    not _can_build_wheels(),
+    reason="building the clearcri wheel offline needs the `wheel` package or setuptools>=70.1",
+)
 #: For programs of the installed venv: nothing of this checkout on their path.
 VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 

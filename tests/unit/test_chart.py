@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from cri.config import load_config
 from cri.images.hosts import RegistryHosts
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "clearcri"
 
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+yaml: Any = pytest.importorskip("yaml", reason="pip install PyYAML")
 # Loaded by name: kubernetes-validate ships no type information.
 kv: Any = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 kv_utils: Any = importlib.import_module("kubernetes_validate.utils")

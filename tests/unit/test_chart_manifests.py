@@ -9,13 +9,13 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 KUBE_VERSIONS = [f"1.{minor}" for minor in range(30, 38)]
 
 pytest.importorskip("helm_python", reason="pip install helm-python-sdk")
+yaml: Any = pytest.importorskip("yaml", reason="pip install PyYAML")
 kv_utils: Any = pytest.importorskip(
     "kubernetes_validate.utils", reason="pip install kubernetes-validate"
 )
