@@ -155,6 +155,14 @@ def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
     assert locate_guest(prefix / "opt/clearcri/guest").version == locate_guest(GUEST_DIR).version
     unit = (prefix / UNIT_PATH).read_text()
     assert f"ExecStart={clearcri} serve --config {prefix / CONFIG_PATH}" in unit
+    if shutil.which("systemd-analyze"):  # systemd's own check of the unit (works offline)
+        check = subprocess.run(
+            ["systemd-analyze", "verify", str(prefix / UNIT_PATH)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert check.returncode == 0 and not check.stderr.strip(), check.stderr
     assert json.loads((prefix / "etc/cni/net.d/10-clearcri.conflist").read_text())["plugins"]
 
     installed = tree(prefix)
