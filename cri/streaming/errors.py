@@ -11,9 +11,10 @@ class StreamingError(Exception):
     code = grpc.StatusCode.INTERNAL
 
 
-class InvalidStreamRequest(StreamingError):
+class InvalidStreamRequest(StreamingError, ValueError):
     """An Exec/Attach/PortForward request that can never be served (empty command,
-    no stdio stream at all, tty together with stderr, bad port ...)."""
+    no stdio stream at all, tty together with stderr, bad port ...). Also a ValueError,
+    so handlers that map ValueError to INVALID_ARGUMENT need nothing more."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
