@@ -65,8 +65,12 @@ PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 6
 
 # A container started later than this after its pod was ready is not "boot" any more.
 FIRST_CONTAINER_WINDOW_S = 600.0
-# How long a scrape waits for one guest's agent before leaving its guest figures out.
+# How long a scrape waits for one guest's agent; one that does not answer in time is
+# reported with its last figures if they are recent enough, else without them.
 GUEST_STATS_TIMEOUT_S = 2.0
+GUEST_STATS_MAX_AGE_S = 60.0
+
+GuestCache = dict[str, tuple[float, StatsReport]]
 
 SANDBOX_LABELS = ("sandbox_id", "pod", "namespace")
 IMAGE_LABELS = ("image", "kind", "path")
@@ -301,10 +305,11 @@ async def take_snapshot(
     runtime: RuntimeView,
     *,
     guest_timeout: float = GUEST_STATS_TIMEOUT_S,
-    pod_ids: Iterable[str] | None = None,
+    cache: GuestCache | None = None,
 ) -> Snapshot:
     """Copy what a scrape needs (on the loop) and ask every ready guest for its figures
-    (concurrently, each with ``guest_timeout``)."""
+    (concurrently, each with ``guest_timeout``; ``cache`` keeps the last answers for a
+    guest too busy to answer in time)."""
     snap = Snapshot()
     records = runtime.state
     pods = dict(records.pods)
@@ -312,19 +317,28 @@ async def take_snapshot(
         snap.pod_states[POD_STATE_NAMES.get(pod.state, "unknown")] += 1
     for ctr in records.containers.values():
         snap.container_states[CONTAINER_STATE_NAMES.get(ctr.state, "unknown")] += 1
-    wanted = set(pods) if pod_ids is None else set(pod_ids) & set(pods)
     ready = [
         (pods[pid], sb)
         for pid, sb in list(runtime.sandboxes.items())
-        if pid in wanted and sb.state == "ready" and sb.pid > 0
+        if pid in pods and sb.state == "ready" and sb.pid > 0
     ]
+    if cache is not None:
+        for gone in set(cache) - {pod.id for pod, _ in ready}:
+            del cache[gone]
 
     async def guest_report(sandbox: SandboxView) -> StatsReport | None:
         try:
-            return await asyncio.wait_for(sandbox.stats(), guest_timeout)
+            report = await asyncio.wait_for(sandbox.stats(), guest_timeout)
         except Exception as exc:  # an unreachable agent only loses its guest figures
             log.debug("sandbox=%s no guest stats: %s", sandbox.id[:12], exc)
+            if cache is not None and sandbox.id in cache:
+                taken, last = cache[sandbox.id]
+                if time.monotonic() - taken <= GUEST_STATS_MAX_AGE_S:
+                    return last
             return None
+        if cache is not None:
+            cache[sandbox.id] = (time.monotonic(), report)
+        return report
 
     reports = await asyncio.gather(*(guest_report(sb) for _, sb in ready))
     for (pod, sandbox), report in zip(ready, reports, strict=True):
@@ -759,12 +773,13 @@ class MetricsExporter:
         self.collector = collector or RuntimeCollector()
         metrics.registry.register(self.collector)
         self._scrape = asyncio.Lock()
+        self._guests: GuestCache = {}
         self._render_lock = threading.Lock()
 
     async def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type (text or OpenMetrics by ``accept``)."""
         async with self._scrape:
-            snap = await take_snapshot(self.runtime)
+            snap = await take_snapshot(self.runtime, cache=self._guests)
             return await asyncio.to_thread(self._render, snap, accept)
 
     def _render(self, snap: Snapshot, accept: str) -> tuple[bytes, str]:

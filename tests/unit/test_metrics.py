@@ -413,6 +413,25 @@ async def test_hung_agent_loses_only_its_guest_figures(
     assert set(by_id) == {"p1", "p2"}
 
 
+async def test_slow_agent_keeps_its_recent_figures(
+    world: tuple[FakeRuntime, RuntimeCollector],
+) -> None:
+    runtime, _ = world
+    cache: dict[str, tuple[float, StatsReport]] = {}
+    await take_snapshot(runtime, cache=cache)
+    assert set(cache) == {"p1", "p2"}
+    runtime.sandboxes["p2"].hang = True
+    snap = await take_snapshot(runtime, guest_timeout=0.1, cache=cache)
+    guest = {s.sandbox_id: s.guest for s in snap.sandboxes}["p2"]
+    assert guest is not None and guest.mem_total_kib == 262144
+    cache["p2"] = (time.monotonic() - 3600, cache["p2"][1])  # too old to stand in
+    snap = await take_snapshot(runtime, guest_timeout=0.1, cache=cache)
+    assert {s.sandbox_id: s.guest for s in snap.sandboxes}["p2"] is None
+    runtime.sandboxes["p2"].state = "dead"
+    await take_snapshot(runtime, guest_timeout=0.1, cache=cache)
+    assert set(cache) == {"p1"}
+
+
 async def test_collection_runs_off_the_event_loop(
     world: tuple[FakeRuntime, RuntimeCollector],
 ) -> None:
