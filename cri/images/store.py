@@ -217,10 +217,9 @@ class ImageStore:
         if is_image_id(ref_or_id):
             image_id = ref_or_id if ref_or_id.startswith("sha256:") else f"sha256:{ref_or_id}"
             row = self.db.query_one("SELECT id FROM images WHERE id = ?", (image_id,))
-            if row is not None:
-                return str(row["id"])
-            if ref_or_id.startswith("sha256:"):
-                return None
+            # an unknown id: a 64-hex string is never a name, so there is nothing else
+            # to look up (and RemoveImage/ImageStatus answer "not found", not an error)
+            return str(row["id"]) if row is not None else None
         ref = _parse(ref_or_id)
         row = self.db.query_one("SELECT image_id FROM image_refs WHERE ref = ?", (str(ref),))
         if row is None and ref.tag and ref.digest:
