@@ -146,6 +146,11 @@ class ContainerOps(RuntimeCore):
                 )
         if config.linux.security_context.privileged:
             raise InvalidArgument("privileged containers cannot run in a pod VM")
+        sec = config.linux.security_context
+        if sec.HasField("run_as_group") and not (
+            sec.HasField("run_as_user") or sec.run_as_username
+        ):
+            raise InvalidArgument("run_as_group needs run_as_user or run_as_username")
         record = self.images.get(config.image.image)
         if record is None:
             raise NotFound(f"image {config.image.image} is not present: pull it first")
@@ -343,7 +348,7 @@ class ContainerOps(RuntimeCore):
     async def stop_container(self, container_id: str, timeout: int) -> None:
         ctr = self.state.find_container(container_id)
         if ctr is None:
-            raise NotFound(f"container {container_id} not found")
+            return  # idempotent, as CRI asks: nothing left to stop
         if ctr.state != RUNNING:
             return
         sandbox = self.sandboxes.get(ctr.pod_id)
