@@ -234,6 +234,8 @@ class Server:
 
             system.libc()
             import shutil  # noqa: F401
+
+            from agent.guest import network  # noqa: F401  (configure_network comes next)
         except Exception as exc:
             _log(f"warm-up failed: {exc!r}")
 
