@@ -860,6 +860,12 @@ class AgentClient:
         await collector
         return ExecResult(code, b"".join(chunks[1]), b"".join(chunks[2]), timed_out)
 
+    async def reseed(self, entropy: bytes) -> None:
+        """Give the guest kernel fresh randomness (after a restore from a template)."""
+        import base64
+
+        await self.request("reseed", {"entropy": base64.b64encode(entropy).decode()})
+
     async def write_files(self, key: str, entries: list[dict[str, Any]]) -> str:
         """Create a volume directory in the guest from host files; returns its guest path.
         Entries: {"path", "type": "file"|"dir"|"symlink", "mode", "data" (base64),

@@ -85,7 +85,7 @@ def _fill(obj: Any, table: dict[str, Any], where: str) -> None:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
         current = getattr(obj, key)
-        if isinstance(current, Path):
+        if isinstance(current, Path) or "Path" in str(fields[key].type):
             if not isinstance(value, str):
                 raise ConfigError(f"{where}.{key} must be a path string")
             value = Path(value)

@@ -28,8 +28,11 @@ from cri.metrics import MetricsExporter, MetricsServer, RuntimeMetrics
 from cri.runtime.service import Runtime, RuntimeService
 from cri.runtime.state import RuntimeState
 from cri.store import Store
+from cri.streaming.agent_backend import AgentStreamingBackend
+from cri.streaming.server import StreamingServer
 from sandbox.guest import GuestAssetsMissing
 from sandbox.pod import SandboxHost
+from sandbox.template import VmTemplate
 from sandbox.vm import configure_host_ksm
 
 log = logging.getLogger("clearcri.server")
@@ -77,6 +80,8 @@ class Daemon:
         self.store: Store | None = None
         self.images: ImageStore | None = None
         self.extras: list[Any] = []
+        self.streaming: StreamingServer | None = None
+        self.warm_up: asyncio.Task[VmTemplate | None] | None = None
         self.metrics = RuntimeMetrics()
         self.metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
@@ -100,7 +105,26 @@ class Daemon:
             self.runtime = Runtime(cfg, state, host, self.images)
             self.runtime.metrics = self.metrics
             await self.runtime.recover()
-            service = RuntimeService(self.runtime)
+            # the first pod of the default size should start from a template too
+            self.warm_up = host.warm_up()
+            runtime = self.runtime
+            self.streaming = StreamingServer(
+                AgentStreamingBackend(
+                    runtime.streaming_container_agent,
+                    runtime.streaming_sandbox_agent,
+                    runtime.attach_source,
+                ),
+                cfg.streaming.address,
+                cfg.streaming.port,
+            )
+            try:
+                await self.streaming.start()
+            except OSError as exc:
+                raise DaemonError(
+                    f"cannot serve streaming on {cfg.streaming.address}:{cfg.streaming.port}: "
+                    f"{exc.strerror or exc}; set [streaming] port"
+                ) from exc
+            service = RuntimeService(self.runtime, self.streaming)
             service.observe = self.metrics.observe_cri
             if cfg.metrics.enabled:
                 exporter = MetricsExporter(self.metrics, self.runtime)
@@ -153,6 +177,13 @@ class Daemon:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
+        if self.streaming is not None:
+            await self.streaming.stop()
+            self.streaming = None
+        if self.warm_up is not None:
+            self.warm_up.cancel()
+            with contextlib.suppress(BaseException):
+                await self.warm_up
         for extra in self.extras:
             with contextlib.suppress(Exception):
                 await extra.stop()

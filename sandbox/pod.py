@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox.accel import choose_accel
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.network import (
+    NETDEV_ID,
     NetworkConfig,
     NetworkError,
     NetworkManager,
@@ -37,6 +38,7 @@ from sandbox.network import (
 )
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
+from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
 from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ class SandboxConfig:
     boot_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
     sandbox_filter: bool = True
+    # Start pod VMs from a copy-on-write clone of a booted template VM (sandbox/template.py)
+    # instead of booting each one; the first pod of a shape boots cold and builds it.
+    templates: bool = True
+    # Where templates live (their RAM files should be on tmpfs); default: beside run_root.
+    template_dir: Path | None = None
     # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
     os_image_mode: str = "pmem"
     # CNI: config and plugin directories, netns directory (sandbox/network.py).
@@ -112,6 +119,8 @@ class BootTimes:
     """Phases of one boot, in seconds."""
 
     vmm_spawn: float = 0.0
+    # restoring a VM template's device state (0 for a cold boot)
+    restore: float = 0.0
     firmware: float = 0.0
     kernel: float = 0.0
     agent_ready: float = 0.0
@@ -147,6 +156,41 @@ class SandboxHost:
         self.accel_reason = choice.reason
         self.network = NetworkManager(config.network)
         config.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.templates: TemplateStore | None = None
+        if config.templates and config.os_image_mode == "pmem":
+            self.templates = TemplateStore(
+                config.template_dir or config.run_root.parent / "templates", config.qemu
+            )
+
+    def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
+        """The VM a pod with ``spec`` gets on this node."""
+        vcpus, memory = size_vm(spec, self.config)
+        cfg = self.config
+        return MachineSpec(
+            name=spec.sandbox_id,
+            kernel=self.assets.kernel,
+            initrd=self.assets.initrd,
+            os_image=self.assets.os_image,
+            run_dir=run_dir,
+            vcpus=vcpus,
+            memory_mib=memory,
+            accel=self.accel,
+            tcg_tb_size_mib=cfg.tcg_tb_size_mib,
+            image_slots=cfg.image_slots,
+            mem_merge=cfg.mem_merge,
+            sandbox_filter=cfg.sandbox_filter,
+            os_image_mode=cfg.os_image_mode,
+            extra_args=tuple(spec.extra_args),
+        )
+
+    def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
+        """Build the template for pods of the default size in the background, so the
+        first pod starts fast too."""
+        if self.templates is None:
+            return None
+        return self.templates.ensure(
+            self.machine_for(SandboxSpec("default"), self.config.run_root / "default")
+        )
 
     def sandbox_ids(self) -> list[str]:
         """Ids of every sandbox with a run directory (running or not)."""
@@ -187,24 +231,7 @@ class PodSandbox:
         run_dir = host.config.run_root / spec.sandbox_id
         if run_dir.exists():
             raise SandboxError(f"sandbox {spec.sandbox_id} already exists")
-        vcpus, memory = size_vm(spec, host.config)
-        cfg = host.config
-        machine = MachineSpec(
-            name=spec.sandbox_id,
-            kernel=host.assets.kernel,
-            initrd=host.assets.initrd,
-            os_image=host.assets.os_image,
-            run_dir=run_dir,
-            vcpus=vcpus,
-            memory_mib=memory,
-            accel=host.accel,
-            tcg_tb_size_mib=cfg.tcg_tb_size_mib,
-            image_slots=cfg.image_slots,
-            mem_merge=cfg.mem_merge,
-            sandbox_filter=cfg.sandbox_filter,
-            os_image_mode=cfg.os_image_mode,
-            extra_args=tuple(spec.extra_args),
-        )
+        machine = host.machine_for(spec, run_dir)
         run_dir.mkdir(parents=True, mode=0o700)
         sandbox = cls(host, machine, spec)
         sandbox._save()
@@ -225,6 +252,8 @@ class PodSandbox:
         machine_fields = dict(saved["machine"])
         for key in ("kernel", "initrd", "os_image", "run_dir"):
             machine_fields[key] = Path(machine_fields[key])
+        if machine_fields.get("memory_file"):
+            machine_fields["memory_file"] = Path(machine_fields["memory_file"])
         machine_fields["extra_args"] = tuple(machine_fields.get("extra_args", ()))
         machine = MachineSpec(**machine_fields)
         sandbox = cls(host, machine, SandboxSpec(**saved["spec"]))
@@ -276,15 +305,35 @@ class PodSandbox:
         if self.state != "created":
             raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
         self.state = "booting"
+        template: VmTemplate | None = None
+        templates = self.host.templates
+        if templates is not None and not self.machine.extra_args:
+            template = templates.get(self.machine)
+            if template is None:
+                templates.ensure(self.machine)  # for the next pods of this shape
+            else:
+                self.machine = replace(
+                    self.machine,
+                    memory_file=template.ram_file,
+                    memory_shared=False,
+                    incoming=True,
+                )
         cmd = build_command(self.machine, qemu=self.host.config.qemu)
         tap: TapDevice | None = None
         try:
             if self.network is not None:
                 # The namespace and tap now; CNI ADD runs while the guest boots.
                 tap = await self.network.prepare()
+            if template is not None:
+                netdev = f"tap,id={NETDEV_ID},fd={tap.fd},vhost=off" if tap else None
+                cmd += nic_args(netdev)
+                if self.network is not None:
+                    self.network.boot_mac = TEMPLATE_MAC
+            elif tap is not None:
+                cmd += tap.qemu_args()
             t0 = time.monotonic()
             self.process = await VmProcess.spawn(
-                cmd + (tap.qemu_args() if tap else []),
+                cmd,
                 stderr_log=self.machine.stderr_log,
                 cwd=self.machine.run_dir,
                 pass_fds=tap.pass_fds if tap else (),
@@ -299,18 +348,32 @@ class PodSandbox:
             self.qmp = QmpControl(f"clearcri-{self.id}")
             await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
             t_spawned = time.monotonic()
-            self._agent = await self._connect_agent()
-            t_ready = time.monotonic()
-            ready = self._agent.ready
-            init_start = float(ready.boot_times.get("init_start", 0.0))
-            agent_uptime = float(ready.boot_times.get("agent_ready", 0.0))
-            self.boot = BootTimes(
-                vmm_spawn=t_spawned - t0,
-                firmware=max(0.0, (t_ready - t_spawned) - agent_uptime),
-                kernel=init_start,
-                agent_ready=max(0.0, agent_uptime - init_start),
-                total=t_ready - t0,
-            )
+            if template is not None:
+                await self.qmp.restore_state(template.state_file)
+                t_restored = time.monotonic()
+                self._agent = await self._connect_agent()
+                # clones must not share the template's random state
+                await self._agent.reseed(os.urandom(64))
+                t_ready = time.monotonic()
+                self.boot = BootTimes(
+                    vmm_spawn=t_spawned - t0,
+                    restore=t_restored - t_spawned,
+                    agent_ready=t_ready - t_restored,
+                    total=t_ready - t0,
+                )
+            else:
+                self._agent = await self._connect_agent()
+                t_ready = time.monotonic()
+                ready = self._agent.ready
+                init_start = float(ready.boot_times.get("init_start", 0.0))
+                agent_uptime = float(ready.boot_times.get("agent_ready", 0.0))
+                self.boot = BootTimes(
+                    vmm_spawn=t_spawned - t0,
+                    firmware=max(0.0, (t_ready - t_spawned) - agent_uptime),
+                    kernel=init_start,
+                    agent_ready=max(0.0, agent_uptime - init_start),
+                    total=t_ready - t0,
+                )
             await self._agent.sync_clock(time.time_ns())
             hostname = self.spec.hostname or self.id[:63]
             resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
@@ -478,6 +541,8 @@ class PodSandbox:
         machine = asdict(self.machine)
         for key in ("kernel", "initrd", "os_image", "run_dir"):
             machine[key] = str(machine[key])
+        if machine.get("memory_file") is not None:
+            machine["memory_file"] = str(machine["memory_file"])
         machine["extra_args"] = list(machine["extra_args"])
         data: dict[str, Any] = {
             "spec": asdict(self.spec),

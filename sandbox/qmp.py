@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -102,6 +103,59 @@ class QmpControl:
             with contextlib.suppress(QmpError):
                 await self.execute("object-del", {"id": mem_id})
             raise
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        """Hand ``fd`` to QEMU under ``name`` (SCM_RIGHTS on the QMP socket)."""
+        with contextlib.suppress(QmpError):
+            await self.execute("closefd", {"fdname": name})
+        self._client.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
+    async def _wait_migration(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status", "none")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"migration {status}: {info.get('error-desc', 'no detail')}")
+            if loop.time() > deadline:
+                raise QmpError(f"migration still {status} after {timeout:.0f} s")
+            await asyncio.sleep(0.005)
+
+    async def save_state(self, path: Path, *, timeout: float = 60.0) -> None:
+        """Pause the VM and write its device state to ``path``; RAM that lives in a
+        shared file is skipped (x-ignore-shared), so the file holds only devices."""
+        await self.execute("stop")
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self._pass_fd(fd, "state")
+        finally:
+            os.close(fd)
+        await self.execute("migrate", {"uri": "fd:state"})
+        await self._wait_migration(timeout)
+
+    async def restore_state(self, path: Path, *, timeout: float = 60.0) -> None:
+        """Load device state saved by ``save_state`` into a VM started with
+        ``-incoming defer`` whose RAM maps the template's file, then run it."""
+        await self.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._pass_fd(fd, "state")
+        finally:
+            os.close(fd)
+        await self.execute("migrate-incoming", {"uri": "fd:state"})
+        await self._wait_migration(timeout)
+        await self.execute("cont")
 
     async def quit(self) -> None:
         with contextlib.suppress(QmpError, EOFError, ConnectionError):

@@ -65,6 +65,11 @@ class MachineSpec:
     # "pmem": the OS image is mapped with DAX (the product). "blk": the same image on
     # a plain virtio-blk disk, only for the memory benchmark's comparison.
     os_image_mode: str = "pmem"
+    # Guest RAM in a file (VM templates): the template maps it shared and saves the
+    # device state next to it; clones map it private (copy-on-write) and restore.
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -183,6 +188,16 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
             "-device",
             f"pcie-root-port,id={dev_id},bus=pcie.0,chassis={slot + 1},addr=0x{dev}.{fn}{multi}",
         ]
+    if spec.memory_file is not None:
+        cmd += [
+            "-object",
+            f"memory-backend-file,id=ram0,mem-path={spec.memory_file},"
+            f"size={spec.memory_mib}M,share={'on' if spec.memory_shared else 'off'}",
+            "-machine",
+            "memory-backend=ram0",
+        ]
+    if spec.incoming:
+        cmd += ["-incoming", "defer"]
     cmd += spec.extra_args
     if spec.sandbox_filter:
         cmd += [

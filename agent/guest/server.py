@@ -102,6 +102,7 @@ class Server:
             "resize": self.op_resize,
             "shutdown": self.op_shutdown,
             "write_files": self.op_write_files,
+            "reseed": self.op_reseed,
             "remove_volumes": self.op_remove_volumes,
             "update_container": self.op_update_container,
             "port_forward": self.op_port_forward,
@@ -378,6 +379,13 @@ class Server:
 
     def op_delete_container(self, args: dict[str, Any], generation: int) -> None:
         self.manager.delete(args["container_id"], bool(args.get("force", False)))
+
+    def op_reseed(self, args: dict[str, Any], generation: int) -> None:
+        import base64
+
+        from agent.guest import system
+
+        system.add_entropy(base64.b64decode(str(args["entropy"])))
 
     def op_write_files(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
         from agent.guest import volumes

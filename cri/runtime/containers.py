@@ -13,12 +13,13 @@ import secrets
 import signal
 import stat
 import time
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, AgentTimeout
+from agent.client import AgentClient, AgentError, AgentTimeout
 from agent.client import NotFound as AgentNotFound
 from agent.protocol import Mount
 from cri.images.errors import ImageError
@@ -43,6 +44,8 @@ from cri.runtime.state import (
     PodRecord,
     encode_proto,
 )
+from cri.streaming.agent_backend import queue_chunks
+from cri.streaming.errors import BackendError
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
 
 if TYPE_CHECKING:
@@ -526,6 +529,33 @@ class ContainerOps(RuntimeCore):
             stderr=result.stderr[:EXEC_OUTPUT_LIMIT],
             exit_code=result.exit_code,
         )
+
+    # streaming backend hooks ----------------------------------------------------
+
+    async def streaming_container_agent(self, container_id: str) -> AgentClient:
+        ctr = self.get_container(container_id)
+        if ctr.state != RUNNING:
+            raise BackendError(f"container {ctr.id} is not running")
+        try:
+            return self.running_sandbox(ctr.pod_id).agent
+        except (FailedPrecondition, SandboxError) as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def streaming_sandbox_agent(self, sandbox_id: str) -> AgentClient:
+        try:
+            return self.running_sandbox(self.get_pod(sandbox_id).id).agent
+        except (NotFound, FailedPrecondition, SandboxError) as exc:
+            raise BackendError(str(exc)) from exc
+
+    def attach_source(
+        self, container_id: str
+    ) -> tuple[AsyncIterable[tuple[int, bytes]], Callable[[], None]] | None:
+        """The container's live output for one attach session (the log keeps its own)."""
+        io = self.io.get(container_id)
+        if io is None:
+            return None
+        queue = io.subscribe()
+        return queue_chunks(queue), lambda: io.unsubscribe(queue)
 
     async def recover_containers(self, pod: PodRecord, sandbox: PodSandbox) -> None:
         try:

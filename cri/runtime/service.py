@@ -16,6 +16,7 @@ from cri.runtime.containers import ContainerOps
 from cri.runtime.errors import CriError, InvalidArgument, Unimplemented
 from cri.runtime.pods import VM_HANDLER, PodOps
 from cri.runtime.stats import StatsOps
+from cri.streaming.errors import StreamingError
 
 log = logging.getLogger("clearcri.cri")
 
@@ -42,7 +43,7 @@ def cri_call(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         code = grpc.StatusCode.OK
         try:
             return await method(self, request, context)
-        except CriError as exc:
+        except (CriError, StreamingError) as exc:
             code = exc.code
             await context.abort(exc.code, str(exc))
         except grpc.aio.AbortError:

@@ -14,6 +14,15 @@ from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
 from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 
 GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
+# VM templates are shared by every test of a run (built once per machine shape).
+TEMPLATE_DIR = Path(f"/dev/shm/clearcri-test-templates-{os.getpid()}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _template_dir() -> Iterator[Path]:
+    TEMPLATE_DIR.mkdir(exist_ok=True)
+    yield TEMPLATE_DIR
+    shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +49,12 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def sandbox_host(guest_assets: GuestAssets, run_root: Path) -> SandboxHost:
-    config = SandboxConfig(run_root=run_root / "sandboxes", guest_dir=GUEST_DIR, accel="auto")
+    config = SandboxConfig(
+        run_root=run_root / "sandboxes",
+        guest_dir=GUEST_DIR,
+        accel="auto",
+        template_dir=TEMPLATE_DIR,
+    )
     return SandboxHost(config, guest_assets)
 
 

@@ -12,11 +12,19 @@ from pathlib import Path
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from tests.integration.conftest import TEMPLATE_DIR
+
 
 class CriDaemon:
     """A clearcri daemon with its own state, run dir and socket under ``root``."""
 
-    def __init__(self, root: Path, guest_dir: Path, registry_host: str = "") -> None:
+    def __init__(
+        self,
+        root: Path,
+        guest_dir: Path,
+        registry_host: str = "",
+        template_dir: Path = TEMPLATE_DIR,
+    ) -> None:
         self.root = root
         self.socket = root / "run" / "clearcri.sock"
         self.config_path = root / "config.toml"
@@ -28,6 +36,7 @@ class CriDaemon:
             f'log_dir = "{root / "log"}"',
             "[vm]",
             f'guest_dir = "{guest_dir}"',
+            f'template_dir = "{template_dir}"',
             "[streaming]",
             'address = "127.0.0.1"',
             "[metrics]",

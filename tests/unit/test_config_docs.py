@@ -29,6 +29,8 @@ def documented() -> dict[str, dict[str, str]]:
 
 
 def toml_literal(value: Any) -> str:
+    if value is None:
+        return "(none)"  # an optional key with no default
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

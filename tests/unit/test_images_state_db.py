@@ -23,7 +23,7 @@ def test_fresh_database_gets_all_migrations_in_wal_mode(tmp_path: Path) -> None:
 def test_migrations_run_once_and_later_ones_are_added(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     Store(path).close()
-    extra = Migration(len(MIGRATIONS) + 1, "pods", ("CREATE TABLE pods (id TEXT PRIMARY KEY)",))
+    extra = Migration(len(MIGRATIONS) + 1, "later", ("CREATE TABLE later (id TEXT PRIMARY KEY)",))
     store = Store(path, (*MIGRATIONS, extra))
     assert store.schema_version == extra.version
     store.close()

@@ -1,0 +1,249 @@
+"""VM templates: boot the guest once, start every pod VM from a copy-on-write clone.
+
+A template is one VM of a given shape (vCPUs, memory, devices) booted to a ready agent
+with its RAM in a file on tmpfs, then paused and its device state saved (RAM is not
+copied: it already is the file). A pod VM of the same shape maps that RAM file
+privately (MAP_PRIVATE: pages stay shared with the template until the guest writes
+them) and loads the saved device state instead of booting: no firmware, no kernel
+boot, no init, no Python start-up. The guest pages every clone only reads (kernel,
+agent, libraries) exist once on the host.
+
+Guest-visible devices must be identical between template and clones, so every
+template and clone carries a NIC; a pod without networking gets it with a backend that
+goes nowhere. After a restore the agent is handed fresh entropy (the
+clones would otherwise share the template's random state), the clock and the pod's
+identity (hostname, MAC, addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.client import AgentClient, AgentError
+from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
+from sandbox.qmp import QmpControl, QmpError
+from sandbox.vm import MachineSpec, VmProcess, build_command
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_FORMAT = 1
+# The NIC every template and clone has; clones set their own MAC from the guest.
+TEMPLATE_MAC = "52:54:00:c1:cc:01"
+RAM_FILE = "ram"
+NULL_NIC_SOCKET = "nic.sock"
+STATE_FILE = "devices.state"
+INFO_FILE = "template.json"
+
+
+class TemplateError(Exception):
+    """A template could not be built or restored."""
+
+
+def nic_args(netdev: str | None) -> list[str]:
+    """The NIC of templates and clones: ``netdev`` is the backend. None gives a NIC
+    that goes nowhere: a listening unix stream socket in the VM's run dir that nobody
+    connects to (a lone hub port would be simpler but stalls the firmware)."""
+    backend = netdev or (
+        f"stream,id={NETDEV_ID},server=on,addr.type=unix,addr.path={NULL_NIC_SOCKET}"
+    )
+    return [
+        "-netdev",
+        backend,
+        "-device",
+        f"virtio-net-pci,netdev={NETDEV_ID},id=nic0,mac={TEMPLATE_MAC},"
+        f"bus=pcie.0,addr={NIC_PCI_ADDR},romfile=",
+    ]
+
+
+def template_key(machine: MachineSpec, qemu: str) -> str:
+    """What decides the guest-visible machine: a template serves only its own shape."""
+    shape = {
+        "format": TEMPLATE_FORMAT,
+        "qemu": qemu,
+        "kernel": str(machine.kernel),
+        "initrd": str(machine.initrd),
+        "os_image": str(machine.os_image),
+        "os_image_size": machine.os_image.stat().st_size,
+        "os_image_mtime": machine.os_image.stat().st_mtime_ns,
+        "kernel_mtime": machine.kernel.stat().st_mtime_ns,
+        "initrd_mtime": machine.initrd.stat().st_mtime_ns,
+        "vcpus": machine.vcpus,
+        "memory_mib": machine.memory_mib,
+        "accel": machine.accel,
+        "tb": machine.tcg_tb_size_mib,
+        "slots": machine.image_slots,
+        "mem_merge": machine.mem_merge,
+        "extra_cmdline": machine.extra_cmdline,
+        "os_image_mode": machine.os_image_mode,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class VmTemplate:
+    key: str
+    directory: Path
+    boot_seconds: float
+    created_at: float
+
+    @property
+    def ram_file(self) -> Path:
+        return self.directory / RAM_FILE
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / STATE_FILE
+
+
+class TemplateStore:
+    """Templates under ``root`` (tmpfs: their RAM files are the shared guest memory)."""
+
+    def __init__(self, root: Path, qemu: str, *, keep: int = 4) -> None:
+        self.root = root
+        self.qemu = qemu
+        self.keep = keep
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._building: dict[str, asyncio.Task[VmTemplate | None]] = {}
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._remove_abandoned()
+
+    def _remove_abandoned(self) -> None:
+        """Drop half-built templates of processes that are gone."""
+        for entry in self.root.glob(".*.*.*"):
+            try:
+                pid = int(entry.name.split(".")[2])
+            except (IndexError, ValueError):
+                continue
+            if not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def get(self, machine: MachineSpec) -> VmTemplate | None:
+        """The ready template for ``machine``'s shape, if there is one."""
+        key = template_key(machine, self.qemu)
+        directory = self.root / key
+        try:
+            info = json.loads((directory / INFO_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not (directory / RAM_FILE).exists() or not (directory / STATE_FILE).exists():
+            return None
+        return VmTemplate(key, directory, info["boot_seconds"], info["created_at"])
+
+    def ensure(self, machine: MachineSpec) -> asyncio.Task[VmTemplate | None]:
+        """Build the template for ``machine``'s shape in the background (once)."""
+        key = template_key(machine, self.qemu)
+        task = self._building.get(key)
+        if task is None or task.done():
+            task = asyncio.ensure_future(self._build_quietly(machine))
+            self._building[key] = task
+        return task
+
+    async def _build_quietly(self, machine: MachineSpec) -> VmTemplate | None:
+        try:
+            return await self.build(machine)
+        except TemplateError as exc:
+            log.warning("VM template not built, pods boot cold: %s", exc)
+            return None
+
+    async def build(self, machine: MachineSpec) -> VmTemplate:
+        key = template_key(machine, self.qemu)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            existing = self.get(machine)
+            if existing is not None:
+                return existing
+            final = self.root / key
+            # unique: several daemons (or test processes) may share one template dir
+            work = self.root / f".{key}.{os.getpid()}.{secrets.token_hex(4)}"
+            work.mkdir(mode=0o700)
+            spec = replace(
+                machine,
+                name=f"template-{key}",
+                run_dir=work,
+                memory_file=work / RAM_FILE,
+                memory_shared=True,
+                incoming=False,
+                extra_args=tuple(nic_args(None)),
+            )
+            try:
+                boot = await self._boot_and_save(spec)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            for name in ("qmp.sock", "agent.sock", "qemu.pid", NULL_NIC_SOCKET):
+                (work / name).unlink(missing_ok=True)
+            info = {"key": key, "boot_seconds": boot, "created_at": time.time()}
+            (work / INFO_FILE).write_text(json.dumps(info))
+            try:
+                work.rename(final)
+            except OSError:
+                # another process finished the same template first: use theirs
+                shutil.rmtree(work, ignore_errors=True)
+                if self.get(machine) is None:
+                    raise TemplateError(f"cannot install template {key} in {self.root}") from None
+            self._prune(keep=key)
+            log.info("VM template %s ready (boot %.2fs)", key, boot)
+            template = self.get(machine)
+            assert template is not None
+            return template
+
+    async def _boot_and_save(self, spec: MachineSpec) -> float:
+        cmd = build_command(spec, qemu=self.qemu)
+        started = time.monotonic()
+        process = await VmProcess.spawn(cmd, stderr_log=spec.stderr_log, cwd=spec.run_dir)
+        qmp = QmpControl(spec.name)
+        try:
+            await qmp.connect(spec.qmp_socket, timeout=10.0)
+            agent = await AgentClient.connect(spec.agent_socket, timeout=120.0)
+            boot = time.monotonic() - started
+            # Let the guest finish what boot started (module init, page cache) so the
+            # saved state is quiet; then drop the connection: clones reconnect.
+            await agent.ping()
+            await agent.close()
+            await asyncio.sleep(0.3)
+            await qmp.save_state(spec.run_dir / STATE_FILE)
+            return boot
+        except (QmpError, AgentError, OSError) as exc:
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = spec.console_log.read_text(errors="replace")[-300:]
+            raise TemplateError(f"template VM failed: {exc}; console: {tail}") from exc
+        finally:
+            await qmp.quit()
+            await qmp.close()
+            if process.alive:
+                process.kill()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(10)
+
+    def _prune(self, keep: str) -> None:
+        """Keep the newest ``self.keep`` templates (a template costs its touched RAM)."""
+        entries = []
+        for directory in self.root.iterdir():
+            if directory.name.startswith(".") or directory.name == keep:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                info = json.loads((directory / INFO_FILE).read_text())
+                entries.append((info["created_at"], directory))
+        entries.sort(reverse=True)
+        for _, directory in entries[self.keep - 1 :]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def describe(self) -> list[dict[str, object]]:
+        out = []
+        for directory in sorted(self.root.iterdir()):
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads((directory / INFO_FILE).read_text())
+                ram = directory / RAM_FILE
+                info["ram_resident_bytes"] = ram.stat().st_blocks * 512
+                out.append(info)
+        return out

@@ -1,0 +1,54 @@
+"""Daemon config loading: types, unknown keys, derived defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cri.config import ConfigError, load_config
+
+
+def test_defaults_derive_vm_dirs_from_daemon_dirs(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.vm.run_root == Path("/run/clearcri/sandboxes")
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nrun_dir = "/tmp/x"\nstate_dir = "/tmp/y"\n')
+    config = load_config(path)
+    assert config.vm.run_root == Path("/tmp/x/sandboxes")
+    assert config.vm.guest_dir == Path("/tmp/y/guest")
+
+
+def test_explicit_vm_dirs_win_even_when_equal_to_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[daemon]\nstate_dir = "/tmp/y"\n[vm]\nguest_dir = "/var/lib/clearcri/guest"\n'
+        'template_dir = "/dev/shm/t"\n'
+    )
+    config = load_config(path)
+    assert config.vm.guest_dir == Path("/var/lib/clearcri/guest")
+    assert config.vm.template_dir == Path("/dev/shm/t")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[vm]\nvcpus = 2\n", "unknown key vm.vcpus"),
+        ("[nope]\n", "unknown table"),
+        ('[vm]\ndefault_vcpus = "two"\n', "must be a number"),
+        ("[vm]\ntemplates = 1\n", "true or false"),
+        ("[daemon]\nsocket = 3\n", "path string"),
+        ('[daemon]\ncgroup_driver = "x"\n', "cgroup_driver"),
+        ("[vm\n", "cannot read config"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
