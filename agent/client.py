@@ -746,16 +746,17 @@ class AgentClient:
 
     async def configure_network(
         self, interfaces: list[NetInterface] | list[dict[str, Any]]
-    ) -> list[dict[str, str]]:
+    ) -> list[dict[str, Any]]:
         """Give guest NICs their MAC, MTU, addresses and routes (see NetInterface);
-        returns [{"name", "mac"}] of the configured NICs."""
+        returns [{"name", "mac", "ms"}] of the configured NICs ("ms": guest time of
+        each step)."""
         records = [
             i if isinstance(i, NetInterface) else NetInterface.from_dict(i) for i in interfaces
         ]
         result = await self.request(
             "configure_network", {"interfaces": [r.to_dict() for r in records]}, timeout=60.0
         )
-        return [{"name": str(i["name"]), "mac": str(i["mac"])} for i in result["interfaces"]]
+        return [dict(i) for i in result["interfaces"]]
 
     async def mount_image(self, image_id: str, source: dict[str, Any]) -> str:
         """Mount an image read-only at <run>/images/<image_id>; source is

@@ -1202,8 +1202,11 @@ class PodNetwork:
             return
         await self.attach()
         t0 = time.monotonic()
-        await agent.configure_network(self.guest_interfaces())
+        configured = await agent.configure_network(self.guest_interfaces())
         self.timings["guest"] = time.monotonic() - t0
+        with contextlib.suppress(LookupError, TypeError, ValueError, AttributeError):
+            for step, ms in configured[0]["ms"].items():
+                self.timings[f"guest_{step}"] = float(ms) / 1000
         self._save()
 
     def etc_files(self, hostname: str, resolv_conf: str, hosts: str) -> tuple[str, str]:

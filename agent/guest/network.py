@@ -247,9 +247,16 @@ def configure_interface(
     *,
     sys_net: str = "/sys/class/net",
     timeout: float = 5.0,
-) -> dict[str, str]:
-    """Configure one NIC from a NetInterface dict; returns {"name", "mac"}. Running it
-    again with the same spec changes nothing (safe after a host reconnect)."""
+) -> dict[str, Any]:
+    """Configure one NIC from a NetInterface dict; returns {"name", "mac", "ms"} (the
+    milliseconds of each step). Running it again with the same spec changes nothing
+    (safe after a host reconnect)."""
+    started = time.monotonic()
+    steps: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        steps[name] = round((time.monotonic() - started) * 1000 - sum(steps.values()), 2)
+
     mac = _norm_mac(str(spec["mac"]))
     name = find_interface([str(spec.get("match_mac") or ""), mac], sys_net=sys_net, timeout=timeout)
     index = interface_index(name, sys_net)
@@ -257,16 +264,19 @@ def configure_interface(
     routes = list(spec.get("routes") or [])
     mtu = int(spec.get("mtu") or 0)
     new_mac = mac_bytes(mac) if interface_macs(sys_net).get(mac) != name else b""
+    step("find")
     netlink.request(
         link_message(netlink.next_seq(), index, mac=new_mac, mtu=mtu),
         f"set {name} mac {mac} mtu {mtu} up",
     )
+    step("link")
     for address in addresses:
         netlink.request(
             address_message(netlink.next_seq(), index, address),
             f"add {address} to {name}",
             exist_ok=True,
         )
+    step("addresses")
     for route in routes:
         dst = str(route["dst"])
         gateway = str(route.get("gateway") or "")
@@ -281,7 +291,8 @@ def configure_interface(
             route_message(netlink.next_seq(), index, dst, gateway),
             f"route {dst} via {gateway or '(link)'} dev {name}",
         )
-    return {"name": name, "mac": mac}
+    step("routes")
+    return {"name": name, "mac": mac, "ms": steps}
 
 
 def configure(
@@ -289,7 +300,7 @@ def configure(
     *,
     sys_net: str = "/sys/class/net",
     timeout: float = 5.0,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Configure every NIC in ``interfaces`` (NetInterface dicts)."""
     netlink = Netlink()
     try:

@@ -482,7 +482,8 @@ def test_guest_configure_finds_the_nic_by_boot_mac(tmp_path: Path) -> None:
     ).to_dict()
     fake = FakeNetlink()
     done = guest_net.configure_interface(spec, fake, sys_net=sys_net, timeout=0.1)  # type: ignore[arg-type]
-    assert done == {"name": "eth0", "mac": "aa:bb:cc:00:00:01"}
+    assert (done["name"], done["mac"]) == ("eth0", "aa:bb:cc:00:00:01")
+    assert set(done["ms"]) == {"find", "link", "addresses", "routes"}
     assert [w for _k, w in fake.sent] == [
         "set eth0 mac aa:bb:cc:00:00:01 mtu 1450 up",
         "add 10.1.0.5/32 to eth0",
