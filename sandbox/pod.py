@@ -310,8 +310,15 @@ class PodSandbox:
         if templates is not None and not self.machine.extra_args:
             template = templates.get(self.machine)
             if template is None:
-                templates.ensure(self.machine)  # for the next pods of this shape
-            else:
+                # Build it (or join the build under way) and clone it: about as fast as
+                # a cold boot for this pod, and every later pod of this shape is fast.
+                # A failed build leaves this pod to boot cold.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    template = await asyncio.wait_for(
+                        asyncio.shield(templates.ensure(self.machine)),
+                        self.host.config.boot_timeout_s,
+                    )
+            if template is not None:
                 self.machine = replace(
                     self.machine,
                     memory_file=template.ram_file,

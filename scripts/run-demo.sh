@@ -20,6 +20,8 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 
 # An offline registry with a busybox image (nothing is downloaded).
 if ! (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null; then

@@ -41,14 +41,48 @@ def _qemu_pids_named(name: str) -> list[int]:
     return found
 
 
-async def test_boot_reports_dax_and_phases(pod: PodSandbox) -> None:
-    ready = pod.agent.ready
-    assert ready.dax is True, "the guest OS image must be mounted with DAX"
-    assert ready.kernel_release
-    assert 0 < pod.boot.kernel < pod.boot.total
-    assert pod.boot.total > 0 and pod.boot.vmm_spawn > 0
-    assert pod.state == "ready"
-    assert pod.console_tail(), "the serial console is captured"
+async def test_cold_boot_reports_dax_and_phases(sandbox_host: SandboxHost) -> None:
+    sandbox_host.templates = None  # boot the kernel for real
+    pod = PodSandbox.create(sandbox_host, SandboxSpec("cold1"))
+    try:
+        await pod.start()
+        ready = pod.agent.ready
+        assert ready.dax is True, "the guest OS image must be mounted with DAX"
+        assert ready.kernel_release
+        assert 0 < pod.boot.kernel < pod.boot.total
+        assert pod.boot.total > 0 and pod.boot.vmm_spawn > 0 and pod.boot.restore == 0
+        assert pod.machine.memory_file is None
+        assert pod.state == "ready"
+        assert pod.console_tail(), "the serial console is captured"
+    finally:
+        await pod.destroy()
+
+
+async def test_clones_of_a_template_are_distinct_pods(
+    sandbox_host: SandboxHost, busybox_image: RootfsImage
+) -> None:
+    assert sandbox_host.templates is not None
+    randoms = set()
+    for name in ("clone1", "clone2"):
+        pod = PodSandbox.create(sandbox_host, SandboxSpec(name, hostname=f"host-{name}"))
+        try:
+            await pod.start()
+            assert pod.boot.restore > 0 and pod.boot.kernel == 0
+            assert pod.machine.memory_file is not None and not pod.machine.memory_shared
+            assert pod.agent.ready.dax is True
+            spec = ContainerSpec(
+                args=["sh", "-c", "hostname; head -c 16 /dev/urandom | od -An -tx1"]
+            )
+            await pod.create_container("c", spec, busybox_image)
+            collector = asyncio.ensure_future(_collect(pod, "c"))
+            await pod.start_container("c")
+            stdout, _ = await asyncio.wait_for(collector, 60)
+            hostname, random_hex = stdout.decode().split("\n", 1)
+            assert hostname == f"host-{name}"
+            randoms.add(random_hex)
+        finally:
+            await pod.destroy()
+    assert len(randoms) == 2, "clones must not share the template's random state"
 
 
 async def test_busybox_container_output_and_exit_code(
