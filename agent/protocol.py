@@ -422,10 +422,13 @@ class ContainerSpec(Record):
     oom_score_adj: int | None = None
     sysctls: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    #: "container": own pid namespace; "pod": one namespace shared by the pod's containers.
+    #: "container": own pid namespace; "pod": one namespace shared by the pod's containers;
+    #: "host": the host's (host handler pods only).
     pid_namespace: str = "container"
     #: Bind the pod's /etc/hosts, /etc/resolv.conf and /etc/hostname into the container.
     pod_etc_files: bool = True
+    #: Every device, writable /sys, nothing masked (host handler pods only).
+    privileged: bool = False
 
 
 class ExecSpec(Record):

@@ -33,6 +33,9 @@ class DaemonConfig:
     # Image used for nothing inside the VM but reported to kubelet as the pause image.
     sandbox_image: str = "registry.k8s.io/pause:3.10"
     cgroup_driver: str = "cgroupfs"
+    # Serve the `host` runtime handler (pods with host namespaces or privileged, run on
+    # the host without a VM: sandbox/hostpod.py); false refuses such pods.
+    host_pods: bool = True
 
 
 @dataclass
@@ -85,7 +88,16 @@ def _fill(obj: Any, table: dict[str, Any], where: str) -> None:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
         current = getattr(obj, key)
-        if isinstance(current, Path) or "Path" in str(fields[key].type):
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{where}.{key}] must be a table")
+            _fill(current, value, f"{where}.{key}")
+            continue
+        if isinstance(current, list) and "list[Path]" in str(fields[key].type):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key} must be a list of path strings")
+            value = [Path(v) for v in value]
+        elif isinstance(current, Path) or "Path" in str(fields[key].type):
             if not isinstance(value, str):
                 raise ConfigError(f"{where}.{key} must be a path string")
             value = Path(value)

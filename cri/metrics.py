@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from agent.protocol import ContainerStats, GuestStats, StatsReport
 from cri.runtime.state import ContainerRecord, PodRecord
+from sandbox.hostpod import HOST_HANDLER
 from sandbox.pod import BootTimes
 
 log = logging.getLogger("clearcri.metrics")
@@ -273,10 +274,11 @@ class SandboxSample:
     pod: str
     namespace: str
     pid: int
-    os_image: Path
+    os_image: Path | None  # None for a host pod (no VM, no guest OS image)
     image_ids: tuple[str, ...]
     guest: GuestStats | None = None
     containers: tuple[ContainerStats, ...] = ()
+    handler: str = "clearcri"
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -342,16 +344,18 @@ async def take_snapshot(
 
     reports = await asyncio.gather(*(guest_report(sb) for _, sb in ready))
     for (pod, sandbox), report in zip(ready, reports, strict=True):
+        on_host = pod.runtime_handler == HOST_HANDLER
         snap.sandboxes.append(
             SandboxSample(
                 sandbox_id=pod.id,
                 pod=pod.name,
                 namespace=pod.namespace,
                 pid=sandbox.pid,
-                os_image=Path(sandbox.machine.os_image),
-                image_ids=tuple(sorted(set(sandbox.slots.values()))),
-                guest=report.guest if report else None,
+                os_image=None if on_host else Path(sandbox.machine.os_image),
+                image_ids=() if on_host else tuple(sorted(set(sandbox.slots.values()))),
+                guest=None if on_host or report is None else report.guest,
                 containers=tuple(report.containers) if report else (),
+                handler=pod.runtime_handler,
             )
         )
     used = {i for s in snap.sandboxes for i in s.image_ids}
@@ -537,6 +541,15 @@ class RuntimeCollector(Collector):
 
     def _sandboxes(self, snap: Snapshot) -> Iterator[Metric]:
         labels = list(SANDBOX_LABELS)
+        info = GaugeMetricFamily(
+            "clearcri_sandbox_info",
+            "1 for every ready pod sandbox, with the runtime handler serving it: "
+            "clearcri (a pod VM) or host (crun on the host, sandbox/hostpod.py).",
+            labels=[*labels, "handler"],
+        )
+        for sample in snap.sandboxes:
+            info.add_metric([*sample.labels, sample.handler], 1)
+        yield info
         pss = GaugeMetricFamily(
             "clearcri_sandbox_memory_pss_bytes",
             "Proportional set size of the pod VM's qemu process: its share of the host's "
@@ -618,7 +631,8 @@ class RuntimeCollector(Collector):
     def _shared_images(self, snap: Snapshot) -> Iterator[Metric]:
         vms: Tally[SharedImage] = Tally()
         for sample in snap.sandboxes:
-            vms[SharedImage(OS_IMAGE_NAME, "os", sample.os_image)] += 1
+            if sample.os_image is not None:
+                vms[SharedImage(OS_IMAGE_NAME, "os", sample.os_image)] += 1
             for image_id in sample.image_ids:
                 image = snap.container_images.get(image_id)
                 if image is None:  # not in the image store (removed while in use)

@@ -118,7 +118,10 @@ class Container(_Process):
         self.created_at_ns = time.time_ns()
         self.started_at_ns = 0
         self.exit_status: ExitStatus | None = None
+        #: cgroup v2 directory (None without cgroups or with cgroup v1)
         self.cgroup_dir: str | None = None
+        #: the cgroup path (in every v1 hierarchy, or below the v2 root)
+        self.cgroup_path: str | None = None
         self.lock = threading.Lock()
 
     def info(self) -> ContainerInfo:
@@ -178,10 +181,13 @@ class ContainerManager:
     def _cgroup_dir(self, container_id: str) -> str | None:
         if self.settings.cgroup_mode != "v2":
             return None
-        return f"{self.settings.cgroup_root}/clearcri/{container_id}"
+        return f"{self.settings.cgroup_root}{self.settings.container_cgroup(container_id)}"
+
+    def _v1_file(self, container: Container, controller: str, name: str) -> str:
+        return f"{self.settings.cgroup_root}/{controller}{container.cgroup_path}/{name}"
 
     def _prepare_cgroup_parent(self) -> None:
-        parent = f"{self.settings.cgroup_root}/clearcri"
+        parent = f"{self.settings.cgroup_root}{self.settings.cgroup_parent}"
         if os.path.isdir(parent):
             return
         os.makedirs(parent, exist_ok=True)
@@ -259,6 +265,10 @@ class ContainerManager:
 
     def _create(self, container: Container, lower: str) -> None:
         spec = container.spec
+        if spec.privileged:
+            # every capability the agent itself may hand out (a host's bounding set may
+            # lack some; crun's capset would fail on those)
+            spec.capabilities = oci.capabilities_in(_own_bounding_set())
         bundle = container.bundle
         if os.path.exists(bundle):
             self._remove_tree(bundle)
@@ -273,9 +283,11 @@ class ContainerManager:
         )
         pidns = self._pod_pid_namespace() if spec.pid_namespace == "pod" else None
         cgroup_path: str | None = None
+        if self.settings.cgroup_mode != "disabled":
+            cgroup_path = self.settings.container_cgroup(container.id)
+            container.cgroup_path = cgroup_path
         if self.settings.cgroup_mode == "v2":
             self._prepare_cgroup_parent()
-            cgroup_path = f"/clearcri/{container.id}"
             container.cgroup_dir = self._cgroup_dir(container.id)
         etc_dir = self.settings.etc_dir
         self._ensure_etc_files(etc_dir)
@@ -286,6 +298,9 @@ class ContainerManager:
                 cgroup_path=cgroup_path,
                 pid_namespace_path=pidns,
                 etc_dir=etc_dir,
+                cgroup_namespace=self.settings.cgroup_mode == "v2",
+                shm_dir=self.settings.shm_dir,
+                host_devices=_host_devices() if spec.privileged else None,
             )
         except ValueError as exc:
             raise invalid(str(exc)) from exc
@@ -417,10 +432,14 @@ class ContainerManager:
         container.exited.set()
 
     def _oom_kills(self, container: Container) -> int:
-        if container.cgroup_dir is None:
+        if self.settings.cgroup_mode == "v1" and container.cgroup_path is not None:
+            path = self._v1_file(container, "memory", "memory.oom_control")
+        elif container.cgroup_dir is not None:
+            path = f"{container.cgroup_dir}/memory.events"
+        else:
             return 0
         try:
-            with open(f"{container.cgroup_dir}/memory.events") as f:
+            with open(path) as f:
                 for line in f:
                     key, _, value = line.partition(" ")
                     if key == "oom_kill":
@@ -452,7 +471,7 @@ class ContainerManager:
             raise invalid(f"signal {signal} is out of range")
         if container.state == "exited" or container.exited.is_set():
             return
-        if all_processes and self.settings.cgroup_mode == "v2":
+        if all_processes and self.settings.cgroup_mode != "disabled":
             code, output = self._crun("kill", "--all", container.id, str(signal))
             if code != 0 and not container.exited.is_set():
                 raise internal(f"crun kill failed: {output}")
@@ -517,6 +536,17 @@ class ContainerManager:
                 os.rmdir(container.cgroup_dir)
             except OSError:
                 pass
+        if self.settings.cgroup_mode == "v1" and container.cgroup_path is not None:
+            root = self.settings.cgroup_root
+            try:
+                controllers = os.listdir(root)
+            except OSError:
+                controllers = []
+            for controller in controllers:
+                try:
+                    os.rmdir(f"{root}/{controller}{container.cgroup_path}")
+                except OSError:
+                    pass
         with self._lock:
             if self.containers.get(container.id) is container:
                 del self.containers[container.id]
@@ -541,6 +571,8 @@ class ContainerManager:
 
     def _stats(self, container: Container) -> ContainerStats:
         stats = ContainerStats(id=container.id, timestamp_ns=time.time_ns())
+        if self.settings.cgroup_mode == "v1" and container.cgroup_path is not None:
+            return self._stats_v1(container, stats)
         cgroup = container.cgroup_dir
         if cgroup is None or not os.path.isdir(cgroup):
             return stats
@@ -552,6 +584,21 @@ class ContainerManager:
         stats.memory_file = memory.get("file", 0)
         stats.memory_working_set = max(0, stats.memory_current - memory.get("inactive_file", 0))
         stats.pids_current = _read_int(f"{cgroup}/pids.current")
+        return stats
+
+    def _stats_v1(self, container: Container, stats: ContainerStats) -> ContainerStats:
+        memory = _read_keyed(self._v1_file(container, "memory", "memory.stat"))
+        stats.cpu_usage_usec = _read_int(self._v1_file(container, "cpuacct", "cpuacct.usage"))
+        stats.cpu_usage_usec //= 1000
+        stats.memory_current = _read_int(
+            self._v1_file(container, "memory", "memory.usage_in_bytes")
+        )
+        stats.memory_anon = memory.get("total_rss", 0)
+        stats.memory_file = memory.get("total_cache", 0)
+        stats.memory_working_set = max(
+            0, stats.memory_current - memory.get("total_inactive_file", 0)
+        )
+        stats.pids_current = _read_int(self._v1_file(container, "pids", "pids.current"))
         return stats
 
     # ------------------------------------------------------------------ exec
@@ -732,6 +779,39 @@ class ContainerManager:
             except ProcessLookupError:
                 pass
             self._pod_pidns_pid = 0
+
+
+def _own_bounding_set() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapBnd:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return (1 << len(oci.CAPABILITY_NUMBERS)) - 1
+
+
+def _host_devices() -> list[dict[str, Any]]:
+    """Every device node under /dev, for a privileged container (as runc's host device
+    list: not the terminal, shared-memory and message-queue trees it gets its own of)."""
+    skip_dirs = {"/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/fd"}
+    skip_files = {"/dev/console", "/dev/ptmx"}
+    found: list[dict[str, Any]] = []
+    for root, dirs, files in os.walk("/dev"):
+        dirs[:] = [d for d in dirs if f"{root}/{d}" not in skip_dirs]
+        for name in files:
+            path = f"{root}/{name}"
+            if path in skip_files:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            entry = oci.device_entry(path, st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+            if entry is not None:
+                found.append(entry)
+    return found
 
 
 def _read_int(path: str) -> int:

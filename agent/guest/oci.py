@@ -110,6 +110,25 @@ DEFAULT_SECCOMP_DENY = (
 
 _EPERM = 1
 
+#: Capability names by number (linux/capability.h).
+CAPABILITY_NUMBERS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def capabilities_in(mask: int) -> list[str]:
+    """The names of the capabilities set in ``mask`` (e.g. a CapBnd value)."""
+    return [name for bit, name in enumerate(CAPABILITY_NUMBERS) if mask >> bit & 1]
+
+
 # Device nodes every container may use (major, minor, type), as runc's default list.
 _DEFAULT_DEVICES = (
     ("c", 1, 3),  # null
@@ -207,7 +226,9 @@ def resources_config(resources: Resources) -> dict[str, Any]:
     return out
 
 
-def _default_mounts(with_cgroup: bool) -> list[dict[str, Any]]:
+def _default_mounts(
+    with_cgroup: bool, *, shm_dir: str = "/dev/shm", privileged: bool = False
+) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {
@@ -222,11 +243,12 @@ def _default_mounts(with_cgroup: bool) -> list[dict[str, Any]]:
             "source": "devpts",
             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
         },
-        # The pod shares one IPC namespace, so it shares the VM's /dev/shm too.
+        # The pod shares one IPC namespace, so it shares one /dev/shm too: the VM's, or
+        # on the host the pod's own tmpfs (the host's with host IPC).
         {
             "destination": "/dev/shm",
             "type": "bind",
-            "source": "/dev/shm",
+            "source": shm_dir,
             "options": ["rbind", "nosuid", "nodev", "noexec"],
         },
         {
@@ -239,7 +261,7 @@ def _default_mounts(with_cgroup: bool) -> list[dict[str, Any]]:
             "destination": "/sys",
             "type": "sysfs",
             "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
+            "options": ["nosuid", "noexec", "nodev", "rw" if privileged else "ro"],
         },
     ]
     if with_cgroup:
@@ -248,7 +270,7 @@ def _default_mounts(with_cgroup: bool) -> list[dict[str, Any]]:
                 "destination": "/sys/fs/cgroup",
                 "type": "cgroup",
                 "source": "cgroup",
-                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+                "options": ["nosuid", "noexec", "nodev", "relatime", "rw" if privileged else "ro"],
             }
         )
     return mounts
@@ -261,15 +283,22 @@ def build_oci_config(
     cgroup_path: str | None,
     pid_namespace_path: str | None = None,
     etc_dir: str | None = None,
+    cgroup_namespace: bool = True,
+    shm_dir: str = "/dev/shm",
+    host_devices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The config.json for one container.
 
-    ``cgroup_path`` is the cgroup v2 path (e.g. "/clearcri/<id>") or None when crun runs
-    without cgroups (then no resources and no cgroup mount). ``pid_namespace_path`` joins
-    an existing pid namespace (pod-wide sharing). ``etc_dir`` holds the pod's hosts,
-    resolv.conf and hostname files.
+    ``cgroup_path`` is the cgroup path (e.g. "/clearcri/<id>") or None when crun runs
+    without cgroups (then no resources and no cgroup mount); ``cgroup_namespace`` gives
+    the container its own cgroup namespace (cgroup v2). ``pid_namespace_path`` joins
+    an existing pid namespace (pod-wide sharing); a spec with ``pid_namespace`` "host"
+    gets none. ``etc_dir`` holds the pod's hosts, resolv.conf and hostname files.
+    A privileged spec gets every device (``host_devices`` are created in its /dev),
+    writable /sys and no masked or read-only paths.
     """
-    mounts = _default_mounts(cgroup_path is not None)
+    privileged = spec.privileged
+    mounts = _default_mounts(cgroup_path is not None, shm_dir=shm_dir, privileged=privileged)
     destinations = {m.destination for m in spec.mounts}
     if etc_dir is not None and spec.pod_etc_files:
         for name in ("hosts", "resolv.conf", "hostname"):
@@ -297,24 +326,27 @@ def build_oci_config(
             }
         )
 
-    # Network, IPC and UTS belong to the VM and are shared by the whole pod.
+    # Network, IPC and UTS belong to the VM (on the host: to the agent, which runs in
+    # the pod's or the host's) and are shared by the whole pod.
     namespaces: list[dict[str, str]] = [{"type": "mount"}]
-    if pid_namespace_path:
+    if spec.pid_namespace == "host":
+        pass
+    elif pid_namespace_path:
         namespaces.append({"type": "pid", "path": pid_namespace_path})
     else:
         namespaces.append({"type": "pid"})
-    if cgroup_path is not None:
+    if cgroup_path is not None and cgroup_namespace:
         namespaces.append({"type": "cgroup"})
 
+    masked = DEFAULT_MASKED_PATHS if spec.masked_paths is None else spec.masked_paths
+    readonly = DEFAULT_READONLY_PATHS if spec.readonly_paths is None else spec.readonly_paths
     linux: dict[str, Any] = {
         "namespaces": namespaces,
-        "maskedPaths": list(
-            DEFAULT_MASKED_PATHS if spec.masked_paths is None else spec.masked_paths
-        ),
-        "readonlyPaths": list(
-            DEFAULT_READONLY_PATHS if spec.readonly_paths is None else spec.readonly_paths
-        ),
+        "maskedPaths": [] if privileged else list(masked),
+        "readonlyPaths": [] if privileged else list(readonly),
     }
+    if privileged and host_devices:
+        linux["devices"] = host_devices
     if spec.sysctls:
         linux["sysctl"] = dict(spec.sysctls)
     if cgroup_path is not None:
@@ -322,8 +354,8 @@ def build_oci_config(
         resources: dict[str, Any] = (
             resources_config(spec.resources) if spec.resources is not None else {}
         )
-        devices: list[dict[str, Any]] = [{"allow": False, "access": "rwm"}]
-        for kind, major, minor in _DEFAULT_DEVICES:
+        devices: list[dict[str, Any]] = [{"allow": privileged, "access": "rwm"}]
+        for kind, major, minor in () if privileged else _DEFAULT_DEVICES:
             rule: dict[str, Any] = {"allow": True, "type": kind, "major": major, "access": "rwm"}
             if minor is not None:
                 rule["minor"] = minor
@@ -376,8 +408,10 @@ def validate_spec(spec: ContainerSpec) -> None:
     """Raise ValueError for a spec crun could never run."""
     if not spec.args:
         raise ValueError("args must not be empty")
-    if spec.pid_namespace not in ("container", "pod"):
-        raise ValueError(f"pid_namespace must be 'container' or 'pod', not {spec.pid_namespace!r}")
+    if spec.pid_namespace not in ("container", "pod", "host"):
+        raise ValueError(
+            f"pid_namespace must be 'container', 'pod' or 'host', not {spec.pid_namespace!r}"
+        )
     for mount in spec.mounts:
         if not mount.destination.startswith("/"):
             raise ValueError(f"mount destination {mount.destination!r} is not absolute")
@@ -385,3 +419,26 @@ def validate_spec(spec: ContainerSpec) -> None:
         raise ValueError(f"cwd {spec.cwd!r} is not absolute")
     if spec.stdin_once and not spec.stdin:
         raise ValueError("stdin_once needs stdin")
+
+
+def device_entry(path: str, mode: int, rdev: int, uid: int, gid: int) -> dict[str, Any] | None:
+    """The OCI ``linux.devices`` entry for a device node (None for anything else)."""
+    import stat
+
+    if stat.S_ISCHR(mode):
+        kind = "c"
+    elif stat.S_ISBLK(mode):
+        kind = "b"
+    else:
+        return None
+    import os
+
+    return {
+        "path": path,
+        "type": kind,
+        "major": os.major(rdev),
+        "minor": os.minor(rdev),
+        "fileMode": stat.S_IMODE(mode),
+        "uid": uid,
+        "gid": gid,
+    }

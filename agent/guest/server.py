@@ -139,6 +139,40 @@ class Server:
             for frame in decoder.feed(data):
                 self.handle_frame(frame)
 
+    def serve_listener(self, listener: Any) -> None:
+        """Serve hosts that connect to ``listener`` (a listening unix socket), one at a
+        time: the host handler's stand-in for QEMU's chardev. ``self.fd`` stays the
+        same descriptor number throughout (the writer keeps using it): it is the current
+        host's connection, or /dev/null while none is connected (the writer sends
+        nothing then; events and output wait in its queue)."""
+        idle = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                _log(f"accept failed: {exc}")
+                time.sleep(0.1)
+                continue
+            os.dup2(conn.fileno(), self.fd, inheritable=False)
+            conn.close()
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    data = os.read(self.fd, 1 << 16)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    _log(f"host connection read failed: {exc}")
+                    data = b""
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    self.handle_frame(frame)
+            self.writer.set_connected(False)
+            os.dup2(idle, self.fd, inheritable=False)
+
     def handle_frame(self, frame: Frame) -> None:
         if frame.kind == SYNC:
             self.generation += 1
@@ -402,7 +436,12 @@ class Server:
         from agent.guest import volumes
 
         container = self.manager.get(str(args["container_id"]))
-        volumes.update_cgroup(container.cgroup_dir, dict(args["resources"]))
+        if self.settings.cgroup_mode == "v1":
+            volumes.update_cgroup_v1(
+                self.settings.cgroup_root, container.cgroup_path, dict(args["resources"])
+            )
+        else:
+            volumes.update_cgroup(container.cgroup_dir, dict(args["resources"]))
 
     def op_list_containers(self, args: dict[str, Any], generation: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.manager.list_all()]
@@ -480,6 +519,28 @@ class Server:
         os._exit(0)
 
 
+def _listen(path: str) -> Any:
+    """A unix socket listening at ``path`` (any length: bound from its directory)."""
+    import socket
+
+    directory, _, name = path.rpartition("/")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    cwd = os.open(".", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.chdir(directory or "/")
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        listener.bind(name)
+        os.chmod(name, 0o600)
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
+    listener.listen(4)
+    return listener
+
+
 def _open_channel(settings: Settings) -> int:
     if settings.port_fd is not None:
         os.set_inheritable(settings.port_fd, False)
@@ -515,6 +576,11 @@ def main(argv: list[str] | None = None) -> None:
     resolved = which(settings.crun)
     if resolved is not None:
         settings.crun = resolved
+    if settings.listen_path is not None:
+        listener = _listen(settings.listen_path)
+        server = Server(settings, os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC))
+        server.serve_listener(listener)
+        return
     fd = _open_channel(settings)
     server = Server(settings, fd)
     try:

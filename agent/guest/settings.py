@@ -10,6 +10,11 @@ class Settings:
 
     In the VM every default holds. To run the agent on an ordinary host (tests), point
     ``run_dir`` somewhere private and use ``cgroup_mode="disabled"``.
+
+    On the host (the ``host`` runtime handler, sandbox/hostpod.py) the agent listens on
+    a unix socket (``listen_path``, one host connection at a time), puts containers
+    under ``cgroup_parent`` with cgroup v1 or v2 (``cgroup_mode`` "v1" or "v2"), and
+    gives pod-IPC containers ``shm_dir`` as their /dev/shm.
     """
 
     def __init__(
@@ -24,9 +29,14 @@ class Settings:
         port_name: str | None = None,
         port_path: str | None = None,
         port_fd: int | None = None,
+        listen_path: str | None = None,
+        cgroup_parent: str = "/clearcri",
+        shm_dir: str = "/dev/shm",
     ) -> None:
-        if cgroup_mode not in ("v2", "disabled"):
-            raise ValueError(f"cgroup mode must be 'v2' or 'disabled', not {cgroup_mode!r}")
+        if cgroup_mode not in ("v2", "v1", "disabled"):
+            raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
+        if not cgroup_parent.startswith("/"):
+            raise ValueError(f"cgroup parent {cgroup_parent!r} is not an absolute path")
         self.run_dir = run_dir.rstrip("/") or "/"
         self.cgroup_mode = cgroup_mode
         self.cgroup_root = cgroup_root
@@ -36,6 +46,9 @@ class Settings:
         self.port_name = port_name
         self.port_path = port_path
         self.port_fd = port_fd
+        self.listen_path = listen_path
+        self.cgroup_parent = cgroup_parent.rstrip("/") or "/"
+        self.shm_dir = shm_dir
 
     @property
     def images_dir(self) -> str:
@@ -62,13 +75,22 @@ class Settings:
         return f"{self.run_dir}/dax"
 
     def crun_global_args(self) -> list[str]:
-        manager = "cgroupfs" if self.cgroup_mode == "v2" else "disabled"
+        manager = "disabled" if self.cgroup_mode == "disabled" else "cgroupfs"
         return [self.crun, f"--root={self.crun_root}", f"--cgroup-manager={manager}"]
+
+    def container_cgroup(self, container_id: str) -> str:
+        """The cgroup path of a container: ``<parent>/<id>``, or under a systemd slice
+        parent (``*.slice``) a ``clearcri-<id>.scope`` as systemd would name it."""
+        parent = "" if self.cgroup_parent == "/" else self.cgroup_parent
+        if parent.endswith(".slice"):
+            return f"{parent}/clearcri-{container_id}.scope"
+        return f"{parent}/{container_id}"
 
     @classmethod
     def from_argv(cls, argv: list[str], environ: dict[str, str] | None = None) -> Settings:
-        """Options: --run-dir DIR --cgroup v2|disabled --crun PATH --busybox PATH
-        --no-poweroff --port-name NAME --port PATH --port-fd N. Each has a
+        """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
+        --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
+        --listen PATH --shm-dir DIR. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
@@ -101,6 +123,9 @@ class Settings:
             "port-name",
             "port",
             "port-fd",
+            "listen",
+            "cgroup-parent",
+            "shm-dir",
         }
         unknown = set(values) - known
         if unknown:
@@ -114,4 +139,7 @@ class Settings:
             port_name=values.get("port-name"),
             port_path=values.get("port"),
             port_fd=int(values["port-fd"]) if "port-fd" in values else None,
+            listen_path=values.get("listen"),
+            cgroup_parent=values.get("cgroup-parent", "/clearcri"),
+            shm_dir=values.get("shm-dir", "/dev/shm"),
         )

@@ -46,6 +46,7 @@ from cri.runtime.state import (
 )
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
+from sandbox.hostpod import HOST_HANDLER, HostSandbox
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("clearcri.runtime")
 
 EXEC_OUTPUT_LIMIT = 16 << 20
+PROPAGATION = {
+    api_pb2.PROPAGATION_PRIVATE: "rprivate",
+    api_pb2.PROPAGATION_HOST_TO_CONTAINER: "rslave",
+    api_pb2.PROPAGATION_BIDIRECTIONAL: "rshared",
+}
 VOLUME_LIMIT = 64 << 20
 
 
@@ -147,8 +153,11 @@ class ContainerOps(RuntimeCore):
                     f"container {meta.name} attempt {meta.attempt} already exists in pod "
                     f"{pod.id} as {other.id}; remove it first"
                 )
-        if config.linux.security_context.privileged:
-            raise InvalidArgument("privileged containers cannot run in a pod VM")
+        if config.linux.security_context.privileged and pod.runtime_handler != HOST_HANDLER:
+            raise InvalidArgument(
+                "privileged containers cannot run in a pod VM: mark the pod privileged "
+                "(or use the host runtime handler)"
+            )
         sec = config.linux.security_context
         if sec.HasField("run_as_group") and not (
             sec.HasField("run_as_user") or sec.run_as_username
@@ -252,6 +261,10 @@ class ContainerOps(RuntimeCore):
         if not host_path.exists():
             # as other runtimes do: a missing bind source is created as a directory
             await asyncio.to_thread(host_path.mkdir, parents=True, exist_ok=True)
+        if isinstance(sandbox, HostSandbox):
+            # the host pod's agent sees the host's files: bind them, nothing is copied
+            options.append(PROPAGATION.get(mount.propagation, "rprivate"))
+            return Mount(destination=mount.container_path, source=str(host_path), options=options)
         entries = await asyncio.to_thread(_collect_volume, host_path)
         try:
             base = await sandbox.agent.write_files(key, entries)

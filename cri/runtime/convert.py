@@ -205,6 +205,8 @@ def pid_namespace(pod: api_pb2.PodSandboxConfig, config: api_pb2.ContainerConfig
     mode = config.linux.security_context.namespace_options.pid
     if not config.linux.security_context.HasField("namespace_options"):
         mode = pod.linux.security_context.namespace_options.pid
+    if mode == api_pb2.NODE:
+        return "host"
     return "pod" if mode == api_pb2.POD else "container"
 
 
@@ -232,7 +234,8 @@ def container_spec(
         readonly_rootfs=ctx.readonly_rootfs,
         masked_paths=list(ctx.masked_paths) if ctx.masked_paths else None,
         readonly_paths=list(ctx.readonly_paths) if ctx.readonly_paths else None,
-        seccomp=seccomp_profile(ctx),
+        # privileged containers run unconfined, as with other runtimes
+        seccomp=None if ctx.privileged else seccomp_profile(ctx),
         tty=config.tty,
         stdin=config.stdin,
         stdin_once=config.stdin_once,
@@ -240,6 +243,7 @@ def container_spec(
         sysctls=dict(pod.linux.sysctls),
         annotations=dict(config.annotations),
         pid_namespace=pid_namespace(pod, config),
+        privileged=ctx.privileged,
     )
     if config.linux.resources.oom_score_adj:
         spec.oom_score_adj = config.linux.resources.oom_score_adj

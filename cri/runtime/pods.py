@@ -18,7 +18,7 @@ from cri_api.v1 import api_pb2
 from agent.client import AgentError
 from cri.runtime.convert import resolv_conf
 from cri.runtime.core import RuntimeCore
-from cri.runtime.errors import AlreadyExists, InvalidArgument, Unavailable
+from cri.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from cri.runtime.state import (
     EXITED,
     POD_NOTREADY,
@@ -28,6 +28,8 @@ from cri.runtime.state import (
     PodRecord,
     encode_proto,
 )
+from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
+from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
 from sandbox.pod import PodSandbox, SandboxError, SandboxSpec
 
 if TYPE_CHECKING:
@@ -36,7 +38,56 @@ if TYPE_CHECKING:
 log = logging.getLogger("clearcri.runtime")
 
 VM_HANDLER = "clearcri"
-HANDLERS = ("", VM_HANDLER)
+HANDLERS = ("", VM_HANDLER, HOST_HANDLER)
+PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp", api_pb2.SCTP: "sctp"}
+
+
+def pod_handler(config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
+    """The handler that serves a pod: ``host`` when asked for, or when the pod shares a
+    host namespace or is privileged (a VM cannot serve those); else the VM."""
+    ns = config.linux.security_context.namespace_options
+    if (
+        runtime_handler == HOST_HANDLER
+        or api_pb2.NODE in (ns.network, ns.pid, ns.ipc)
+        or config.linux.security_context.privileged
+    ):
+        return HOST_HANDLER
+    return VM_HANDLER
+
+
+def host_pod_spec(pod_id: str, config: api_pb2.PodSandboxConfig, cgroup_driver: str) -> HostPodSpec:
+    ns = config.linux.security_context.namespace_options
+    meta = config.metadata
+    dns = config.dns_config
+    network = PodNetworkSpec(
+        name=meta.name,
+        namespace=meta.namespace,
+        uid=meta.uid,
+        port_mappings=[
+            PortMapping(
+                protocol=PROTOCOLS.get(m.protocol, "tcp"),
+                container_port=m.container_port,
+                host_port=m.host_port,
+                host_ip=m.host_ip,
+            )
+            for m in config.port_mappings
+            if m.host_port
+        ],
+        dns=DnsConfig(list(dns.servers), list(dns.searches), list(dns.options))
+        if config.HasField("dns_config")
+        else None,
+    )
+    return HostPodSpec(
+        sandbox_id=pod_id,
+        hostname=_pod_hostname(config),
+        resolv_conf=resolv_conf(config.dns_config),
+        hosts=_hosts_file(_pod_hostname(config)),
+        host_network=ns.network == api_pb2.NODE,
+        host_ipc=ns.ipc == api_pb2.NODE,
+        cgroup_parent=config.linux.cgroup_parent,
+        cgroup_driver=cgroup_driver,
+        network=network,
+    )
 
 
 def _label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
@@ -67,20 +118,17 @@ class PodOps(RuntimeCore):
             raise InvalidArgument("pod metadata needs name, namespace and uid")
         if runtime_handler not in HANDLERS:
             raise InvalidArgument(
-                f"unknown runtime handler {runtime_handler!r}: this runtime serves {VM_HANDLER!r}"
+                f"unknown runtime handler {runtime_handler!r}: this runtime serves "
+                f"{VM_HANDLER!r} (pod VMs) and {HOST_HANDLER!r} (pods on the host)"
             )
-        ns_opts = config.linux.security_context.namespace_options
-        if (
-            ns_opts.network == api_pb2.NODE
-            or ns_opts.pid == api_pb2.NODE
-            or ns_opts.ipc == api_pb2.NODE
-        ):
-            raise InvalidArgument(
-                "a pod VM cannot share the host's network, PID or IPC namespace; "
-                "run host-namespace pods with a runtime that serves them"
+        handler = pod_handler(config, runtime_handler)
+        if handler == HOST_HANDLER and not self.config.daemon.host_pods:
+            raise FailedPrecondition(
+                "this node runs pods only in VMs (daemon.host_pods = false), and pod "
+                f"{meta.namespace}/{meta.name} needs the host handler (it asks for it, shares "
+                "the host's network, PID or IPC namespace, or is privileged); schedule it "
+                "on a node that allows host pods"
             )
-        if config.linux.security_context.privileged:
-            raise InvalidArgument("privileged pods cannot run in a pod VM")
         for pod in self.state.pods.values():
             m = pod
             if (m.name, m.namespace, m.uid, m.attempt) == (
@@ -108,7 +156,12 @@ class PodOps(RuntimeCore):
         )
         started = time.monotonic()
         try:
-            sandbox = PodSandbox.create(self.host, spec)
+            if handler == HOST_HANDLER:
+                sandbox: PodSandbox = HostSandbox.create_host(
+                    self.host, host_pod_spec(pod_id, config, self.config.daemon.cgroup_driver)
+                )
+            else:
+                sandbox = PodSandbox.create(self.host, spec)
         except SandboxError as exc:
             raise InvalidArgument(str(exc)) from exc
         try:
@@ -126,26 +179,29 @@ class PodOps(RuntimeCore):
             namespace=meta.namespace,
             attempt=meta.attempt,
             created_at_ns=time.time_ns(),
-            runtime_handler=runtime_handler or VM_HANDLER,
+            runtime_handler=handler,
             config=encode_proto(config),
             labels=dict(config.labels),
             annotations=dict(config.annotations),
             vm_pid=sandbox.pid,
             boot_seconds=time.monotonic() - started,
         )
+        if sandbox.network_result is not None:
+            pod.ips = sandbox.network_result.pod_ips
         try:
             self.state.save_pod(pod)
         except BaseException:
             await sandbox.destroy()
             raise
         self._watch_sandbox(pod, sandbox)
-        if self.metrics is not None:
+        if self.metrics is not None and handler == VM_HANDLER:
             self.metrics.sandbox_started(pod_id, sandbox.boot, pod.boot_seconds)
         log.info(
-            "pod=%s name=%s/%s started boot=%.2fs",
+            "pod=%s name=%s/%s handler=%s started boot=%.2fs",
             pod_id[:12],
             meta.namespace,
             meta.name,
+            handler,
             pod.boot_seconds,
         )
         self.publish(api_pb2.CONTAINER_CREATED_EVENT, pod_id, pod)
@@ -241,7 +297,7 @@ class PodOps(RuntimeCore):
         if not run_dir.exists():
             return
         try:
-            sandbox = await PodSandbox.adopt(self.host, pod_id)
+            sandbox = await adopt_sandbox(self.host, pod_id)
         except SandboxError:
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
             return
@@ -278,8 +334,20 @@ class PodOps(RuntimeCore):
             response.containers_statuses.append(self.container_status_message(ctr))
         if verbose:
             sandbox = self.sandboxes.get(pod.id)
-            info: dict[str, object] = {
-                "runtimeHandler": pod.runtime_handler,
+            info: dict[str, object] = {"runtimeHandler": pod.runtime_handler}
+            if isinstance(sandbox, HostSandbox) or pod.runtime_handler == HOST_HANDLER:
+                host_sandbox = sandbox if isinstance(sandbox, HostSandbox) else None
+                info["host"] = {
+                    "agentPid": pod.vm_pid,
+                    "state": sandbox.state if sandbox else "gone",
+                    "cgroupParent": host_sandbox.cgroups.parent if host_sandbox else "",
+                    "cgroups": host_sandbox.cgroups.mode if host_sandbox else "",
+                    "startSeconds": pod.boot_seconds,
+                    "exitReason": pod.reason,
+                }
+                response.info["info"] = json.dumps(info)
+                return response
+            info |= {
                 "vm": {
                     "pid": pod.vm_pid,
                     "state": sandbox.state if sandbox else "gone",
@@ -323,7 +391,7 @@ class PodOps(RuntimeCore):
             if pod.state != POD_READY:
                 continue
             try:
-                sandbox = await PodSandbox.adopt(self.host, pod.id)
+                sandbox = await adopt_sandbox(self.host, pod.id)
             except SandboxError as exc:
                 self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
                 continue

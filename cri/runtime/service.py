@@ -17,6 +17,7 @@ from cri.runtime.errors import CriError, InvalidArgument, Unimplemented
 from cri.runtime.pods import VM_HANDLER, PodOps
 from cri.runtime.stats import StatsOps
 from cri.streaming.errors import StreamingError
+from sandbox.hostpod import HOST_HANDLER
 
 log = logging.getLogger("clearcri.cri")
 
@@ -98,6 +99,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         )
         response.runtime_handlers.add(name="").features.recursive_read_only_mounts = False
         response.runtime_handlers.add(name=VM_HANDLER)
+        if self.runtime.config.daemon.host_pods:
+            response.runtime_handlers.add(name=HOST_HANDLER)
         if request.verbose:
             host = self.runtime.host
             response.info["accelerator"] = f"{host.accel} ({host.accel_reason})"

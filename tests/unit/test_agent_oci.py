@@ -151,7 +151,7 @@ def test_exec_process_inherits_and_overrides() -> None:
     "spec",
     [
         ContainerSpec(args=[]),
-        ContainerSpec(args=["x"], pid_namespace="host"),
+        ContainerSpec(args=["x"], pid_namespace="node"),
         ContainerSpec(args=["x"], cwd="relative"),
         ContainerSpec(args=["x"], mounts=[Mount(destination="rel")]),
         ContainerSpec(args=["x"], stdin_once=True),
