@@ -161,7 +161,8 @@ class RuntimeMetrics:
         r = self.registry
         self.boot_seconds = Histogram(
             "clearcri_sandbox_boot_seconds",
-            "Pod VM boot phases: vmm_spawn (qemu start to QMP), firmware, kernel (guest "
+            "Pod VM boot phases: vmm_spawn (qemu start to QMP), restore (a template clone's "
+            "device state), firmware, kernel (guest "
             "clock at init), agent_ready (init to agent ready), first_container (pod "
             "ready to its first container running).",
             ["phase"],
@@ -211,7 +212,14 @@ class RuntimeMetrics:
             ["cause"],
             registry=r,
         )
-        for phase in ("vmm_spawn", "firmware", "kernel", "agent_ready", "first_container"):
+        for phase in (
+            "vmm_spawn",
+            "restore",
+            "firmware",
+            "kernel",
+            "agent_ready",
+            "first_container",
+        ):
             self.boot_seconds.labels(phase)
         for cause in ("panic", "exit", "lost"):
             self.vm_crashes.labels(cause)
@@ -226,7 +234,13 @@ class RuntimeMetrics:
 
     def sandbox_started(self, pod_id: str, boot: BootTimes, seconds: float) -> None:
         """A pod VM is ready: its boot phases and the whole RunPodSandbox."""
-        for phase in ("vmm_spawn", "firmware", "kernel", "agent_ready"):
+        # a VM cloned from a template restores instead of running firmware and kernel
+        phases = (
+            ("vmm_spawn", "restore", "agent_ready")
+            if boot.restore > 0
+            else ("vmm_spawn", "firmware", "kernel", "agent_ready")
+        )
+        for phase in phases:
             self.boot_seconds.labels(phase).observe(getattr(boot, phase))
         self.sandbox_start_seconds.observe(seconds)
         now = time.monotonic()

@@ -127,6 +127,17 @@ class BootTimes:
     total: float = 0.0
 
 
+def host_memory_mib() -> int:
+    """The node's MemTotal in MiB (0 when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
     """vCPUs and memory (MiB) for a pod: from its limits, else the defaults."""
     max_vcpus = config.max_vcpus or os.cpu_count() or 1
@@ -232,6 +243,13 @@ class PodSandbox:
         if run_dir.exists():
             raise SandboxError(f"sandbox {spec.sandbox_id} already exists")
         machine = host.machine_for(spec, run_dir)
+        host_mib = host_memory_mib()
+        if host_mib and machine.memory_mib > host_mib:
+            raise SandboxExhausted(
+                f"the pod needs a {machine.memory_mib} MiB VM (its memory limit plus "
+                f"{host.config.guest_overhead_mib} MiB guest overhead) but the node has "
+                f"{host_mib} MiB"
+            )
         run_dir.mkdir(parents=True, mode=0o700)
         sandbox = cls(host, machine, spec)
         sandbox._save()

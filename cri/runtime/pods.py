@@ -18,7 +18,13 @@ from cri_api.v1 import api_pb2
 from agent.client import AgentError
 from cri.runtime.convert import resolv_conf
 from cri.runtime.core import RuntimeCore
-from cri.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from cri.runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from cri.runtime.state import (
     EXITED,
     POD_NOTREADY,
@@ -30,7 +36,7 @@ from cri.runtime.state import (
 )
 from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
 from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
-from sandbox.pod import PodSandbox, SandboxError, SandboxSpec
+from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxSpec
 
 if TYPE_CHECKING:
     from cri.metrics import RuntimeMetrics
@@ -162,6 +168,8 @@ class PodOps(RuntimeCore):
                 )
             else:
                 sandbox = PodSandbox.create(self.host, spec)
+        except SandboxExhausted as exc:
+            raise ResourceExhausted(str(exc)) from exc
         except SandboxError as exc:
             raise InvalidArgument(str(exc)) from exc
         try:

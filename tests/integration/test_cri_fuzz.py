@@ -1,0 +1,206 @@
+"""Random CRI requests may only get OK or a proper error code: never INTERNAL or
+UNKNOWN, never a dead daemon, never a leftover VM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2, api_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.conftest import GUEST_DIR
+from tests.integration.cri_daemon import CriDaemon
+
+pytestmark = pytest.mark.vm
+
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+ids = st.one_of(st.just(""), st.text(alphabet="0123456789abcdef", min_size=1, max_size=64), text)
+labels = st.dictionaries(text, text, max_size=3)
+
+
+@st.composite
+def pod_configs(draw: st.DrawFn) -> api_pb2.PodSandboxConfig:
+    config = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(
+            name=draw(text), namespace=draw(text), uid=draw(text), attempt=draw(st.integers(0, 3))
+        ),
+        hostname=draw(text),
+        labels=draw(labels),
+        annotations=draw(labels),
+    )
+    config.dns_config.servers.extend(draw(st.lists(text, max_size=2)))
+    config.linux.security_context.namespace_options.network = draw(
+        st.sampled_from([api_pb2.POD, api_pb2.CONTAINER, api_pb2.NODE])
+    )
+    config.linux.security_context.privileged = draw(st.booleans())
+    config.linux.resources.memory_limit_in_bytes = draw(st.sampled_from([0, -1, 1, 2**40]))
+    config.linux.resources.cpu_quota = draw(st.sampled_from([0, -1, 50_000, 10**9]))
+    config.linux.resources.cpu_period = draw(st.sampled_from([0, 100_000]))
+    return config
+
+
+@st.composite
+def container_configs(draw: st.DrawFn) -> api_pb2.ContainerConfig:
+    config = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name=draw(text)),
+        image=api_pb2.ImageSpec(image=draw(st.one_of(text, st.just("busybox")))),
+        command=draw(st.lists(text, max_size=3)),
+        working_dir=draw(text),
+        log_path=draw(text),
+    )
+    for key in draw(st.lists(text, max_size=2)):
+        config.envs.add(key=key, value=draw(text))
+    for path in draw(st.lists(text, max_size=2)):
+        config.mounts.add(container_path=path, host_path=draw(text))
+    config.linux.security_context.capabilities.add_capabilities.extend(
+        draw(st.lists(st.sampled_from(["NET_ADMIN", "ALL", "BOGUS", ""]), max_size=2))
+    )
+    return config
+
+
+requests = st.one_of(
+    st.builds(
+        lambda c, h: ("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=c, runtime_handler=h)),
+        pod_configs(),
+        st.sampled_from(["", "clearcri", "nope", "host"]),
+    ),
+    st.builds(lambda i: ("StopPodSandbox", api_pb2.StopPodSandboxRequest(pod_sandbox_id=i)), ids),
+    st.builds(
+        lambda i: ("RemovePodSandbox", api_pb2.RemovePodSandboxRequest(pod_sandbox_id=i)), ids
+    ),
+    st.builds(
+        lambda i, v: (
+            "PodSandboxStatus",
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=i, verbose=v),
+        ),
+        ids,
+        st.booleans(),
+    ),
+    st.builds(
+        lambda i, c: (
+            "CreateContainer",
+            api_pb2.CreateContainerRequest(pod_sandbox_id=i, config=c),
+        ),
+        ids,
+        container_configs(),
+    ),
+    st.builds(lambda i: ("StartContainer", api_pb2.StartContainerRequest(container_id=i)), ids),
+    st.builds(
+        lambda i, t: ("StopContainer", api_pb2.StopContainerRequest(container_id=i, timeout=t)),
+        ids,
+        st.integers(-5, 5),
+    ),
+    st.builds(lambda i: ("RemoveContainer", api_pb2.RemoveContainerRequest(container_id=i)), ids),
+    st.builds(lambda i: ("ContainerStatus", api_pb2.ContainerStatusRequest(container_id=i)), ids),
+    st.builds(
+        lambda i, c, t: ("ExecSync", api_pb2.ExecSyncRequest(container_id=i, cmd=c, timeout=t)),
+        ids,
+        st.lists(text, max_size=2),
+        st.integers(-1, 2),
+    ),
+    st.builds(
+        lambda i, c: ("Exec", api_pb2.ExecRequest(container_id=i, cmd=c, stdout=True)),
+        ids,
+        st.lists(text, max_size=2),
+    ),
+    st.builds(
+        lambda i, p: ("PortForward", api_pb2.PortForwardRequest(pod_sandbox_id=i, port=p)),
+        ids,
+        st.lists(st.integers(-1, 70000), max_size=2),
+    ),
+    st.builds(lambda i: ("ContainerStats", api_pb2.ContainerStatsRequest(container_id=i)), ids),
+    st.builds(lambda i: ("PodSandboxStats", api_pb2.PodSandboxStatsRequest(pod_sandbox_id=i)), ids),
+    st.builds(
+        lambda i: ("ReopenContainerLog", api_pb2.ReopenContainerLogRequest(container_id=i)), ids
+    ),
+    st.builds(
+        lambda i: (
+            "UpdateContainerResources",
+            api_pb2.UpdateContainerResourcesRequest(container_id=i),
+        ),
+        ids,
+    ),
+    st.builds(
+        lambda f: (
+            "ListPodSandbox",
+            api_pb2.ListPodSandboxRequest(filter=api_pb2.PodSandboxFilter(id=f)),
+        ),
+        ids,
+    ),
+    st.builds(
+        lambda f: (
+            "ListContainers",
+            api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter(pod_sandbox_id=f)),
+        ),
+        ids,
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon() -> Iterator[CriDaemon]:
+    root = Path(f"/tmp/cc-fuzz-{os.getpid()}")
+    root.mkdir()
+    daemon = CriDaemon(root, GUEST_DIR)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _call(daemon: CriDaemon, method: str, request: object) -> grpc.StatusCode:
+    async with daemon.channel() as channel:
+        stub = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            await getattr(stub, method)(request, timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+async def _cleanup(daemon: CriDaemon) -> None:
+    async with daemon.channel() as channel:
+        stub = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+        for pod in (await stub.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items:
+            await stub.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+
+
+@settings(
+    max_examples=int(os.environ.get("CLEARCRI_FUZZ_EXAMPLES", "80")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(calls=st.lists(requests, min_size=1, max_size=4))
+def test_random_requests_get_proper_codes(
+    fuzz_daemon: CriDaemon, calls: list[tuple[str, object]]
+) -> None:
+    async def run() -> None:
+        try:
+            for method, request in calls:
+                code = await _call(fuzz_daemon, method, request)
+                assert code in ALLOWED, f"{method} gave {code.name} for {request}"
+        finally:
+            await _cleanup(fuzz_daemon)
+
+    asyncio.run(run())
+    assert fuzz_daemon.proc is not None and fuzz_daemon.proc.poll() is None, "daemon died"
+    assert list((fuzz_daemon.root / "run" / "sandboxes").iterdir()) == []
