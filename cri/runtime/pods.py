@@ -61,11 +61,11 @@ def pod_handler(config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
     return VM_HANDLER
 
 
-def host_pod_spec(pod_id: str, config: api_pb2.PodSandboxConfig, cgroup_driver: str) -> HostPodSpec:
-    ns = config.linux.security_context.namespace_options
+def pod_network_spec(config: api_pb2.PodSandboxConfig) -> PodNetworkSpec:
+    """What CNI needs of a pod: its identity, hostPorts and DNS."""
     meta = config.metadata
     dns = config.dns_config
-    network = PodNetworkSpec(
+    return PodNetworkSpec(
         name=meta.name,
         namespace=meta.namespace,
         uid=meta.uid,
@@ -83,6 +83,11 @@ def host_pod_spec(pod_id: str, config: api_pb2.PodSandboxConfig, cgroup_driver: 
         if config.HasField("dns_config")
         else None,
     )
+
+
+def host_pod_spec(pod_id: str, config: api_pb2.PodSandboxConfig, cgroup_driver: str) -> HostPodSpec:
+    ns = config.linux.security_context.namespace_options
+    network = pod_network_spec(config)
     return HostPodSpec(
         sandbox_id=pod_id,
         hostname=_pod_hostname(config),
@@ -160,6 +165,14 @@ class PodOps(RuntimeCore):
             cpu_period_us=res.cpu_period,
             memory_limit_bytes=res.memory_limit_in_bytes,
         )
+        if handler != HOST_HANDLER and self.host.config.network.enabled:
+            status = self.host.network.status()
+            if not status.ready:
+                raise FailedPrecondition(
+                    f"pod networking is not ready: {status.message}; install a CNI config "
+                    "or set [vm.network] enabled = false"
+                )
+            spec.network = pod_network_spec(config)
         started = time.monotonic()
         try:
             if handler == HOST_HANDLER:

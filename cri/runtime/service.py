@@ -18,6 +18,7 @@ from cri.runtime.pods import VM_HANDLER, PodOps
 from cri.runtime.stats import StatsOps
 from cri.streaming.errors import StreamingError
 from sandbox.hostpod import HOST_HANDLER
+from sandbox.network import NetworkError
 
 log = logging.getLogger("clearcri.cri")
 
@@ -69,7 +70,11 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         self.runtime = runtime
         self.streaming = streaming
         self.observe: Callable[[str, str, float], None] | None = None
-        self.network_ready: Callable[[], tuple[bool, str]] = lambda: (True, "")
+        self.network_ready: Callable[[], tuple[bool, str]] = self._network_ready
+
+    def _network_ready(self) -> tuple[bool, str]:
+        status = self.runtime.host.network.status()
+        return status.ready, status.message
 
     @cri_call
     async def Version(
@@ -126,6 +131,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     ) -> api_pb2.UpdateRuntimeConfigResponse:
         cidr = request.runtime_config.network_config.pod_cidr
         if cidr:
+            try:
+                self.runtime.host.network.update_pod_cidr(cidr)
+            except NetworkError as exc:
+                raise InvalidArgument(str(exc)) from exc
             self.runtime.pod_cidr = cidr
         return api_pb2.UpdateRuntimeConfigResponse()
 

@@ -24,7 +24,10 @@ class CriDaemon:
         guest_dir: Path,
         registry_host: str = "",
         template_dir: Path = TEMPLATE_DIR,
+        network: str = "enabled = false",
     ) -> None:
+        """``network`` is the body of the ``[vm.network]`` table (CNI is off unless a
+        test brings its own CNI config)."""
         self.root = root
         self.socket = root / "run" / "clearcri.sock"
         self.config_path = root / "config.toml"
@@ -42,6 +45,7 @@ class CriDaemon:
             "[metrics]",
             "enabled = false",
         ]
+        lines += ["[vm.network]", network]
         if registry_host:
             lines += [
                 '[registry.mirrors."registry.k8s.io"]',

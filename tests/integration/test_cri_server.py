@@ -348,3 +348,86 @@ def test_second_daemon_refuses_to_start(daemon: CriDaemon) -> None:
     with grpc.insecure_channel(f"unix://{daemon.socket}") as channel:
         stub = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
         assert stub.Version(api_pb2.VersionRequest(), timeout=5).runtime_name == "clearcri"
+
+
+async def test_pod_network_through_cri(image_ref: str, tmp_path: Path) -> None:
+    from tests.integration.test_network import CNI_BIN_DIRS, CniLab, _http_get
+
+    lab = CniLab(tmp_path / "cni")
+    lab.write(lab.conflist(v6=False, portmap=False))
+    root = Path(f"/tmp/cc-crinet-{os.getpid()}")
+    root.mkdir()
+    bins = ", ".join(f'"{d}"' for d in [*CNI_BIN_DIRS, lab.bin_dir])
+    daemon = CriDaemon(
+        root,
+        GUEST_DIR,
+        network=(
+            f'conf_dirs = ["{lab.conf_dir}"]\nbin_dirs = [{bins}]\nnetns_dir = "{lab.netns_dir}"'
+        ),
+    )
+    daemon.start()
+    pod_id = ""
+    try:
+        async with daemon.channel() as channel:
+            rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+            images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+            status = await rt.Status(api_pb2.StatusRequest())
+            assert {c.type: c.status for c in status.status.conditions}["NetworkReady"]
+            await images.PullImage(
+                api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref))
+            )
+            config = pod_config("net", tmp_path / "logs")
+            pod_id = (
+                await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))
+            ).pod_sandbox_id
+            pod = (
+                await rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+            ).status
+            assert pod.network.ip.startswith(lab.prefix4 + ".")
+            cfg = container_config(
+                "web", image_ref, "sh", "-c", "echo via-cni > /tmp/i; httpd -f -p 8080 -h /tmp"
+            )
+            cid = (
+                await rt.CreateContainer(
+                    api_pb2.CreateContainerRequest(
+                        pod_sandbox_id=pod_id, config=cfg, sandbox_config=config
+                    )
+                )
+            ).container_id
+            await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+            assert await _http_get(f"http://{pod.network.ip}:8080/i") == b"via-cni\n"
+            await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        assert lab.leftovers([pod_id]) == []
+    finally:
+        daemon.stop()
+        lab.close()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_missing_cni_config_is_reported(tmp_path: Path) -> None:
+    root = Path(f"/tmp/cc-crinocni-{os.getpid()}")
+    root.mkdir()
+    empty = tmp_path / "empty-net.d"
+    empty.mkdir()
+    daemon = CriDaemon(root, GUEST_DIR, network=f'conf_dirs = ["{empty}"]')
+    daemon.start()
+    try:
+        async with daemon.channel() as channel:
+            rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+            status = await rt.Status(api_pb2.StatusRequest())
+            net = {c.type: c for c in status.status.conditions}["NetworkReady"]
+            assert not net.status and net.reason == "NetworkPluginNotReady" and net.message
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await rt.RunPodSandbox(
+                    api_pb2.RunPodSandboxRequest(config=pod_config("nocni", tmp_path))
+                )
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "CNI" in (err.value.details() or "")
+            assert (await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items == []
+    finally:
+        daemon.stop()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)

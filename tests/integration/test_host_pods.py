@@ -52,18 +52,20 @@ class HostPodDaemon(CriDaemon):
     """A daemon without VM templates (no pod VM is started here), CNI on a test lab."""
 
     def __init__(self, root: Path, lab: CniLab, *, host_pods: bool = True) -> None:
-        super().__init__(root, GUEST_DIR)
+        bins = ", ".join(json.dumps(str(d)) for d in [*CNI_BIN_DIRS, lab.bin_dir])
+        super().__init__(
+            root,
+            GUEST_DIR,
+            network=(
+                f"conf_dirs = [{json.dumps(str(lab.conf_dir))}]\n"
+                f"bin_dirs = [{bins}]\n"
+                f'netns_dir = "{lab.netns_dir}"'
+            ),
+        )
         text = self.config_path.read_text()
         text = text.replace("[vm]\n", "[vm]\ntemplates = false\n", 1)
         text = text.replace(
             "[daemon]\n", f"[daemon]\nhost_pods = {'true' if host_pods else 'false'}\n", 1
-        )
-        bins = ", ".join(json.dumps(str(d)) for d in [*CNI_BIN_DIRS, lab.bin_dir])
-        text += (
-            "[vm.network]\n"
-            f"conf_dirs = [{json.dumps(str(lab.conf_dir))}]\n"
-            f"bin_dirs = [{bins}]\n"
-            f'netns_dir = "{lab.netns_dir}"\n'
         )
         self.config_path.write_text(text)
 

@@ -52,3 +52,17 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_nested_network_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[vm.network]\nenabled = false\nconf_dirs = ["/tmp/cni"]\nnetns_dir = "/run/x"\n'
+    )
+    config = load_config(path)
+    assert config.vm.network.enabled is False
+    assert config.vm.network.conf_dirs == [Path("/tmp/cni")]
+    assert config.vm.network.netns_dir == Path("/run/x")
+    path.write_text("[vm.network]\nbogus = 1\n")
+    with pytest.raises(ConfigError, match=r"vm\.network\.bogus"):
+        load_config(path)
