@@ -17,6 +17,7 @@ cleanup() {
         "${crictl[@]}" rmp -f "$pod" >/dev/null 2>&1
     fi
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    ip link del clearcri-demo 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -31,7 +32,20 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null; then
 fi
 clearcri image push-busybox 127.0.0.1:5000/demo/busybox:1
 
-clearcri serve >"$work/clearcri.log" 2>&1 &
+# The demo's own CNI network: a bridge with a private subnet, no NAT, removed at exit.
+mkdir -p "$work/net.d" "$work/ipam"
+cat >"$work/net.d/10-demo.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "clearcri-demo", "plugins": [
+  {"type": "bridge", "bridge": "clearcri-demo", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$work/ipam",
+            "ranges": [[{"subnet": "10.231.7.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+JSON
+cat >"$work/config.toml" <<TOML
+[vm.network]
+conf_dirs = ["$work/net.d"]
+TOML
+clearcri serve --config "$work/config.toml" >"$work/clearcri.log" 2>&1 &
 daemon=$!
 pids=("$daemon" "${pids[@]}")
 for _ in $(seq 300); do [ -S "$socket" ] && break; sleep 0.1; done
@@ -59,6 +73,9 @@ echo "pod $pod and its container started in $(python3 -c "print(round($end - $st
 "${crictl[@]}" ps
 echo "--- exec in the pod VM:"
 "${crictl[@]}" exec "$ctr" sh -c 'uname -a; cat /etc/resolv.conf; wget -qO- http://127.0.0.1:8080/hostname'
+ip=$("${crictl[@]}" inspectp -o go-template --template '{{.status.network.ip}}' "$pod")
+echo "--- the pod's IP is $ip; from the host, http://$ip:8080/hostname says:"
+python3 -c "import urllib.request, sys; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())" "http://$ip:8080/hostname"
 echo "--- container log:"
 "${crictl[@]}" logs "$ctr"
 echo
