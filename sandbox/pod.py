@@ -25,6 +25,8 @@ from typing import Any
 from agent.client import AgentClient, AgentError, ExecSession
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox.accel import choose_accel
+from sandbox.cgroups import VmCgroup
+from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.network import (
     NETDEV_ID,
@@ -105,6 +107,9 @@ class SandboxSpec:
     cpu_quota_us: int = 0
     cpu_period_us: int = 0
     memory_limit_bytes: int = 0
+    # kubelet's pod cgroup: the VM's host processes go below it
+    cgroup_parent: str = ""
+    cgroup_driver: str = "cgroupfs"
     extra_args: list[str] = field(default_factory=list)
     # None: the VM gets no NIC. Otherwise CNI decides its address (sandbox/network.py).
     network: PodNetworkSpec | None = None
@@ -222,6 +227,7 @@ class PodSandbox:
         self.boot = BootTimes()
         self.pid = 0
         self.slots: dict[int, str] = {}
+        self.cgroup = VmCgroup(())
         self.process: VmProcess | None = None
         self.qmp: QmpControl | None = None
         self._agent: AgentClient | None = None
@@ -283,6 +289,7 @@ class PodSandbox:
         sandbox.boot = BootTimes(**saved.get("boot", {}))
         sandbox.pid = saved.get("pid", 0)
         sandbox.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
+        sandbox.cgroup = VmCgroup(tuple(Path(p) for p in saved.get("cgroups", [])))
         if sandbox.state not in ("ready", "booting") or not sandbox.pid:
             return sandbox
         process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")
@@ -369,6 +376,13 @@ class PodSandbox:
                 self.network.start_attach()
             self.pid = self.process.pid
             self.process.on_exit(self._vm_exited)
+            if self.spec.cgroup_parent:
+                self.cgroup = place_in_cgroup(
+                    self.pid,
+                    parent=self.spec.cgroup_parent,
+                    driver=self.spec.cgroup_driver,
+                    sandbox_id=self.id,
+                )
             self._save()
             self.qmp = QmpControl(f"clearcri-{self.id}")
             await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
@@ -510,6 +524,7 @@ class PodSandbox:
             return
         await self.stop(timeout=0)
         await self._close_channels()
+        self.cgroup.remove()
         shutil.rmtree(self.machine.run_dir, ignore_errors=True)
         self.state = "removed"
 
@@ -578,6 +593,7 @@ class PodSandbox:
             "boot": asdict(self.boot),
             "pid": self.pid,
             "slots": {str(k): v for k, v in self.slots.items()},
+            "cgroups": [str(p) for p in self.cgroup.paths],
             "network": self.network.to_state() if self.network is not None else None,
         }
         path = self.machine.run_dir / STATE_FILE

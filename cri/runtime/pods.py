@@ -164,6 +164,8 @@ class PodOps(RuntimeCore):
             cpu_quota_us=res.cpu_quota,
             cpu_period_us=res.cpu_period,
             memory_limit_bytes=res.memory_limit_in_bytes,
+            cgroup_parent=config.linux.cgroup_parent,
+            cgroup_driver=self.config.daemon.cgroup_driver,
         )
         if handler != HOST_HANDLER and self.host.config.network.enabled:
             status = self.host.network.status()

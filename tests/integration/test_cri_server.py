@@ -431,3 +431,25 @@ async def test_missing_cni_config_is_reported(tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_vm_runs_under_the_pod_cgroup_parent(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    tmp_path: Path,
+    daemon: CriDaemon,
+) -> None:
+    from sandbox.cgroups import cgroups_of, hierarchies
+
+    rt, _ = stubs
+    parent = f"clearcri-test-{os.urandom(3).hex()}"
+    config = pod_config("cg", tmp_path)
+    config.linux.cgroup_parent = parent
+    pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
+    state = (daemon.root / "run" / "sandboxes" / pod_id / "state.json").read_text()
+    vm_pid = int(__import__("json").loads(state)["pid"])
+    paths = cgroups_of(vm_pid)
+    assert paths and all(p.startswith(f"/{parent}/clearcri-") for p in paths if p != "/"), paths
+    await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    for root in hierarchies():
+        assert not list((root / parent).glob("clearcri-*"))
+        (root / parent).rmdir()  # the pod cgroup itself is kubelet's; here the test's

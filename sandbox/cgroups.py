@@ -1,0 +1,123 @@
+"""Put a pod VM's host processes under the pod's cgroup parent.
+
+kubelet creates one cgroup per pod (its QoS class, pod overhead and limits) and expects
+the runtime to run the pod's processes below it, so that its accounting (cAdvisor) and
+limits cover them. For a pod VM those processes are QEMU's: the VM goes into
+``<cgroup parent>/clearcri-<sandbox id>`` in every hierarchy the host mounts (cgroup v2,
+or each v1 controller), for both the cgroupfs driver (a path) and the systemd driver
+(a slice name such as ``kubepods-besteffort-pod123.slice``, expanded to its path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class CgroupError(Exception):
+    """The VM could not be placed in its pod's cgroup."""
+
+
+def systemd_slice_path(name: str) -> str:
+    """``a-b-c.slice`` → ``a.slice/a-b.slice/a-b-c.slice`` (systemd's slice nesting)."""
+    if not name.endswith(".slice"):
+        raise CgroupError(f"systemd cgroup parent {name!r} is not a slice (name.slice)")
+    stem = name.removesuffix(".slice")
+    if not stem or stem.startswith("-") or stem.endswith("-") or "--" in stem or "/" in stem:
+        raise CgroupError(f"bad systemd slice name {name!r}")
+    parts = stem.split("-")
+    return "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def hierarchies(mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
+    """Mount points of the host's cgroup hierarchies (v2 and each v1 controller)."""
+    found = []
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
+            found.append(Path(fields[1]))
+    return found
+
+
+@dataclass(frozen=True)
+class VmCgroup:
+    """The cgroup directories one VM was placed in."""
+
+    paths: tuple[Path, ...]
+
+    def remove(self) -> None:
+        """Remove the VM's cgroups (once its processes are gone). Idempotent."""
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                path.rmdir()
+
+
+def _make(root: Path, rel: str) -> None:
+    """Create ``root/rel`` level by level; a new cpuset cgroup (v1) starts with no CPUs
+    or memory nodes, so it inherits its parent's or no process could join it."""
+    current = root
+    for part in rel.split("/"):
+        parent, current = current, current / part
+        if current.is_dir():
+            continue
+        current.mkdir()
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            mine = current / name
+            if mine.exists() and not mine.read_text().strip():
+                mine.write_text((parent / name).read_text())
+
+
+def relative_path(parent: str, driver: str, sandbox_id: str) -> str:
+    if driver == "systemd":
+        base = systemd_slice_path(parent)
+        # a scope, as systemd names the units it puts processes in
+        return f"{base}/clearcri-{sandbox_id[:32]}.scope"
+    if driver != "cgroupfs":
+        raise CgroupError(f"unknown cgroup driver {driver!r}")
+    clean = parent.strip("/")
+    if ".." in clean.split("/"):
+        raise CgroupError(f"cgroup parent {parent!r} leaves the cgroup tree")
+    return f"{clean}/clearcri-{sandbox_id[:32]}" if clean else f"clearcri-{sandbox_id[:32]}"
+
+
+def place(
+    pid: int,
+    *,
+    parent: str,
+    driver: str,
+    sandbox_id: str,
+    roots: list[Path] | None = None,
+) -> VmCgroup:
+    """Move every thread of ``pid`` into the pod's VM cgroup in every hierarchy."""
+    rel = relative_path(parent, driver, sandbox_id)
+    made: list[Path] = []
+    try:
+        for root in roots if roots is not None else hierarchies():
+            path = root / rel
+            _make(root, rel)
+            made.append(path)
+            procs = path / "cgroup.procs"
+            try:
+                procs.write_text(f"{pid}\n")
+            except OSError as exc:
+                raise CgroupError(f"cannot move qemu ({pid}) into {path}: {exc}") from exc
+    except OSError as exc:
+        VmCgroup(tuple(made)).remove()
+        raise CgroupError(f"cannot create the VM's cgroup {rel}: {exc}") from exc
+    except CgroupError:
+        VmCgroup(tuple(made)).remove()
+        raise
+    return VmCgroup(tuple(made))
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """The cgroup paths of ``pid`` as /proc/<pid>/cgroup lists them."""
+    try:
+        return [
+            line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        ]
+    except OSError:
+        return []
