@@ -167,14 +167,17 @@ class PodOps(RuntimeCore):
             cgroup_parent=config.linux.cgroup_parent,
             cgroup_driver=self.config.daemon.cgroup_driver,
         )
-        if handler != HOST_HANDLER and self.host.config.network.enabled:
+        # every pod but a host-network one gets a CNI network (host pods without the tap)
+        host_network = config.linux.security_context.namespace_options.network == api_pb2.NODE
+        if self.host.config.network.enabled and not (handler == HOST_HANDLER and host_network):
             status = self.host.network.status()
             if not status.ready:
                 raise FailedPrecondition(
                     f"pod networking is not ready: {status.message}; install a CNI config "
                     "or set [vm.network] enabled = false"
                 )
-            spec.network = pod_network_spec(config)
+            if handler != HOST_HANDLER:
+                spec.network = pod_network_spec(config)
         started = time.monotonic()
         try:
             if handler == HOST_HANDLER:
