@@ -216,6 +216,39 @@ def unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", point], check=False)
 
 
+def write_cni_config(work: Path) -> Path:
+    """A CNI bridge network of this run's own (bridge, subnet and IPAM state nothing
+    else uses) with hostPort support; returns the config directory."""
+    cni_conf = work / "cni"
+    cni_conf.mkdir()
+    conflist = {
+        "cniVersion": "1.0.0",
+        "name": "clearcri-conformance",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(work / "cni-ipam"),
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+    (cni_conf / "10-conformance.conflist").write_text(json.dumps(conflist, indent=2))
+    return cni_conf
+
+
+def remove_bridge() -> None:
+    subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+
+
 class Clearcri(Runtime):
     name = "clearcri"
 
@@ -231,6 +264,9 @@ class Clearcri(Runtime):
             f'sandbox_image = "{SANDBOX_IMAGE}"',
             "[vm]",
             f'guest_dir = "{GUEST_DIR}"',
+            "[vm.network]",
+            f'conf_dirs = ["{write_cni_config(work)}"]',
+            'bin_dirs = ["/usr/lib/cni"]',
             "[streaming]",
             'address = "127.0.0.1"',
             "[metrics]",
@@ -259,6 +295,7 @@ class Clearcri(Runtime):
             log(f"killing leftover VM process {pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        remove_bridge()
 
 
 class Containerd(Runtime):
@@ -277,29 +314,7 @@ class Containerd(Runtime):
                 f'server = "https://{host}"\n\n[host."http://{registry}"]\n'
                 '  capabilities = ["pull", "resolve"]\n'
             )
-        cni_conf = work / "cni"
-        cni_conf.mkdir()
-        conflist = {
-            "cniVersion": "1.0.0",
-            "name": "clearcri-conformance",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "hairpinMode": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": SUBNET}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": str(work / "cni-ipam"),
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-        }
-        (cni_conf / "10-conformance.conflist").write_text(json.dumps(conflist, indent=2))
+        cni_conf = write_cni_config(work)
         cri = '[plugins."io.containerd.grpc.v1.cri"]'
         config = work / "containerd.toml"
         config.write_text(
@@ -338,7 +353,7 @@ class Containerd(Runtime):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_under(self.work)
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+        remove_bridge()
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"clearcri": Clearcri, "containerd": Containerd}
