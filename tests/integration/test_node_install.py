@@ -298,9 +298,12 @@ class InstalledDaemon:
 
 
 def daemon_config(prefix: Path) -> str:
-    """The packaged config with the metrics port left free for a daemon already running."""
+    """The packaged config with the metrics port left free for a daemon already running,
+    and pod networking off (a test machine has no CNI config)."""
     text = (REPO / "packaging/config.toml").read_text()
-    return text.replace("[metrics]\nenabled = true", "[metrics]\nenabled = false")
+    text = text.replace("[metrics]\nenabled = true", "[metrics]\nenabled = false")
+    # no CNI config on a test machine: the pod runs without a network
+    return text + "\n[vm.network]\nenabled = false\n"
 
 
 async def _run_pod(socket: Path, name: str) -> str:
