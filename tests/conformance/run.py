@@ -503,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     line = write_summary(report_dir, args.runtime, seconds, total)
     print(f"{args.runtime}: {line} (critest {seconds / 60:.1f} min, total {total / 60:.1f} min)")
     print(f"report: {report_dir / 'junit.xml'}")
-    if args.check:
+    if args.check and args.runtime != "clearcri":
+        log("expected-pass.txt lists clearcri's specs: no check for the baseline")
+    elif args.check:
         return check.check(report_dir / "junit.xml", check.EXPECTED_PASS)
     return 0
 
