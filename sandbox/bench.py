@@ -133,7 +133,11 @@ async def _run(
     print("  cold boot (no template):")
     for name, values in phases.items():
         print(f"    {name:<32} {_stats(values)}")
-    print(f"  from a VM template (built once in {template.boot_seconds:.2f} s):")
+    resident = template.ram_file.stat().st_blocks * 512
+    print(
+        f"  from a VM template (built once in {template.boot_seconds:.2f} s; its RAM file "
+        f"holds {resident / 2**20:.1f} MiB on tmpfs, paid once per node and VM shape):"
+    )
     for name, values in clone_phases.items():
         print(f"    {name:<32} {_stats(values)}")
     floor = statistics.median(floors)

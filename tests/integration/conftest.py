@@ -20,6 +20,11 @@ TEMPLATE_DIR = Path(f"/dev/shm/clearcri-test-templates-{os.getpid()}")
 
 @pytest.fixture(scope="session", autouse=True)
 def _template_dir() -> Iterator[Path]:
+    # a test run that was killed leaves its templates behind: drop those
+    for stale in TEMPLATE_DIR.parent.glob("clearcri-test-templates-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     TEMPLATE_DIR.mkdir(exist_ok=True)
     yield TEMPLATE_DIR
     shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
