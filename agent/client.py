@@ -80,6 +80,10 @@ def socket_address(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+# Operations that may rightly take as long as a workload runs.
+UNBOUNDED_OPS = frozenset({"wait_container"})
+
+
 class AgentError(Exception):
     """A failed agent call; ``code`` is one of the protocol error codes."""
 
@@ -450,6 +454,7 @@ class AgentClient:
     """
 
     output_buffer_bytes = 4 << 20
+    default_timeout = 60.0
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -529,7 +534,13 @@ class AgentClient:
     async def request(
         self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> Any:
-        """Send one request; return its result or raise the matching AgentError."""
+        """Send one request; return its result or raise the matching AgentError.
+
+        Without a ``timeout``, every operation but ``wait_container`` (which waits for a
+        container's exit by design) is bounded by ``default_timeout``: a frozen or
+        broken guest fails the call instead of hanging its caller."""
+        if timeout is None and op not in UNBOUNDED_OPS:
+            timeout = self.default_timeout
         if self._closed is not None:
             raise AgentUnavailable(f"agent connection closed: {self._closed}")
         request_id = next(self._ids)
@@ -781,11 +792,17 @@ class AgentClient:
         return info
 
     async def signal_container(
-        self, container_id: str, signal: int = 15, *, all_processes: bool = False
+        self,
+        container_id: str,
+        signal: int = 15,
+        *,
+        all_processes: bool = False,
+        timeout: float | None = None,
     ) -> None:
         await self.request(
             "signal_container",
             {"container_id": container_id, "signal": signal, "all": all_processes},
+            timeout=timeout,
         )
 
     async def wait_container(
@@ -815,13 +832,21 @@ class AgentClient:
             self._track(info)
         return infos
 
-    async def container_stats(self, container_id: str | None = None) -> StatsReport:
-        result = await self.request("container_stats", {"container_id": container_id or ""})
+    async def container_stats(
+        self, container_id: str | None = None, *, timeout: float | None = None
+    ) -> StatsReport:
+        result = await self.request(
+            "container_stats", {"container_id": container_id or ""}, timeout=timeout
+        )
         report: StatsReport = StatsReport.from_dict(result)
         return report
 
-    async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
-        result = await self.request("exec", {"container_id": container_id, "spec": spec.to_dict()})
+    async def exec(
+        self, container_id: str, spec: ExecSpec, *, timeout: float | None = None
+    ) -> ExecSession:
+        result = await self.request(
+            "exec", {"container_id": container_id, "spec": spec.to_dict()}, timeout=timeout
+        )
         started: ExecStarted = ExecStarted.from_dict(result)
         session = ExecSession(self, container_id, started)
         self._execs[started.stream] = session
@@ -840,7 +865,7 @@ class AgentClient:
     ) -> ExecResult:
         """Run to completion and collect its output; on timeout kill it (timed_out=True)."""
         spec = ExecSpec(args=args, env=env or [], cwd=cwd, stdin=stdin is not None)
-        session = await self.exec(container_id, spec)
+        session = await self.exec(container_id, spec, timeout=timeout)
         chunks: dict[int, list[bytes]] = {1: [], 2: []}
 
         async def collect() -> None:

@@ -792,8 +792,8 @@ class HostSandbox(PodSandbox):
     async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
         return await self.agent.exec(container_id, spec)
 
-    async def stats(self, container_id: str | None = None) -> StatsReport:
-        return await self.agent.container_stats(container_id)
+    async def stats(self, container_id: str | None = None, timeout: float = 5.0) -> StatsReport:
+        return await self.agent.container_stats(container_id, timeout=timeout)
 
     def host_memory(self) -> dict[str, int]:
         """The pod's agent process on the host (the containers are in their cgroups)."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +50,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriDaemon]:
             d.start()
             asyncio.run(_remove_all(d))
             d.stop()
-        import shutil
 
         shutil.rmtree(root, ignore_errors=True)
 
@@ -401,7 +402,6 @@ async def test_pod_network_through_cri(image_ref: str, tmp_path: Path) -> None:
     finally:
         daemon.stop()
         lab.close()
-        import shutil
 
         shutil.rmtree(root, ignore_errors=True)
 
@@ -428,7 +428,6 @@ async def test_missing_cni_config_is_reported(tmp_path: Path) -> None:
             assert (await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items == []
     finally:
         daemon.stop()
-        import shutil
 
         shutil.rmtree(root, ignore_errors=True)
 
@@ -453,3 +452,96 @@ async def test_vm_runs_under_the_pod_cgroup_parent(
     for root in hierarchies():
         assert not list((root / parent).glob("clearcri-*"))
         (root / parent).rmdir()  # the pod cgroup itself is kubelet's; here the test's
+
+
+async def _pod_with_sleeper(
+    rt: api_pb2_grpc.RuntimeServiceStub,
+    name: str,
+    image_ref: str,
+    log_dir: Path,
+    script: str = "while true; do echo tick; sleep 0.2; done",
+) -> tuple[str, str]:
+    config = pod_config(name, log_dir)
+    pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
+    cfg = container_config(name, image_ref, "sh", "-c", script)
+    cid = (
+        await rt.CreateContainer(
+            api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=config)
+        )
+    ).container_id
+    await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+    return pod_id, cid
+
+
+async def test_frozen_vm_never_hangs_cri_calls(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+    daemon: CriDaemon,
+) -> None:
+    rt, images = stubs
+    await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+    pod_id, cid = await _pod_with_sleeper(rt, "frozen", image_ref, tmp_path)
+    state = (daemon.root / "run" / "sandboxes" / pod_id / "state.json").read_text()
+    vm_pid = int(__import__("json").loads(state)["pid"])
+    os.kill(vm_pid, signal.SIGSTOP)  # the agent stops answering; so does QMP
+    try:
+        status = await asyncio.wait_for(
+            rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid)), 10
+        )
+        assert status.status.state == api_pb2.CONTAINER_RUNNING
+        # stats of an unresponsive guest come back (without guest figures), bounded
+        await asyncio.wait_for(rt.ListContainerStats(api_pb2.ListContainerStatsRequest()), 30)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(
+                rt.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=["true"], timeout=2)),
+                30,
+            )
+        assert err.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        # stopping the pod kills the frozen VM within bounded time
+        await asyncio.wait_for(
+            rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id)), 120
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(vm_pid, signal.SIGCONT)
+    assert not pid_alive(vm_pid)
+    dead = (await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))).status
+    assert dead.state == api_pb2.CONTAINER_EXITED
+    await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert list((daemon.root / "run" / "sandboxes").iterdir()) == []
+
+
+async def test_full_log_disk_keeps_pod_and_daemon_running(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+) -> None:
+    rt, images = stubs
+    await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+    small = tmp_path / "small-logs"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        line = "x" * 200
+        pod_id, cid = await _pod_with_sleeper(
+            rt, "chatty", image_ref, small, f"while true; do echo {line}; sleep 0.01; done"
+        )
+        log_file = small / "chatty.log"
+        for _ in range(100):
+            if shutil.disk_usage(small).free < 4096:
+                break
+            await asyncio.sleep(1)
+        assert shutil.disk_usage(small).free < 4096, "the log disk never filled"
+        await asyncio.sleep(2)  # writes now fail
+        status = (await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))).status
+        assert status.state == api_pb2.CONTAINER_RUNNING
+        result = await rt.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=["echo", "ok"]))
+        assert result.stdout == b"ok\n"
+        assert log_file.stat().st_size > 0
+        await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
