@@ -31,6 +31,24 @@ else:
 
 
 #: Name of the virtio-serial port (``-device virtserialport,name=...``).
+#: The capability set containerd and Docker give a container by default.
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
 AGENT_PORT_NAME = "org.clearcri.agent"
 #: Version of this wire protocol; bumped on incompatible changes.
 PROTOCOL_VERSION = 1

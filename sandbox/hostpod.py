@@ -54,8 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import agent
-from agent.client import AgentClient, AgentError, ExecSession
-from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
+from agent.client import AgentClient, AgentError
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
@@ -777,39 +776,6 @@ class HostSandbox(PodSandbox):
                 self.images[image.image_id] = str(image.path)
                 self._save()
             return await agent.mount_image(image.image_id, {"device": device, "fstype": "erofs"})
-
-    async def create_container(
-        self, container_id: str, spec: ContainerSpec, image: RootfsImage | None = None
-    ) -> ContainerInfo:
-        if image is not None:
-            await self.attach_image(image)
-            spec.image_id = image.image_id
-        return await self.agent.create_container(container_id, spec)
-
-    async def start_container(self, container_id: str) -> ContainerInfo:
-        return await self.agent.start_container(container_id)
-
-    async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
-        return await self.agent.exec(container_id, spec)
-
-    async def stats(self, container_id: str | None = None, timeout: float = 5.0) -> StatsReport:
-        return await self.agent.container_stats(container_id, timeout=timeout)
-
-    def host_memory(self) -> dict[str, int]:
-        """The pod's agent process on the host (the containers are in their cgroups)."""
-        out: dict[str, int] = {}
-        if not self.pid or self.process is None or not self.process.alive:
-            return out
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "RssShmem"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-        return out
 
 
 def read_kind(host: SandboxHost, sandbox_id: str) -> tuple[str, dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.protocol import ContainerSpec, ExecSpec, Resources
+from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, ExecSpec, Resources
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -10,23 +10,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-#: The capability set containerd and Docker give a container by default.
-DEFAULT_CAPABILITIES = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-)
 
 DEFAULT_MASKED_PATHS = (
     "/proc/acpi",

@@ -13,26 +13,9 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from agent.protocol import ContainerSpec, Resources
+from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, Resources
 from cri.images.manifest import ImageConfig
 from cri.runtime.errors import InvalidArgument
-
-DEFAULT_CAPABILITIES = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-)
 
 ALL_CAPABILITIES = (
     "CAP_CHOWN",

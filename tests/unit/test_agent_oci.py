@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from agent.guest import oci
-from agent.protocol import ContainerSpec, ExecSpec, Mount, Resources, Rlimit
+from agent.protocol import (
+    DEFAULT_CAPABILITIES,
+    ContainerSpec,
+    ExecSpec,
+    Mount,
+    Resources,
+    Rlimit,
+)
 from tests.unit.test_agent_protocol import full_spec
 
 
@@ -77,7 +84,7 @@ def test_defaults() -> None:
     )
     process = config["process"]
     assert process["env"] == [oci.DEFAULT_PATH]
-    assert process["capabilities"]["bounding"] == list(oci.DEFAULT_CAPABILITIES)
+    assert process["capabilities"]["bounding"] == list(DEFAULT_CAPABILITIES)
     assert "rlimits" not in process and "oomScoreAdj" not in process
     linux = config["linux"]
     assert linux["namespaces"] == [{"type": "mount"}, {"type": "pid"}]
