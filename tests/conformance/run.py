@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"another conformance run holds {LOCK_FILE}; wait for it") from None
+        log(f"another run (conformance or benchmark) holds {LOCK_FILE}; waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    started = time.monotonic()
     build_tools()
     with work_dir(args.keep) as work:
         registry = LocalRegistry(work)
