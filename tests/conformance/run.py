@@ -474,7 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     # through the same clean-up as an error
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)
-    started = time.monotonic()
     # One run per host: runs share host ports 12000-12003 (a spec of one run could be
     # answered by a container of the other) and the CPU the timings measure.
     lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
