@@ -132,12 +132,6 @@ def wait_for_state(crictl: Crictl, cid: str, state: str, timeout: float = 60) ->
         time.sleep(0.3)
 
 
-def streaming_served(crictl: Crictl, cid: str) -> bool:
-    """Whether this daemon serves exec streams (Exec returns a URL)."""
-    probe = crictl.run("exec", cid, "true", check=False, timeout=60)
-    return probe.returncode == 0 or b"Unimplemented" not in probe.stderr
-
-
 def test_crictl_pod_and_container_lifecycle(
     crictl: Crictl, image_ref: str, tmp_path: Path, daemon: CriDaemon
 ) -> None:
@@ -210,12 +204,15 @@ def test_crictl_exec_streams(crictl: Crictl, image_ref: str, tmp_path: Path) -> 
     pod_json, container_json = write_configs(tmp_path, image_ref, "exec-pod", "sleep", "1000")
     cid = crictl.out("run", str(container_json), str(pod_json)).strip()
     assert wait_for_state(crictl, cid, "CONTAINER_RUNNING")["state"] == "CONTAINER_RUNNING"
-    if not streaming_served(crictl, cid):
-        pytest.skip("this daemon does not serve exec streams yet (Exec is UNIMPLEMENTED)")
 
     out = crictl.run("exec", cid, "sh", "-c", "echo out; echo err >&2; exit 5", check=False)
-    assert out.returncode == 5
-    assert out.stdout == b"out\n" and out.stderr == b"err\n"
+    # crictl exec (streaming, not --sync) reports a non-zero exit as an error (exit 1)
+    # naming the code it got through the status stream
+    assert out.returncode == 1
+    assert out.stdout == b"out\n" and out.stderr.startswith(b"err\n")
+    assert b"command terminated with exit code 5" in out.stderr
+    synced = crictl.run("exec", "--sync", cid, "sh", "-c", "exit 5", check=False)
+    assert synced.returncode == 1 and b"exited with 5" in synced.stderr
 
     data = b"".join(b"line %d\n" % i for i in range(2000))
     piped = crictl.run("exec", "-i", cid, "sh", "-c", "cat; echo done >&2", stdin=data)
