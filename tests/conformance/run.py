@@ -7,8 +7,8 @@ One command does it all and cleans up after itself:
    5000 is taken) with its storage in the work directory, and pushes the image set of
    ``tests/conformance/images.py``;
 3. starts the runtime under test with registry.k8s.io, gcr.io and k8s.gcr.io mirrored
-   to that registry: ``clearcri serve`` with a config of its own, or ``containerd`` with
-   a certs.d ``hosts.toml`` per registry and a CNI bridge of its own;
+   to that registry and a CNI bridge network of the run's own: ``clearcri serve`` with a
+   config of its own, or ``containerd`` with a certs.d ``hosts.toml`` per registry;
 4. runs critest (serially unless ``--parallel N``), writing ``junit.xml``,
    ``critest.log`` and ``summary.txt`` (``N passed, M failed, K skipped``) to the report
    directory;
@@ -49,7 +49,7 @@ SANDBOX_IMAGE = f"registry.k8s.io/{images.SANDBOX_IMAGE_PATH}"
 ALWAYS_SKIP = ("public image with digest",)
 HOST_PORTS = (12000, 12001, 12002, 12003)  # critest binds these on the host
 LOCK_FILE = "/run/lock/clearcri-conformance.lock"
-# CNI network of the containerd baseline: a bridge and subnet nothing else uses.
+# The runs' CNI network: a bridge and subnet nothing else on these hosts uses.
 BRIDGE = "ccconf0"
 SUBNET = "10.231.0.0/24"
 
