@@ -16,7 +16,8 @@ One command does it all and cleans up after itself:
    the work directory.
 
     python3 -m tests.conformance.run [--runtime clearcri|containerd] [--expected-only]
-        [--focus REGEX] [--skip REGEX] [--parallel N] [--report-dir DIR] [--check]
+        [--focus REGEX] [--skip REGEX] [--parallel N] [--flake-attempts N]
+        [--report-dir DIR] [--check]
 """
 
 from __future__ import annotations
@@ -385,6 +386,8 @@ def critest_argv(args: argparse.Namespace, endpoint: str, report_dir: Path) -> l
         argv.append(f"-ginkgo.skip={pattern}")
     if args.parallel > 1:
         argv.append(f"-parallel={args.parallel}")
+    if args.flake_attempts > 1:
+        argv.append(f"-ginkgo.flake-attempts={args.flake_attempts}")
     return argv
 
 
@@ -458,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         "--expected-only", action="store_true", help="run only the specs in expected-pass.txt"
     )
     parser.add_argument("--parallel", type=int, default=1, help="critest -parallel")
+    parser.add_argument(
+        "--flake-attempts",
+        type=int,
+        default=1,
+        help="run a failing spec up to N times before it counts as failed (CI uses 2)",
+    )
     parser.add_argument("--timeout", default="4h", help="ginkgo suite timeout")
     parser.add_argument(
         "--check", action="store_true", help="fail when an expected-pass spec did not pass"
