@@ -36,6 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -150,7 +151,7 @@ class LocalRegistry:
 # --------------------------------------------------------------------------- runtimes
 
 
-class Runtime:
+class Runtime(ABC):
     """A CRI runtime started for one run, with its own state under the work dir."""
 
     name = ""
@@ -163,8 +164,8 @@ class Runtime:
     def endpoint(self) -> str:
         return f"unix://{self.socket}"
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> None: ...
 
 
 def crictl(work: Path, endpoint: str, *args: str, timeout: float = 300) -> str:

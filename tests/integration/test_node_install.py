@@ -358,8 +358,6 @@ def test_upgrade_under_a_running_pod(prefix: Path, source: Path, tmp_path: Path)
 
     from sandbox.vm import pid_alive
 
-    if not (REPO / "cri/server.py").is_file():
-        pytest.skip("cri/server.py (clearcri serve) is not there yet")
     config = tmp_path / "config.toml"
     config.write_text(daemon_config(prefix))
     node("install", *install_args(prefix, source, "--config-from", str(config)))
