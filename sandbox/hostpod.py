@@ -637,19 +637,7 @@ class HostSandbox(PodSandbox):
         return cmd
 
     async def _connect_host_agent(self) -> AgentClient:
-        assert self.process is not None
-        connect = asyncio.ensure_future(
-            AgentClient.connect(self.agent_socket, timeout=self.host.config.boot_timeout_s)
-        )
-        exited = asyncio.ensure_future(self.process.wait())
-        done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if connect in done:
-            exited.cancel()
-            return connect.result()
-        connect.cancel()
-        with contextlib.suppress(BaseException):
-            await connect
-        raise SandboxError("the pod's agent exited during start")
+        return await self._connect_agent(self.agent_socket, "the pod's agent exited during start")
 
     def _failure_detail(self, exc: BaseException) -> str:
         parts = [str(exc) or type(exc).__name__]

@@ -445,10 +445,16 @@ class PodSandbox:
         )
         return self.boot
 
-    async def _connect_agent(self) -> AgentClient:
+    async def _connect_agent(
+        self, socket: Path | None = None, gone: str = "the VM exited during boot"
+    ) -> AgentClient:
+        """Connect to the agent at ``socket`` (default: the VM's), failing at once with
+        ``gone`` if the process serving it exits first."""
         assert self.process is not None
         connect = asyncio.ensure_future(
-            AgentClient.connect(self.machine.agent_socket, timeout=self.host.config.boot_timeout_s)
+            AgentClient.connect(
+                socket or self.machine.agent_socket, timeout=self.host.config.boot_timeout_s
+            )
         )
         exited = asyncio.ensure_future(self.process.wait())
         done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -458,7 +464,7 @@ class PodSandbox:
         connect.cancel()
         with contextlib.suppress(BaseException):
             await connect
-        raise SandboxError("the VM exited during boot")
+        raise SandboxError(gone)
 
     def _failure_detail(self, exc: BaseException) -> str:
         parts = [str(exc) or type(exc).__name__]
