@@ -42,6 +42,7 @@ from cri.runtime.state import (
     RUNNING,
     ContainerRecord,
     PodRecord,
+    container_matches,
     encode_proto,
 )
 from cri.streaming.agent_backend import queue_chunks
@@ -466,13 +467,9 @@ class ContainerOps(RuntimeCore):
         out = []
         for ctr in self.state.containers.values():
             if flt is not None:
-                if flt.id and not ctr.id.startswith(flt.id):
-                    continue
-                if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
+                if not container_matches(ctr, flt.id, flt.pod_sandbox_id, flt.label_selector):
                     continue
                 if flt.HasField("state") and ctr.state != flt.state.state:
-                    continue
-                if any(ctr.labels.get(k) != v for k, v in flt.label_selector.items()):
                     continue
             out.append(
                 api_pb2.Container(

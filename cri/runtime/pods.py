@@ -33,6 +33,7 @@ from cri.runtime.state import (
     UNKNOWN,
     PodRecord,
     encode_proto,
+    labels_match,
 )
 from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
 from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
@@ -99,10 +100,6 @@ def host_pod_spec(pod_id: str, config: api_pb2.PodSandboxConfig, cgroup_driver: 
         cgroup_driver=cgroup_driver,
         network=network,
     )
-
-
-def _label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def _pod_hostname(config: api_pb2.PodSandboxConfig) -> str:
@@ -397,7 +394,7 @@ class PodOps(RuntimeCore):
                     continue
                 if flt.HasField("state") and pod.state != flt.state.state:
                     continue
-                if not _label_match(pod.labels, dict(flt.label_selector)):
+                if not labels_match(pod.labels, flt.label_selector):
                     continue
             out.append(
                 api_pb2.PodSandbox(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -92,6 +93,21 @@ class ContainerRecord:
 
     def metadata(self) -> api_pb2.ContainerMetadata:
         return api_pb2.ContainerMetadata(name=self.name, attempt=self.attempt)
+
+
+def labels_match(labels: dict[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_matches(
+    ctr: ContainerRecord, id_prefix: str, pod_prefix: str, selector: Mapping[str, str]
+) -> bool:
+    """The id, pod and label part of CRI's container filters (ids match by prefix)."""
+    return (
+        ctr.id.startswith(id_prefix)
+        and ctr.pod_id.startswith(pod_prefix)
+        and labels_match(ctr.labels, selector)
+    )
 
 
 R = TypeVar("R", PodRecord, ContainerRecord)

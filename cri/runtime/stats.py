@@ -17,7 +17,7 @@ from cri_api.v1 import api_pb2
 from agent.client import AgentError
 from agent.protocol import ContainerStats as GuestContainerStats
 from cri.runtime.core import RuntimeCore
-from cri.runtime.state import ContainerRecord, PodRecord
+from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
 from sandbox.pod import SandboxError
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -83,14 +83,10 @@ class StatsOps(RuntimeCore):
     ) -> list[api_pb2.ContainerStats]:
         selected = []
         for ctr in self.state.containers.values():
-            if flt is not None:
-                if flt.id and not ctr.id.startswith(flt.id):
-                    continue
-                if flt.pod_sandbox_id and not ctr.pod_id.startswith(flt.pod_sandbox_id):
-                    continue
-                if any(ctr.labels.get(k) != v for k, v in flt.label_selector.items()):
-                    continue
-            selected.append(ctr)
+            if flt is None or container_matches(
+                ctr, flt.id, flt.pod_sandbox_id, flt.label_selector
+            ):
+                selected.append(ctr)
         by_pod: dict[str, dict[str, GuestContainerStats]] = {}
         for pod_id in {c.pod_id for c in selected}:
             by_pod[pod_id] = await self._guest_stats(pod_id)
@@ -134,7 +130,7 @@ class StatsOps(RuntimeCore):
             if flt is not None:
                 if flt.id and not pod.id.startswith(flt.id):
                     continue
-                if any(pod.labels.get(k) != v for k, v in flt.label_selector.items()):
+                if not labels_match(pod.labels, flt.label_selector):
                     continue
             out.append(await self._pod_stats(pod))
         return out
