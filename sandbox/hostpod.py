@@ -628,6 +628,16 @@ class HostSandbox(PodSandbox):
             cmd.append(f"--cgroup-parent={cg.parent}")
         if shm_dir:
             cmd.append(f"--shm-dir={shm_dir}")
+        owned = [
+            kind
+            for kind, own in (
+                ("ipc", not spec.host_ipc),
+                ("net", netns is not None),
+                ("uts", not spec.host_network),
+            )
+            if own
+        ]
+        cmd.append(f"--pod-namespaces={','.join(owned)}")
         busybox = shutil.which("busybox")
         if busybox:
             cmd.append(f"--busybox={busybox}")

@@ -301,6 +301,7 @@ class ContainerManager:
                 cgroup_namespace=self.settings.cgroup_mode == "v2",
                 shm_dir=self.settings.shm_dir,
                 host_devices=_host_devices() if spec.privileged else None,
+                pod_namespaces=self.settings.pod_namespace_paths(),
             )
         except ValueError as exc:
             raise invalid(str(exc)) from exc

@@ -269,6 +269,7 @@ def build_oci_config(
     cgroup_namespace: bool = True,
     shm_dir: str = "/dev/shm",
     host_devices: list[dict[str, Any]] | None = None,
+    pod_namespaces: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The config.json for one container.
 
@@ -276,7 +277,9 @@ def build_oci_config(
     without cgroups (then no resources and no cgroup mount); ``cgroup_namespace`` gives
     the container its own cgroup namespace (cgroup v2). ``pid_namespace_path`` joins
     an existing pid namespace (pod-wide sharing); a spec with ``pid_namespace`` "host"
-    gets none. ``etc_dir`` holds the pod's hosts, resolv.conf and hostname files.
+    gets none. ``pod_namespaces`` (OCI type -> path) are the pod's own IPC, network
+    and UTS namespaces, joined by path (crun applies IPC and network sysctls only to a
+    namespace named in the spec). ``etc_dir`` holds the pod's hosts, resolv.conf and hostname files.
     A privileged spec gets every device (``host_devices`` are created in its /dev),
     writable /sys and no masked or read-only paths.
     """
@@ -310,8 +313,10 @@ def build_oci_config(
         )
 
     # Network, IPC and UTS belong to the VM (on the host: to the agent, which runs in
-    # the pod's or the host's) and are shared by the whole pod.
+    # the pod's or the host's) and are shared by the whole pod; the pod's own are named.
     namespaces: list[dict[str, str]] = [{"type": "mount"}]
+    for kind, path in (pod_namespaces or {}).items():
+        namespaces.append({"type": kind, "path": path})
     if spec.pid_namespace == "host":
         pass
     elif pid_namespace_path:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+#: Namespaces a pod can own besides mount and PID, as /proc/<pid>/ns names.
+POD_NAMESPACE_KINDS = ("ipc", "net", "uts")
+OCI_NAMESPACE_TYPES = {"ipc": "ipc", "net": "network", "uts": "uts"}
+
 
 class Settings:
     """Paths and modes of one agent instance.
@@ -15,6 +19,11 @@ class Settings:
     a unix socket (``listen_path``, one host connection at a time), puts containers
     under ``cgroup_parent`` with cgroup v1 or v2 (``cgroup_mode`` "v1" or "v2"), and
     gives pod-IPC containers ``shm_dir`` as their /dev/shm.
+
+    ``pod_namespaces`` names the agent's namespaces that belong to the pod alone
+    ("ipc", "net", "uts"): containers join them by path, which is what lets crun apply
+    the pod's IPC and network sysctls. In the VM all three are the pod's; a host pod's
+    agent lists only those it did not share with the host.
     """
 
     def __init__(
@@ -32,6 +41,7 @@ class Settings:
         listen_path: str | None = None,
         cgroup_parent: str = "/clearcri",
         shm_dir: str = "/dev/shm",
+        pod_namespaces: tuple[str, ...] = POD_NAMESPACE_KINDS,
     ) -> None:
         if cgroup_mode not in ("v2", "v1", "disabled"):
             raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
@@ -49,6 +59,18 @@ class Settings:
         self.listen_path = listen_path
         self.cgroup_parent = cgroup_parent.rstrip("/") or "/"
         self.shm_dir = shm_dir
+        unknown = set(pod_namespaces) - set(POD_NAMESPACE_KINDS)
+        if unknown:
+            raise ValueError(
+                f"pod namespaces must be among {', '.join(POD_NAMESPACE_KINDS)}, "
+                f"not {', '.join(sorted(unknown))}"
+            )
+        self.pod_namespaces = tuple(k for k in POD_NAMESPACE_KINDS if k in pod_namespaces)
+
+    def pod_namespace_paths(self) -> dict[str, str]:
+        """OCI namespace type -> path of the agent's namespace, for those the pod owns."""
+        pid = os.getpid()
+        return {OCI_NAMESPACE_TYPES[k]: f"/proc/{pid}/ns/{k}" for k in self.pod_namespaces}
 
     @property
     def images_dir(self) -> str:
@@ -90,7 +112,7 @@ class Settings:
     def from_argv(cls, argv: list[str], environ: dict[str, str] | None = None) -> Settings:
         """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
         --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
-        --listen PATH --shm-dir DIR. Each has a
+        --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
@@ -126,6 +148,7 @@ class Settings:
             "listen",
             "cgroup-parent",
             "shm-dir",
+            "pod-namespaces",
         }
         unknown = set(values) - known
         if unknown:
@@ -142,4 +165,9 @@ class Settings:
             listen_path=values.get("listen"),
             cgroup_parent=values.get("cgroup-parent", "/clearcri"),
             shm_dir=values.get("shm-dir", "/dev/shm"),
+            pod_namespaces=tuple(
+                k
+                for k in values.get("pod-namespaces", ",".join(POD_NAMESPACE_KINDS)).split(",")
+                if k
+            ),
         )

@@ -145,6 +145,7 @@ class LocalAgent:
                 f"--run-dir={self.run_dir}",
                 "--cgroup=disabled",
                 "--no-poweroff",
+                "--pod-namespaces=",
                 f"--busybox={BUSYBOX}",
             ],
             pass_fds=(guest.fileno(),),

@@ -39,6 +39,7 @@ async def local_agent(tmp_path: Path) -> AsyncIterator[AgentClient]:
             f"--run-dir={tmp_path / 'run'}",
             "--cgroup=disabled",
             "--no-poweroff",
+            "--pod-namespaces=",
         ],
         pass_fds=[guest_sock.fileno()],
         cwd=REPO,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agent.guest import oci
+from agent.guest.settings import Settings
 from agent.protocol import (
     DEFAULT_CAPABILITIES,
     ContainerSpec,
@@ -167,3 +170,31 @@ def test_exec_process_inherits_and_overrides() -> None:
 def test_validate_rejects(spec: ContainerSpec) -> None:
     with pytest.raises(ValueError):
         oci.validate_spec(spec)
+
+
+def test_pod_namespaces_are_joined_by_path() -> None:
+    """The pod's own IPC/network/UTS namespaces are named (crun applies IPC and net
+    sysctls only to a namespace in the spec); none means the container just inherits."""
+    paths = {"ipc": "/proc/7/ns/ipc", "network": "/proc/7/ns/net"}
+    config = oci.build_oci_config(
+        ContainerSpec(args=["true"], sysctls={"kernel.shm_rmid_forced": "1"}),
+        rootfs="/r",
+        cgroup_path=None,
+        pod_namespaces=paths,
+    )
+    namespaces = config["linux"]["namespaces"]
+    assert {"type": "ipc", "path": "/proc/7/ns/ipc"} in namespaces
+    assert {"type": "network", "path": "/proc/7/ns/net"} in namespaces
+    assert not any(ns["type"] == "uts" for ns in namespaces)
+    assert config["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+
+
+def test_settings_pod_namespaces() -> None:
+    assert Settings().pod_namespaces == ("ipc", "net", "uts")
+    assert Settings.from_argv(["--pod-namespaces=uts,ipc"]).pod_namespaces == ("ipc", "uts")
+    assert Settings.from_argv(["--pod-namespaces="]).pod_namespaces == ()
+    assert Settings.from_argv(["--pod-namespaces=net"]).pod_namespace_paths() == {
+        "network": f"/proc/{os.getpid()}/ns/net"
+    }
+    with pytest.raises(ValueError, match="pod namespaces"):
+        Settings.from_argv(["--pod-namespaces=pid"])
