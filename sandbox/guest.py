@@ -68,6 +68,9 @@ GUEST_MODULES: tuple[str, ...] = (
     "erofs",
     "libcrc32c",
     "overlay",
+    # Containers with CAP_NET_ADMIN may build bridges in the pod (brctl, ip link add
+    # type bridge); there is no modprobe in the guest, so the driver is loaded up front.
+    "bridge",
 )
 
 #: Modules loaded only when the OS image comes from a virtio-blk disk (clearcri.root=).
