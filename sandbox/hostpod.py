@@ -12,9 +12,10 @@ One host pod is:
   agent``. It listens on ``<run dir>/agent.sock`` for one host connection at a time
   (the stand-in for QEMU's chardev); the daemon's ``AgentClient`` connects there, and a
   restarted daemon reconnects. Its private mount namespace holds the image mounts and
-  the containers' overlays; its UTS and IPC namespaces (unless the pod shares the
-  host's) are the pod's, which every container inherits, as it inherits the agent's
-  network namespace.
+  the containers' overlays (host paths are cloned into it from the daemon's mount
+  namespace at container creation, agent/guest/hostmounts.py); its UTS and IPC
+  namespaces (unless the pod shares the host's) are the pod's, which every container
+  joins, as it joins the agent's network namespace.
 * **namespaces**: network: the pod's netns (CNI, as for VM pods, without the tap) or the
   host's; IPC and UTS: the agent's own or the host's; PID: per container, pod-wide (the
   agent's holder process) or the host's. Privileged containers get every host device,
@@ -512,10 +513,15 @@ class HostSandbox(PodSandbox):
                 netns = self.network.netns
             t_net = time.monotonic()
             await asyncio.to_thread(self._write_etc_files)
-            cmd = self._agent_command(netns)
-            self.process = await VmProcess.spawn(
-                cmd, stderr_log=self.run_dir / AGENT_LOG, cwd=self.run_dir
-            )
+            # the agent clones host paths from the daemon's mount namespace
+            mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                cmd = self._agent_command(netns, mntns)
+                self.process = await VmProcess.spawn(
+                    cmd, stderr_log=self.run_dir / AGENT_LOG, cwd=self.run_dir, pass_fds=(mntns,)
+                )
+            finally:
+                os.close(mntns)
             self.pid = self.process.pid
             self.process.on_exit(self._agent_exited)
             self._save()
@@ -591,7 +597,7 @@ class HostSandbox(PodSandbox):
         (etc / "resolv.conf").write_text(resolv_conf)
         (etc / "hosts").write_text(hosts or "127.0.0.1\tlocalhost\n::1\tlocalhost\n")
 
-    def _agent_command(self, netns: Path | None) -> list[str]:
+    def _agent_command(self, netns: Path | None, mntns_fd: int) -> list[str]:
         spec = self.host_spec
         cmd: list[str] = ["env", f"PYTHONPATH={_agent_pythonpath()}"]
         if netns is not None:
@@ -638,6 +644,7 @@ class HostSandbox(PodSandbox):
             if own
         ]
         cmd.append(f"--pod-namespaces={','.join(owned)}")
+        cmd.append(f"--host-mntns-fd={mntns_fd}")
         busybox = shutil.which("busybox")
         if busybox:
             cmd.append(f"--busybox={busybox}")

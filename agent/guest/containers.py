@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from agent.guest import oci, system
+from agent.guest import hostmounts, oci, system
 from agent.guest.errors import OpError, already_exists, internal, invalid, not_found, precondition
 from agent.guest.procs import decode_status
 from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
@@ -28,6 +28,7 @@ from agent.protocol import (
     ExecSpec,
     ExecStarted,
     ExitStatus,
+    Mount,
     encode_json,
 )
 
@@ -281,6 +282,8 @@ class ContainerManager:
             0,
             f"lowerdir={lower},upperdir={bundle}/upper,workdir={bundle}/work",
         )
+        if self.settings.host_mntns_fd is not None:
+            spec = self._stage_host_mounts(container)
         pidns = self._pod_pid_namespace() if spec.pid_namespace == "pod" else None
         cgroup_path: str | None = None
         if self.settings.cgroup_mode != "disabled":
@@ -502,6 +505,31 @@ class ContainerManager:
         self._crun("delete", "--force", container.id)
         self._discard(container)
 
+    def _stage_host_mounts(self, container: Container) -> ContainerSpec:
+        """Host pods: clone each host-path bind from the host's mount namespace into the
+        bundle (see hostmounts) and point the container's bind there."""
+        host_ns = self.settings.host_mntns_fd
+        assert host_ns is not None
+        spec = container.spec
+        mounts = []
+        for i, mount in enumerate(spec.mounts):
+            if mount.type == "bind" and mount.source.startswith("/"):
+                staged = f"{container.bundle}/mounts/{i}"
+                try:
+                    hostmounts.clone_host_path(host_ns, mount.source, staged)
+                except hostmounts.HostMountError as exc:
+                    raise precondition(f"mount {mount.destination}: {exc}") from exc
+                mount = Mount(
+                    destination=mount.destination,
+                    source=staged,
+                    type=mount.type,
+                    options=list(mount.options),
+                )
+            mounts.append(mount)
+        staged_spec: ContainerSpec = ContainerSpec.from_dict(spec.to_dict())
+        staged_spec.mounts = mounts
+        return staged_spec
+
     def _kill_and_wait(self, container: Container, timeout: float) -> None:
         if container.pid:
             try:
@@ -556,6 +584,8 @@ class ContainerManager:
     def _remove_tree(path: str) -> None:
         import shutil
 
+        # never descend into a mount (a host pod's staged host paths live in bundles)
+        hostmounts.unmount_under(path)
         shutil.rmtree(path, ignore_errors=True)
 
     def list_all(self) -> list[ContainerInfo]:

@@ -337,6 +337,13 @@ def build_oci_config(
         linux["devices"] = host_devices
     if spec.sysctls:
         linux["sysctl"] = dict(spec.sysctls)
+    # A mount that propagates needs the container's root to let it (as kubelet's
+    # HostToContainer / Bidirectional mounts do under other runtimes).
+    all_options = {o for m in spec.mounts for o in m.options}
+    if "rshared" in all_options:
+        linux["rootfsPropagation"] = "rshared"
+    elif "rslave" in all_options:
+        linux["rootfsPropagation"] = "rslave"
     if cgroup_path is not None:
         linux["cgroupsPath"] = cgroup_path
         resources: dict[str, Any] = (

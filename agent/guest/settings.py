@@ -24,6 +24,9 @@ class Settings:
     ("ipc", "net", "uts"): containers join them by path, which is what lets crun apply
     the pod's IPC and network sysctls. In the VM all three are the pod's; a host pod's
     agent lists only those it did not share with the host.
+
+    ``host_mntns_fd`` (host pods) is a descriptor of the host's mount namespace: host
+    paths are cloned from there at container creation (agent/guest/hostmounts.py).
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class Settings:
         cgroup_parent: str = "/clearcri",
         shm_dir: str = "/dev/shm",
         pod_namespaces: tuple[str, ...] = POD_NAMESPACE_KINDS,
+        host_mntns_fd: int | None = None,
     ) -> None:
         if cgroup_mode not in ("v2", "v1", "disabled"):
             raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
@@ -66,6 +70,7 @@ class Settings:
                 f"not {', '.join(sorted(unknown))}"
             )
         self.pod_namespaces = tuple(k for k in POD_NAMESPACE_KINDS if k in pod_namespaces)
+        self.host_mntns_fd = host_mntns_fd
 
     def pod_namespace_paths(self) -> dict[str, str]:
         """OCI namespace type -> path of the agent's namespace, for those the pod owns."""
@@ -112,7 +117,7 @@ class Settings:
     def from_argv(cls, argv: list[str], environ: dict[str, str] | None = None) -> Settings:
         """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
         --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
-        --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts. Each has a
+        --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts --host-mntns-fd N. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
@@ -149,6 +154,7 @@ class Settings:
             "cgroup-parent",
             "shm-dir",
             "pod-namespaces",
+            "host-mntns-fd",
         }
         unknown = set(values) - known
         if unknown:
@@ -170,4 +176,5 @@ class Settings:
                 for k in values.get("pod-namespaces", ",".join(POD_NAMESPACE_KINDS)).split(",")
                 if k
             ),
+            host_mntns_fd=int(values["host-mntns-fd"]) if "host-mntns-fd" in values else None,
         )

@@ -78,6 +78,42 @@ def _signal_number(name: str) -> int:
         raise InvalidArgument(f"unknown stop signal {name!r}") from None
 
 
+def propagation_problem(
+    host_path: Path, propagation: str, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> str | None:
+    """Why ``host_path`` cannot carry ``propagation`` ("rshared" needs its mount to be
+    shared, "rslave" shared or a slave), or None. As other runtimes do, a mount that
+    would silently not propagate is refused."""
+    path = os.path.realpath(host_path)
+    best: tuple[str, list[str]] | None = None
+    with mountinfo.open() as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 7:
+                continue
+            point = fields[4].replace("\\040", " ")
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and (best is None or len(point) >= len(best[0])):
+                tags = fields[6 : fields.index("-")] if "-" in fields else []
+                best = (point, tags)
+    if best is None:
+        return f"no mount holds host path {path}"
+    point, tags = best
+    shared = any(t.startswith("shared:") for t in tags)
+    slave = any(t.startswith("master:") for t in tags)
+    if propagation == "rshared" and not shared:
+        return (
+            f"host path {path} is on mount {point}, which is not shared: "
+            f"make it shared (mount --make-rshared {point}) for Bidirectional propagation"
+        )
+    if propagation == "rslave" and not (shared or slave):
+        return (
+            f"host path {path} is on mount {point}, which is neither shared nor a slave: "
+            f"make it shared (mount --make-rshared {point}) for HostToContainer propagation"
+        )
+    return None
+
+
 def _collect_volume(host_path: Path) -> list[dict[str, Any]]:
     """The entries that copy ``host_path`` (file or tree) into the guest."""
     entries: list[dict[str, Any]] = []
@@ -256,6 +292,17 @@ class ContainerOps(RuntimeCore):
             # UNIMPLEMENTED, the code clients (critest, kubelet) read as "not supported"
             raise Unimplemented("image volumes are not supported by pod VMs yet")
         options = ["rbind", "ro" if mount.readonly else "rw"]
+        if mount.recursive_read_only:
+            if not mount.readonly:
+                raise InvalidArgument(
+                    f"mount {mount.container_path}: recursive_read_only needs readonly"
+                )
+            if mount.propagation != api_pb2.PROPAGATION_PRIVATE:
+                raise InvalidArgument(
+                    f"mount {mount.container_path}: recursive_read_only needs private "
+                    "propagation (a read-only tree cannot take mounts from the host)"
+                )
+            options.append("rro")
         if not mount.host_path:
             raise InvalidArgument(f"mount {mount.container_path} has no host_path")
         host_path = Path(mount.host_path)
@@ -263,8 +310,14 @@ class ContainerOps(RuntimeCore):
             # as other runtimes do: a missing bind source is created as a directory
             await asyncio.to_thread(host_path.mkdir, parents=True, exist_ok=True)
         if isinstance(sandbox, HostSandbox):
-            # the host pod's agent sees the host's files: bind them, nothing is copied
-            options.append(PROPAGATION.get(mount.propagation, "rprivate"))
+            # the host pod's agent clones the host path (with its submounts) from the
+            # host's mount namespace at creation: nothing is copied
+            propagation = PROPAGATION.get(mount.propagation, "rprivate")
+            if propagation != "rprivate":
+                problem = await asyncio.to_thread(propagation_problem, host_path, propagation)
+                if problem:
+                    raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
+            options.append(propagation)
             return Mount(destination=mount.container_path, source=str(host_path), options=options)
         entries = await asyncio.to_thread(_collect_volume, host_path)
         try:

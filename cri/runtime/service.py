@@ -102,10 +102,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         response = api_pb2.StatusResponse(
             status=api_pb2.RuntimeStatus(conditions=[runtime_cond, net_cond])
         )
-        response.runtime_handlers.add(name="").features.recursive_read_only_mounts = False
-        response.runtime_handlers.add(name=VM_HANDLER)
-        if self.runtime.config.daemon.host_pods:
-            response.runtime_handlers.add(name=HOST_HANDLER)
+        # crun makes "rro" binds read-only with every submount, in the VM and on the host
+        names = ["", VM_HANDLER] + ([HOST_HANDLER] if self.runtime.config.daemon.host_pods else [])
+        for name in names:
+            response.runtime_handlers.add(name=name).features.recursive_read_only_mounts = True
         if request.verbose:
             host = self.runtime.host
             response.info["accelerator"] = f"{host.accel} ({host.accel_reason})"

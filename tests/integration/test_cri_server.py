@@ -517,6 +517,7 @@ async def test_frozen_vm_never_hangs_cri_calls(
 
 async def test_full_log_disk_keeps_pod_and_daemon_running(
     stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    daemon: CriDaemon,
     image_ref: str,
     tmp_path: Path,
 ) -> None:
@@ -543,5 +544,76 @@ async def test_full_log_disk_keeps_pod_and_daemon_running(
         assert result.stdout == b"ok\n"
         assert log_file.stat().st_size > 0
         await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+        # the removed container's log is closed: nothing of the daemon's holds the disk
+        assert daemon.proc is not None
+        fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+        held = [os.readlink(fd) for fd in fd_dir.iterdir() if str(small) in os.readlink(fd)]
+        assert held == []
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        if subprocess.run(["umount", str(small)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_pod_sysctls_added_capabilities_and_recursive_readonly(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+) -> None:
+    """Pod sysctls reach the pod's IPC and network namespaces; a container given
+    NET_ADMIN can build a bridge in the VM (the driver is in the guest); a recursive
+    read-only mount is read-only and a malformed one is refused."""
+    rt, images = stubs
+    await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+    config = pod_config("sysctls", tmp_path)
+    sysctls = {
+        "kernel.shm_rmid_forced": "1",
+        "fs.mqueue.msg_max": "100",
+        "net.ipv4.ip_local_port_range": "20000\t30000",
+    }
+    config.linux.sysctls.update(sysctls)
+    pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "f").write_text("x")
+    cfg = container_config("netadmin", image_ref, "sleep", "1000")
+    cfg.linux.security_context.capabilities.add_capabilities.append("NET_ADMIN")
+    cfg.mounts.add(
+        host_path=str(volume), container_path="/rro", readonly=True, recursive_read_only=True
+    )
+    try:
+        cid = (
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=cfg, sandbox_config=config
+                )
+            )
+        ).container_id
+        await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+
+        async def run(*cmd: str) -> api_pb2.ExecSyncResponse:
+            response: api_pb2.ExecSyncResponse = await rt.ExecSync(
+                api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30)
+            )
+            return response
+
+        for name, value in sysctls.items():
+            result = await run("cat", "/proc/sys/" + name.replace(".", "/"))
+            assert result.stdout.decode().strip() == value, (name, result)
+        result = await run("sh", "-c", "brctl addbr br-test && cat /sys/class/net/br-test/type")
+        assert result.exit_code == 0 and result.stdout == b"1\n", result
+        result = await run("touch", "/rro/new")
+        assert result.exit_code != 0 and b"Read-only" in result.stderr, result
+        assert (await run("cat", "/rro/f")).stdout == b"x"
+
+        bad = container_config("bad", image_ref, "true")
+        bad.mounts.add(host_path=str(volume), container_path="/rro", recursive_read_only=True)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=bad, sandbox_config=config
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "readonly" in str(err.value.details())
+    finally:
+        await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

@@ -397,6 +397,137 @@ async def test_privileged_pod_can_mount(
     )
 
 
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path) + "/"
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4] == str(path) or line.split()[4].startswith(prefix)
+    ]
+
+
+def _unmount_all(path: Path) -> None:
+    for point in sorted(_mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def _host_mount(
+    host: Path,
+    target: str,
+    *,
+    readonly: bool = False,
+    rro: bool = False,
+    propagation: int = api_pb2.PROPAGATION_PRIVATE,
+) -> api_pb2.Mount:
+    return api_pb2.Mount(
+        host_path=str(host),
+        container_path=target,
+        readonly=readonly,
+        recursive_read_only=rro,
+        propagation=propagation,  # type: ignore[arg-type]
+    )
+
+
+async def test_host_paths_follow_the_hosts_mounts(
+    stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    daemon: HostPodDaemon,
+    tmp_path: Path,
+) -> None:
+    """A host pod's containers see host paths as the host sees them at creation (mounts
+    made after the pod started included), HostToContainer and Bidirectional mounts
+    propagate like under runc on the host, read-only is per mount unless recursive, and
+    removing the container never touches the host's files."""
+    rt, _ = stubs
+    config = pod_config("volumes", tmp_path, privileged=True)
+    pod_id, info = await run_pod(rt, config)
+    host_info = info["host"]
+    assert isinstance(host_info, dict)
+
+    top = tmp_path / "vols"
+    shared, src, ro, plain = top / "shared", top / "src", top / "ro", top / "plain"
+    for d in (shared, src, ro / "tmpfs", plain):
+        d.mkdir(parents=True)
+    (src / "flag").write_text("from the host\n")
+    try:
+        # made after the pod's agent started: it must still be seen
+        _sh("mount", "-t", "tmpfs", "none", str(ro / "tmpfs"))
+        _sh("mount", "--bind", str(shared), str(shared))
+        _sh("mount", "--make-rshared", str(shared))
+
+        ctr = container_config("vols", image_ref, config, "sleep", "1000")
+        ctr.mounts.extend(
+            [
+                _host_mount(shared, "/shared", propagation=api_pb2.PROPAGATION_BIDIRECTIONAL),
+                _host_mount(ro, "/ro", readonly=True),
+                _host_mount(ro, "/rro", readonly=True, rro=True),
+            ]
+        )
+        cid = (
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=ctr, sandbox_config=config
+                )
+            )
+        ).container_id
+        await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+
+        # host -> container, after the container started
+        (shared / "inner").mkdir()
+        _sh("mount", "--bind", str(src), str(shared / "inner"))
+        assert await exec_out(rt, cid, "cat", "/shared/inner/flag") == "from the host\n"
+        # container -> host
+        await exec_out(
+            rt, cid, "sh", "-c", "mkdir -p /shared/back && mount --bind /etc /shared/back"
+        )
+        assert (shared / "back" / "hostname").exists()
+        # read-only: the bind itself, not the tmpfs below it; recursive: both
+        await exec_out(rt, cid, "touch", "/ro/tmpfs/file")
+        for path in ("/ro/file", "/rro/tmpfs/other"):
+            result = await rt.ExecSync(
+                api_pb2.ExecSyncRequest(container_id=cid, cmd=["touch", path], timeout=30)
+            )
+            assert result.exit_code != 0 and b"Read-only" in result.stderr, (path, result)
+
+        # a mount that cannot propagate is refused with what to fix
+        bad = container_config("bad", image_ref, config, "true")
+        bad.mounts.append(
+            _host_mount(plain, "/p", propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=bad, sandbox_config=config
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "make-rshared" in str(err.value.details())
+        bad.mounts[0].CopyFrom(_host_mount(ro, "/p", rro=True))  # rro needs readonly
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=bad, sandbox_config=config
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        await rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=1))
+        await rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid))
+        # the host's files under every host path are untouched
+        assert (src / "flag").read_text() == "from the host\n"
+        assert (ro / "tmpfs" / "file").exists()
+        await remove_and_check(
+            rt, daemon, pod_id, int(host_info["agentPid"]), str(host_info["cgroupParent"])
+        )
+    finally:
+        _unmount_all(top)
+    assert _mounts_under(top) == []
+
+
 async def test_host_handler_pod_gets_own_netns_and_cni_ip(
     stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
     image_ref: str,

@@ -1,0 +1,157 @@
+"""Host paths for the containers of a host pod, cloned from the host's mount namespace.
+
+A host pod's agent lives in a mount namespace of its own (its image mounts, overlays and
+the pod's /dev/shm stay out of the host's), created when the pod started. Bind-mounting
+a host path from there would show the container the host's mounts *as they were then*:
+a volume mounted by kubelet later, a tmpfs under a hostPath, or a mount that should
+propagate (``rslave``/``rshared``) would be missing.
+
+So each host-path mount of a container is cloned from the host's namespace at container
+creation: a forked child joins the host namespace (the agent keeps a descriptor of it),
+clones the path's whole mount tree with ``open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)``,
+returns to the agent's namespace and attaches the clone at a staging point in the
+container's bundle with ``move_mount``. The clone keeps the source's propagation: a
+clone of a shared mount is its peer, so with the container's ``rslave``/``rshared``
+options host mounts reach the container (and back, for ``rshared``) as under runc on the
+host. The fork is needed because a thread cannot change mount namespace while other
+threads share its filesystem context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from typing import Any
+
+from agent.guest.system import libc
+
+CLONE_NEWNS = 0x00020000
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+# the same on every architecture (syscalls added after 5.1 share one table)
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+
+
+class HostMountError(OSError):
+    pass
+
+
+def _syscall() -> Any:
+    fn = libc().syscall
+    fn.restype = ctypes.c_long
+    return fn
+
+
+def _clone_in_child(host_ns: int, agent_ns: int, source: str, target: str) -> str | None:
+    """Runs in the forked child. Returns an error message or None."""
+    lib = libc()
+    syscall = _syscall()
+    if lib.setns(host_ns, CLONE_NEWNS) != 0:
+        return f"join the host's mount namespace: {os.strerror(ctypes.get_errno())}"
+    tree = syscall(
+        SYS_OPEN_TREE,
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(source.encode()),
+        ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
+    )
+    if tree < 0:
+        return f"clone host path {source}: {os.strerror(ctypes.get_errno())}"
+    is_dir = stat.S_ISDIR(os.fstat(tree).st_mode)
+    if lib.setns(agent_ns, CLONE_NEWNS) != 0:
+        return f"return to the agent's mount namespace: {os.strerror(ctypes.get_errno())}"
+    try:
+        if is_dir:
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "a"):
+                pass
+    except OSError as exc:
+        return f"create mount point {target}: {exc}"
+    rc = syscall(
+        SYS_MOVE_MOUNT,
+        ctypes.c_int(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(target.encode()),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
+    if rc != 0:
+        return f"attach {source} at {target}: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def clone_host_path(host_ns: int, source: str, target: str) -> None:
+    """Mount the host's ``source`` (its whole mount tree, as the host sees it now) at
+    ``target`` in the agent's namespace. ``target`` is created as a directory or file."""
+    if not source.startswith("/"):
+        raise HostMountError(f"host path {source!r} is not absolute")
+    _syscall()  # resolve libc in the parent, not after fork
+    agent_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            code = 1
+            try:
+                os.close(r)
+                error = _clone_in_child(host_ns, agent_ns, source, target)
+                if error is None:
+                    code = 0
+                else:
+                    os.write(w, error.encode()[:4000])
+            except BaseException as exc:
+                os.write(w, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            finally:
+                os._exit(code)
+        os.close(w)
+        w = -1
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        os.close(agent_ns)
+    if os.waitstatus_to_exitcode(status) != 0:
+        message = b"".join(chunks).decode(errors="replace") or f"exit status {status}"
+        raise HostMountError(message)
+
+
+def unmount_under(path: str) -> None:
+    """Detach every mount at or below ``path`` (deepest first), so that removing the
+    directory afterwards can never reach into a host path."""
+    prefix = path.rstrip("/") + "/"
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 4:
+                point = _unescape(parts[4])
+                if point == path.rstrip("/") or point.startswith(prefix):
+                    points.append(point)
+    for point in sorted(set(points), key=len, reverse=True):
+        if libc().umount2(point.encode(), 2) != 0:  # MNT_DETACH
+            errno = ctypes.get_errno()
+            if errno not in (22, 2):  # not a mount (any more), or gone
+                raise HostMountError(f"umount {point}: {os.strerror(errno)}")
+
+
+def _unescape(field: str) -> str:
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
