@@ -284,6 +284,9 @@ class ContainerManager:
         )
         if self.settings.host_mntns_fd is not None:
             spec = self._stage_host_mounts(container)
+        for mount in spec.mounts:
+            if mount.type == "bind" and not os.path.lexists(mount.source):
+                raise invalid(f"mount {mount.destination}: {mount.source} does not exist")
         pidns = self._pod_pid_namespace() if spec.pid_namespace == "pod" else None
         cgroup_path: str | None = None
         if self.settings.cgroup_mode != "disabled":
@@ -512,8 +515,14 @@ class ContainerManager:
         assert host_ns is not None
         spec = container.spec
         mounts = []
+        own = self.settings.run_dir.rstrip("/") + "/"
         for i, mount in enumerate(spec.mounts):
-            if mount.type == "bind" and mount.source.startswith("/"):
+            # the agent's own paths (image volumes, etc files) are not the host's
+            if (
+                mount.type == "bind"
+                and mount.source.startswith("/")
+                and not mount.source.startswith(own)
+            ):
                 staged = f"{container.bundle}/mounts/{i}"
                 try:
                     hostmounts.clone_host_path(host_ns, mount.source, staged)

@@ -32,7 +32,6 @@ from cri.runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    Unimplemented,
 )
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import (
@@ -221,9 +220,12 @@ class ContainerOps(RuntimeCore):
                 user = await self.images.resolve_user(record.id)
         except ImageError as exc:
             raise FailedPrecondition(f"image {config.image.image}: {exc}") from exc
-        gids = list(user.additional_gids) + [
-            g for g in ctx.supplemental_groups if g not in user.additional_gids
-        ]
+        # Merge (the default) adds the groups the image's /etc/group gives the user;
+        # Strict keeps only the pod's supplemental groups
+        image_gids = (
+            [] if ctx.supplemental_groups_policy == api_pb2.Strict else user.additional_gids
+        )
+        gids = list(image_gids) + [g for g in ctx.supplemental_groups if g not in image_gids]
         spec = convert.container_spec(
             pod=pod_cfg,
             config=config,
@@ -289,8 +291,7 @@ class ContainerOps(RuntimeCore):
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
-            # UNIMPLEMENTED, the code clients (critest, kubelet) read as "not supported"
-            raise Unimplemented("image volumes are not supported by pod VMs yet")
+            return await self._image_volume(sandbox, mount)
         options = ["rbind", "ro" if mount.readonly else "rw"]
         if mount.recursive_read_only:
             if not mount.readonly:
@@ -325,6 +326,36 @@ class ContainerOps(RuntimeCore):
         except AgentError as exc:
             raise agent_error(exc, f"copy {mount.host_path} into the pod VM") from exc
         return Mount(destination=mount.container_path, source=f"{base}/data", options=options)
+
+    async def _image_volume(self, sandbox: PodSandbox, mount: api_pb2.Mount) -> Mount:
+        """An image (or a directory of it) mounted read-only: the image's shared erofs
+        file, attached to the pod as for a container rootfs, bound into the container."""
+        target = mount.container_path
+        if not mount.readonly:
+            raise InvalidArgument(f"image volume {target} must be readonly")
+        if mount.host_path:
+            raise InvalidArgument(f"mount {target} names both an image and a host_path")
+        sub = mount.image_sub_path.strip("/")
+        parts = sub.split("/") if sub else []
+        if any(part in ("", ".", "..") for part in parts):
+            raise InvalidArgument(
+                f"image volume {target}: sub path {mount.image_sub_path!r} must be a relative "
+                "path inside the image without '.' or '..'"
+            )
+        record = self.images.get(mount.image.image)
+        if record is None:
+            raise NotFound(f"image volume {target}: image {mount.image.image} is not present")
+        try:
+            image = await self.images.rootfs_image(record.id)
+        except ImageError as exc:
+            raise FailedPrecondition(f"image volume {target}: {exc}") from exc
+        try:
+            base = await sandbox.attach_image(image)
+        except AgentError as exc:
+            raise agent_error(exc, f"attach image volume {target}") from exc
+        source = f"{base}/{sub}" if sub else base
+        # the agent refuses a source that does not exist (a sub path not in the image)
+        return Mount(destination=target, source=source, options=["rbind", "ro", "nodev"])
 
     async def _drop_volumes(self, sandbox: PodSandbox, keys: list[str]) -> None:
         if keys and sandbox.state == "ready":
@@ -504,7 +535,10 @@ class ContainerOps(RuntimeCore):
             status.resources.linux.CopyFrom(res)
         status.user.linux.uid = ctr.user_uid
         status.user.linux.gid = ctr.user_gid
-        status.user.linux.supplemental_groups.extend(ctr.user_gids)
+        # the process's groups, as the kernel reports them: the primary one included
+        status.user.linux.supplemental_groups.extend(
+            [ctr.user_gid] + [g for g in ctr.user_gids if g != ctr.user_gid]
+        )
         return status
 
     def container_status(self, container_id: str, verbose: bool) -> api_pb2.ContainerStatusResponse:

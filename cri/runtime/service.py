@@ -106,6 +106,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         names = ["", VM_HANDLER] + ([HOST_HANDLER] if self.runtime.config.daemon.host_pods else [])
         for name in names:
             response.runtime_handlers.add(name=name).features.recursive_read_only_mounts = True
+        response.features.supplemental_groups_policy = True
         if request.verbose:
             host = self.runtime.host
             response.info["accelerator"] = f"{host.accel} ({host.accel_reason})"

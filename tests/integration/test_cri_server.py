@@ -617,3 +617,101 @@ async def test_pod_sysctls_added_capabilities_and_recursive_readonly(
         assert "readonly" in str(err.value.details())
     finally:
         await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+async def test_image_volumes_and_supplemental_groups_policy(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+) -> None:
+    """An image mounted read-only as a volume (whole or a sub path of it; a missing sub
+    path or a writable image volume is refused), and the Merge/Strict supplemental
+    groups policies, in a pod VM."""
+    rt, images = stubs
+    status = await rt.Status(api_pb2.StatusRequest())
+    assert status.features.supplemental_groups_policy
+    pulled = await images.PullImage(
+        api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref))
+    )
+    image_id = pulled.image_ref
+    config = pod_config("imgvol", tmp_path)
+    pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
+
+    async def create(cfg: api_pb2.ContainerConfig) -> str:
+        response = await rt.CreateContainer(
+            api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=config)
+        )
+        return str(response.container_id)
+
+    async def run(cid: str, *cmd: str) -> api_pb2.ExecSyncResponse:
+        response: api_pb2.ExecSyncResponse = await rt.ExecSync(
+            api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30)
+        )
+        return response
+
+    try:
+        cfg = container_config("vol", image_ref, "sleep", "1000")
+        cfg.mounts.add(
+            container_path="/img", readonly=True, image=api_pb2.ImageSpec(image=image_id)
+        )
+        cfg.mounts.add(
+            container_path="/imgetc",
+            readonly=True,
+            image=api_pb2.ImageSpec(image=image_id),
+            image_sub_path="etc",
+        )
+        cid = await create(cfg)
+        await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+        assert (await run(cid, "/img/bin/busybox", "true")).exit_code == 0  # not noexec
+        assert b"app:x:1000" in (await run(cid, "cat", "/imgetc/passwd")).stdout
+        assert (await run(cid, "ls", "/imgetc/etc")).exit_code != 0
+        result = await run(cid, "touch", "/img/new")
+        assert result.exit_code != 0 and b"Read-only" in result.stderr, result
+        mounts = (
+            await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))
+        ).status.mounts
+        assert [m.image.image for m in mounts] == [image_id, image_id]
+
+        for sub, readonly, code in (
+            ("not-there", True, grpc.StatusCode.INVALID_ARGUMENT),
+            ("../etc", True, grpc.StatusCode.INVALID_ARGUMENT),
+            ("", False, grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            bad = container_config(f"bad-{sub.strip('./')}-{readonly}", image_ref, "true")
+            bad.mounts.add(
+                container_path="/img",
+                readonly=readonly,
+                image=api_pb2.ImageSpec(image=image_id),
+                image_sub_path=sub,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await create(bad)
+            assert err.value.code() == code, (sub, readonly, err.value.details())
+        bad = container_config("bad-image", image_ref, "true")
+        bad.mounts.add(
+            container_path="/img",
+            readonly=True,
+            image=api_pb2.ImageSpec(image="sha256:" + "0" * 64),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(bad)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # run as "app" (uid 1000, in group wheel=10 in the image) with group 1234 added
+        for policy, want in ((api_pb2.Merge, [1000, 10, 1234]), (api_pb2.Strict, [1000, 1234])):
+            groups = container_config(f"groups-{policy}", image_ref, "sleep", "1000")
+            sec = groups.linux.security_context
+            sec.run_as_user.value = 1000
+            sec.supplemental_groups.append(1234)
+            sec.supplemental_groups_policy = policy  # type: ignore[assignment]
+            gid_cid = await create(groups)
+            await rt.StartContainer(api_pb2.StartContainerRequest(container_id=gid_cid))
+            out = (await run(gid_cid, "id", "-G")).stdout.decode().split()
+            assert sorted(int(g) for g in out) == sorted(want), (policy, out)
+            user = (
+                await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=gid_cid))
+            ).status.user.linux
+            assert (user.uid, user.gid) == (1000, 1000)
+            assert sorted(user.supplemental_groups) == sorted(want)
+    finally:
+        await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
