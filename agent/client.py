@@ -833,11 +833,15 @@ class AgentClient:
         return infos
 
     async def container_stats(
-        self, container_id: str | None = None, *, timeout: float | None = None
+        self, container_id: str | None = None, *, detail: bool = False, timeout: float | None = None
     ) -> StatsReport:
-        result = await self.request(
-            "container_stats", {"container_id": container_id or ""}, timeout=timeout
-        )
+        """Cgroup figures of one or every container and the guest's memory and CPU; with
+        ``detail``, every container's full figures (``ContainerDetail``) and the pod's
+        network interfaces too (slower: the guest walks /proc and writable layers)."""
+        args: dict[str, Any] = {"container_id": container_id or ""}
+        if detail:
+            args["detail"] = True
+        result = await self.request("container_stats", args, timeout=timeout)
         report: StatsReport = StatsReport.from_dict(result)
         return report
 

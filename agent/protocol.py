@@ -495,6 +495,95 @@ class ContainerInfo(Record):
     exit_status: ExitStatus | None = None
 
 
+class DeviceIo(Record):
+    """One block device's I/O by a container's cgroup (io.stat / blkio)."""
+
+    major: int
+    minor: int
+    #: /dev name of the device when the guest knows it ("" otherwise)
+    device: str = ""
+    read_bytes: int = 0
+    write_bytes: int = 0
+    reads: int = 0
+    writes: int = 0
+
+
+class FsUsage(Record):
+    """A container's writable layer and the filesystem that holds it."""
+
+    #: source of the filesystem's mount (e.g. "tmpfs", "/dev/vda1")
+    device: str = ""
+    #: bytes allocated to the writable layer (512-byte blocks, hard links once)
+    usage_bytes: int = 0
+    #: inodes the writable layer uses
+    inodes_used: int = 0
+    #: size of the filesystem, and its inodes in all and free
+    capacity_bytes: int = 0
+    inodes_total: int = 0
+    inodes_free: int = 0
+
+
+class CgroupLimits(Record):
+    """Limits in force in a container's cgroup. None: not limited."""
+
+    #: cgroup v2 cpu.weight (1-10000) ...
+    cpu_weight: int | None = None
+    #: ... or cgroup v1 cpu.shares
+    cpu_shares: int | None = None
+    cpu_period_usec: int | None = None
+    cpu_quota_usec: int | None = None
+    memory_max: int | None = None
+    #: memory plus swap (cgroup v1 memsw, or v2 memory.max + memory.swap.max)
+    memory_swap_max: int | None = None
+    #: memory the kernel keeps for the cgroup (v2 memory.min, v1 soft limit)
+    memory_reservation: int | None = None
+    pids_max: int | None = None
+
+
+class ContainerDetail(Record):
+    """What ``container_stats`` with ``detail`` adds per container: every figure the
+    guest could read, None (or absent from a dict) where it could not."""
+
+    #: "v2", "v1" or "" (no cgroup)
+    cgroup: str = ""
+    cpu_user_usec: int | None = None
+    cpu_system_usec: int | None = None
+    cpu_periods: int | None = None
+    cpu_throttled_periods: int | None = None
+    cpu_throttled_usec: int | None = None
+    memory_max_usage: int | None = None
+    memory_cache: int | None = None
+    memory_rss: int | None = None
+    memory_mapped_file: int | None = None
+    memory_kernel: int | None = None
+    memory_swap: int | None = None
+    #: times usage hit the limit (v1 memory.failcnt, v2 memory.events "max")
+    memory_failcnt: int | None = None
+    #: page faults of the cgroup itself and of its whole subtree
+    pgfault: int | None = None
+    pgmajfault: int | None = None
+    pgfault_hierarchy: int | None = None
+    pgmajfault_hierarchy: int | None = None
+    oom_kills: int | None = None
+    #: page size ("2MB") -> bytes in use, and the most ever used (cgroup v1 only)
+    hugetlb_usage: dict[str, int] = field(default_factory=dict)
+    hugetlb_max_usage: dict[str, int] = field(default_factory=dict)
+    #: PSI totals in microseconds: "cpu_some", "cpu_full", "memory_some", ... "io_full"
+    pressure_usec: dict[str, int] = field(default_factory=dict)
+    io: list[DeviceIo] = field(default_factory=list)
+    processes: int | None = None
+    threads: int | None = None
+    #: pids.max; 0 when unlimited
+    threads_max: int | None = None
+    file_descriptors: int | None = None
+    sockets: int | None = None
+    #: soft limits of the container's first process, e.g. {"max_open_files": 1024}
+    #: (unlimited ones are left out)
+    ulimits_soft: dict[str, int] = field(default_factory=dict)
+    fs: FsUsage | None = None
+    limits: CgroupLimits | None = None
+
+
 class ContainerStats(Record):
     id: str
     timestamp_ns: int = 0
@@ -504,6 +593,22 @@ class ContainerStats(Record):
     memory_file: int = 0
     memory_working_set: int = 0
     pids_current: int = 0
+    #: only with ``detail`` (and from agents that know it)
+    detail: ContainerDetail | None = None
+
+
+class InterfaceStats(Record):
+    """Counters of one network interface in the pod's network namespace (not lo)."""
+
+    name: str
+    rx_bytes: int = 0
+    rx_packets: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+    tx_bytes: int = 0
+    tx_packets: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
 
 
 class GuestStats(Record):
@@ -521,6 +626,8 @@ class GuestStats(Record):
 class StatsReport(Record):
     containers: list[ContainerStats] = field(default_factory=list)
     guest: GuestStats | None = None
+    #: only with ``detail``: the agent's network namespace, which is the pod's
+    interfaces: list[InterfaceStats] = field(default_factory=list)
 
 
 class ExecStarted(Record):

@@ -660,10 +660,13 @@ class PodSandbox:
     async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
         return await self.agent.exec(container_id, spec)
 
-    async def stats(self, container_id: str | None = None, timeout: float = 5.0) -> StatsReport:
-        """The guest's figures; a guest that does not answer within ``timeout`` (frozen,
+    async def stats(
+        self, container_id: str | None = None, timeout: float = 5.0, *, detail: bool = False
+    ) -> StatsReport:
+        """The guest's figures (with ``detail``: every figure of each container and the
+        pod's network counters); a guest that does not answer within ``timeout`` (frozen,
         overloaded) raises AgentTimeout rather than holding up kubelet's stats calls."""
-        return await self.agent.container_stats(container_id, timeout=timeout)
+        return await self.agent.container_stats(container_id, detail=detail, timeout=timeout)
 
     def host_memory(self) -> dict[str, int]:
         """The VM's own cost on the host, in bytes: PSS and RSS split of qemu."""

@@ -462,7 +462,21 @@ class Server:
             "cpu_idle": (cpu[3] + cpu[4]) if len(cpu) > 4 else 0,
             "cpu_total": sum(cpu[:8]),
         }
-        return {"containers": [c.to_dict() for c in containers], "guest": guest}
+        result: dict[str, Any] = {"guest": guest}
+        if args.get("detail"):
+            from agent.guest import cstats
+
+            for stats in containers:
+                container = self.manager.containers.get(stats.id)
+                if container is None:
+                    continue
+                try:
+                    stats.detail = cstats.container_detail(container, self.settings)
+                except Exception as exc:  # the base figures still go out
+                    _log(f"stats detail of {stats.id} failed: {exc!r}")
+            result["interfaces"] = [i.to_dict() for i in cstats.interfaces()]
+        result["containers"] = [c.to_dict() for c in containers]
+        return result
 
     def op_exec(self, args: dict[str, Any], generation: int) -> AfterReply:
         from agent.guest.errors import invalid

@@ -378,6 +378,16 @@ async def test_two_containers_share_image_and_pid_namespace(
     stats = await client.container_stats()
     assert sorted(s.id for s in stats.containers) == ["a", "b"]
     assert stats.guest is not None and stats.guest.mem_total_kib > 0
+    assert all(s.detail is None for s in stats.containers) and stats.interfaces == []
+    # without cgroups, detail counts each container's process tree and its own layer
+    detailed = await client.container_stats(detail=True)
+    by_id = {s.id: s.detail for s in detailed.containers}
+    a, b = by_id["a"], by_id["b"]
+    assert a is not None and b is not None
+    assert a.cgroup == "" and a.limits is None and a.cpu_user_usec is None
+    assert a.processes == 1 and a.threads == 1 and (a.file_descriptors or 0) >= 3
+    assert a.fs is not None and b.fs is not None
+    assert a.fs.usage_bytes > b.fs.usage_bytes or a.fs.inodes_used > b.fs.inodes_used
     for cid in ("a", "b"):
         await client.delete_container(cid, force=True)
 
