@@ -39,8 +39,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from agent.protocol import ContainerStats, GuestStats, StatsReport
-from cri.runtime.state import ContainerRecord, PodRecord
+from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
+from cri import cadvisor_metrics
+from cri.runtime.state import EXITED, ContainerRecord, PodRecord
 from sandbox.hostpod import HOST_HANDLER
 from sandbox.pod import BootTimes
 
@@ -70,6 +71,9 @@ FIRST_CONTAINER_WINDOW_S = 600.0
 # reported with its last figures if they are recent enough, else without them.
 GUEST_STATS_TIMEOUT_S = 2.0
 GUEST_STATS_MAX_AGE_S = 60.0
+# ListPodSandboxMetrics asks for every figure (the guest walks /proc and the writable
+# layers): give a busy guest longer than a scrape does.
+CRI_METRICS_TIMEOUT_S = 5.0
 
 GuestCache = dict[str, tuple[float, StatsReport]]
 
@@ -110,7 +114,9 @@ class SandboxView(Protocol):
     def slots(self) -> Mapping[int, str]: ...
     @property
     def machine(self) -> MachineView: ...
-    async def stats(self, container_id: str | None = None) -> StatsReport: ...
+    async def stats(
+        self, container_id: str | None = None, *, detail: bool = False
+    ) -> StatsReport: ...
 
 
 class RecordsView(Protocol):
@@ -293,6 +299,7 @@ class SandboxSample:
     guest: GuestStats | None = None
     containers: tuple[ContainerStats, ...] = ()
     handler: str = "clearcri"
+    interfaces: tuple[InterfaceStats, ...] = ()
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -322,10 +329,12 @@ async def take_snapshot(
     *,
     guest_timeout: float = GUEST_STATS_TIMEOUT_S,
     cache: GuestCache | None = None,
+    detail: bool = False,
 ) -> Snapshot:
     """Copy what a scrape needs (on the loop) and ask every ready guest for its figures
     (concurrently, each with ``guest_timeout``; ``cache`` keeps the last answers for a
-    guest too busy to answer in time)."""
+    guest too busy to answer in time; ``detail`` asks for every container figure and
+    the pod's network counters)."""
     snap = Snapshot()
     records = runtime.state
     pods = dict(records.pods)
@@ -344,7 +353,8 @@ async def take_snapshot(
 
     async def guest_report(sandbox: SandboxView) -> StatsReport | None:
         try:
-            report = await asyncio.wait_for(sandbox.stats(), guest_timeout)
+            query = sandbox.stats(detail=True) if detail else sandbox.stats()
+            report = await asyncio.wait_for(query, guest_timeout)
         except Exception as exc:  # an unreachable agent only loses its guest figures
             log.debug("sandbox=%s no guest stats: %s", sandbox.id[:12], exc)
             if cache is not None and sandbox.id in cache:
@@ -370,6 +380,7 @@ async def take_snapshot(
                 guest=None if on_host or report is None else report.guest,
                 containers=tuple(report.containers) if report else (),
                 handler=pod.runtime_handler,
+                interfaces=tuple(report.interfaces) if report else (),
             )
         )
     used = {i for s in snap.sandboxes for i in s.image_ids}
@@ -687,8 +698,8 @@ class RuntimeCollector(Collector):
 
 # -- CRI ListMetricDescriptors / ListPodSandboxMetrics ------------------------------------
 
-POD_METRIC_LABELS = ("id", "pod", "namespace")
-CONTAINER_METRIC_LABELS = ("id", "container", "pod", "namespace")
+# clearcri's own CRI metrics carry cAdvisor's base labels too (pod-level ones as the
+# pod's "POD" series), so kubelet's /metrics/cadvisor has one label set throughout.
 POD_METRICS = (
     ("clearcri_pod_memory_pss_bytes", "PSS of the pod VM's qemu process.", api_pb2.GAUGE),
     ("clearcri_pod_memory_rss_bytes", "RSS of the pod VM's qemu process.", api_pb2.GAUGE),
@@ -719,26 +730,28 @@ CONTAINER_METRICS = (
 
 
 def metric_descriptors() -> list[api_pb2.MetricDescriptor]:
+    """ListMetricDescriptors: clearcri's own pod and container figures, then the
+    cAdvisor set (cri/cadvisor_metrics.py)."""
+    keys = list(cadvisor_metrics.BASE_LABELS)
     out = [
-        api_pb2.MetricDescriptor(name=name, help=text, label_keys=list(POD_METRIC_LABELS))
-        for name, text, _ in POD_METRICS
+        api_pb2.MetricDescriptor(name=name, help=text, label_keys=keys)
+        for name, text, _ in (*POD_METRICS, *CONTAINER_METRICS)
     ]
-    out += [
-        api_pb2.MetricDescriptor(name=name, help=text, label_keys=list(CONTAINER_METRIC_LABELS))
-        for name, text, _ in CONTAINER_METRICS
-    ]
+    out += [d.message() for d in cadvisor_metrics.DESCRIPTORS]
     return out
 
 
 def pod_metrics_messages(
-    snap: Snapshot, container_names: Mapping[str, str], proc: Path = PROC
+    snap: Snapshot, containers: Mapping[str, ContainerRecord], proc: Path = PROC
 ) -> list[api_pb2.PodSandboxMetrics]:
-    """Per-pod figures for kubelet. Reads /proc: call off the event loop."""
+    """Per-pod figures for kubelet: pod-level series (the VM's cost, the pod's network)
+    and, for each container the runtime knows that has not exited, its series. Reads
+    /proc: call off the event loop."""
     out = []
     types = {name: kind for name, _, kind in (*POD_METRICS, *CONTAINER_METRICS)}
     for sample in snap.sandboxes:
         now = time.time_ns()
-        labels = list(sample.labels)
+        labels = cadvisor_metrics.pod_labels(sample.sandbox_id, sample.pod, sample.namespace)
         values: dict[str, int] = {}
         memory = read_process_memory(sample.pid, proc)
         if memory is not None:
@@ -760,12 +773,20 @@ def pod_metrics_messages(
                 metric_type=types[name],
                 label_values=labels,
             ).value.value = value
-        for ctr in sample.containers:
-            cm = message.container_metrics.add(container_id=ctr.id)
-            ctr_labels = [ctr.id, container_names.get(ctr.id, ""), sample.pod, sample.namespace]
+        message.metrics.extend(
+            cadvisor_metrics.pod_network_metrics(
+                sample.sandbox_id, sample.pod, sample.namespace, sample.interfaces, now
+            )
+        )
+        for stats in sample.containers:
+            record = containers.get(stats.id)
+            if record is None or record.pod_id != sample.sandbox_id or record.state == EXITED:
+                continue
+            cm = message.container_metrics.add(container_id=stats.id)
+            ctr_labels = cadvisor_metrics.container_labels(record, sample.pod, sample.namespace)
             for name, value in (
-                ("clearcri_container_memory_working_set_bytes", ctr.memory_working_set),
-                ("clearcri_container_cpu_usage_nanoseconds_total", ctr.cpu_usage_usec * 1000),
+                ("clearcri_container_memory_working_set_bytes", stats.memory_working_set),
+                ("clearcri_container_cpu_usage_nanoseconds_total", stats.cpu_usage_usec * 1000),
             ):
                 cm.metrics.add(
                     name=name,
@@ -773,15 +794,18 @@ def pod_metrics_messages(
                     metric_type=types[name],
                     label_values=ctr_labels,
                 ).value.value = max(0, value)
+            cm.metrics.extend(
+                cadvisor_metrics.container_metrics(record, sample.pod, sample.namespace, stats, now)
+            )
         out.append(message)
     return out
 
 
 async def list_pod_sandbox_metrics(runtime: RuntimeView) -> list[api_pb2.PodSandboxMetrics]:
-    """ListPodSandboxMetrics: every ready pod VM."""
-    snap = await take_snapshot(runtime)
-    names = {c.id: c.name for c in runtime.state.containers.values()}
-    return await asyncio.to_thread(pod_metrics_messages, snap, names)
+    """ListPodSandboxMetrics: every ready pod, with every figure its guest has."""
+    snap = await take_snapshot(runtime, guest_timeout=CRI_METRICS_TIMEOUT_S, detail=True)
+    containers = dict(runtime.state.containers)
+    return await asyncio.to_thread(pod_metrics_messages, snap, containers)
 
 
 # -- exporter and HTTP endpoint -------------------------------------------------------------

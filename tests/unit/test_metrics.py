@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.protocol import ContainerStats, GuestStats, StatsReport
+from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
 from cri.config import ConfigError, load_config
 from cri.metrics import (
     CLOCK_TICKS,
@@ -29,6 +29,7 @@ from cri.metrics import (
     RuntimeCollector,
     RuntimeMetrics,
     crash_cause,
+    list_pod_sandbox_metrics,
     metric_descriptors,
     page_cache_bytes,
     pod_metrics_messages,
@@ -58,13 +59,18 @@ class FakeSandbox:
     containers: list[ContainerStats] = field(default_factory=list)
     hang: bool = False
 
-    async def stats(self, container_id: str | None = None) -> StatsReport:
+    interfaces: list[InterfaceStats] = field(default_factory=list)
+    detail_calls: int = 0
+
+    async def stats(self, container_id: str | None = None, *, detail: bool = False) -> StatsReport:
         if self.hang:
             await asyncio.sleep(3600)
         total, available = self.guest_kib
+        self.detail_calls += detail
         return StatsReport(
             containers=list(self.containers),
             guest=GuestStats(mem_total_kib=total, mem_available_kib=available),
+            interfaces=list(self.interfaces) if detail else [],
         )
 
 
@@ -480,9 +486,13 @@ def test_page_cache_bytes(tmp_path: Path) -> None:
 async def test_pod_sandbox_metrics_messages(world: tuple[FakeRuntime, RuntimeCollector]) -> None:
     runtime, collector = world
     descriptors = {d.name: list(d.label_keys) for d in metric_descriptors()}
-    snap = await take_snapshot(runtime)
-    names = {c.id: c.name for c in runtime.state.containers.values()}
-    messages = {m.pod_sandbox_id: m for m in pod_metrics_messages(snap, names, collector.proc)}
+    runtime.sandboxes["p1"].interfaces = [InterfaceStats(name="eth0", rx_bytes=1500)]
+    snap = await take_snapshot(runtime, detail=True)
+    assert runtime.sandboxes["p1"].detail_calls == 1
+    messages = {
+        m.pod_sandbox_id: m
+        for m in pod_metrics_messages(snap, runtime.state.containers, collector.proc)
+    }
     assert set(messages) == {"p1", "p2"}
     web = {m.name: m for m in messages["p1"].metrics}
     assert web["clearcri_pod_memory_pss_bytes"].value.value == 50_000 * 1024
@@ -491,22 +501,45 @@ async def test_pod_sandbox_metrics_messages(world: tuple[FakeRuntime, RuntimeCol
     cpu = web["clearcri_pod_vm_cpu_usage_nanoseconds_total"]
     assert cpu.metric_type == api_pb2.COUNTER
     assert cpu.value.value == 300 * 1_000_000_000 // CLOCK_TICKS
+    rx = web["container_network_receive_bytes_total"]
+    assert (rx.value.value, rx.metric_type) == (1500, api_pb2.COUNTER)
+    assert list(rx.label_values) == ["POD", "p1", "", "p1", "ns", "web", "eth0"]
     for metric in messages["p1"].metrics:
         assert len(metric.label_values) == len(descriptors[metric.name])
-        assert list(metric.label_values) == ["p1", "web", "ns"]
+        assert list(metric.label_values)[:6] == ["POD", "p1", "", "p1", "ns", "web"]
         assert metric.timestamp > 0
+    # c2 (exited) is left out; c1 runs
     (ctr,) = messages["p1"].container_metrics
     assert ctr.container_id == "c1"
     by_name = {m.name: m for m in ctr.metrics}
     assert by_name["clearcri_container_memory_working_set_bytes"].value.value == 4096
     assert list(by_name["clearcri_container_memory_working_set_bytes"].label_values) == [
-        "c1",
         "c-c1",
-        "web",
+        "c1",
+        "busybox",
+        "c1",
         "ns",
+        "web",
     ]
+    assert by_name["container_memory_working_set_bytes"].value.value == 4096
     for metric in ctr.metrics:
         assert len(metric.label_values) == len(descriptors[metric.name])
+    # p2's container c3 (created) has no guest figures: nothing to report for it
+    assert not messages["p2"].container_metrics
+
+
+async def test_list_pod_sandbox_metrics_asks_for_detail(
+    world: tuple[FakeRuntime, RuntimeCollector],
+) -> None:
+    runtime, _collector = world
+    messages = await list_pod_sandbox_metrics(runtime)
+    assert {m.pod_sandbox_id for m in messages} == {"p1", "p2"}
+    assert runtime.sandboxes["p1"].detail_calls == 1
+    names = {d.name for d in metric_descriptors()}
+    assert len(names) == len(metric_descriptors())
+    for message in messages:
+        for metric in message.metrics:
+            assert metric.name in names
 
 
 # -- HTTP endpoint ------------------------------------------------------------------------------
