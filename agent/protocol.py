@@ -447,6 +447,10 @@ class ContainerSpec(Record):
     pod_etc_files: bool = True
     #: Every device, writable /sys, nothing masked (host handler pods only).
     privileged: bool = False
+    #: A user namespace with these [container id, host id, length] mappings (the pod's,
+    #: user namespace mode POD); empty: the pod's user namespace (none of its own).
+    uid_mappings: list[list[int]] = field(default_factory=list)
+    gid_mappings: list[list[int]] = field(default_factory=list)
 
 
 class ExecSpec(Record):

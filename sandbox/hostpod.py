@@ -453,7 +453,7 @@ class HostSandbox(PodSandbox):
         run_dir = host.config.run_root / spec.sandbox_id
         if run_dir.exists():
             raise SandboxError(f"sandbox {spec.sandbox_id} already exists")
-        run_dir.mkdir(parents=True, mode=0o700)
+        run_dir.mkdir(parents=True, mode=0o711)  # see SandboxHost: traversable for userns
         sandbox = cls(host, spec, run_dir)
         sandbox._save()
         return sandbox

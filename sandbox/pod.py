@@ -171,7 +171,10 @@ class SandboxHost:
         self.accel = choice.accel
         self.accel_reason = choice.reason
         self.network = NetworkManager(config.network)
-        config.run_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # traversable, not listable: a host pod's containers in a user namespace of
+        # their own reach their rootfs below it as an unprivileged id
+        config.run_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        config.run_root.chmod(0o711)
         self.templates: TemplateStore | None = None
         if config.templates and config.os_image_mode == "pmem":
             self.templates = TemplateStore(

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from agent.guest import hostmounts, oci, system
+from agent.guest import hostmounts, idmap, oci, system
 from agent.guest.errors import OpError, already_exists, internal, invalid, not_found, precondition
 from agent.guest.procs import decode_status
 from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
@@ -275,6 +275,8 @@ class ContainerManager:
             self._remove_tree(bundle)
         for sub in ("upper", "work", "rootfs"):
             os.makedirs(f"{bundle}/{sub}", exist_ok=True)
+        if spec.uid_mappings:
+            lower = self._idmapped_lower(container, lower)
         system.mount(
             "overlay",
             container.rootfs,
@@ -507,6 +509,25 @@ class ContainerManager:
             self._kill_and_wait(container, 5.0)
         self._crun("delete", "--force", container.id)
         self._discard(container)
+
+    def _idmapped_lower(self, container: Container, lower: str) -> str:
+        """A container in its own user namespace: the image through an idmapped mount,
+        the upper layer owned by the mapped root (see idmap)."""
+        spec = container.spec
+        try:
+            uid = idmap.mapped_root(spec.uid_mappings)
+            gid = idmap.mapped_root(spec.gid_mappings)
+            userns = idmap.user_namespace(spec.uid_mappings, spec.gid_mappings)
+            try:
+                mapped = f"{container.bundle}/lower"
+                os.makedirs(mapped, exist_ok=True)
+                idmap.idmapped_bind(lower, mapped, userns)
+            finally:
+                os.close(userns)
+            os.chown(f"{container.bundle}/upper", uid, gid)
+        except OSError as exc:
+            raise internal(f"user namespace rootfs: {exc}") from exc
+        return mapped
 
     def _stage_host_mounts(self, container: Container) -> ContainerSpec:
         """Host pods: clone each host-path bind from the host's mount namespace into the

@@ -259,6 +259,17 @@ def _default_mounts(
     return mounts
 
 
+def _id_mappings(mappings: list[list[int]]) -> list[dict[str, int]]:
+    out = []
+    for mapping in mappings:
+        if len(mapping) != 3 or min(mapping) < 0 or mapping[2] == 0:
+            raise ValueError(f"an id mapping is [container id, host id, length], not {mapping}")
+        out.append({"containerID": mapping[0], "hostID": mapping[1], "size": mapping[2]})
+    if not out:
+        raise ValueError("a user namespace needs both uid and gid mappings")
+    return out
+
+
 def build_oci_config(
     spec: ContainerSpec,
     *,
@@ -325,6 +336,8 @@ def build_oci_config(
         namespaces.append({"type": "pid"})
     if cgroup_path is not None and cgroup_namespace:
         namespaces.append({"type": "cgroup"})
+    if spec.uid_mappings or spec.gid_mappings:
+        namespaces.append({"type": "user"})
 
     masked = DEFAULT_MASKED_PATHS if spec.masked_paths is None else spec.masked_paths
     readonly = DEFAULT_READONLY_PATHS if spec.readonly_paths is None else spec.readonly_paths
@@ -335,6 +348,9 @@ def build_oci_config(
     }
     if privileged and host_devices:
         linux["devices"] = host_devices
+    if spec.uid_mappings or spec.gid_mappings:
+        linux["uidMappings"] = _id_mappings(spec.uid_mappings)
+        linux["gidMappings"] = _id_mappings(spec.gid_mappings)
     if spec.sysctls:
         linux["sysctl"] = dict(spec.sysctls)
     # A mount that propagates needs the container's root to let it (as kubelet's

@@ -228,9 +228,44 @@ def container_spec(
         pid_namespace=pid_namespace(pod, config),
         privileged=ctx.privileged,
     )
+    pod_ns = pod.linux.security_context.namespace_options
+    userns = pod_ns.userns_options
+    if pod_ns.HasField("userns_options") and userns.mode == api_pb2.POD:
+        spec.uid_mappings = [[m.container_id, m.host_id, m.length] for m in userns.uids]
+        spec.gid_mappings = [[m.container_id, m.host_id, m.length] for m in userns.gids]
     if config.linux.resources.oom_score_adj:
         spec.oom_score_adj = config.linux.resources.oom_score_adj
     return spec
+
+
+MAX_ID = 2**32 - 1
+
+
+def check_user_namespace(config: api_pb2.PodSandboxConfig) -> str | None:
+    """What is wrong with a pod's user namespace options, or None. Mode NODE (the
+    default) runs in the pod's (VM's or host's) user namespace; POD gives the pod one
+    with a single uid and a single gid mapping that maps container id 0."""
+    ns = config.linux.security_context.namespace_options
+    if not ns.HasField("userns_options"):
+        return None
+    userns = ns.userns_options
+    mode = userns.mode
+    if mode == api_pb2.NODE:
+        if userns.uids or userns.gids:
+            return "user namespace mode NODE takes no uid or gid mappings"
+        return None
+    if mode != api_pb2.POD:
+        names = {api_pb2.CONTAINER: "CONTAINER", api_pb2.TARGET: "TARGET"}
+        return f"user namespace mode {names.get(mode, mode)} is not supported: use POD or NODE"
+    for kind, mappings in (("uid", userns.uids), ("gid", userns.gids)):
+        if len(mappings) != 1:
+            return f"a pod user namespace takes exactly one {kind} mapping, not {len(mappings)}"
+        m = mappings[0]
+        if m.container_id != 0:
+            return f"the {kind} mapping must map container id 0 (it starts at {m.container_id})"
+        if m.length == 0 or m.host_id + m.length - 1 > MAX_ID:
+            return f"the {kind} mapping {m.host_id}+{m.length} is empty or out of range"
+    return None
 
 
 def resolv_conf(dns: api_pb2.DNSConfig) -> str:

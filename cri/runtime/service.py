@@ -102,10 +102,13 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         response = api_pb2.StatusResponse(
             status=api_pb2.RuntimeStatus(conditions=[runtime_cond, net_cond])
         )
-        # crun makes "rro" binds read-only with every submount, in the VM and on the host
+        # crun makes "rro" binds read-only with every submount and creates pod user
+        # namespaces (mode POD), in the VM and on the host
         names = ["", VM_HANDLER] + ([HOST_HANDLER] if self.runtime.config.daemon.host_pods else [])
         for name in names:
-            response.runtime_handlers.add(name=name).features.recursive_read_only_mounts = True
+            features = response.runtime_handlers.add(name=name).features
+            features.recursive_read_only_mounts = True
+            features.user_namespaces = True
         response.features.supplemental_groups_policy = True
         if request.verbose:
             host = self.runtime.host

@@ -703,7 +703,7 @@ async def test_image_volumes_and_supplemental_groups_policy(
             sec = groups.linux.security_context
             sec.run_as_user.value = 1000
             sec.supplemental_groups.append(1234)
-            sec.supplemental_groups_policy = policy  # type: ignore[assignment]
+            sec.supplemental_groups_policy = policy
             gid_cid = await create(groups)
             await rt.StartContainer(api_pb2.StartContainerRequest(container_id=gid_cid))
             out = (await run(gid_cid, "id", "-G")).stdout.decode().split()
@@ -715,3 +715,71 @@ async def test_image_volumes_and_supplemental_groups_policy(
             assert sorted(user.supplemental_groups) == sorted(want)
     finally:
         await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+async def test_pod_user_namespace(
+    stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    tmp_path: Path,
+) -> None:
+    """User namespace mode POD: the containers' root is the mapped id (for the first
+    process and for exec); unsupported modes and mappings are refused up front."""
+    rt, images = stubs
+    status = await rt.Status(api_pb2.StatusRequest())
+    assert all(h.features.user_namespaces for h in status.runtime_handlers)
+    await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
+    config = pod_config("userns", tmp_path)
+    userns = config.linux.security_context.namespace_options.userns_options
+    userns.mode = api_pb2.POD
+    userns.uids.add(container_id=0, host_id=1000, length=65536)
+    userns.gids.add(container_id=0, host_id=1000, length=65536)
+    pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
+    try:
+        cfg = container_config(
+            "userns", image_ref, "sh", "-c", "cat /proc/self/uid_map; sleep 1000"
+        )
+        cfg.linux.security_context.namespace_options.CopyFrom(
+            config.linux.security_context.namespace_options
+        )
+        cid = (
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=cfg, sandbox_config=config
+                )
+            )
+        ).container_id
+        await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
+        result = await rt.ExecSync(
+            api_pb2.ExecSyncRequest(
+                container_id=cid, cmd=["sh", "-c", "id -u; cat /proc/self/gid_map"], timeout=30
+            )
+        )
+        lines = result.stdout.decode().split("\n")
+        assert lines[0] == "0" and lines[1].split() == ["0", "1000", "65536"], result
+        # the image is the container root's own (idmapped), so it can write its rootfs
+        result = await rt.ExecSync(
+            api_pb2.ExecSyncRequest(
+                container_id=cid,
+                cmd=["sh", "-c", "touch /etc/new && stat -c %u:%g /bin/busybox /etc/new"],
+                timeout=30,
+            )
+        )
+        assert result.stdout.split() == [b"0:0", b"0:0"], result
+        log = tmp_path / "userns.log"
+        for _ in range(50):
+            if log.exists() and b"1000" in log.read_bytes():
+                break
+            await asyncio.sleep(0.2)
+        assert log.read_text().split()[-3:] == ["0", "1000", "65536"]
+    finally:
+        await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+    for mode in (api_pb2.CONTAINER, api_pb2.TARGET):
+        bad = pod_config(f"userns-{mode}", tmp_path)
+        bad.linux.security_context.namespace_options.userns_options.mode = mode
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=bad))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not supported" in str(err.value.details())
+    pods = (await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items
+    assert [p.metadata.name for p in pods if p.metadata.name.startswith("userns")] == []

@@ -528,6 +528,35 @@ async def test_host_paths_follow_the_hosts_mounts(
     assert _mounts_under(top) == []
 
 
+async def test_host_pod_user_namespace(
+    stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    daemon: HostPodDaemon,
+    tmp_path: Path,
+) -> None:
+    """User namespace mode POD on the host handler: the container's root is host uid
+    200000, the image appears as its own (idmapped lower layer) and files it writes
+    belong to 200000 on the host."""
+    rt, _ = stubs
+    config = pod_config("userns", tmp_path)
+    userns = config.linux.security_context.namespace_options.userns_options
+    userns.mode = api_pb2.POD
+    userns.uids.add(container_id=0, host_id=200000, length=65536)
+    userns.gids.add(container_id=0, host_id=200000, length=65536)
+    pod_id, info = await run_pod(rt, config, handler="host")
+    host_info = info["host"]
+    assert isinstance(host_info, dict)
+    cid = await start_container(rt, pod_id, config, image_ref, "sleep", "1000")
+    out = await exec_out(
+        rt, cid, "sh", "-c", "cat /proc/self/uid_map; touch /new; stat -c %u /bin/busybox /new"
+    )
+    assert out.split() == ["0", "200000", "65536", "0", "0"]
+    agent_pid = int(host_info["agentPid"])
+    bundle = daemon.root / "run" / "sandboxes" / pod_id / "agent" / "containers" / cid
+    assert (bundle / "upper" / "new").stat().st_uid == 200000
+    await remove_and_check(rt, daemon, pod_id, agent_pid, str(host_info["cgroupParent"]))
+
+
 async def test_host_handler_pod_gets_own_netns_and_cni_ip(
     stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
     image_ref: str,
