@@ -353,6 +353,8 @@ class ContainerOps(RuntimeCore):
             base = await sandbox.attach_image(image)
         except AgentError as exc:
             raise agent_error(exc, f"attach image volume {target}") from exc
+        # ContainerStatus reports the image id the volume resolved to
+        mount.image.CopyFrom(convert.image_spec_with_ref(mount.image, record.id))
         source = f"{base}/{sub}" if sub else base
         # the agent refuses a source that does not exist (a sub path not in the image)
         return Mount(destination=target, source=source, options=["rbind", "ro", "nodev"])

@@ -240,6 +240,33 @@ def container_spec(
 
 MAX_ID = 2**32 - 1
 
+#: ImageSpec.image_ref (field 20 of CRI v1): the image id an image volume resolved to.
+#: Newer than the CRI bindings in use, so it is written as a raw field, which protobuf
+#: keeps through parsing, copying and serializing.
+IMAGE_SPEC_IMAGE_REF = 20
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def image_spec_with_ref(spec: api_pb2.ImageSpec, image_ref: str) -> api_pb2.ImageSpec:
+    """``spec`` with its image_ref set (replacing one it may carry)."""
+    raw = image_ref.encode()
+    field = _varint(IMAGE_SPEC_IMAGE_REF << 3 | 2) + _varint(len(raw)) + raw
+    out = api_pb2.ImageSpec()
+    # a repeated occurrence of a singular field: the last one wins
+    out.ParseFromString(spec.SerializeToString() + field)
+    return out
+
 
 def check_user_namespace(config: api_pb2.PodSandboxConfig) -> str | None:
     """What is wrong with a pod's user namespace options, or None. Mode NODE (the

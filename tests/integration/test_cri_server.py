@@ -22,6 +22,7 @@ from sandbox.vm import pid_alive
 from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
 from tests.registry import RegistryServer, busybox_layer, push_image, registry  # noqa: F401
+from tests.unit.test_image_ref_field import image_ref_of
 
 pytestmark = pytest.mark.vm
 
@@ -671,6 +672,7 @@ async def test_image_volumes_and_supplemental_groups_policy(
             await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))
         ).status.mounts
         assert [m.image.image for m in mounts] == [image_id, image_id]
+        assert [image_ref_of(m.image) for m in mounts] == [image_id, image_id]
 
         for sub, readonly, code in (
             ("not-there", True, grpc.StatusCode.INVALID_ARGUMENT),
