@@ -41,26 +41,54 @@ class HostMountError(OSError):
     pass
 
 
-def _syscall() -> Any:
+def raw_syscall() -> Any:
+    """libc's ``syscall``, returning a long."""
     fn = libc().syscall
     fn.restype = ctypes.c_long
     return fn
 
 
+def open_tree(path: str, flags: int) -> int:
+    """``open_tree(2)``: a detached clone of the mount at ``path`` (with OPEN_TREE_CLONE);
+    the caller closes the descriptor."""
+    tree = int(
+        raw_syscall()(
+            SYS_OPEN_TREE,
+            ctypes.c_int(AT_FDCWD),
+            ctypes.c_char_p(path.encode()),
+            ctypes.c_uint(flags),
+        )
+    )
+    if tree < 0:
+        errno = ctypes.get_errno()
+        raise HostMountError(errno, f"clone {path}: {os.strerror(errno)}")
+    return tree
+
+
+def move_mount(tree: int, target: str) -> None:
+    """``move_mount(2)``: attach the detached mount ``tree`` at ``target``."""
+    rc = raw_syscall()(
+        SYS_MOVE_MOUNT,
+        ctypes.c_int(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(target.encode()),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
+    if rc != 0:
+        errno = ctypes.get_errno()
+        raise HostMountError(errno, f"attach at {target}: {os.strerror(errno)}")
+
+
 def _clone_in_child(host_ns: int, agent_ns: int, source: str, target: str) -> str | None:
     """Runs in the forked child. Returns an error message or None."""
     lib = libc()
-    syscall = _syscall()
     if lib.setns(host_ns, CLONE_NEWNS) != 0:
         return f"join the host's mount namespace: {os.strerror(ctypes.get_errno())}"
-    tree = syscall(
-        SYS_OPEN_TREE,
-        ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(source.encode()),
-        ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),
-    )
-    if tree < 0:
-        return f"clone host path {source}: {os.strerror(ctypes.get_errno())}"
+    try:
+        tree = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    except HostMountError as exc:
+        return f"host path: {exc.strerror}"
     is_dir = stat.S_ISDIR(os.fstat(tree).st_mode)
     if lib.setns(agent_ns, CLONE_NEWNS) != 0:
         return f"return to the agent's mount namespace: {os.strerror(ctypes.get_errno())}"
@@ -73,16 +101,10 @@ def _clone_in_child(host_ns: int, agent_ns: int, source: str, target: str) -> st
                 pass
     except OSError as exc:
         return f"create mount point {target}: {exc}"
-    rc = syscall(
-        SYS_MOVE_MOUNT,
-        ctypes.c_int(tree),
-        ctypes.c_char_p(b""),
-        ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(target.encode()),
-        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-    )
-    if rc != 0:
-        return f"attach {source} at {target}: {os.strerror(ctypes.get_errno())}"
+    try:
+        move_mount(tree, target)
+    except HostMountError as exc:
+        return f"{source}: {exc.strerror}"
     return None
 
 
@@ -91,7 +113,7 @@ def clone_host_path(host_ns: int, source: str, target: str) -> None:
     ``target`` in the agent's namespace. ``target`` is created as a directory or file."""
     if not source.startswith("/"):
         raise HostMountError(f"host path {source!r} is not absolute")
-    _syscall()  # resolve libc in the parent, not after fork
+    raw_syscall()  # resolve libc in the parent, not after fork
     agent_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     r, w = os.pipe()
     try:

@@ -14,16 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
 
-from agent.guest.hostmounts import (
-    AT_FDCWD,
-    MOVE_MOUNT_F_EMPTY_PATH,
-    OPEN_TREE_CLOEXEC,
-    OPEN_TREE_CLONE,
-    SYS_MOVE_MOUNT,
-    SYS_OPEN_TREE,
-)
+from agent.guest import hostmounts
+from agent.guest.hostmounts import OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE
 from agent.guest.system import libc
 
 CLONE_NEWUSER = 0x10000000
@@ -43,12 +36,6 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
-
-
-def _syscall() -> Any:
-    fn = libc().syscall
-    fn.restype = ctypes.c_long
-    return fn
 
 
 def _map_text(mappings: list[list[int]]) -> str:
@@ -93,41 +80,20 @@ def user_namespace(uid_mappings: list[list[int]], gid_mappings: list[list[int]])
 def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
     """Bind ``source`` at ``target`` (an existing directory) with the ids of
     ``userns_fd``'s mappings: files owned by host id H appear owned by H's mapped id."""
-    syscall = _syscall()
-    tree = syscall(
-        SYS_OPEN_TREE,
-        ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(source.encode()),
-        ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
-    )
-    if tree < 0:
-        raise IdmapError(f"clone {source}: {os.strerror(ctypes.get_errno())}")
+    tree = hostmounts.open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
     try:
         attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
-        if (
-            syscall(
-                SYS_MOUNT_SETATTR,
-                ctypes.c_int(tree),
-                ctypes.c_char_p(b""),
-                ctypes.c_uint(AT_EMPTY_PATH),
-                ctypes.byref(attr),
-                ctypes.c_size_t(ctypes.sizeof(attr)),
-            )
-            != 0
-        ):
+        rc = hostmounts.raw_syscall()(
+            SYS_MOUNT_SETATTR,
+            ctypes.c_int(tree),
+            ctypes.c_char_p(b""),
+            ctypes.c_uint(AT_EMPTY_PATH),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
+        if rc != 0:
             raise IdmapError(f"idmap {source}: {os.strerror(ctypes.get_errno())}")
-        if (
-            syscall(
-                SYS_MOVE_MOUNT,
-                ctypes.c_int(tree),
-                ctypes.c_char_p(b""),
-                ctypes.c_int(AT_FDCWD),
-                ctypes.c_char_p(target.encode()),
-                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-            )
-            != 0
-        ):
-            raise IdmapError(f"attach {source} at {target}: {os.strerror(ctypes.get_errno())}")
+        hostmounts.move_mount(tree, target)
     finally:
         os.close(tree)
 
