@@ -77,6 +77,18 @@ def _signal_number(name: str) -> int:
         raise InvalidArgument(f"unknown stop signal {name!r}") from None
 
 
+OVERFLOW_ID = 65534
+
+
+def map_id(value: int, mappings: list[list[int]]) -> int:
+    """The id that ``value`` (an id inside the container) has outside it; ids the
+    mappings leave out get the overflow id."""
+    for container_id, host_id, length in mappings:
+        if container_id <= value < container_id + length:
+            return host_id + value - container_id
+    return OVERFLOW_ID
+
+
 def propagation_problem(
     host_path: Path, propagation: str, mountinfo: Path = Path("/proc/self/mountinfo")
 ) -> str | None:
@@ -242,7 +254,11 @@ class ContainerOps(RuntimeCore):
         try:
             for index, mount in enumerate(config.mounts):
                 key = f"{cid[:16]}-{index}"
-                spec.mounts.append(await self._guest_mount(sandbox, key, mount))
+                spec.mounts.append(
+                    await self._guest_mount(
+                        sandbox, key, mount, spec.uid_mappings, spec.gid_mappings
+                    )
+                )
                 volume_keys.append(key)
             await sandbox.create_container(cid, spec, image)
         except SandboxExhausted as exc:
@@ -287,7 +303,17 @@ class ContainerOps(RuntimeCore):
         self.publish(api_pb2.CONTAINER_CREATED_EVENT, cid, pod)
         return cid
 
-    async def _guest_mount(self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount) -> Mount:
+    async def _guest_mount(
+        self,
+        sandbox: PodSandbox,
+        key: str,
+        mount: api_pb2.Mount,
+        uid_mappings: list[list[int]] | None = None,
+        gid_mappings: list[list[int]] | None = None,
+    ) -> Mount:
+        """The agent's mount for a CRI mount. In a user namespace of its own (mappings
+        given) the container sees host paths with their owners' ids: binds on the host
+        are idmapped, copies into a VM are written with the mapped ids."""
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
@@ -319,8 +345,14 @@ class ContainerOps(RuntimeCore):
                 if problem:
                     raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
             options.append(propagation)
+            if uid_mappings:
+                options.append("idmap")
             return Mount(destination=mount.container_path, source=str(host_path), options=options)
         entries = await asyncio.to_thread(_collect_volume, host_path)
+        if uid_mappings and gid_mappings:
+            for entry in entries:
+                entry["uid"] = map_id(entry.get("uid", 0), uid_mappings)
+                entry["gid"] = map_id(entry.get("gid", 0), gid_mappings)
         try:
             base = await sandbox.agent.write_files(key, entries)
         except AgentError as exc:

@@ -735,6 +735,10 @@ async def test_pod_user_namespace(
     userns.mode = api_pb2.POD
     userns.uids.add(container_id=0, host_id=1000, length=65536)
     userns.gids.add(container_id=0, host_id=1000, length=65536)
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "owned").write_text("x")
+    os.chown(volume / "owned", 1234, 1234)
     pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
     try:
         cfg = container_config(
@@ -743,6 +747,7 @@ async def test_pod_user_namespace(
         cfg.linux.security_context.namespace_options.CopyFrom(
             config.linux.security_context.namespace_options
         )
+        cfg.mounts.add(host_path=str(volume), container_path="/vol")
         cid = (
             await rt.CreateContainer(
                 api_pb2.CreateContainerRequest(
@@ -767,6 +772,15 @@ async def test_pod_user_namespace(
             )
         )
         assert result.stdout.split() == [b"0:0", b"0:0"], result
+        # a volume keeps its owners' ids inside (the copy is written mapped)
+        result = await rt.ExecSync(
+            api_pb2.ExecSyncRequest(
+                container_id=cid,
+                cmd=["sh", "-c", "touch /vol/new && stat -c %u /vol /vol/owned /vol/new"],
+                timeout=30,
+            )
+        )
+        assert result.stdout.split() == [b"0", b"1234", b"0"], result
         log = tmp_path / "userns.log"
         for _ in range(50):
             if log.exists() and b"1000" in log.read_bytes():

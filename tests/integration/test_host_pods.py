@@ -546,11 +546,26 @@ async def test_host_pod_user_namespace(
     pod_id, info = await run_pod(rt, config, handler="host")
     host_info = info["host"]
     assert isinstance(host_info, dict)
-    cid = await start_container(rt, pod_id, config, image_ref, "sleep", "1000")
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "owned").write_text("x")
+    os.chown(volume / "owned", 1234, 1234)
+    ctr = container_config("main", image_ref, config, "sleep", "1000")
+    ctr.mounts.add(host_path=str(volume), container_path="/vol")
+    cid = (
+        await rt.CreateContainer(
+            api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=ctr, sandbox_config=config)
+        )
+    ).container_id
+    await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
     out = await exec_out(
         rt, cid, "sh", "-c", "cat /proc/self/uid_map; touch /new; stat -c %u /bin/busybox /new"
     )
     assert out.split() == ["0", "200000", "65536", "0", "0"]
+    # host paths are idmapped binds: the host's owners inside, and back on the host
+    out = await exec_out(rt, cid, "sh", "-c", "touch /vol/new && stat -c %u /vol/owned /vol/new")
+    assert out.split() == ["1234", "0"]
+    assert (volume / "new").stat().st_uid == 0
     agent_pid = int(host_info["agentPid"])
     bundle = daemon.root / "run" / "sandboxes" / pod_id / "agent" / "containers" / cid
     assert (bundle / "upper" / "new").stat().st_uid == 200000
