@@ -157,6 +157,8 @@ class ContainerManager:
         self._lock = threading.Lock()
         self._next_stream = 1
         self._pod_pidns_pid = 0
+        self._pod_userns_pid = 0
+        self._pod_userns_maps: tuple[list[list[int]], list[list[int]]] | None = None
         os.makedirs(settings.containers_dir, exist_ok=True)
         os.makedirs(settings.crun_root, exist_ok=True)
 
@@ -229,6 +231,48 @@ class ContainerManager:
             time.sleep(0.005)
         raise internal("the pod pid namespace did not come up")
 
+    def _pod_user_namespace(self, spec: ContainerSpec) -> str:
+        """Path of the pod's user namespace (mode POD), started on first use with the
+        spec's mappings; every container of the pod joins it, and a spec asking for
+        other mappings is refused (they are the pod's, fixed at its start)."""
+        maps = (spec.uid_mappings, spec.gid_mappings)
+        with self._lock:
+            pid = self._pod_userns_pid
+            if pid and os.path.exists(f"/proc/{pid}/ns/user"):
+                if maps != self._pod_userns_maps:
+                    raise invalid("the pod's user namespace has other id mappings")
+                return f"/proc/{pid}/ns/user"
+            from agent.guest.procs import which
+
+            busybox = which(self.settings.busybox)
+            if busybox is None:
+                raise internal(f"{self.settings.busybox} not found: needed for a user namespace")
+            pid = self.spawner.spawn([busybox, "unshare", "--user", busybox, "sleep", "2147483647"])
+            own = os.readlink("/proc/self/ns/user")
+            deadline = time.monotonic() + 5.0
+            while True:
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/user") != own:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise internal("the pod user namespace did not come up")
+                time.sleep(0.005)
+            try:
+                for name, mappings in (("uid_map", maps[0]), ("gid_map", maps[1])):
+                    with open(f"/proc/{pid}/{name}", "w") as f:
+                        f.write("".join(f"{c} {h} {n}\n" for c, h, n in mappings))
+            except OSError as exc:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+                raise invalid(f"the pod's id mappings were refused: {exc}") from exc
+            self._pod_userns_pid = pid
+            self._pod_userns_maps = maps
+        return f"/proc/{pid}/ns/user"
+
     # ------------------------------------------------------------------ create
 
     def create(self, container_id: str, spec: ContainerSpec) -> ContainerInfo:
@@ -275,8 +319,9 @@ class ContainerManager:
             self._remove_tree(bundle)
         for sub in ("upper", "work", "rootfs"):
             os.makedirs(f"{bundle}/{sub}", exist_ok=True)
-        if spec.uid_mappings:
-            lower = self._idmapped_lower(container, lower)
+        userns = self._pod_user_namespace(spec) if spec.uid_mappings else None
+        if userns is not None:
+            lower = self._idmapped_lower(container, lower, userns)
         system.mount(
             "overlay",
             container.rootfs,
@@ -285,7 +330,7 @@ class ContainerManager:
             f"lowerdir={lower},upperdir={bundle}/upper,workdir={bundle}/work",
         )
         if self.settings.host_mntns_fd is not None:
-            spec = self._stage_host_mounts(container)
+            spec = self._stage_host_mounts(container, userns)
         for mount in spec.mounts:
             if mount.type == "bind" and not os.path.lexists(mount.source):
                 raise invalid(f"mount {mount.destination}: {mount.source} does not exist")
@@ -310,6 +355,7 @@ class ContainerManager:
                 shm_dir=self.settings.shm_dir,
                 host_devices=_host_devices() if spec.privileged else None,
                 pod_namespaces=self.settings.pod_namespace_paths(),
+                user_namespace_path=userns,
             )
         except ValueError as exc:
             raise invalid(str(exc)) from exc
@@ -510,14 +556,14 @@ class ContainerManager:
         self._crun("delete", "--force", container.id)
         self._discard(container)
 
-    def _idmapped_lower(self, container: Container, lower: str) -> str:
-        """A container in its own user namespace: the image through an idmapped mount,
-        the upper layer owned by the mapped root (see idmap)."""
+    def _idmapped_lower(self, container: Container, lower: str, userns_path: str) -> str:
+        """A container in the pod's user namespace: the image through a mount idmapped
+        by that namespace, the upper layer owned by the mapped root (see idmap)."""
         spec = container.spec
         try:
             uid = idmap.mapped_root(spec.uid_mappings)
             gid = idmap.mapped_root(spec.gid_mappings)
-            userns = idmap.user_namespace(spec.uid_mappings, spec.gid_mappings)
+            userns = os.open(userns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 mapped = f"{container.bundle}/lower"
                 os.makedirs(mapped, exist_ok=True)
@@ -529,7 +575,7 @@ class ContainerManager:
             raise internal(f"user namespace rootfs: {exc}") from exc
         return mapped
 
-    def _stage_host_mounts(self, container: Container) -> ContainerSpec:
+    def _stage_host_mounts(self, container: Container, userns: str | None) -> ContainerSpec:
         """Host pods: clone each host-path bind from the host's mount namespace into the
         bundle (see hostmounts) and point the container's bind there."""
         host_ns = self.settings.host_mntns_fd
@@ -546,7 +592,7 @@ class ContainerManager:
             ):
                 staged = f"{container.bundle}/mounts/{i}"
                 try:
-                    hostmounts.clone_host_path(host_ns, mount.source, staged)
+                    hostmounts.clone_host_path(host_ns, mount.source, staged, userns)
                 except hostmounts.HostMountError as exc:
                     raise precondition(f"mount {mount.destination}: {exc}") from exc
                 mount = Mount(
@@ -834,12 +880,14 @@ class ContainerManager:
                 self.delete(container.id, force=True)
             except OpError:
                 pass
-        if self._pod_pidns_pid:
-            try:
-                os.kill(self._pod_pidns_pid, 9)
-            except ProcessLookupError:
-                pass
-            self._pod_pidns_pid = 0
+        for holder in (self._pod_pidns_pid, self._pod_userns_pid):
+            if holder:
+                try:
+                    os.kill(holder, 9)
+                except ProcessLookupError:
+                    pass
+        self._pod_pidns_pid = self._pod_userns_pid = 0
+        self._pod_userns_maps = None
 
 
 def _own_bounding_set() -> int:

@@ -19,6 +19,7 @@ threads share its filesystem context.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import stat
@@ -35,6 +36,9 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 # the same on every architecture (syscalls added after 5.1 share one table)
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_IDMAP = 0x00100000
 
 
 class HostMountError(OSError):
@@ -80,13 +84,43 @@ def move_mount(tree: int, target: str) -> None:
         raise HostMountError(errno, f"attach at {target}: {os.strerror(errno)}")
 
 
-def _clone_in_child(host_ns: int, agent_ns: int, source: str, target: str) -> str | None:
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
+    """``mount_setattr(MOUNT_ATTR_IDMAP)`` on the detached mount ``tree``: its files
+    appear with the ids ``userns_fd``'s mappings give them."""
+    attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+    rc = raw_syscall()(
+        SYS_MOUNT_SETATTR,
+        ctypes.c_int(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if rc != 0:
+        errno = ctypes.get_errno()
+        raise HostMountError(errno, f"idmapped mount: {os.strerror(errno)}")
+
+
+def _clone_in_child(
+    host_ns: int, agent_ns: int, source: str, target: str, userns_fd: int | None
+) -> str | None:
     """Runs in the forked child. Returns an error message or None."""
     lib = libc()
     if lib.setns(host_ns, CLONE_NEWNS) != 0:
         return f"join the host's mount namespace: {os.strerror(ctypes.get_errno())}"
     try:
         tree = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+        if userns_fd is not None:
+            set_idmap(tree, userns_fd, recursive=True)
     except HostMountError as exc:
         return f"host path: {exc.strerror}"
     is_dir = stat.S_ISDIR(os.fstat(tree).st_mode)
@@ -108,43 +142,51 @@ def _clone_in_child(host_ns: int, agent_ns: int, source: str, target: str) -> st
     return None
 
 
-def clone_host_path(host_ns: int, source: str, target: str) -> None:
+#: What the child writes first on success; anything else is an error message.
+_DONE = b"\0"
+
+
+def clone_host_path(host_ns: int, source: str, target: str, userns_path: str | None = None) -> None:
     """Mount the host's ``source`` (its whole mount tree, as the host sees it now) at
-    ``target`` in the agent's namespace. ``target`` is created as a directory or file."""
+    ``target`` in the agent's namespace. ``target`` is created as a directory or file.
+    With ``userns_path`` (the pod's user namespace) the clone is idmapped by it.
+
+    The child reports through a pipe, not its exit status: the agent reaps every child
+    itself (it is PID 1 or a subreaper), so the status may be gone before we ask."""
     if not source.startswith("/"):
         raise HostMountError(f"host path {source!r} is not absolute")
     raw_syscall()  # resolve libc in the parent, not after fork
     agent_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    userns = os.open(userns_path, os.O_RDONLY | os.O_CLOEXEC) if userns_path else None
     r, w = os.pipe()
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through the pipe
-            code = 1
             try:
                 os.close(r)
-                error = _clone_in_child(host_ns, agent_ns, source, target)
-                if error is None:
-                    code = 0
-                else:
-                    os.write(w, error.encode()[:4000])
+                error = _clone_in_child(host_ns, agent_ns, source, target, userns)
+                os.write(w, _DONE if error is None else error.encode()[:4000])
             except BaseException as exc:
                 os.write(w, f"{type(exc).__name__}: {exc}".encode()[:4000])
             finally:
-                os._exit(code)
+                os._exit(0)
         os.close(w)
         w = -1
         chunks = []
         while chunk := os.read(r, 4096):
             chunks.append(chunk)
-        _, status = os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):  # reaped by the agent's reaper
+            os.waitpid(pid, 0)
     finally:
         os.close(r)
         if w >= 0:
             os.close(w)
         os.close(agent_ns)
-    if os.waitstatus_to_exitcode(status) != 0:
-        message = b"".join(chunks).decode(errors="replace") or f"exit status {status}"
-        raise HostMountError(message)
+        if userns is not None:
+            os.close(userns)
+    report = b"".join(chunks)
+    if report != _DONE:
+        raise HostMountError(report.decode(errors="replace") or "the clone child died")
 
 
 def unmount_under(path: str) -> None:

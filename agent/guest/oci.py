@@ -281,6 +281,7 @@ def build_oci_config(
     shm_dir: str = "/dev/shm",
     host_devices: list[dict[str, Any]] | None = None,
     pod_namespaces: dict[str, str] | None = None,
+    user_namespace_path: str | None = None,
 ) -> dict[str, Any]:
     """The config.json for one container.
 
@@ -290,7 +291,9 @@ def build_oci_config(
     an existing pid namespace (pod-wide sharing); a spec with ``pid_namespace`` "host"
     gets none. ``pod_namespaces`` (OCI type -> path) are the pod's own IPC, network
     and UTS namespaces, joined by path (crun applies IPC and network sysctls only to a
-    namespace named in the spec). ``etc_dir`` holds the pod's hosts, resolv.conf and hostname files.
+    namespace named in the spec). ``user_namespace_path`` joins the pod's user namespace
+    (mode POD); without it a spec with id mappings gets a user namespace of its own.
+    ``etc_dir`` holds the pod's hosts, resolv.conf and hostname files.
     A privileged spec gets every device (``host_devices`` are created in its /dev),
     writable /sys and no masked or read-only paths.
     """
@@ -336,7 +339,10 @@ def build_oci_config(
         namespaces.append({"type": "pid"})
     if cgroup_path is not None and cgroup_namespace:
         namespaces.append({"type": "cgroup"})
-    if spec.uid_mappings or spec.gid_mappings:
+    if user_namespace_path:
+        # the pod's user namespace (its mappings were written when it was made)
+        namespaces.append({"type": "user", "path": user_namespace_path})
+    elif spec.uid_mappings or spec.gid_mappings:
         namespaces.append({"type": "user"})
 
     masked = DEFAULT_MASKED_PATHS if spec.masked_paths is None else spec.masked_paths
@@ -348,7 +354,7 @@ def build_oci_config(
     }
     if privileged and host_devices:
         linux["devices"] = host_devices
-    if spec.uid_mappings or spec.gid_mappings:
+    if (spec.uid_mappings or spec.gid_mappings) and not user_namespace_path:
         linux["uidMappings"] = _id_mappings(spec.uid_mappings)
         linux["gidMappings"] = _id_mappings(spec.gid_mappings)
     if spec.sysctls:

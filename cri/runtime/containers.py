@@ -311,9 +311,9 @@ class ContainerOps(RuntimeCore):
         uid_mappings: list[list[int]] | None = None,
         gid_mappings: list[list[int]] | None = None,
     ) -> Mount:
-        """The agent's mount for a CRI mount. In a user namespace of its own (mappings
-        given) the container sees host paths with their owners' ids: binds on the host
-        are idmapped, copies into a VM are written with the mapped ids."""
+        """The agent's mount for a CRI mount. In a user namespace (mappings given) the
+        container sees host paths with their owners' ids: a host pod's agent idmaps its
+        clones of them, copies into a VM are written with the mapped ids."""
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
@@ -344,9 +344,8 @@ class ContainerOps(RuntimeCore):
                 problem = await asyncio.to_thread(propagation_problem, host_path, propagation)
                 if problem:
                     raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
+            # in a user namespace the agent idmaps the clone by the pod's mappings
             options.append(propagation)
-            if uid_mappings:
-                options.append("idmap")
             return Mount(destination=mount.container_path, source=str(host_path), options=options)
         entries = await asyncio.to_thread(_collect_volume, host_path)
         if uid_mappings and gid_mappings:

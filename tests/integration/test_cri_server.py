@@ -781,6 +781,29 @@ async def test_pod_user_namespace(
             )
         )
         assert result.stdout.split() == [b"0", b"1234", b"0"], result
+        # the pod's containers share one user namespace
+        other = container_config("userns-2", image_ref, "sleep", "1000")
+        other.linux.security_context.namespace_options.CopyFrom(
+            config.linux.security_context.namespace_options
+        )
+        other_id = (
+            await rt.CreateContainer(
+                api_pb2.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=other, sandbox_config=config
+                )
+            )
+        ).container_id
+        await rt.StartContainer(api_pb2.StartContainerRequest(container_id=other_id))
+        namespaces = set()
+        for each in (cid, other_id):
+            result = await rt.ExecSync(
+                api_pb2.ExecSyncRequest(
+                    container_id=each, cmd=["readlink", "/proc/self/ns/user"], timeout=30
+                )
+            )
+            assert result.exit_code == 0, result
+            namespaces.add(result.stdout)
+        assert len(namespaces) == 1, namespaces
         log = tmp_path / "userns.log"
         for _ in range(50):
             if log.exists() and b"1000" in log.read_bytes():

@@ -95,3 +95,12 @@ def test_volume_ids_are_mapped() -> None:
     assert map_id(1234, mappings) == 2234
     assert map_id(65536, mappings) == OVERFLOW_ID
     assert map_id(5, [[10, 500, 5], [0, 100, 10]]) == 105
+
+
+def test_joining_the_pods_user_namespace_writes_no_mappings() -> None:
+    spec = ContainerSpec(args=["true"], uid_mappings=[[0, 1000, 10]], gid_mappings=[[0, 1000, 10]])
+    config = oci.build_oci_config(
+        spec, rootfs="/r", cgroup_path=None, user_namespace_path="/proc/9/ns/user"
+    )
+    assert {"type": "user", "path": "/proc/9/ns/user"} in config["linux"]["namespaces"]
+    assert "uidMappings" not in config["linux"] and "gidMappings" not in config["linux"]
