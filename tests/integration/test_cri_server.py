@@ -353,20 +353,13 @@ def test_second_daemon_refuses_to_start(daemon: CriDaemon) -> None:
 
 
 async def test_pod_network_through_cri(image_ref: str, tmp_path: Path) -> None:
-    from tests.integration.test_network import CNI_BIN_DIRS, CniLab, _http_get
+    from tests.integration.test_network import CniLab, _http_get
 
     lab = CniLab(tmp_path / "cni")
     lab.write(lab.conflist(v6=False, portmap=False))
     root = Path(f"/tmp/cc-crinet-{os.getpid()}")
     root.mkdir()
-    bins = ", ".join(f'"{d}"' for d in [*CNI_BIN_DIRS, lab.bin_dir])
-    daemon = CriDaemon(
-        root,
-        GUEST_DIR,
-        network=(
-            f'conf_dirs = ["{lab.conf_dir}"]\nbin_dirs = [{bins}]\nnetns_dir = "{lab.netns_dir}"'
-        ),
-    )
+    daemon = CriDaemon(root, GUEST_DIR, network=lab.daemon_network())
     daemon.start()
     pod_id = ""
     try:
@@ -555,6 +548,27 @@ async def test_full_log_disk_keeps_pod_and_daemon_running(
             subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+async def create_in_pod(
+    rt: api_pb2_grpc.RuntimeServiceStub,
+    pod_id: str,
+    cfg: api_pb2.ContainerConfig,
+    pod: api_pb2.PodSandboxConfig,
+) -> str:
+    response = await rt.CreateContainer(
+        api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=pod)
+    )
+    return str(response.container_id)
+
+
+async def exec_in(
+    rt: api_pb2_grpc.RuntimeServiceStub, cid: str, *cmd: str
+) -> api_pb2.ExecSyncResponse:
+    response: api_pb2.ExecSyncResponse = await rt.ExecSync(
+        api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30)
+    )
+    return response
+
+
 async def test_pod_sysctls_added_capabilities_and_recursive_readonly(
     stubs: tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub],
     image_ref: str,
@@ -582,38 +596,24 @@ async def test_pod_sysctls_added_capabilities_and_recursive_readonly(
         host_path=str(volume), container_path="/rro", readonly=True, recursive_read_only=True
     )
     try:
-        cid = (
-            await rt.CreateContainer(
-                api_pb2.CreateContainerRequest(
-                    pod_sandbox_id=pod_id, config=cfg, sandbox_config=config
-                )
-            )
-        ).container_id
+        cid = await create_in_pod(rt, pod_id, cfg, config)
         await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
 
-        async def run(*cmd: str) -> api_pb2.ExecSyncResponse:
-            response: api_pb2.ExecSyncResponse = await rt.ExecSync(
-                api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30)
-            )
-            return response
-
         for name, value in sysctls.items():
-            result = await run("cat", "/proc/sys/" + name.replace(".", "/"))
+            result = await exec_in(rt, cid, "cat", "/proc/sys/" + name.replace(".", "/"))
             assert result.stdout.decode().strip() == value, (name, result)
-        result = await run("sh", "-c", "brctl addbr br-test && cat /sys/class/net/br-test/type")
+        result = await exec_in(
+            rt, cid, "sh", "-c", "brctl addbr br-test && cat /sys/class/net/br-test/type"
+        )
         assert result.exit_code == 0 and result.stdout == b"1\n", result
-        result = await run("touch", "/rro/new")
+        result = await exec_in(rt, cid, "touch", "/rro/new")
         assert result.exit_code != 0 and b"Read-only" in result.stderr, result
-        assert (await run("cat", "/rro/f")).stdout == b"x"
+        assert (await exec_in(rt, cid, "cat", "/rro/f")).stdout == b"x"
 
         bad = container_config("bad", image_ref, "true")
         bad.mounts.add(host_path=str(volume), container_path="/rro", recursive_read_only=True)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await rt.CreateContainer(
-                api_pb2.CreateContainerRequest(
-                    pod_sandbox_id=pod_id, config=bad, sandbox_config=config
-                )
-            )
+            await create_in_pod(rt, pod_id, bad, config)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "readonly" in str(err.value.details())
     finally:
@@ -638,18 +638,6 @@ async def test_image_volumes_and_supplemental_groups_policy(
     config = pod_config("imgvol", tmp_path)
     pod_id = (await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config))).pod_sandbox_id
 
-    async def create(cfg: api_pb2.ContainerConfig) -> str:
-        response = await rt.CreateContainer(
-            api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=cfg, sandbox_config=config)
-        )
-        return str(response.container_id)
-
-    async def run(cid: str, *cmd: str) -> api_pb2.ExecSyncResponse:
-        response: api_pb2.ExecSyncResponse = await rt.ExecSync(
-            api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=30)
-        )
-        return response
-
     try:
         cfg = container_config("vol", image_ref, "sleep", "1000")
         cfg.mounts.add(
@@ -661,12 +649,12 @@ async def test_image_volumes_and_supplemental_groups_policy(
             image=api_pb2.ImageSpec(image=image_id),
             image_sub_path="etc",
         )
-        cid = await create(cfg)
+        cid = await create_in_pod(rt, pod_id, cfg, config)
         await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
-        assert (await run(cid, "/img/bin/busybox", "true")).exit_code == 0  # not noexec
-        assert b"app:x:1000" in (await run(cid, "cat", "/imgetc/passwd")).stdout
-        assert (await run(cid, "ls", "/imgetc/etc")).exit_code != 0
-        result = await run(cid, "touch", "/img/new")
+        assert (await exec_in(rt, cid, "/img/bin/busybox", "true")).exit_code == 0  # not noexec
+        assert b"app:x:1000" in (await exec_in(rt, cid, "cat", "/imgetc/passwd")).stdout
+        assert (await exec_in(rt, cid, "ls", "/imgetc/etc")).exit_code != 0
+        result = await exec_in(rt, cid, "touch", "/img/new")
         assert result.exit_code != 0 and b"Read-only" in result.stderr, result
         mounts = (
             await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=cid))
@@ -687,7 +675,7 @@ async def test_image_volumes_and_supplemental_groups_policy(
                 image_sub_path=sub,
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await create(bad)
+                await create_in_pod(rt, pod_id, bad, config)
             assert err.value.code() == code, (sub, readonly, err.value.details())
         bad = container_config("bad-image", image_ref, "true")
         bad.mounts.add(
@@ -696,7 +684,7 @@ async def test_image_volumes_and_supplemental_groups_policy(
             image=api_pb2.ImageSpec(image="sha256:" + "0" * 64),
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await create(bad)
+            await create_in_pod(rt, pod_id, bad, config)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
         # run as "app" (uid 1000, in group wheel=10 in the image) with group 1234 added
@@ -706,9 +694,9 @@ async def test_image_volumes_and_supplemental_groups_policy(
             sec.run_as_user.value = 1000
             sec.supplemental_groups.append(1234)
             sec.supplemental_groups_policy = policy
-            gid_cid = await create(groups)
+            gid_cid = await create_in_pod(rt, pod_id, groups, config)
             await rt.StartContainer(api_pb2.StartContainerRequest(container_id=gid_cid))
-            out = (await run(gid_cid, "id", "-G")).stdout.decode().split()
+            out = (await exec_in(rt, gid_cid, "id", "-G")).stdout.decode().split()
             assert sorted(int(g) for g in out) == sorted(want), (policy, out)
             user = (
                 await rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=gid_cid))
@@ -748,37 +736,19 @@ async def test_pod_user_namespace(
             config.linux.security_context.namespace_options
         )
         cfg.mounts.add(host_path=str(volume), container_path="/vol")
-        cid = (
-            await rt.CreateContainer(
-                api_pb2.CreateContainerRequest(
-                    pod_sandbox_id=pod_id, config=cfg, sandbox_config=config
-                )
-            )
-        ).container_id
+        cid = await create_in_pod(rt, pod_id, cfg, config)
         await rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid))
-        result = await rt.ExecSync(
-            api_pb2.ExecSyncRequest(
-                container_id=cid, cmd=["sh", "-c", "id -u; cat /proc/self/gid_map"], timeout=30
-            )
-        )
+        result = await exec_in(rt, cid, "sh", "-c", "id -u; cat /proc/self/gid_map")
         lines = result.stdout.decode().split("\n")
         assert lines[0] == "0" and lines[1].split() == ["0", "1000", "65536"], result
         # the image is the container root's own (idmapped), so it can write its rootfs
-        result = await rt.ExecSync(
-            api_pb2.ExecSyncRequest(
-                container_id=cid,
-                cmd=["sh", "-c", "touch /etc/new && stat -c %u:%g /bin/busybox /etc/new"],
-                timeout=30,
-            )
+        result = await exec_in(
+            rt, cid, "sh", "-c", "touch /etc/new && stat -c %u:%g /bin/busybox /etc/new"
         )
         assert result.stdout.split() == [b"0:0", b"0:0"], result
         # a volume keeps its owners' ids inside (the copy is written mapped)
-        result = await rt.ExecSync(
-            api_pb2.ExecSyncRequest(
-                container_id=cid,
-                cmd=["sh", "-c", "touch /vol/new && stat -c %u /vol /vol/owned /vol/new"],
-                timeout=30,
-            )
+        result = await exec_in(
+            rt, cid, "sh", "-c", "touch /vol/new && stat -c %u /vol /vol/owned /vol/new"
         )
         assert result.stdout.split() == [b"0", b"1234", b"0"], result
         # the pod's containers share one user namespace
@@ -786,21 +756,11 @@ async def test_pod_user_namespace(
         other.linux.security_context.namespace_options.CopyFrom(
             config.linux.security_context.namespace_options
         )
-        other_id = (
-            await rt.CreateContainer(
-                api_pb2.CreateContainerRequest(
-                    pod_sandbox_id=pod_id, config=other, sandbox_config=config
-                )
-            )
-        ).container_id
+        other_id = await create_in_pod(rt, pod_id, other, config)
         await rt.StartContainer(api_pb2.StartContainerRequest(container_id=other_id))
         namespaces = set()
         for each in (cid, other_id):
-            result = await rt.ExecSync(
-                api_pb2.ExecSyncRequest(
-                    container_id=each, cmd=["readlink", "/proc/self/ns/user"], timeout=30
-                )
-            )
+            result = await exec_in(rt, each, "readlink", "/proc/self/ns/user")
             assert result.exit_code == 0, result
             namespaces.add(result.stdout)
         assert len(namespaces) == 1, namespaces

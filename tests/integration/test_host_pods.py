@@ -52,16 +52,7 @@ class HostPodDaemon(CriDaemon):
     """A daemon without VM templates (no pod VM is started here), CNI on a test lab."""
 
     def __init__(self, root: Path, lab: CniLab, *, host_pods: bool = True) -> None:
-        bins = ", ".join(json.dumps(str(d)) for d in [*CNI_BIN_DIRS, lab.bin_dir])
-        super().__init__(
-            root,
-            GUEST_DIR,
-            network=(
-                f"conf_dirs = [{json.dumps(str(lab.conf_dir))}]\n"
-                f"bin_dirs = [{bins}]\n"
-                f'netns_dir = "{lab.netns_dir}"'
-            ),
-        )
+        super().__init__(root, GUEST_DIR, network=lab.daemon_network())
         text = self.config_path.read_text()
         text = text.replace("[vm]\n", "[vm]\ntemplates = false\n", 1)
         text = text.replace(
@@ -306,7 +297,15 @@ async def test_host_network_pod_sees_the_host_interfaces(
     cid = await start_container(
         rt, pod_id, config, image_ref, "sh", "-c", "ip -o link; echo to-stderr >&2; exec sleep 1000"
     )
-    lines = await log_lines(tmp_path / "main.log", 3)
+    # one line per host interface, then stderr: wait for the stderr line (the host may
+    # have more interfaces than the lines asked for while other tests run)
+    want = len(host_interfaces()) + 1
+    lines = await log_lines(tmp_path / "main.log", want)
+    for _ in range(50):
+        if (b"stderr", b"to-stderr") in lines:
+            break
+        await asyncio.sleep(0.2)
+        lines = await log_lines(tmp_path / "main.log", want)
     logged = b"\n".join(text for _, text in lines).decode()
     assert (b"stderr", b"to-stderr") in lines
     host = host_interfaces()

@@ -7,7 +7,6 @@ that match what the container did."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import time
@@ -48,16 +47,7 @@ class NetDaemon(CriDaemon):
     """A daemon whose pods join a test CNI bridge, with host pods allowed."""
 
     def __init__(self, root: Path, lab: CniLab) -> None:
-        bins = ", ".join(json.dumps(str(d)) for d in [*CNI_BIN_DIRS, lab.bin_dir])
-        super().__init__(
-            root,
-            GUEST_DIR,
-            network=(
-                f"conf_dirs = [{json.dumps(str(lab.conf_dir))}]\n"
-                f"bin_dirs = [{bins}]\n"
-                f'netns_dir = "{lab.netns_dir}"'
-            ),
-        )
+        super().__init__(root, GUEST_DIR, network=lab.daemon_network())
         text = self.config_path.read_text()
         self.config_path.write_text(text.replace("[daemon]\n", "[daemon]\nhost_pods = true\n", 1))
 

@@ -101,6 +101,15 @@ class CniLab:
         failing.write_text(FAILING_PLUGIN)
         failing.chmod(0o755)
 
+    def daemon_network(self) -> str:
+        """The ``[vm.network]`` keys of a clearcri config that uses this lab."""
+        bins = ", ".join(json.dumps(str(d)) for d in [*CNI_BIN_DIRS, self.bin_dir])
+        return (
+            f"conf_dirs = [{json.dumps(str(self.conf_dir))}]\n"
+            f"bin_dirs = [{bins}]\n"
+            f"netns_dir = {json.dumps(str(self.netns_dir))}"
+        )
+
     def conflist(
         self, *, v6: bool = True, portmap: bool = True, extra: tuple[dict[str, Any], ...] = ()
     ) -> dict[str, Any]:
