@@ -198,7 +198,7 @@ def unmount_under(path: str) -> None:
         for line in f:
             parts = line.split()
             if len(parts) > 4:
-                point = _unescape(parts[4])
+                point = unescape_mount_field(parts[4])
                 if point == path.rstrip("/") or point.startswith(prefix):
                     points.append(point)
     for point in sorted(set(points), key=len, reverse=True):
@@ -208,7 +208,9 @@ def unmount_under(path: str) -> None:
                 raise HostMountError(f"umount {point}: {os.strerror(errno)}")
 
 
-def _unescape(field: str) -> str:
+def unescape_mount_field(field: str) -> str:
+    """A mountinfo path field with its octal escapes (space, tab, newline, backslash)
+    decoded."""
     out = []
     i = 0
     while i < len(field):

@@ -21,6 +21,7 @@ from cri_api.v1 import api_pb2
 
 from agent.client import AgentClient, AgentError, AgentTimeout
 from agent.client import NotFound as AgentNotFound
+from agent.guest.hostmounts import unescape_mount_field
 from agent.protocol import Mount
 from cri.images.errors import ImageError
 from cri.runtime import convert
@@ -102,7 +103,7 @@ def propagation_problem(
             fields = line.split()
             if len(fields) < 7:
                 continue
-            point = fields[4].replace("\\040", " ")
+            point = unescape_mount_field(fields[4])
             inside = path == point or path.startswith(point.rstrip("/") + "/")
             if inside and (best is None or len(point) >= len(best[0])):
                 tags = fields[6 : fields.index("-")] if "-" in fields else []

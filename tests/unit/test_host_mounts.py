@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.guest.hostmounts import _unescape
+from agent.guest.hostmounts import unescape_mount_field
 from cri.runtime.containers import propagation_problem
 
 MOUNTINFO = """\
@@ -46,5 +46,5 @@ def test_private_mount_refuses_propagation(tmp_path: Path) -> None:
 
 
 def test_unescape_mountinfo_fields() -> None:
-    assert _unescape("/a\\040b\\011c\\134d") == "/a b\tc\\d"
-    assert _unescape("/plain") == "/plain"
+    assert unescape_mount_field("/a\\040b\\011c\\134d") == "/a b\tc\\d"
+    assert unescape_mount_field("/plain") == "/plain"
