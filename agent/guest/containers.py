@@ -203,33 +203,38 @@ class ContainerManager:
         except OSError:
             pass  # crun enables what it needs; this only saves it the work
 
+    def _start_holder(self, unshare_args: list[str], own_ns: str, holder_ns: str) -> int:
+        """Start a process that holds new namespaces for the pod (``busybox unshare
+        <args> busybox sleep``) and wait until its ``holder_ns`` differs from the agent's
+        ``own_ns``. Holders are killed with the pod (``shutdown``)."""
+        from agent.guest.procs import which
+
+        busybox = which(self.settings.busybox)
+        if busybox is None:
+            raise internal(f"{self.settings.busybox} not found: needed for a pod namespace")
+        pid = self.spawner.spawn(
+            [busybox, "unshare", *unshare_args, busybox, "sleep", "2147483647"]
+        )
+        own = os.readlink(f"/proc/self/ns/{own_ns}")
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/{holder_ns}") != own:
+                    return pid
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise internal(f"the pod's {own_ns} namespace did not come up")
+            time.sleep(0.005)
+
     def _pod_pid_namespace(self) -> str:
         """Path of the pod-wide pid namespace, started on first use."""
         with self._lock:
             pid = self._pod_pidns_pid
-            if pid and os.path.exists(f"/proc/{pid}/ns/pid_for_children"):
-                return f"/proc/{pid}/ns/pid_for_children"
-            busybox = self.settings.busybox
-            argv = [busybox, "unshare", "--pid", "--fork", busybox, "sleep", "2147483647"]
-            from agent.guest.procs import which
-
-            resolved = which(busybox)
-            if resolved is None:
-                raise internal(f"{busybox} not found: needed for a pod-wide pid namespace")
-            argv[0] = argv[4] = resolved
-            pid = self.spawner.spawn(argv)
-            self._pod_pidns_pid = pid
-        path = f"/proc/{pid}/ns/pid_for_children"
-        own = os.readlink("/proc/self/ns/pid")
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                if os.readlink(path) != own:
-                    return path
-            except OSError:
-                pass
-            time.sleep(0.005)
-        raise internal("the pod pid namespace did not come up")
+            if not (pid and os.path.exists(f"/proc/{pid}/ns/pid_for_children")):
+                pid = self._start_holder(["--pid", "--fork"], "pid", "pid_for_children")
+                self._pod_pidns_pid = pid
+        return f"/proc/{pid}/ns/pid_for_children"
 
     def _pod_user_namespace(self, spec: ContainerSpec) -> str:
         """Path of the pod's user namespace (mode POD), started on first use with the
@@ -242,23 +247,7 @@ class ContainerManager:
                 if maps != self._pod_userns_maps:
                     raise invalid("the pod's user namespace has other id mappings")
                 return f"/proc/{pid}/ns/user"
-            from agent.guest.procs import which
-
-            busybox = which(self.settings.busybox)
-            if busybox is None:
-                raise internal(f"{self.settings.busybox} not found: needed for a user namespace")
-            pid = self.spawner.spawn([busybox, "unshare", "--user", busybox, "sleep", "2147483647"])
-            own = os.readlink("/proc/self/ns/user")
-            deadline = time.monotonic() + 5.0
-            while True:
-                try:
-                    if os.readlink(f"/proc/{pid}/ns/user") != own:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise internal("the pod user namespace did not come up")
-                time.sleep(0.005)
+            pid = self._start_holder(["--user"], "user", "user")
             try:
                 for name, mappings in (("uid_map", maps[0]), ("gid_map", maps[1])):
                     with open(f"/proc/{pid}/{name}", "w") as f:
