@@ -7,6 +7,7 @@ next to the guest's own view (MemTotal / MemAvailable) in the verbose info.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -18,6 +19,7 @@ from agent.client import AgentError
 from agent.protocol import ContainerStats as GuestContainerStats
 from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
+from sandbox.hostpod import HostSandbox
 from sandbox.pod import SandboxError
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -107,7 +109,22 @@ class StatsOps(RuntimeCore):
         linux = stats.linux
         linux.cpu.timestamp = now
         linux.memory.timestamp = now
-        if sandbox is not None and sandbox.state == "ready":
+        pod_usage = (
+            await asyncio.to_thread(sandbox.pod_usage)
+            if isinstance(sandbox, HostSandbox) and sandbox.state == "ready"
+            else None
+        )
+        if pod_usage is not None:
+            # a host pod: its cgroup holds the agent and every container
+            linux.cpu.usage_core_nano_seconds.value = pod_usage.cpu_ns
+            linux.cpu.usage_nano_cores.value = self._nano_cores(
+                "pod:" + pod.id, now, pod_usage.cpu_ns
+            )
+            linux.memory.working_set_bytes.value = pod_usage.working_set_bytes
+            linux.memory.usage_bytes.value = pod_usage.usage_bytes
+            linux.memory.rss_bytes.value = pod_usage.rss_bytes
+        elif sandbox is not None and sandbox.state == "ready":
+            # a pod VM: the qemu process is what the pod costs the node
             usage = qemu_cpu_ns(sandbox.pid)
             linux.cpu.usage_core_nano_seconds.value = usage
             linux.cpu.usage_nano_cores.value = self._nano_cores("pod:" + pod.id, now, usage)

@@ -571,6 +571,33 @@ async def test_host_pod_user_namespace(
     await remove_and_check(rt, daemon, pod_id, agent_pid, str(host_info["cgroupParent"]))
 
 
+async def test_host_pod_stats_count_the_whole_pod(
+    stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
+    image_ref: str,
+    daemon: HostPodDaemon,
+    tmp_path: Path,
+) -> None:
+    """PodSandboxStats of a host pod come from its cgroup: the containers' memory and
+    CPU, not only the agent's."""
+    rt, _ = stubs
+    config = pod_config("stats", tmp_path)
+    pod_id, info = await run_pod(rt, config, handler="host")
+    host_info = info["host"]
+    assert isinstance(host_info, dict)
+    cid = await start_container(rt, pod_id, config, image_ref, "sleep", "1000")
+    # 48 MiB in the pod's /dev/shm: charged to the container's cgroup, inside the pod's
+    await exec_out(rt, cid, "dd", "if=/dev/zero", "of=/dev/shm/fill", "bs=1M", "count=48")
+    stats = (
+        await rt.PodSandboxStats(api_pb2.PodSandboxStatsRequest(pod_sandbox_id=pod_id))
+    ).stats.linux
+    assert stats.memory.working_set_bytes.value >= 48 << 20, stats.memory
+    assert stats.memory.usage_bytes.value >= stats.memory.working_set_bytes.value
+    assert stats.cpu.usage_core_nano_seconds.value > 0
+    await remove_and_check(
+        rt, daemon, pod_id, int(host_info["agentPid"]), str(host_info["cgroupParent"])
+    )
+
+
 async def test_host_handler_pod_gets_own_netns_and_cni_ip(
     stubs: tuple[Stub, api_pb2_grpc.ImageServiceStub],
     image_ref: str,
