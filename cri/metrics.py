@@ -234,7 +234,7 @@ class RuntimeMetrics:
         self._ready_at: dict[str, float] = {}
 
     def observe_cri(self, method: str, code: str, seconds: float) -> None:
-        """The RuntimeService's ``observe`` hook."""
+        """The ``observe`` hook of the RuntimeService and the ImageService."""
         self.requests.labels(method, code).inc()
         self.request_seconds.labels(method).observe(seconds)
 

@@ -143,7 +143,9 @@ class Daemon:
                 ]
             )
             api_pb2_grpc.add_RuntimeServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-            api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(self.images), server)  # type: ignore[no-untyped-call]
+            image_service = ImageService(self.images)
+            image_service.observe = self.metrics.observe_cri
+            api_pb2_grpc.add_ImageServiceServicer_to_server(image_service, server)  # type: ignore[no-untyped-call]
             socket_path = cfg.daemon.socket
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):

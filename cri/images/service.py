@@ -14,9 +14,12 @@ Semantics follow the CRI API and containerd:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from typing import Any, NoReturn
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
@@ -98,10 +101,41 @@ def to_cri_image(record: ImageRecord) -> api_pb2.Image:
     return image
 
 
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Resp]]
+
+
+def observed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Report each call's method, status code and duration to ``self.observe`` (the
+    same request counters as the RuntimeService's)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            aborted = context.code()
+            code = aborted.name if isinstance(aborted, grpc.StatusCode) else "UNKNOWN"
+            raise
+        except BaseException:
+            code = "INTERNAL"
+            raise
+        finally:
+            if self.observe is not None:
+                self.observe(method.__name__, code, time.perf_counter() - started)
+
+    return wrapper
+
+
 class ImageService(api_pb2_grpc.ImageServiceServicer):
     def __init__(self, images: ImageStore) -> None:
         self.images = images
+        self.observe: Callable[[str, str, float], None] | None = None
 
+    @observed
     async def PullImage(
         self, request: api_pb2.PullImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> api_pb2.PullImageResponse:
@@ -121,6 +155,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             await _abort(context, exc)
         return api_pb2.PullImageResponse(image_ref=record.id)
 
+    @observed
     async def ListImages(
         self, request: api_pb2.ListImagesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> api_pb2.ListImagesResponse:
@@ -135,6 +170,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             records = self.images.list()
         return api_pb2.ListImagesResponse(images=[to_cri_image(r) for r in records])
 
+    @observed
     async def ImageStatus(
         self, request: api_pb2.ImageStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> api_pb2.ImageStatusResponse:
@@ -172,6 +208,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             response.info["info"] = json.dumps(info)
         return response
 
+    @observed
     async def RemoveImage(
         self, request: api_pb2.RemoveImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> api_pb2.RemoveImageResponse:
@@ -186,6 +223,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             await _abort(context, exc)
         return api_pb2.RemoveImageResponse()
 
+    @observed
     async def ImageFsInfo(
         self, request: api_pb2.ImageFsInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> api_pb2.ImageFsInfoResponse:

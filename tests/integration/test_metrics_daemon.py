@@ -163,7 +163,14 @@ async def test_scrape_boot_memory_sharing_and_requests(
         await image_stub.PullImage(
             api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref))
         )
+        with pytest.raises(Exception):  # noqa: B017 - grpc.aio.AioRpcError
+            await image_stub.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec()))
     before = await asyncio.to_thread(daemon.scrape)
+    # ImageService calls are counted with the RuntimeService's
+    assert one(before, "clearcri_cri_requests_total", method="PullImage", code="OK") == 1
+    assert (
+        one(before, "clearcri_cri_requests_total", method="PullImage", code="INVALID_ARGUMENT") == 1
+    )
     assert one(before, "clearcri_sandboxes", state="ready") == 0
     assert one(before, "clearcri_sandbox_boot_seconds_count", phase="kernel") == 0
     assert one(before, "clearcri_image_pulls_total", result="success") == 1
