@@ -25,6 +25,7 @@ commands:
                 registry (offline demos and labs)
   demo          boot one pod VM, run a busybox container in it, print timings, remove it
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
+  bench density start idle pod VMs up to a count: start time, memory, CPU as they add up
 """
 
 
@@ -90,6 +91,19 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_density(args: argparse.Namespace) -> int:
+    from sandbox.bench import run_density_bench
+
+    return asyncio.run(
+        run_density_bench(
+            guest_dir=Path(args.guest_dir),
+            pods=args.pods,
+            step=args.step,
+            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clearcri",
@@ -140,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
     boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     boot.set_defaults(func=cmd_bench_boot)
+    density = bench_sub.add_parser(
+        "density", help="idle pod VMs on one node: start time, memory and CPU as they add up"
+    )
+    density.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    density.add_argument("--pods", type=int, default=200, help="pods to start at most")
+    density.add_argument("--step", type=int, default=25, help="print figures every N pods")
+    density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    density.set_defaults(func=cmd_bench_density)
 
     from cri.node_install import register_node_commands
 
