@@ -74,20 +74,29 @@ def _stats(values: list[float]) -> str:
     )
 
 
-async def run_boot_bench(*, guest_dir: Path, runs: int, memory_vms: int, work_dir: Path) -> int:
-    assets = locate_guest(guest_dir)
-    template_dir = Path(f"/dev/shm/clearcri-bench-templates-{os.getpid()}")
-    config = SandboxConfig(
+def _bench_config(guest_dir: Path, work_dir: Path, *, templates: bool) -> SandboxConfig:
+    """Sandboxes under ``work_dir``, VM templates in a tmpfs directory of this run."""
+    return SandboxConfig(
         run_root=work_dir / "run",
         guest_dir=guest_dir,
         accel="auto",
-        templates=False,
-        template_dir=template_dir,
+        templates=templates,
+        template_dir=Path(f"/dev/shm/clearcri-bench-templates-{os.getpid()}"),
     )
+
+
+def _drop_templates(config: SandboxConfig) -> None:
+    if config.template_dir is not None:
+        shutil.rmtree(config.template_dir, ignore_errors=True)
+
+
+async def run_boot_bench(*, guest_dir: Path, runs: int, memory_vms: int, work_dir: Path) -> int:
+    assets = locate_guest(guest_dir)
+    config = _bench_config(guest_dir, work_dir, templates=False)
     try:
         return await _run(config, assets, runs, memory_vms, work_dir)
     finally:
-        shutil.rmtree(template_dir, ignore_errors=True)
+        _drop_templates(config)
 
 
 async def _run(
@@ -207,14 +216,7 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
     baseline is the first step, measured in the same run; the limit is where a start
     fails or where the figures project that memory runs out."""
     assets = locate_guest(guest_dir)
-    template_dir = Path(f"/dev/shm/clearcri-bench-templates-{os.getpid()}")
-    config = SandboxConfig(
-        run_root=work_dir / "run",
-        guest_dir=guest_dir,
-        accel="auto",
-        templates=True,
-        template_dir=template_dir,
-    )
+    config = _bench_config(guest_dir, work_dir, templates=True)
     host = SandboxHost(config, assets)
     assert host.templates is not None
     sandboxes: list[PodSandbox] = []
@@ -274,5 +276,5 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
         for sandbox in sandboxes:
             with contextlib.suppress(Exception):
                 await sandbox.destroy()
-        shutil.rmtree(template_dir, ignore_errors=True)
+        _drop_templates(config)
     return 0

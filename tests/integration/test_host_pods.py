@@ -49,12 +49,16 @@ def image_ref(registry: RegistryServer) -> str:  # noqa: F811
 
 
 class HostPodDaemon(CriDaemon):
-    """A daemon without VM templates (no pod VM is started here), CNI on a test lab."""
+    """A daemon whose pods join a test CNI lab, host pods allowed; without VM templates
+    unless asked (no pod VM is started here)."""
 
-    def __init__(self, root: Path, lab: CniLab, *, host_pods: bool = True) -> None:
+    def __init__(
+        self, root: Path, lab: CniLab, *, host_pods: bool = True, templates: bool = False
+    ) -> None:
         super().__init__(root, GUEST_DIR, network=lab.daemon_network())
         text = self.config_path.read_text()
-        text = text.replace("[vm]\n", "[vm]\ntemplates = false\n", 1)
+        if not templates:
+            text = text.replace("[vm]\n", "[vm]\ntemplates = false\n", 1)
         text = text.replace(
             "[daemon]\n", f"[daemon]\nhost_pods = {'true' if host_pods else 'false'}\n", 1
         )

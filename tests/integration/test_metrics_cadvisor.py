@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
+from tests.integration.test_host_pods import HostPodDaemon, lab  # noqa: F401 - fixture
 from tests.integration.test_network import CNI_BIN_DIRS, CniLab
 from tests.registry import RegistryServer, busybox_layer, push_image, registry  # noqa: F401
 from tests.unit.test_cadvisor_metrics import EXPECTED, OPTIONAL_VALUES, UNIMPLEMENTED
@@ -43,29 +43,10 @@ WORK = (
 )
 
 
-class NetDaemon(CriDaemon):
-    """A daemon whose pods join a test CNI bridge, with host pods allowed."""
-
-    def __init__(self, root: Path, lab: CniLab) -> None:
-        super().__init__(root, GUEST_DIR, network=lab.daemon_network())
-        text = self.config_path.read_text()
-        self.config_path.write_text(text.replace("[daemon]\n", "[daemon]\nhost_pods = true\n", 1))
-
-
 @pytest.fixture(scope="module")
 def image_ref(registry: RegistryServer) -> str:  # noqa: F811
     asyncio.run(push_image(registry.host, "library/busybox", ["1"], [busybox_layer()]))
     return f"{registry.host}/library/busybox:1"
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[CniLab]:
-    lab = CniLab(tmp_path / "cni")
-    lab.write(lab.conflist(v6=False, portmap=False))
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 async def _remove_all(d: CriDaemon) -> None:
@@ -77,10 +58,10 @@ async def _remove_all(d: CriDaemon) -> None:
 
 
 @pytest.fixture
-def daemon(lab: CniLab) -> Iterator[NetDaemon]:
+def daemon(lab: CniLab) -> Iterator[HostPodDaemon]:  # noqa: F811 - the imported fixture
     root = Path(f"/tmp/cc-cadv-{os.getpid()}-{os.urandom(3).hex()}")
     root.mkdir()
-    d = NetDaemon(root, lab)
+    d = HostPodDaemon(root, lab, templates=True)
     try:
         d.start()
         yield d
@@ -95,7 +76,7 @@ def daemon(lab: CniLab) -> Iterator[NetDaemon]:
 
 
 @pytest.fixture
-async def rt(daemon: NetDaemon, image_ref: str) -> AsyncIterator[Stub]:
+async def rt(daemon: HostPodDaemon, image_ref: str) -> AsyncIterator[Stub]:
     async with daemon.channel() as channel:
         images = api_pb2_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
         await images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image_ref)))
