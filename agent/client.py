@@ -857,6 +857,10 @@ class AgentClient:
         self._claim_early(started.stream)
         return session
 
+    #: After an exec that did not start within its budget, how long to wait for its late
+    #: start so that it can be killed before the call returns.
+    late_start_grace = 10.0
+
     async def exec_sync(
         self,
         container_id: str,
@@ -867,9 +871,25 @@ class AgentClient:
         cwd: str = "",
         stdin: bytes | None = None,
     ) -> ExecResult:
-        """Run to completion and collect its output; on timeout kill it (timed_out=True)."""
-        spec = ExecSpec(args=args, env=env or [], cwd=cwd, stdin=stdin is not None)
-        session = await self.exec(container_id, spec, timeout=timeout)
+        """Run to completion and collect its output.
+
+        ``timeout`` is one budget for starting and running: when it runs out (even while
+        the guest is still starting the process) the result is ``timed_out`` and the process
+        is dead before this returns. The guest is told the same limit, so a process this
+        side could not reach is still killed there."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        spec = ExecSpec(args=args, env=env or [], cwd=cwd, stdin=stdin is not None, timeout=timeout)
+        starting = asyncio.ensure_future(self.exec(container_id, spec))
+        try:
+            session = await asyncio.wait_for(asyncio.shield(starting), remaining())
+        except TimeoutError:
+            await self._kill_late_start(starting)
+            return ExecResult(-1, b"", b"", True)
         chunks: dict[int, list[bytes]] = {1: [], 2: []}
 
         async def collect() -> None:
@@ -877,18 +897,32 @@ class AgentClient:
                 chunks.setdefault(channel, []).append(data)
 
         collector = asyncio.ensure_future(collect())
-        if stdin is not None:
-            await session.write_stdin(stdin)
-            await session.close_stdin()
         timed_out = False
         try:
-            code = await session.wait(timeout)
-        except AgentTimeout:
+            if stdin is not None:
+                await asyncio.wait_for(self._feed_stdin(session, stdin), remaining())
+            code = await session.wait(remaining())
+        except (AgentTimeout, TimeoutError):
             timed_out = True
             await session.kill(9)
             code = await session.wait(10.0)
         await collector
         return ExecResult(code, b"".join(chunks[1]), b"".join(chunks[2]), timed_out)
+
+    @staticmethod
+    async def _feed_stdin(session: ExecSession, data: bytes) -> None:
+        await session.write_stdin(data)
+        await session.close_stdin()
+
+    async def _kill_late_start(self, starting: asyncio.Future[ExecSession]) -> None:
+        """An exec whose start outlived its budget: kill it once it has started."""
+        try:
+            session = await asyncio.wait_for(starting, self.late_start_grace)
+        except (AgentError, TimeoutError):
+            return  # it never started here; the guest's own limit kills a late one
+        with contextlib.suppress(AgentError):
+            await session.kill(9)
+            await session.wait(10.0)
 
     async def reseed(self, entropy: bytes) -> None:
         """Give the guest kernel fresh randomness (after a restore from a template)."""

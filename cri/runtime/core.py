@@ -13,13 +13,20 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, ContainerOutput
+from agent.client import AgentError, AgentTimeout, ContainerOutput
 from agent.client import FailedPrecondition as AgentFailedPrecondition
 from agent.client import InvalidArgument as AgentInvalidArgument
 from agent.client import NotFound as AgentNotFound
 from cri.config import Config
 from cri.images.store import ImageStore
-from cri.runtime.errors import CriError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cri.runtime.errors import (
+    CriError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord, RuntimeState
 from sandbox.pod import PodSandbox, SandboxHost
@@ -37,6 +44,8 @@ def agent_error(exc: AgentError, what: str) -> CriError:
         return InvalidArgument(f"{what}: {exc}")
     if isinstance(exc, AgentFailedPrecondition):
         return FailedPrecondition(f"{what}: {exc}")
+    if isinstance(exc, AgentTimeout):
+        return DeadlineExceeded(f"{what}: the pod VM's agent did not answer in time: {exc}")
     return Unavailable(f"{what}: the pod VM's agent failed: {exc}")
 
 
