@@ -1,7 +1,7 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools run demo test lint bench conformance
+.PHONY: deps guest tools kubernetes run demo test lint bench conformance e2e
 
 deps:
 	scripts/install-deps.sh
@@ -11,6 +11,9 @@ guest: deps
 
 tools: deps
 	scripts/build-cri-tools.sh
+
+kubernetes: deps
+	scripts/build-kubernetes.sh
 
 run:
 	scripts/run-demo.sh
@@ -34,3 +37,11 @@ bench: guest
 # "--runtime containerd" runs the containerd + runc baseline.
 conformance: guest tools
 	CLEARCRI_GUEST_DIR=$(GUEST_DIR) scripts/conformance.sh --check $(CONFORMANCE_ARGS)
+
+# A real node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubelet
+# (v1.34, built from the Go module proxy) on this machine with clearcri as the node's
+# runtime, driven with kubectl (docs/e2e.md). JUnit report in $(E2E_REPORT).
+E2E_REPORT ?= e2e-report.xml
+e2e: guest tools kubernetes
+	CLEARCRI_GUEST_DIR=$(GUEST_DIR) CLEARCRI_E2E=1 python3 -m pytest -v -rs -p no:cacheprovider \
+		tests/e2e --junitxml=$(E2E_REPORT) $(E2E_ARGS)

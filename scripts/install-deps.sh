@@ -9,6 +9,7 @@ apt_packages=(
     crun erofs-utils busybox-static cpio zstd xz-utils
     containernetworking-plugins iproute2 util-linux procps
     docker-registry apache2-utils skopeo
+    etcd-server
 )
 missing=()
 for pkg in "${apt_packages[@]}"; do
