@@ -26,6 +26,9 @@ commands:
   demo          boot one pod VM, run a busybox container in it, print timings, remove it
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
   bench density start idle pod VMs up to a count: start time, memory, CPU as they add up
+  bench overhead
+                what a pod VM costs its pod cgroup beyond the guest's RAM (QEMU's
+                own memory), idle and with the guest full
 """
 
 
@@ -104,6 +107,18 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from sandbox.bench import run_overhead_bench
+
+    return asyncio.run(
+        run_overhead_bench(
+            guest_dir=Path(args.guest_dir),
+            sizes=[int(s) for s in args.sizes.split(",")],
+            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clearcri",
@@ -162,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument("--step", type=int, default=25, help="print figures every N pods")
     density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     density.set_defaults(func=cmd_bench_density)
+    overhead = bench_sub.add_parser(
+        "overhead", help="QEMU's own memory: what a pod VM costs its cgroup beyond guest RAM"
+    )
+    overhead.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    overhead.add_argument("--sizes", default="256,384,640", help="VM sizes in MiB, comma-separated")
+    overhead.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    overhead.set_defaults(func=cmd_bench_overhead)
 
     from cri.node_install import register_node_commands
 

@@ -121,3 +121,62 @@ def cgroups_of(pid: int) -> list[str]:
         ]
     except OSError:
         return []
+
+
+#: At or above this, a cgroup v1 memory limit means "no limit" (the kernel's page
+#: counter maximum, rounded to pages).
+UNLIMITED_V1 = 1 << 62
+
+
+def parent_path(parent: str, driver: str) -> str:
+    """The pod cgroup's own path (relative to a hierarchy's root)."""
+    if driver == "systemd":
+        return systemd_slice_path(parent)
+    clean = parent.strip("/")
+    if ".." in clean.split("/"):
+        raise CgroupError(f"cgroup parent {parent!r} leaves the cgroup tree")
+    return clean
+
+
+def memory_limit(parent: str, driver: str, roots: list[Path] | None = None) -> int | None:
+    """The memory limit (bytes) set on the pod's cgroup ``parent`` — what kubelet gives
+    the pod: its containers' limits plus its overhead — or None when it has none or the
+    host shows none."""
+    if not parent:
+        return None
+    rel = parent_path(parent, driver)
+    for root in roots if roots is not None else hierarchies():
+        for name in ("memory.max", "memory.limit_in_bytes"):
+            path = root / rel / name
+            try:
+                text = path.read_text().strip()
+            except OSError:
+                continue
+            if text == "max":
+                return None
+            try:
+                value = int(text)
+            except ValueError:
+                continue
+            return None if value >= UNLIMITED_V1 else value
+    return None
+
+
+def pod_memory_budget(
+    parent: str,
+    driver: str,
+    limits_bytes: int,
+    overhead_bytes: int,
+    roots: list[Path] | None = None,
+) -> int:
+    """What a pod's VM and QEMU together may use (bytes; 0: no limit): the tighter of the
+    limit kubelet set on the pod's cgroup and what CRI says it sets (the containers'
+    limits plus the pod overhead, when every container has a limit)."""
+    budgets = []
+    if limits_bytes > 0:
+        budgets.append(limits_bytes + max(overhead_bytes, 0))
+    with contextlib.suppress(CgroupError):
+        found = memory_limit(parent, driver, roots)
+        if found is not None:
+            budgets.append(found)
+    return min(budgets) if budgets else 0

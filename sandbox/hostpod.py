@@ -461,6 +461,8 @@ class HostSandbox(PodSandbox):
         self.host_spec = spec
         self.id = spec.sandbox_id
         self.run_dir = run_dir
+        # the containers' upper directories are in their bundles below the run dir
+        self.writable_layer_dir = run_dir
         self.state = "created"
         self.exit_reason = ""
         self.created_at = time.time()

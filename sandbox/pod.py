@@ -74,6 +74,12 @@ class SandboxConfig:
     default_memory_mib: int = 256
     # Memory the guest kernel, agent and page tables need on top of container limits.
     guest_overhead_mib: int = 128
+    # What QEMU itself costs the pod's cgroup beyond the guest's RAM (TCG code buffer,
+    # heap, device state), measured by `clearcri bench overhead`. A VM is sized so that
+    # its RAM plus this fits the pod's memory budget (its cgroup limit).
+    qemu_overhead_mib: int = 40
+    # The smallest pod VM that boots and runs a container.
+    min_memory_mib: int = 96
     max_vcpus: int = 0  # 0: the host's CPU count
     image_slots: int = 4
     tcg_tb_size_mib: int = 16
@@ -107,6 +113,9 @@ class SandboxSpec:
     cpu_quota_us: int = 0
     cpu_period_us: int = 0
     memory_limit_bytes: int = 0
+    # What the pod's cgroup may hold in all (containers' limits + pod overhead, as
+    # kubelet limits the pod cgroup): the VM and QEMU must fit in it. 0: no limit.
+    memory_budget_bytes: int = 0
     # kubelet's pod cgroup: the VM's host processes go below it
     cgroup_parent: str = ""
     cgroup_driver: str = "cgroupfs"
@@ -144,7 +153,14 @@ def host_memory_mib() -> int:
 
 
 def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
-    """vCPUs and memory (MiB) for a pod: from its limits, else the defaults."""
+    """vCPUs and memory (MiB) for a pod: from its limits, else the defaults.
+
+    The guest gets the containers' limits plus ``guest_overhead_mib``, but never more
+    than the pod's memory budget leaves once QEMU's own cost is paid: the host must
+    never OOM-kill a whole VM whose containers stay inside their limits. When the
+    budget is tighter (no or a small RuntimeClass overhead), the guest is smaller and
+    a container that outgrows it is OOM-killed inside the guest, reported as OOMKilled.
+    """
     max_vcpus = config.max_vcpus or os.cpu_count() or 1
     vcpus = config.default_vcpus
     if spec.cpu_quota_us > 0 and spec.cpu_period_us > 0:
@@ -152,7 +168,22 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
     vcpus = max(1, min(vcpus, max_vcpus))
     memory = config.default_memory_mib
     if spec.memory_limit_bytes > 0:
-        memory = max(64, math.ceil(spec.memory_limit_bytes / 2**20) + config.guest_overhead_mib)
+        memory = max(
+            config.min_memory_mib,
+            math.ceil(spec.memory_limit_bytes / 2**20) + config.guest_overhead_mib,
+        )
+    if spec.memory_budget_bytes > 0:
+        fits = spec.memory_budget_bytes // 2**20 - config.qemu_overhead_mib
+        if fits < config.min_memory_mib:
+            raise SandboxError(
+                f"the pod's memory budget of {spec.memory_budget_bytes // 2**20} MiB "
+                "(its containers' limits plus its overhead) leaves "
+                f"{max(fits, 0)} MiB for the VM once QEMU's own "
+                f"{config.qemu_overhead_mib} MiB are paid; a pod VM needs at least "
+                f"{config.min_memory_mib} MiB: raise the memory limits or give the pod a "
+                "RuntimeClass with an overhead (docs/install.md)"
+            )
+        memory = min(memory, fits)
     return vcpus, memory
 
 
@@ -218,6 +249,10 @@ class SandboxHost:
 
 class PodSandbox:
     """One pod VM."""
+
+    #: The host directory that holds the containers' writable layers (None: they live
+    #: in the guest).
+    writable_layer_dir: Path | None = None
 
     def __init__(self, host: SandboxHost, machine: MachineSpec, spec: SandboxSpec) -> None:
         self.host = host

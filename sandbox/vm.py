@@ -270,7 +270,7 @@ class VmProcess:
         loop = asyncio.get_running_loop()
         if self._proc is not None:
             task = loop.create_task(self._proc.wait())
-            task.add_done_callback(lambda t: self._mark_exited(t.result()))
+            task.add_done_callback(self._waited)
             return
         try:
             self._pidfd = os.pidfd_open(self.pid)
@@ -278,6 +278,12 @@ class VmProcess:
             self._mark_exited(None)
             return
         loop.add_reader(self._pidfd, self._pidfd_ready)
+
+    def _waited(self, task: asyncio.Task[int]) -> None:
+        # cancelled when the daemon's loop shuts down with the VM still running: the VM
+        # lives on (a restarted daemon adopts it), nothing has exited
+        if not task.cancelled() and task.exception() is None:
+            self._mark_exited(task.result())
 
     def _pidfd_ready(self) -> None:
         self._mark_exited(None)

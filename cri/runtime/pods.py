@@ -35,6 +35,7 @@ from cri.runtime.state import (
     encode_proto,
     labels_match,
 )
+from sandbox.cgroups import pod_memory_budget
 from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
 from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxSpec
@@ -156,6 +157,13 @@ class PodOps(RuntimeCore):
         if config.log_directory:
             await asyncio.to_thread(_mkdir, config.log_directory)
         res = config.linux.resources
+        budget = await asyncio.to_thread(
+            pod_memory_budget,
+            config.linux.cgroup_parent,
+            self.config.daemon.cgroup_driver,
+            res.memory_limit_in_bytes,
+            config.linux.overhead.memory_limit_in_bytes,
+        )
         spec = SandboxSpec(
             sandbox_id=pod_id,
             hostname=_pod_hostname(config),
@@ -164,6 +172,7 @@ class PodOps(RuntimeCore):
             cpu_quota_us=res.cpu_quota,
             cpu_period_us=res.cpu_period,
             memory_limit_bytes=res.memory_limit_in_bytes,
+            memory_budget_bytes=budget,
             cgroup_parent=config.linux.cgroup_parent,
             cgroup_driver=self.config.daemon.cgroup_driver,
         )

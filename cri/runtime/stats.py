@@ -1,8 +1,15 @@
 """ContainerStats, ListContainerStats, PodSandboxStats, ListPodSandboxStats.
 
-Container figures come from the guest's cgroup v2 files (through the agent). A pod's
+Container figures come from the guest's cgroup files (through the agent). A pod's
 figures are what the VM really costs the host: the qemu process's CPU time and PSS,
-next to the guest's own view (MemTotal / MemAvailable) in the verbose info.
+next to the guest's own view (MemTotal / MemAvailable) in the verbose info; its network
+counters are the guest's interfaces.
+
+kubelet looks every writable layer's ``fs_id.mountpoint`` up on the host (cAdvisor) for
+capacity and free space, and fails its whole summary when the path does not exist. A
+host pod's layers are in its run dir; a pod VM's live in the guest and are accounted
+against the containers' filesystem ImageFsInfo reports (the image store), with the bytes
+and inodes each layer really uses measured in the guest.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from cri_api.v1 import api_pb2
 
 from agent.client import AgentError
 from agent.protocol import ContainerStats as GuestContainerStats
+from agent.protocol import InterfaceStats, StatsReport
 from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
 from sandbox.hostpod import HostSandbox
@@ -45,6 +53,13 @@ class StatsOps(RuntimeCore):
             return 0
         return max(0, (usage_ns - previous[1]) * 1_000_000_000 // (now_ns - previous[0]))
 
+    def _layer_mountpoint(self, pod_id: str) -> str:
+        """A host directory on the filesystem kubelet should account the pod's writable
+        layers against (it must exist on the host)."""
+        sandbox = self.sandboxes.get(pod_id)
+        host_dir = sandbox.writable_layer_dir if sandbox is not None else None
+        return str(host_dir or self.images.root)
+
     def _container_stats(
         self, ctr: ContainerRecord, guest: GuestContainerStats | None
     ) -> api_pb2.ContainerStats:
@@ -62,18 +77,27 @@ class StatsOps(RuntimeCore):
         stats.memory.working_set_bytes.value = guest.memory_working_set if guest else 0
         stats.memory.usage_bytes.value = guest.memory_current if guest else 0
         stats.memory.rss_bytes.value = guest.memory_anon if guest else 0
-        stats.writable_layer.timestamp = now
-        stats.writable_layer.fs_id.mountpoint = "/run/clearcri/containers"
+        layer = stats.writable_layer
+        layer.timestamp = now
+        layer.fs_id.mountpoint = self._layer_mountpoint(ctr.pod_id)
+        fs = guest.detail.fs if guest is not None and guest.detail is not None else None
+        layer.used_bytes.value = fs.usage_bytes if fs else 0
+        layer.inodes_used.value = fs.inodes_used if fs else 0
         return stats
 
-    async def _guest_stats(self, pod_id: str) -> dict[str, GuestContainerStats]:
+    async def _guest_report(self, pod_id: str) -> StatsReport | None:
+        """Every container's figures (writable layer included) and the pod's network
+        counters, or None when the guest cannot answer."""
         sandbox = self.sandboxes.get(pod_id)
         if sandbox is None or sandbox.state != "ready":
-            return {}
+            return None
         with contextlib.suppress(AgentError, SandboxError):
-            report = await sandbox.stats()
-            return {c.id: c for c in report.containers}
-        return {}
+            return await sandbox.stats(detail=True)
+        return None
+
+    async def _guest_stats(self, pod_id: str) -> dict[str, GuestContainerStats]:
+        report = await self._guest_report(pod_id)
+        return {c.id: c for c in report.containers} if report else {}
 
     async def container_stats(self, container_id: str) -> api_pb2.ContainerStats:
         ctr = self.get_container(container_id)
@@ -132,7 +156,10 @@ class StatsOps(RuntimeCore):
             linux.memory.working_set_bytes.value = memory.get("pss", 0)
             linux.memory.usage_bytes.value = memory.get("rss", 0)
             linux.memory.rss_bytes.value = memory.get("rssanon", 0)
-        guest = await self._guest_stats(pod.id)
+        report = await self._guest_report(pod.id)
+        guest = {c.id: c for c in report.containers} if report else {}
+        if report is not None and report.interfaces:
+            _network_usage(linux.network, now, report.interfaces)
         linux.process.timestamp = now
         linux.process.process_count.value = sum(c.pids_current for c in guest.values())
         for ctr in self.state.pod_containers(pod.id):
@@ -151,3 +178,22 @@ class StatsOps(RuntimeCore):
                     continue
             out.append(await self._pod_stats(pod))
         return out
+
+
+def _interface_usage(usage: api_pb2.NetworkInterfaceUsage, iface: InterfaceStats) -> None:
+    usage.name = iface.name
+    usage.rx_bytes.value = iface.rx_bytes
+    usage.rx_errors.value = iface.rx_errors
+    usage.tx_bytes.value = iface.tx_bytes
+    usage.tx_errors.value = iface.tx_errors
+
+
+def _network_usage(
+    network: api_pb2.NetworkUsage, now: int, interfaces: list[InterfaceStats]
+) -> None:
+    """The pod's interfaces as CRI reports them; the default one is eth0 where it exists."""
+    network.timestamp = now
+    default = next((i for i in interfaces if i.name == "eth0"), interfaces[0])
+    _interface_usage(network.default_interface, default)
+    for iface in interfaces:
+        _interface_usage(network.interfaces.add(), iface)

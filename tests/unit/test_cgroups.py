@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.cgroups import CgroupError, hierarchies, place, relative_path, systemd_slice_path
+from sandbox.cgroups import (
+    CgroupError,
+    hierarchies,
+    memory_limit,
+    place,
+    pod_memory_budget,
+    relative_path,
+    systemd_slice_path,
+)
 
 
 def test_systemd_slice_expansion() -> None:
@@ -89,3 +97,35 @@ def test_hierarchies_reads_cgroup_mounts(tmp_path: Path) -> None:
         "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
     )
     assert hierarchies(mounts) == [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/unified")]
+
+
+def test_pod_memory_limit_from_v1_v2_and_systemd(tmp_path: Path) -> None:
+    v1 = tmp_path / "memory"
+    (v1 / "kubepods" / "burstable" / "podabc").mkdir(parents=True)
+    (v1 / "kubepods" / "burstable" / "podabc" / "memory.limit_in_bytes").write_text("268435456\n")
+    assert memory_limit("/kubepods/burstable/podabc", "cgroupfs", [v1]) == 268435456
+    (v1 / "kubepods" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit("/kubepods", "cgroupfs", [v1]) is None  # unlimited
+    v2 = tmp_path / "unified"
+    slice_dir = v2 / "kubepods.slice" / "kubepods-pod1.slice"
+    slice_dir.mkdir(parents=True)
+    (slice_dir / "memory.max").write_text("max\n")
+    assert memory_limit("kubepods-pod1.slice", "systemd", [v2]) is None
+    (slice_dir / "memory.max").write_text("536870912\n")
+    assert memory_limit("kubepods-pod1.slice", "systemd", [v2]) == 536870912
+    assert memory_limit("/nowhere", "cgroupfs", [v1, v2]) is None
+    assert memory_limit("", "cgroupfs", [v1]) is None
+
+
+def test_pod_memory_budget_is_the_tighter_of_cgroup_and_cri(tmp_path: Path) -> None:
+    v1 = tmp_path / "memory"
+    (v1 / "pod").mkdir(parents=True)
+    (v1 / "pod" / "memory.limit_in_bytes").write_text("300000000\n")
+    assert pod_memory_budget("/pod", "cgroupfs", 256 << 20, 64 << 20, [v1]) == 300000000
+    assert pod_memory_budget("/pod", "cgroupfs", 128 << 20, 0, [v1]) == 128 << 20
+    # no cgroup to read (crictl): the containers' limits plus the overhead
+    assert pod_memory_budget("", "cgroupfs", 256 << 20, 64 << 20, [v1]) == 320 << 20
+    # no limits anywhere: no budget
+    assert pod_memory_budget("/elsewhere", "cgroupfs", 0, 64 << 20, [v1]) == 0
+    # a parent that leaves the tree is ignored, CRI's figure stands
+    assert pod_memory_budget("/../x", "cgroupfs", 256 << 20, 0, [v1]) == 256 << 20

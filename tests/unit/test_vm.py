@@ -8,7 +8,7 @@ import pytest
 
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.guest import GuestAssets
-from sandbox.pod import SandboxConfig, SandboxSpec, size_vm
+from sandbox.pod import SandboxConfig, SandboxError, SandboxSpec, size_vm
 from sandbox.vm import MachineSpec, align_up, build_command, slot_root_port
 
 
@@ -109,6 +109,28 @@ def test_vm_size_follows_pod_limits() -> None:
     assert size_vm(huge, config)[0] == 4
 
 
+def test_vm_and_qemu_fit_the_pod_memory_budget() -> None:
+    config = SandboxConfig(guest_overhead_mib=128, qemu_overhead_mib=64, min_memory_mib=128)
+    mib = 2**20
+    # 256Mi limit, no RuntimeClass overhead: kubelet's pod cgroup is 256 MiB, so the VM
+    # gets 256 - 64, not 256 + 128 (which the host OOM-killed as a whole)
+    tight = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=256 * mib)
+    assert size_vm(tight, config)[1] == 192
+    # an overhead that covers the guest and QEMU: the guest gets the limit + its overhead
+    roomy = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=448 * mib)
+    assert size_vm(roomy, config)[1] == 256 + 128
+    # a partial overhead: as much as fits
+    partial = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=320 * mib)
+    assert size_vm(partial, config)[1] == 320 - 64
+
+
+def test_a_budget_too_small_for_any_vm_is_refused_with_what_to_do() -> None:
+    config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128)
+    spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
+    with pytest.raises(SandboxError, match="RuntimeClass with an overhead"):
+        size_vm(spec, config)
+
+
 def test_kvm_static_verdict(tmp_path: Path) -> None:
     assert "does not exist" in _kvm_static_verdict(tmp_path / "kvm", tmp_path)
     dev = tmp_path / "kvm"
@@ -132,3 +154,31 @@ def test_choose_accel_honours_tcg_and_rejects_unknown(tmp_path: Path) -> None:
     assert choose_accel("tcg", qemu="qemu", assets=assets).accel == "tcg"
     with pytest.raises(ValueError, match="auto, kvm or tcg"):
         choose_accel("fast", qemu="qemu", assets=assets)
+
+
+def test_loop_shutdown_with_a_running_vm_reports_no_error(tmp_path: Path) -> None:
+    """The daemon stopping leaves its VMs running (a new daemon adopts them): the
+    cancelled exit watch must not surface as an error per VM."""
+    import asyncio
+    import os
+    import signal
+
+    from sandbox.vm import VmProcess
+
+    errors: list[dict[str, object]] = []
+    pids: list[int] = []
+    exited: list[int | None] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        proc = await VmProcess.spawn(["sleep", "30"], stderr_log=tmp_path / "err", cwd=tmp_path)
+        proc.on_exit(lambda p: exited.append(p.returncode))
+        pids.append(proc.pid)
+
+    try:
+        asyncio.run(main())
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert errors == []
+    assert exited == []  # nothing exited: the process outlived the loop
