@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 #: How long output may keep flowing after a process exited before its exit is reported
 #: (a background child can hold the pipe open forever).
 DRAIN_TIMEOUT = 1.0
+#: How long a delete waits for a concurrent delete of the same container.
+DELETE_WAIT = 30.0
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -124,6 +126,8 @@ class Container(_Process):
         #: the cgroup path (in every v1 hierarchy, or below the v2 root)
         self.cgroup_path: str | None = None
         self.lock = threading.Lock()
+        #: set while one delete removes the container; concurrent ones wait on it
+        self.deleting: threading.Event | None = None
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(
@@ -533,17 +537,33 @@ class ContainerManager:
         return container.exit_status
 
     def delete(self, container_id: str, force: bool = False) -> None:
-        container = self.containers.get(container_id)
-        if container is None or container.state == "creating":
+        """Remove a container. Concurrent deletes of one container do the work once; the
+        others wait for it (two RemoveContainer calls raced over its unmount)."""
+        with self._lock:
+            container = self.containers.get(container_id)
+            if container is None or container.state == "creating":
+                return
+            deleting = container.deleting
+            if deleting is None:
+                running = container.state == "running" and not container.exited.is_set()
+                if running and not force:
+                    raise precondition(
+                        f"container {container_id!r} is running: stop it or delete with force"
+                    )
+                mine = container.deleting = threading.Event()
+        if deleting is not None:
+            deleting.wait(DELETE_WAIT)
             return
-        if not container.exited.is_set():
-            if container.state == "running" and not force:
-                raise precondition(
-                    f"container {container_id!r} is running: stop it or delete with force"
-                )
-            self._kill_and_wait(container, 5.0)
-        self._crun("delete", "--force", container.id)
-        self._discard(container)
+        try:
+            if not container.exited.is_set():
+                self._kill_and_wait(container, 5.0)
+            self._crun("delete", "--force", container.id)
+            self._discard(container)
+        except BaseException:
+            container.deleting = None  # a later delete tries again
+            raise
+        finally:
+            mine.set()
 
     def _idmapped_lower(self, container: Container, lower: str, userns_path: str) -> str:
         """A container in the pod's user namespace: the image through a mount idmapped

@@ -448,6 +448,18 @@ async def test_delete_leaves_nothing_behind(client: AgentClient, local_agent: Lo
     assert await client.list_containers() == []
 
 
+async def test_concurrent_deletes_remove_once(client: AgentClient, local_agent: LocalAgent) -> None:
+    await client.create_container("d2", spec("sleep", "1000"))
+    await client.start_container("d2")
+    bundle = local_agent.run_dir / "containers" / "d2"
+    await asyncio.gather(*(client.delete_container("d2", force=True) for _ in range(3)))
+    assert not bundle.exists()
+    assert not any(str(bundle) in m for m in local_agent.mounts())
+    log = (local_agent.tmp / "agent.log").read_text(errors="replace")
+    assert "umount" not in log and "Invalid argument" not in log, log[-2000:]
+    assert await client.list_containers() == []
+
+
 async def test_errors_carry_codes(client: AgentClient) -> None:
     with pytest.raises(NotFound):
         await client.start_container("nope")
