@@ -130,4 +130,5 @@ class Workloads:
         return self.kubectl(*args, "--", *command, input=stdin, check=check)
 
     def logs(self, pod: str, *args: str) -> str:
-        return self.kubectl("logs", pod, *args).stdout
+        """The container's log ("" while it has none: not started yet)."""
+        return self.kubectl("logs", pod, *args, check=False).stdout
