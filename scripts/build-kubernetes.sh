@@ -5,13 +5,14 @@
 # the work when the binaries of that version are already there.
 #   usage: scripts/build-kubernetes.sh [BINDIR]   (default: ~/.cache/clearcri/kubernetes/VERSION)
 #   KUBERNETES_VERSION (default v1.34.4: 1.35 and later refuse cgroup v1 by default)
-#   KUBERNETES_TARGETS  (default: the five programs and e2e_node.test)
+#   KUBERNETES_TARGETS  (default: the five programs; add e2e_node.test for the node
+#                        conformance test binary)
 # The k8s.io/kubernetes module zip lacks staging/, so the build drops its replace
 # directives and requires the k8s.io/* v0.X.Y releases published from the same tag.
 set -euo pipefail
 version=${KUBERNETES_VERSION:-v1.34.4}
 bindir=$(realpath -m "${1:-$HOME/.cache/clearcri/kubernetes/$version}")
-targets=${KUBERNETES_TARGETS:-"kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl e2e_node.test"}
+targets=${KUBERNETES_TARGETS:-"kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl"}
 mkdir -p "$bindir"
 missing=()
 for target in $targets; do

@@ -126,8 +126,12 @@ class ClusterConfig:
     bridge_prefix: str = "cce2e"
     # extra lines for the runtime's config.toml (registry mirrors, for instance)
     runtime_config: list[str] = field(default_factory=list)
-    # "clearcri" (the runtime under test) or "containerd" (the baseline)
+    # "clearcri" (the runtime under test) or "containerd" (Debian's, with runc: the
+    # baseline of benchmarks)
     runtime: str = "clearcri"
+    # host:port of the plain-HTTP test registry, and registries it stands in for
+    registry: str = ""
+    mirrored: tuple[str, ...] = ()
 
 
 class Cluster:
@@ -360,8 +364,8 @@ class Cluster:
             ],
         )
 
-    def _runtime_config(self) -> Path:
-        root = self.work / "runtime"
+    def _cni_config(self, root: Path) -> Path:
+        """The pod network both runtimes use: a bridge of the suite's own."""
         net_d = root / "net.d"
         net_d.mkdir(parents=True, exist_ok=True)
         conflist = {
@@ -385,6 +389,19 @@ class Cluster:
             ],
         }
         (net_d / "10-e2e.conflist").write_text(json.dumps(conflist, indent=1))
+        return net_d
+
+    def _runtime_config(self) -> Path:
+        root = self.work / "runtime"
+        net_d = self._cni_config(root)
+        mirrors = [
+            line
+            for host in self.config.mirrored
+            for line in (
+                f'[registry.mirrors."{host}"]',
+                f'endpoints = ["http://{self.config.registry}"]',
+            )
+        ]
         lines = [
             "[daemon]",
             f'socket = "{self.runtime_socket}"',
@@ -402,13 +419,65 @@ class Cluster:
             "[metrics]",
             'address = "127.0.0.1"',
             f"port = {self.runtime_metrics_port}",
+            *mirrors,
             *self.config.runtime_config,
         ]
         path = root / "config.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    def _containerd_config(self) -> Path:
+        root = self.work / "runtime"
+        net_d = self._cni_config(root)
+        certs = root / "certs.d"
+        for host in (self.config.registry, *self.config.mirrored):
+            (certs / host).mkdir(parents=True, exist_ok=True)
+            (certs / host / "hosts.toml").write_text(
+                f'server = "http://{self.config.registry}"\n\n'
+                f'[host."http://{self.config.registry}"]\n'
+                '  capabilities = ["pull", "resolve"]\n'
+            )
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        text = "\n".join(
+            [
+                "version = 2",
+                f'root = "{root / "containerd-root"}"',
+                f'state = "{root / "containerd-state"}"',
+                f'[grpc]\n  address = "{self.runtime_socket}"',
+                f'[ttrpc]\n  address = "{self.runtime_socket}.ttrpc"',
+                f"[{cri}]",
+                '  sandbox_image = "registry.k8s.io/pause:3.10"',
+                # these hosts lack CAP_SYS_RESOURCE
+                "  restrict_oom_score_adj = true",
+                f"[{cri}.containerd]",
+                '  default_runtime_name = "runc"',
+                f"[{cri}.containerd.runtimes.runc]",
+                '  runtime_type = "io.containerd.runc.v2"',
+                f"[{cri}.cni]",
+                '  bin_dir = "/usr/lib/cni"',
+                f'  conf_dir = "{net_d}"',
+                f"[{cri}.registry]",
+                f'  config_path = "{certs}"',
+            ]
+        )
+        path = root / "containerd.toml"
+        path.write_text(text + "\n")
+        return path
+
     def _start_runtime(self) -> None:
+        self.runtime_socket.parent.mkdir(parents=True, exist_ok=True)
+        if self.config.runtime == "containerd":
+            self.runtime = self._spawn(
+                "containerd", ["containerd", "--config", str(self._containerd_config())]
+            )
+            containerd = self.runtime
+
+            def answering() -> bool:
+                containerd.check()
+                return self.runtime_socket.exists()
+
+            wait_for("containerd serving", answering, 60, 0.2)
+            return
         config = self._runtime_config()
         self.runtime = self._spawn(
             "clearcri",
@@ -630,16 +699,38 @@ class Cluster:
                 self.delete_workloads()
         # kubelet first, then the runtime, then the control plane, each by its PID
         for proc in sorted(
-            self.processes, key=lambda p: {"kubelet": 0, "clearcri": 1}.get(p.name, 2)
+            self.processes,
+            key=lambda p: {"kubelet": 0, "clearcri": 1, "containerd": 1}.get(p.name, 2),
         ):
             with contextlib.suppress(Exception):
                 proc.stop()
         self.processes.clear()
+        if self.config.runtime == "containerd":
+            self._stop_containerd_leftovers()
         self.node_bridge.remove()
         _ip("link", "del", self.pod_bridge)
         templates = Path(f"/dev/shm/clearcri-e2e-templates-{os.getpid()}")
         shutil.rmtree(templates, ignore_errors=True)
         self._remove_cgroup_root()
+
+    def _stop_containerd_leftovers(self) -> None:
+        """containerd's shims outlive it by design: end the ones of this cluster's
+        containerd (their command line names its socket), then unmount its tree."""
+        socket_path = str(self.runtime_socket).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if socket_path in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+        root = str(self.work / "runtime")
+        targets = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(root)
+        ]
+        for target in sorted(targets, key=len, reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
     def _remove_cgroup_root(self) -> None:
         for line in Path("/proc/self/mounts").read_text().splitlines():

@@ -17,7 +17,6 @@ def test_crashloop_backs_off_and_keeps_the_previous_log(k8s: Workloads) -> None:
     )
     status = k8s.container_status("crash", "main")
     assert status["lastState"]["terminated"]["exitCode"] == 3
-    assert "run" in k8s.logs("crash", "--previous")
     k8s.wait(
         "CrashLoopBackOff",
         lambda: (
@@ -26,6 +25,9 @@ def test_crashloop_backs_off_and_keeps_the_previous_log(k8s: Workloads) -> None:
         ),
         120,
     )
+    # while it backs off, --previous is the attempt that last exited (kubelet keeps the
+    # newest dead container of a pod and its log, and removes older ones)
+    k8s.wait("the previous attempt's log", lambda: "run" in k8s.logs("crash", "--previous"), 60)
 
 
 def test_init_containers_run_first_and_sidecars_keep_running(k8s: Workloads) -> None:
