@@ -618,7 +618,7 @@ class Cluster:
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [self.binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            self.kubectl_argv(*args),
             capture_output=True,
             text=True,
             input=input,
@@ -631,6 +631,10 @@ class Cluster:
                 f"{result.stderr.strip() or result.stdout.strip()}"
             )
         return result
+
+    def kubectl_argv(self, *args: str) -> list[str]:
+        """The command line of kubectl against this cluster (for long-running ones)."""
+        return [self.binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
 
     def kubectl_json(self, *args: str) -> Any:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)

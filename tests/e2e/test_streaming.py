@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.e2e.cluster import free_port
 from tests.e2e.workloads import Workloads
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_exec_stdin_cp_and_port_forward(k8s: Workloads, tmp_path: Path) -> None:
@@ -52,17 +46,15 @@ def test_exec_stdin_cp_and_port_forward(k8s: Workloads, tmp_path: Path) -> None:
     k8s.kubectl("cp", f"{k8s.namespace}/io:/tmp/payload.bin", str(back))
     assert back.read_bytes() == local.read_bytes()
     # port-forward to the container's port
-    port = _free_port()
+    port = free_port()
     forward = subprocess.Popen(
-        [
-            k8s.cluster.binary("kubectl"),
-            f"--kubeconfig={k8s.cluster.kubeconfig}",
+        k8s.cluster.kubectl_argv(
             "-n",
             k8s.namespace,
             "port-forward",
             "pod/io",
             f"{port}:8080",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -100,15 +92,13 @@ def test_logs_follow_streams_new_lines(k8s: Workloads) -> None:
     )
     k8s.wait_ready("ticker")
     follow = subprocess.Popen(
-        [
-            k8s.cluster.binary("kubectl"),
-            f"--kubeconfig={k8s.cluster.kubeconfig}",
+        k8s.cluster.kubectl_argv(
             "-n",
             k8s.namespace,
             "logs",
             "-f",
             "ticker",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
