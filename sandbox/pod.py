@@ -159,7 +159,7 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
     than the pod's memory budget leaves once QEMU's own cost is paid: the host must
     never OOM-kill a whole VM whose containers stay inside their limits. When the
     budget is tighter (no or a small RuntimeClass overhead), the guest is smaller and
-    a container that outgrows it is OOM-killed inside the guest, reported as OOMKilled.
+    a container that outgrows it is refused memory or OOM-killed inside the guest.
     """
     max_vcpus = config.max_vcpus or os.cpu_count() or 1
     vcpus = config.default_vcpus

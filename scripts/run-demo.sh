@@ -26,7 +26,9 @@ trap "exit 143" TERM
 
 # An offline registry with a busybox image (nothing is downloaded).
 if ! (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null; then
-    docker-registry serve scripts/registry.yml >"$work/registry.log" 2>&1 &
+    # own sessions: Ctrl-C reaches the whole foreground process group, and the daemon
+    # must outlive it long enough for the clean-up to remove the demo pod through it
+    setsid docker-registry serve scripts/registry.yml >"$work/registry.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null && break; sleep 0.1; done
 fi
@@ -45,10 +47,19 @@ cat >"$work/config.toml" <<TOML
 [vm.network]
 conf_dirs = ["$work/net.d"]
 TOML
-clearcri serve --config "$work/config.toml" >"$work/clearcri.log" 2>&1 &
+setsid clearcri serve --config "$work/config.toml" >"$work/clearcri.log" 2>&1 &
 daemon=$!
 pids=("$daemon" "${pids[@]}")
-for _ in $(seq 300); do [ -S "$socket" ] && break; sleep 0.1; done
+for _ in $(seq 600); do
+    [ -S "$socket" ] && break
+    if ! kill -0 "$daemon" 2>/dev/null; then
+        echo "clearcri serve exited before serving:" >&2
+        tail -n 20 "$work/clearcri.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+[ -S "$socket" ] || { echo "clearcri serve did not serve within 60 s:" >&2; tail -n 20 "$work/clearcri.log" >&2; exit 1; }
 printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 120\n' "$socket" "$socket" >"$work/crictl.yaml"
 crictl=("$bin/crictl" --config "$work/crictl.yaml")
 
