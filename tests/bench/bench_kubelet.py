@@ -3,6 +3,10 @@ and on Debian's containerd + runc, in the same run.
 
     PYTHONPATH=. python3 tests/bench/bench_kubelet.py [--pods 10] [--rounds 5]
 
+Needs what `make e2e` builds, plus Debian's containerd and runc (`apt-get install
+containerd runc`) and gcc (the baseline's pause image is built from
+tests/conformance/src).
+
 Each runtime is the node of its own single-node cluster (tests/e2e/cluster.py: etcd,
 kube-apiserver, controller manager, scheduler and kubelet v1.34.4), one after the other,
 with the same offline registry, images and CNI bridge. A warm-up round first (the image
