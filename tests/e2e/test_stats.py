@@ -103,3 +103,28 @@ def test_pod_network_counters_reach_cri_stats(k8s: Workloads) -> None:
     network = linux["network"]
     assert network["defaultInterface"]["name"] == "eth0"
     assert int(network["defaultInterface"]["rxBytes"]["value"]) > 0
+
+
+def test_ephemeral_storage_limit_evicts_the_pod(k8s: Workloads) -> None:
+    """kubelet enforces limits.ephemeral-storage from the summary: the bytes a container
+    writes into its writable layer inside the VM count."""
+    k8s.apply(
+        k8s.pod(
+            "filler",
+            [
+                {
+                    "name": "main",
+                    "command": [
+                        "sh",
+                        "-c",
+                        "sleep 5; dd if=/dev/zero of=/fill bs=1M count=24; sleep 3600",
+                    ],
+                    "resources": {"limits": {"ephemeral-storage": "8Mi"}},
+                }
+            ],
+            restartPolicy="Never",
+        )
+    )
+    pod = k8s.wait_phase("filler", "Failed", 180)
+    assert pod["status"].get("reason") == "Evicted", pod["status"]
+    assert "ephemeral" in pod["status"].get("message", "").lower()
