@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox.cgroups import hierarchies
+from tests.conformance.run import processes_mentioning, unmount_under
 from tests.e2e.pki import ClusterPki, KeyPair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -501,11 +503,8 @@ class Cluster:
 
     def _prepare_cgroup_root(self) -> None:
         """kubelet refuses a cgroup root that does not exist in every hierarchy."""
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            fields = line.split()
-            if fields[2] not in ("cgroup", "cgroup2"):
-                continue
-            path = Path(fields[1]) / self.cgroup_root.strip("/")
+        for hierarchy in hierarchies():
+            path = hierarchy / self.cgroup_root.strip("/")
             path.mkdir(exist_ok=True)
             for name in ("cpuset.cpus", "cpuset.mems"):
                 mine = path / name
@@ -720,28 +719,14 @@ class Cluster:
     def _stop_containerd_leftovers(self) -> None:
         """containerd's shims outlive it by design: end the ones of this cluster's
         containerd (their command line names its socket), then unmount its tree."""
-        socket_path = str(self.runtime_socket).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if socket_path in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), signal.SIGKILL)
-        root = str(self.work / "runtime")
-        targets = [
-            line.split()[4]
-            for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(root)
-        ]
-        for target in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+        for pid in processes_mentioning(str(self.runtime_socket)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        unmount_under(self.work / "runtime")
 
     def _remove_cgroup_root(self) -> None:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            fields = line.split()
-            if fields[2] not in ("cgroup", "cgroup2"):
-                continue
-            root = Path(fields[1]) / self.cgroup_root.strip("/")
+        for hierarchy in hierarchies():
+            root = hierarchy / self.cgroup_root.strip("/")
             if not root.is_dir():
                 continue
             # deepest first; a cgroup with processes in it stays (and is reported)

@@ -3,6 +3,7 @@ cannot start says why at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conformance.run import processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 SANDBOXES = Path("/run/clearcri/sandboxes")
@@ -25,16 +28,7 @@ def _port_free(port: int) -> bool:
 
 
 def _qemu_pids_naming(name: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and name.encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
+    return [pid for pid in processes_mentioning(name) if pid in processes_mentioning("qemu-system")]
 
 
 def _start_demo(*, metrics_port_free: bool = True) -> subprocess.Popen[str]:
@@ -55,15 +49,11 @@ def _start_demo(*, metrics_port_free: bool = True) -> subprocess.Popen[str]:
 
 def _stop_leftover_daemons() -> None:
     """A failed run may leave the demo's daemon and registry (own sessions) behind."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"/tmp/clearcri-demo." in cmdline or b"scripts/registry.yml" in cmdline:
-            os.kill(int(entry.name), signal.SIGKILL)
+    for pid in processes_mentioning("/tmp/clearcri-demo.") + processes_mentioning(
+        "scripts/registry.yml"
+    ):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_ctrl_c_on_the_demo_removes_its_pod() -> None:
