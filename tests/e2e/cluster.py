@@ -36,6 +36,7 @@ KUBERNETES_VERSION = os.environ.get("KUBERNETES_VERSION", "v1.34.4")
 DEFAULT_BINDIR = Path.home() / ".cache" / "clearcri" / "kubernetes" / KUBERNETES_VERSION
 SERVICE_CIDR = "10.0.0.0/24"
 CLUSTER_DNS = "10.0.0.10"
+CRICTL = Path.home() / ".cache" / "clearcri" / "bin" / "crictl"  # scripts/build-cri-tools.sh
 
 
 class ClusterError(Exception):
@@ -651,10 +652,9 @@ class Cluster:
 
     def crictl_json(self, *args: str) -> Any:
         """crictl against the node's runtime, its JSON output parsed."""
-        crictl = Path.home() / ".cache" / "clearcri" / "bin" / "crictl"
         result = subprocess.run(
             [
-                str(crictl),
+                str(CRICTL),
                 "--runtime-endpoint",
                 f"unix://{self.runtime_socket}",
                 *args,
@@ -701,12 +701,17 @@ class Cluster:
             if self.kubelet is not None and self.kubelet.alive():
                 self.delete_workloads()
         # kubelet first, then the runtime, then the control plane, each by its PID
-        for proc in sorted(
+        ordered = sorted(
             self.processes,
             key=lambda p: {"kubelet": 0, "clearcri": 1, "containerd": 1}.get(p.name, 2),
-        ):
+        )
+        for proc in ordered:
             with contextlib.suppress(Exception):
                 proc.stop()
+            if proc is self.kubelet:
+                # kubelet removes stopped sandboxes only in its garbage collection, later:
+                # what it left, the runtime removes now, as it would on a drained node
+                self._remove_runtime_pods()
         self.processes.clear()
         if self.config.runtime == "containerd":
             self._stop_containerd_leftovers()
@@ -715,6 +720,16 @@ class Cluster:
         templates = Path(f"/dev/shm/clearcri-e2e-templates-{os.getpid()}")
         shutil.rmtree(templates, ignore_errors=True)
         self._remove_cgroup_root()
+
+    def _remove_runtime_pods(self) -> None:
+        if self.runtime is None or not self.runtime.alive():
+            return
+        subprocess.run(
+            [str(CRICTL), "--runtime-endpoint", f"unix://{self.runtime_socket}", "rmp", "-a", "-f"],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
 
     def _stop_containerd_leftovers(self) -> None:
         """containerd's shims outlive it by design: end the ones of this cluster's
