@@ -70,17 +70,25 @@ def _make(root: Path, rel: str) -> None:
                 mine.write_text((parent / name).read_text())
 
 
-def relative_path(parent: str, driver: str, sandbox_id: str) -> str:
+def parent_path(parent: str, driver: str) -> str:
+    """The pod cgroup's own path (relative to a hierarchy's root)."""
     if driver == "systemd":
-        base = systemd_slice_path(parent)
-        # a scope, as systemd names the units it puts processes in
-        return f"{base}/clearcri-{sandbox_id[:32]}.scope"
+        return systemd_slice_path(parent)
     if driver != "cgroupfs":
         raise CgroupError(f"unknown cgroup driver {driver!r}")
     clean = parent.strip("/")
     if ".." in clean.split("/"):
         raise CgroupError(f"cgroup parent {parent!r} leaves the cgroup tree")
-    return f"{clean}/clearcri-{sandbox_id[:32]}" if clean else f"clearcri-{sandbox_id[:32]}"
+    return clean
+
+
+def relative_path(parent: str, driver: str, sandbox_id: str) -> str:
+    """The VM's cgroup below the pod's."""
+    base = parent_path(parent, driver)
+    if driver == "systemd":
+        # a scope, as systemd names the units it puts processes in
+        return f"{base}/clearcri-{sandbox_id[:32]}.scope"
+    return f"{base}/clearcri-{sandbox_id[:32]}" if base else f"clearcri-{sandbox_id[:32]}"
 
 
 def place(
@@ -126,16 +134,6 @@ def cgroups_of(pid: int) -> list[str]:
 #: At or above this, a cgroup v1 memory limit means "no limit" (the kernel's page
 #: counter maximum, rounded to pages).
 UNLIMITED_V1 = 1 << 62
-
-
-def parent_path(parent: str, driver: str) -> str:
-    """The pod cgroup's own path (relative to a hierarchy's root)."""
-    if driver == "systemd":
-        return systemd_slice_path(parent)
-    clean = parent.strip("/")
-    if ".." in clean.split("/"):
-        raise CgroupError(f"cgroup parent {parent!r} leaves the cgroup tree")
-    return clean
 
 
 def memory_limit(parent: str, driver: str, roots: list[Path] | None = None) -> int | None:
