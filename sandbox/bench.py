@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import GuestAssets, locate_guest
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
 from sandbox.vm import MachineSpec, VmProcess, build_command
@@ -400,11 +401,7 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
                 await sandbox.destroy()
     finally:
         _drop_templates(config)
-        for root in (Path("/sys/fs/cgroup") / c for c in os.listdir("/sys/fs/cgroup")):
-            with contextlib.suppress(OSError):
-                (root / parent).rmdir()
-        with contextlib.suppress(OSError):
-            (Path("/sys/fs/cgroup") / parent).rmdir()
+        VmCgroup(tuple(hierarchy / parent for hierarchy in hierarchies())).remove()
     if overheads:
         print(
             f"QEMU's own anonymous memory with the guest full: max {max(overheads):.1f} MiB, "

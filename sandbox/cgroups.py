@@ -55,7 +55,7 @@ class VmCgroup:
                 path.rmdir()
 
 
-def _make(root: Path, rel: str) -> None:
+def make_cgroup(root: Path, rel: str) -> None:
     """Create ``root/rel`` level by level; a new cpuset cgroup (v1) starts with no CPUs
     or memory nodes, so it inherits its parent's or no process could join it."""
     current = root
@@ -105,7 +105,7 @@ def place(
     try:
         for root in roots if roots is not None else hierarchies():
             path = root / rel
-            _make(root, rel)
+            make_cgroup(root, rel)
             made.append(path)
             procs = path / "cgroup.procs"
             try:

@@ -96,8 +96,7 @@ class StatsOps(RuntimeCore):
         return None
 
     async def _guest_stats(self, pod_id: str) -> dict[str, GuestContainerStats]:
-        report = await self._guest_report(pod_id)
-        return {c.id: c for c in report.containers} if report else {}
+        return _by_container(await self._guest_report(pod_id))
 
     async def container_stats(self, container_id: str) -> api_pb2.ContainerStats:
         ctr = self.get_container(container_id)
@@ -157,7 +156,7 @@ class StatsOps(RuntimeCore):
             linux.memory.usage_bytes.value = memory.get("rss", 0)
             linux.memory.rss_bytes.value = memory.get("rssanon", 0)
         report = await self._guest_report(pod.id)
-        guest = {c.id: c for c in report.containers} if report else {}
+        guest = _by_container(report)
         if report is not None and report.interfaces:
             _network_usage(linux.network, now, report.interfaces)
         linux.process.timestamp = now
@@ -197,3 +196,7 @@ def _network_usage(
     _interface_usage(network.default_interface, default)
     for iface in interfaces:
         _interface_usage(network.interfaces.add(), iface)
+
+
+def _by_container(report: StatsReport | None) -> dict[str, GuestContainerStats]:
+    return {c.id: c for c in report.containers} if report else {}

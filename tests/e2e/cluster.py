@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.cgroups import hierarchies
+from sandbox.cgroups import hierarchies, make_cgroup
 from tests.conformance.run import processes_mentioning, unmount_under
 from tests.e2e.pki import ClusterPki, KeyPair
 
@@ -505,12 +505,7 @@ class Cluster:
     def _prepare_cgroup_root(self) -> None:
         """kubelet refuses a cgroup root that does not exist in every hierarchy."""
         for hierarchy in hierarchies():
-            path = hierarchy / self.cgroup_root.strip("/")
-            path.mkdir(exist_ok=True)
-            for name in ("cpuset.cpus", "cpuset.mems"):
-                mine = path / name
-                if mine.exists() and not mine.read_text().strip():
-                    mine.write_text((path.parent / name).read_text())
+            make_cgroup(hierarchy, self.cgroup_root.strip("/"))
 
     def _kubelet_config(self) -> Path:
         resolv = self.work / "resolv.conf"
