@@ -5,8 +5,9 @@
 # the work when the binaries of that version are already there.
 #   usage: scripts/build-kubernetes.sh [BINDIR]   (default: ~/.cache/clearcri/kubernetes/VERSION)
 #   KUBERNETES_VERSION (default v1.34.4: 1.35 and later refuse cgroup v1 by default)
-#   KUBERNETES_TARGETS  (default: the five programs; add e2e_node.test for the node
-#                        conformance test binary)
+#   KUBERNETES_TARGETS  (default: the five programs; e2e_node.test is the node
+#                        conformance test binary, agnhost the test image's program,
+#                        ginkgo the suite runner at the version the tree requires)
 # The k8s.io/kubernetes module zip lacks staging/, so the build drops its replace
 # directives and requires the k8s.io/* v0.X.Y releases published from the same tag.
 set -euo pipefail
@@ -62,6 +63,8 @@ done
 for target in "${missing[@]}"; do
     case "$target" in
     e2e_node.test) go test -c -ldflags "$ldflags" -o "$bindir/$target.tmp" ./test/e2e_node ;;
+    ginkgo) go build -o "$bindir/$target.tmp" github.com/onsi/ginkgo/v2/ginkgo ;;
+    agnhost) go build -ldflags "$ldflags" -o "$bindir/$target.tmp" ./test/images/agnhost ;;
     *) go build -ldflags "$ldflags" -o "$bindir/$target.tmp" "./cmd/$target" ;;
     esac
     mv "$bindir/$target.tmp" "$bindir/$target"

@@ -74,14 +74,14 @@ def read_expected(path: Path = EXPECTED_PASS) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def focus_regex(names: list[str]) -> str:
+def focus_regex(names: list[str], suite: str = SUITE) -> str:
     """A ginkgo focus expression (Go RE2) that selects exactly these specs. ginkgo
     matches it against the suite description, a space and the spec text; the JUnit
     name adds " [Serial]" for serial specs, which is no part of that text."""
     special = set("\\.+*?()|[]{}^$")
     texts = (name.removesuffix(" [Serial]") for name in names)
     quoted = ("".join("\\" + c if c in special else c for c in text) for text in texts)
-    return f"^{SUITE} (" + "|".join(quoted) + ")$"
+    return f"^{suite} (" + "|".join(quoted) + ")$"
 
 
 def update_expected(path: Path, additions: list[str]) -> None:

@@ -138,6 +138,7 @@ class Inputs:
     """The unpacked Debian packages and the compiled helpers, cached across runs."""
 
     cache: Path
+    packages: tuple[str, ...] = PACKAGES
     root: Path = field(init=False)  # every package unpacked into one tree
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -147,7 +148,7 @@ class Inputs:
     def prepare(self) -> None:
         debs = self.cache / "debs"
         debs.mkdir(parents=True, exist_ok=True)
-        for package in PACKAGES:
+        for package in self.packages:
             found = sorted(debs.glob(f"{package}_*.deb"))
             if not found:
                 subprocess.run(
@@ -210,7 +211,7 @@ class Inputs:
             real = self.resolve(f"{directory}/{soname}")
             if real is not None:
                 return f"{directory}/{soname}", real
-        raise SystemExit(f"no package in {PACKAGES} provides {soname}")
+        raise SystemExit(f"no package in {self.packages} provides {soname}")
 
     def closure(self, binaries: Iterable[Path]) -> dict[str, Path]:
         """Every library the binaries load, directly or not (path in image -> file)."""

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -155,6 +156,10 @@ class Cluster:
         self.runtime_socket = self.work / "runtime" / "run" / "runtime.sock"
         self.runtime_metrics_port = free_port()
         self.kubeconfig = self.work / "admin.kubeconfig"
+        # a bearer token of the system:masters group, for clients that take no kubeconfig
+        # (upstream node conformance)
+        self.admin_token = secrets.token_hex(16)
+        self.apiserver_url = f"https://127.0.0.1:{self.apiserver_port}"
         self.kubelet_dir = self.work / "kubelet"
         self.pod_logs_dir = self.work / "pod-logs"
         self.cgroup_root = f"/{config.bridge_prefix}"
@@ -239,7 +244,7 @@ class Cluster:
                 {
                     "name": "e2e",
                     "cluster": {
-                        "server": f"https://127.0.0.1:{self.apiserver_port}",
+                        "server": self.apiserver_url,
                         "certificate-authority": str(self.pki.ca.cert),
                     },
                 }
@@ -299,6 +304,9 @@ class Cluster:
 
     def _start_apiserver(self) -> None:
         pki = self.pki
+        tokens = self.work / "tokens.csv"
+        tokens.write_text(f'{self.admin_token},e2e-admin,e2e-admin,"system:masters"\n')
+        tokens.chmod(0o600)
         proc = self._spawn(
             "kube-apiserver",
             [
@@ -310,6 +318,7 @@ class Cluster:
                 f"--tls-cert-file={self.apiserver_cert.cert}",
                 f"--tls-private-key-file={self.apiserver_cert.key}",
                 f"--client-ca-file={pki.ca.cert}",
+                f"--token-auth-file={tokens}",
                 f"--service-account-key-file={pki.service_account_pub}",
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
