@@ -677,6 +677,7 @@ class HostSandbox(PodSandbox):
             f"--run-dir={self.agent_dir}",
             f"--cgroup={cg.mode}",
             "--no-poweroff",
+            "--layer-fs=dir",
         ]
         if cg.mode != "disabled":
             cmd.append(f"--cgroup-parent={cg.parent}")

@@ -116,6 +116,9 @@ class Container(_Process):
         self.stream = stream
         self.bundle = bundle
         self.rootfs = f"{bundle}/rootfs"
+        #: the filesystem of the writable layer (a tmpfs of its own in the VM)
+        self.layer = f"{bundle}/layer"
+        self.upper = f"{self.layer}/upper"
         self.state = "creating"
         self.pid = 0
         self.created_at_ns = time.time_ns()
@@ -310,8 +313,8 @@ class ContainerManager:
         bundle = container.bundle
         if os.path.exists(bundle):
             self._remove_tree(bundle)
-        for sub in ("upper", "work", "rootfs"):
-            os.makedirs(f"{bundle}/{sub}", exist_ok=True)
+        os.makedirs(container.rootfs, exist_ok=True)
+        self._mount_layer(container)
         userns = self._pod_user_namespace(spec) if spec.uid_mappings else None
         if userns is not None:
             lower = self._idmapped_lower(container, lower, userns)
@@ -320,7 +323,7 @@ class ContainerManager:
             container.rootfs,
             "overlay",
             0,
-            f"lowerdir={lower},upperdir={bundle}/upper,workdir={bundle}/work",
+            f"lowerdir={lower},upperdir={container.upper},workdir={container.layer}/work",
         )
         if self.settings.host_mntns_fd is not None:
             spec = self._stage_host_mounts(container, userns)
@@ -565,6 +568,25 @@ class ContainerManager:
         finally:
             mine.set()
 
+    def _mount_layer(self, container: Container) -> None:
+        """The writable layer's own filesystem. In the VM, a tmpfs per container (at most
+        the container's memory limit, else the kernel's default of half the guest's
+        memory): a container that fills its layer gets ENOSPC alone, while the agent's
+        run dir, exec and the pod's other containers keep working (the writes count
+        against the container's memory cgroup all the same). A host pod's layer is a
+        directory on the host's disk, as with other runtimes."""
+        os.makedirs(container.layer, exist_ok=True)
+        if self.settings.layer_fs == "tmpfs":
+            resources = container.spec.resources
+            limit = resources.memory_limit if resources is not None else None
+            options = "mode=0755" + (f",size={limit}" if limit else "")
+            try:
+                system.mount("tmpfs", container.layer, "tmpfs", 0, options)
+            except OSError as exc:
+                raise internal(f"writable layer of {container.id}: {exc}") from exc
+        for sub in ("upper", "work"):
+            os.makedirs(f"{container.layer}/{sub}", exist_ok=True)
+
     def _idmapped_lower(self, container: Container, lower: str, userns_path: str) -> str:
         """A container in the pod's user namespace: the image through a mount idmapped
         by that namespace, the upper layer owned by the mapped root (see idmap)."""
@@ -579,7 +601,7 @@ class ContainerManager:
                 idmap.idmapped_bind(lower, mapped, userns)
             finally:
                 os.close(userns)
-            os.chown(f"{container.bundle}/upper", uid, gid)
+            os.chown(container.upper, uid, gid)
         except OSError as exc:
             raise internal(f"user namespace rootfs: {exc}") from exc
         return mapped

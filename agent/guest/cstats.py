@@ -560,7 +560,7 @@ def container_detail(container: Container, settings: Settings) -> ContainerDetai
             detail.ulimits_soft["max_open_files"] = soft
     for io in detail.io:
         io.device = device_name(io.major, io.minor)
-    detail.fs = fs_usage(f"{container.bundle}/upper")
+    detail.fs = fs_usage(container.upper)
     return detail
 
 

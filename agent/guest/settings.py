@@ -25,6 +25,10 @@ class Settings:
     the pod's IPC and network sysctls. In the VM all three are the pod's; a host pod's
     agent lists only those it did not share with the host.
 
+    ``layer_fs`` is where a container's writable layer lives: "tmpfs" (the VM: one
+    tmpfs per container, so that a full layer is that container's alone) or "dir" (a
+    directory in the run dir: a host pod's layer on the host's disk).
+
     ``host_mntns_fd`` (host pods) is a descriptor of the host's mount namespace: host
     paths are cloned from there at container creation (agent/guest/hostmounts.py).
     """
@@ -46,12 +50,16 @@ class Settings:
         shm_dir: str = "/dev/shm",
         pod_namespaces: tuple[str, ...] = POD_NAMESPACE_KINDS,
         host_mntns_fd: int | None = None,
+        layer_fs: str = "tmpfs",
     ) -> None:
         if cgroup_mode not in ("v2", "v1", "disabled"):
             raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
         if not cgroup_parent.startswith("/"):
             raise ValueError(f"cgroup parent {cgroup_parent!r} is not an absolute path")
+        if layer_fs not in ("tmpfs", "dir"):
+            raise ValueError(f"layer fs must be 'tmpfs' or 'dir', not {layer_fs!r}")
         self.run_dir = run_dir.rstrip("/") or "/"
+        self.layer_fs = layer_fs
         self.cgroup_mode = cgroup_mode
         self.cgroup_root = cgroup_root
         self.crun = crun
@@ -117,7 +125,8 @@ class Settings:
     def from_argv(cls, argv: list[str], environ: dict[str, str] | None = None) -> Settings:
         """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
         --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
-        --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts --host-mntns-fd N. Each has a
+        --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts --host-mntns-fd N
+        --layer-fs tmpfs|dir. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
@@ -155,6 +164,7 @@ class Settings:
             "shm-dir",
             "pod-namespaces",
             "host-mntns-fd",
+            "layer-fs",
         }
         unknown = set(values) - known
         if unknown:
@@ -177,4 +187,5 @@ class Settings:
                 if k
             ),
             host_mntns_fd=int(values["host-mntns-fd"]) if "host-mntns-fd" in values else None,
+            layer_fs=values.get("layer-fs", "tmpfs"),
         )

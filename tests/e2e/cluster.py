@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import socket
 import subprocess

@@ -181,7 +181,9 @@ def build_and_push(
 ) -> list[Image]:
     agnhost = bindir / "agnhost"
     if not agnhost.exists():
-        raise SystemExit(f"{agnhost} is missing: KUBERNETES_TARGETS=agnhost scripts/build-kubernetes.sh")
+        raise SystemExit(
+            f"{agnhost} is missing: KUBERNETES_TARGETS=agnhost scripts/build-kubernetes.sh"
+        )
     inputs = Inputs(cache, PACKAGES + TOOL_PACKAGES)
     inputs.prepare()
     images = image_set(inputs, agnhost, kubernetes_source())

@@ -3,6 +3,7 @@ clearcri node: every pod and container, with CPU, memory, network, rootfs and lo
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tests.e2e.workloads import Workloads
@@ -128,3 +129,36 @@ def test_ephemeral_storage_limit_evicts_the_pod(k8s: Workloads) -> None:
     pod = k8s.wait_phase("filler", "Failed", 180)
     assert pod["status"].get("reason") == "Evicted", pod["status"]
     assert "ephemeral" in pod["status"].get("message", "").lower()
+
+
+def test_a_full_writable_layer_is_that_containers_alone(k8s: Workloads) -> None:
+    """A container that fills its writable layer gets ENOSPC by itself: exec into it and
+    into its neighbour, and the neighbour's exec readiness probe, keep working (they
+    once shared one guest tmpfs with the agent's run dir, and every exec of the pod
+    failed with "No space left on device")."""
+    probe = {"exec": {"command": ["true"]}, "periodSeconds": 5, "timeoutSeconds": 20}
+    k8s.apply(
+        k8s.pod(
+            "full",
+            [
+                {
+                    "name": "filler",
+                    "command": [
+                        "sh",
+                        "-c",
+                        "dd if=/dev/zero of=/fill bs=1M 2>/dev/null; echo filled; sleep 3600",
+                    ],
+                },
+                {"name": "neighbour", "command": ["sleep", "3600"], "readinessProbe": probe},
+            ],
+        )
+    )
+    k8s.wait("the filler's layer to fill", lambda: "filled" in k8s.logs("full", "-c", "filler"))
+    out = k8s.exec("full", "sh", "-c", "touch /more 2>&1; echo rc=$?", container="filler")
+    assert "No space left on device" in out.stdout, out.stdout
+    out = k8s.exec("full", "sh", "-c", "echo ok > /mine && cat /mine", container="neighbour")
+    assert out.stdout.strip() == "ok"
+    time.sleep(12)  # two probe periods after the layer filled
+    statuses = {c["name"]: c for c in k8s.get("pod", "full")["status"]["containerStatuses"]}
+    assert statuses["neighbour"]["ready"] is True, statuses["neighbour"]
+    assert statuses["filler"]["restartCount"] == 0, statuses["filler"]

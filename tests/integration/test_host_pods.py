@@ -571,7 +571,7 @@ async def test_host_pod_user_namespace(
     assert (volume / "new").stat().st_uid == 0
     agent_pid = int(host_info["agentPid"])
     bundle = daemon.root / "run" / "sandboxes" / pod_id / "agent" / "containers" / cid
-    assert (bundle / "upper" / "new").stat().st_uid == 200000
+    assert (bundle / "layer" / "upper" / "new").stat().st_uid == 200000
     await remove_and_check(rt, daemon, pod_id, agent_pid, str(host_info["cgroupParent"]))
 
 

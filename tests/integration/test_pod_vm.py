@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import ContainerSpec, ExecSpec
+from agent.protocol import ContainerSpec, ExecSpec, Resources
 from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
@@ -150,6 +150,37 @@ async def test_two_containers_share_the_pod_network(
     assert result.stdout == b"pod-shared\n", result.stderr
     # one image slot serves both containers of the same image
     assert list(pod.slots.values()) == ["busybox"]
+
+
+async def test_a_full_writable_layer_leaves_exec_and_neighbours_working(
+    pod: PodSandbox, busybox_image: RootfsImage
+) -> None:
+    """Each container's writable layer is a filesystem of its own in the guest: filling
+    one gives ENOSPC there alone, not in the agent's run dir (exec) or a neighbour."""
+    for cid in ("filler", "neighbour"):
+        await pod.create_container(cid, ContainerSpec(args=["sleep", "1000"]), busybox_image)
+        await pod.start_container(cid)
+    fill = await pod.agent.exec_sync(
+        "filler",
+        ["sh", "-c", "dd if=/dev/zero of=/fill bs=1M 2>&1; df -k / | tail -1"],
+        timeout=120,
+    )
+    assert b"No space left on device" in fill.stdout, fill.stdout
+    assert fill.stdout.split()[-2] == b"100%", fill.stdout
+    for cid in ("filler", "neighbour"):
+        result = await pod.agent.exec_sync(cid, ["sh", "-c", "echo ok"], timeout=30)
+        assert (result.exit_code, result.stdout) == (0, b"ok\n"), result
+    result = await pod.agent.exec_sync(
+        "neighbour", ["sh", "-c", "dd if=/dev/zero of=/f bs=1M count=8 2>&1 && df -k / | tail -1"]
+    )
+    assert result.exit_code == 0 and result.stdout.split()[-2] != b"100%", result.stdout
+    # a limited container's layer holds at most its memory limit
+    limited = ContainerSpec(args=["sleep", "1000"])
+    limited.resources = Resources(memory_limit=64 << 20)
+    await pod.create_container("limited", limited, busybox_image)
+    await pod.start_container("limited")
+    size = await pod.agent.exec_sync("limited", ["sh", "-c", "df -k / | tail -1"])
+    assert size.stdout.split()[1] == str(64 << 10).encode(), size.stdout
 
 
 async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHost) -> None:

@@ -106,14 +106,12 @@ def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def make_container(tmp_path: Path, *, pid: int = 10) -> Container:
     bundle = tmp_path / "run" / "containers" / "c1"
-    (bundle / "upper" / "var" / "lib" / "mydisktest").mkdir(parents=True)
-    for i in range(3):
-        (bundle / "upper" / "var" / "lib" / "mydisktest" / f"f{i}").write_text("hi\n")
-    os.link(
-        bundle / "upper" / "var" / "lib" / "mydisktest" / "f0",
-        bundle / "upper" / "hardlink",
-    )
     container = Container("c1", ContainerSpec(args=["sleep", "1"]), 1, str(bundle))
+    upper = Path(container.upper)
+    (upper / "var" / "lib" / "mydisktest").mkdir(parents=True)
+    for i in range(3):
+        (upper / "var" / "lib" / "mydisktest" / f"f{i}").write_text("hi\n")
+    os.link(upper / "var" / "lib" / "mydisktest" / "f0", upper / "hardlink")
     container.state = "running"
     container.pid = pid
     return container
@@ -328,7 +326,7 @@ def test_parsers() -> None:
     assert cstats.parse_pressure(None) == {}
     assert cstats.parse_open_files_soft("Max open files  unlimited  unlimited  files\n") is None
     assert cstats.read_limit("/nonexistent/x") == (False, None)
-    assert cstats.mount_source("/run/clearcri/containers/c1/upper", MOUNTINFO) == "tmpfs"
+    assert cstats.mount_source("/run/clearcri/containers/c1/layer/upper", MOUNTINFO) == "tmpfs"
     assert cstats.mount_source("/run/clearcri/images/x/bin", MOUNTINFO) == "/dev/pmem1"
     assert cstats.mount_source("/etc", MOUNTINFO) == "/dev/pmem0"
     assert cstats.parse_io_stat("bogus\n8:0 rbytes=1 wbytes=2 rios=3 wios=4\n") == [
