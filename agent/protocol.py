@@ -464,6 +464,9 @@ class ExecSpec(Record):
     stdin: bool = False
     #: Seconds after which the guest kills the process (None: no limit).
     timeout: float | None = None
+    #: The terminal's size when the process starts (tty only; 0: not known yet).
+    cols: int = 0
+    rows: int = 0
 
 
 class ExitStatus(Record):

@@ -417,6 +417,10 @@ def build_exec_process(container: ContainerSpec, spec: ExecSpec) -> dict[str, An
             "cwd": spec.cwd or container.cwd or "/",
         }
     )
+    if spec.tty and spec.cols > 0 and spec.rows > 0:
+        # the size the client's terminal had when it asked: the process's first
+        # TIOCGWINSZ must not see 0x0 (crun sets it on the new terminal before exec)
+        process["consoleSize"] = {"width": spec.cols, "height": spec.rows}
     process.pop("oomScoreAdj", None)
     return process
 

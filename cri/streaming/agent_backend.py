@@ -157,11 +157,19 @@ class AgentStreamingBackend:
         self.attach_source = attach_source
 
     async def exec(
-        self, container_id: str, cmd: list[str], *, tty: bool, stdin: bool
+        self,
+        container_id: str,
+        cmd: list[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        size: tuple[int, int] | None = None,
     ) -> AgentExecStreams:
         agent = await self.container_agent(container_id)
+        cols, rows = size if size is not None else (0, 0)
+        spec = ExecSpec(args=cmd, tty=tty, stdin=stdin, cols=cols, rows=rows)
         try:
-            session = await agent.exec(container_id, ExecSpec(args=cmd, tty=tty, stdin=stdin))
+            session = await agent.exec(container_id, spec)
         except AgentError as exc:
             raise BackendError(f"exec in container {container_id}: {exc.message}") from exc
         return AgentExecStreams(session)

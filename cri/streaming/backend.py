@@ -71,8 +71,17 @@ class StreamingBackend(Protocol):
     session cannot start; its message is shown to the client."""
 
     async def exec(
-        self, container_id: str, cmd: list[str], *, tty: bool, stdin: bool
-    ) -> ProcessStreams: ...
+        self,
+        container_id: str,
+        cmd: list[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        size: tuple[int, int] | None = None,
+    ) -> ProcessStreams:
+        """``size``: (cols, rows) of the client's terminal, when it sent one before the
+        process starts (tty sessions)."""
+        ...
 
     async def attach(self, container_id: str, *, tty: bool, stdin: bool) -> ProcessStreams: ...
 

@@ -43,6 +43,8 @@ WS_CLOSE = 255  # v5: [255, channel] closes that channel
 STREAM_CREATION_TIMEOUT = 30.0
 #: After the process exited, how long to wait for the rest of its output.
 OUTPUT_DRAIN_TIMEOUT = 2.0
+#: How long a tty exec waits for the client's terminal size before it starts anyway.
+INITIAL_SIZE_WAIT = 1.0
 #: Largest pending resize JSON accepted.
 MAX_RESIZE_BUFFER = 4096
 
@@ -331,18 +333,32 @@ def expected_streams(opts: CommandOptions, version: int) -> set[str]:
 # ---------------------------------------------------------------------------- session
 
 
+async def first_size(channels: CommandChannels, wait: float) -> tuple[int, int] | None:
+    """The client's terminal size, when it sends one within ``wait`` seconds: kubectl
+    and crictl send it as soon as the streams are open, but only after the session
+    started, so without this wait a tty process's first TIOCGWINSZ would see 0x0."""
+    try:
+        return await asyncio.wait_for(channels.read_resize(), wait)
+    except TimeoutError:
+        return None
+
+
 async def run_session(
     channels: CommandChannels,
-    start: Callable[[], Awaitable[ProcessStreams]],
+    start: Callable[[tuple[int, int] | None], Awaitable[ProcessStreams]],
     opts: CommandOptions,
     version: int,
     *,
     attach: bool = False,
 ) -> int | None:
     """Start the process and relay until it ends or the client leaves. Returns the exit
-    code reported to the client (None if the session never got that far)."""
+    code reported to the client (None if the session never got that far). A tty exec
+    starts with the client's first terminal size (see first_size)."""
+    size = None
+    if opts.tty and not attach and version >= 3:
+        size = await first_size(channels, INITIAL_SIZE_WAIT)
     try:
-        process = await start()
+        process = await start(size)
     except Exception as exc:
         log.info("streaming: cannot start session: %s", exc)
         message = str(exc) or type(exc).__name__

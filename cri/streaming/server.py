@@ -280,10 +280,10 @@ class StreamingServer:
         req = pending.request
         backend = self.backend
         if pending.kind == "exec":
-            return lambda: backend.exec(
-                req.container_id, list(req.cmd), tty=req.tty, stdin=req.stdin
+            return lambda size: backend.exec(
+                req.container_id, list(req.cmd), tty=req.tty, stdin=req.stdin, size=size
             )
-        return lambda: backend.attach(req.container_id, tty=req.tty, stdin=req.stdin)
+        return lambda _size: backend.attach(req.container_id, tty=req.tty, stdin=req.stdin)
 
     @staticmethod
     def _options(pending: PendingRequest) -> CommandOptions:

@@ -3,9 +3,14 @@ logs -f."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import pty
+import select
+import struct
 import subprocess
+import termios
 import time
 import urllib.request
 from pathlib import Path
@@ -111,3 +116,46 @@ def test_logs_follow_streams_new_lines(k8s: Workloads) -> None:
         follow.wait(10)
     numbers = [int(line.split()[1]) for line in seen]
     assert numbers == sorted(numbers) and numbers[-1] > numbers[0]
+
+
+def _run_on_a_terminal(argv: list[str], cols: int, rows: int, timeout: float) -> bytes:
+    """Run ``argv`` with a pseudo-terminal of ``cols`` x ``rows`` as its stdio (as a user
+    at a terminal would) and return what it wrote there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: every writer is gone
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        os.close(master)
+    return out
+
+
+def test_exec_on_a_terminal_starts_with_its_size(k8s: Workloads) -> None:
+    """kubectl exec -it: the process's first TIOCGWINSZ sees the user's terminal size
+    (kubectl sends it only once the session is open), and nothing but its output comes
+    back (no stray NUL)."""
+    k8s.apply(k8s.pod("term", [{"name": "main", "command": ["sleep", "3600"]}]))
+    k8s.wait_ready("term")
+    argv = k8s.cluster.kubectl_argv(
+        "-n", k8s.namespace, "exec", "-it", "term", "--", "sh", "-c", "stty size; echo end"
+    )
+    out = _run_on_a_terminal(argv, 132, 43, 60)
+    assert out.replace(b"\r\n", b"\n") == b"43 132\nend\n", out

@@ -109,11 +109,14 @@ async def test_exec_with_and_without_tty(pod: PodSandbox, busybox_image: RootfsI
     result = await pod.agent.exec_sync("c1", ["sh", "-c", "echo out; echo err >&2; exit 7"])
     assert (result.exit_code, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
 
-    session = await pod.exec("c1", ExecSpec(args=["sh", "-c", "tty; stty size"], tty=True))
+    spec = ExecSpec(args=["sh", "-c", "tty; stty size"], tty=True, cols=120, rows=40)
+    session = await pod.exec("c1", spec)
     chunks = [data async for _channel, data in session]
     assert await session.wait(30) == 0
     text = b"".join(chunks).decode()
     assert "/dev/pts/" in text
+    assert "40 120" in text, "the terminal starts with the client's size"
+    assert "\0" not in text
 
     session = await pod.exec("c1", ExecSpec(args=["cat"], stdin=True))
     await session.write_stdin(b"ping through stdin\n")

@@ -164,7 +164,8 @@ async def test_process_exit_ends_session_with_stdin_open(
 async def test_exec_tty_with_resize(
     client_binary: Path, server: StreamingServer, backend: LocalBackend, transport: str
 ) -> None:
-    script = "sleep 0.3; stty size; sleep 1.5; stty size; test -t 0 && echo is-a-tty"
+    # no sleep before the first stty: the process starts with the client's first size
+    script = "stty size; sleep 1.5; stty size; test -t 0 && echo is-a-tty"
     url = server.url_for_exec(exec_request(["sh", "-c", script], stdin=True, tty=True))
     result = await run_client(
         client_binary,
@@ -183,7 +184,8 @@ async def test_exec_tty_with_resize(
     assert result.code == 0, result
     lines = result.stdout.replace(b"\r\n", b"\n").split(b"\n")
     assert lines[:3] == [b"24 80", b"40 120", b"is-a-tty"], result
-    assert backend.processes[-1].resizes == [(80, 24), (120, 40)]
+    assert backend.processes[-1].initial_size == (80, 24)
+    assert backend.processes[-1].resizes == [(120, 40)]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -33,16 +33,23 @@ class LocalProcess:
         self._output: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(64)
         self._readers: list[asyncio.Task[None]] = []
         self.resizes: list[tuple[int, int]] = []
+        self.initial_size: tuple[int, int] | None = None
         self.stdin_closed = False
         self.closed = False
 
     @classmethod
-    async def start(cls, cmd: list[str], *, tty: bool, stdin: bool) -> LocalProcess:
+    async def start(
+        cls, cmd: list[str], *, tty: bool, stdin: bool, size: tuple[int, int] | None = None
+    ) -> LocalProcess:
         self = cls(tty)
+        self.initial_size = size
         try:
             if tty:
                 master, slave = pty.openpty()
                 self.master = master
+                if size is not None:
+                    cols, rows = size
+                    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
                 self.proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
                 )
@@ -218,11 +225,17 @@ class LocalBackend:
         return container
 
     async def exec(
-        self, container_id: str, cmd: list[str], *, tty: bool, stdin: bool
+        self,
+        container_id: str,
+        cmd: list[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        size: tuple[int, int] | None = None,
     ) -> LocalProcess:
         if container_id == "missing":
             raise BackendError(f"container {container_id!r} not found")
-        process = await LocalProcess.start(cmd, tty=tty, stdin=stdin)
+        process = await LocalProcess.start(cmd, tty=tty, stdin=stdin, size=size)
         self.processes.append(process)
         return process
 

@@ -155,6 +155,16 @@ def test_exec_process_inherits_and_overrides() -> None:
     process = oci.build_exec_process(container, ExecSpec(args=["id"], uid=0, gid=0, cwd="/"))
     assert process["user"] == {"uid": 0, "gid": 0}
     assert process["cwd"] == "/"
+    assert "consoleSize" not in process
+
+
+def test_exec_process_starts_with_the_clients_terminal_size() -> None:
+    container = ContainerSpec(args=["sleep"])
+    spec = ExecSpec(args=["sh"], tty=True, cols=120, rows=40)
+    process = oci.build_exec_process(container, spec)
+    assert process["consoleSize"] == {"width": 120, "height": 40}
+    spec = ExecSpec(args=["sh"], tty=False, cols=120, rows=40)
+    assert "consoleSize" not in oci.build_exec_process(container, spec)
 
 
 @pytest.mark.parametrize(
