@@ -1,7 +1,7 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools kubernetes run demo test lint bench conformance e2e
+.PHONY: deps guest tools kubernetes run demo test lint bench conformance e2e node-conformance
 
 deps:
 	scripts/install-deps.sh
@@ -45,3 +45,10 @@ E2E_REPORT ?= e2e-report.xml
 e2e: guest tools kubernetes
 	CLEARCRI_GUEST_DIR=$(GUEST_DIR) CLEARCRI_E2E=1 python3 -m pytest -v -rs -p no:cacheprovider \
 		tests/e2e --junitxml=$(E2E_REPORT) $(E2E_ARGS)
+
+# Upstream node conformance (test/e2e_node [NodeConformance], less what upstream CI skips)
+# against the same kind of node; fails when a spec of
+# tests/e2e/node-conformance-expected-pass.txt fails. NODE_CONFORMANCE_ARGS="--expected-only"
+# runs just those specs; "--runtime containerd" runs the containerd + runc baseline.
+node-conformance: guest tools
+	CLEARCRI_GUEST_DIR=$(GUEST_DIR) scripts/node-conformance.sh --check $(NODE_CONFORMANCE_ARGS)
