@@ -8,6 +8,8 @@ backend process through them.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -27,9 +29,13 @@ V2 = "v2.channel.k8s.io"
 V3 = "v3.channel.k8s.io"
 V4 = "v4.channel.k8s.io"
 V5 = "v5.channel.k8s.io"
+# WebSocket only: every message a text frame, "<channel digit><base64 of the bytes>"
+BASE64_V1 = "base64.channel.k8s.io"
+BASE64_V4 = "v4.base64.channel.k8s.io"
 SPDY_PROTOCOLS = [V5, V4, V3, V2, V1]
-WEBSOCKET_PROTOCOLS = [V5, V4]
-_VERSIONS = {V1: 1, V2: 2, V3: 3, V4: 4, V5: 5, "": 1}
+WEBSOCKET_PROTOCOLS = [V5, V4, BASE64_V4, V1, BASE64_V1]
+BASE64_PROTOCOLS = (BASE64_V1, BASE64_V4)
+_VERSIONS = {V1: 1, V2: 2, V3: 3, V4: 4, V5: 5, BASE64_V1: 1, BASE64_V4: 4, "": 1}
 
 # WebSocket channel numbers (first byte of every binary message).
 WS_STDIN = 0
@@ -214,14 +220,19 @@ class SpdyCommandChannels(CommandChannels):
 
 
 class WebSocketCommandChannels(CommandChannels):
-    """Channels multiplexed over one WebSocket; runs its own reader task."""
+    """Channels multiplexed over one WebSocket; runs its own reader task. Each message
+    is a channel number then bytes: a binary frame (channel.k8s.io and its v4/v5), or a
+    text frame of an ASCII digit then base64 (the base64 protocols)."""
 
     STDIN_QUEUE = 8
 
-    def __init__(self, ws: websocket.WebSocketConnection, version: int) -> None:
+    def __init__(
+        self, ws: websocket.WebSocketConnection, version: int, *, base64_frames: bool = False
+    ) -> None:
         super().__init__()
         self.ws = ws
         self.version = version
+        self.base64_frames = base64_frames
         self._stdin: asyncio.Queue[bytes] = asyncio.Queue(self.STDIN_QUEUE)
         self._stdin_closed = False
         self._sizes: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(64)
@@ -234,9 +245,10 @@ class WebSocketCommandChannels(CommandChannels):
                 message = await self.ws.receive()
                 if message is None:
                     break
-                if message.opcode != websocket.BINARY or not message.data:
+                decoded = self._decode(message)
+                if decoded is None:
                     continue
-                channel, payload = message.data[0], message.data[1:]
+                channel, payload = decoded
                 if channel == WS_STDIN and payload and not self._stdin_closed:
                     await self._stdin.put(payload)
                 elif channel == WS_RESIZE:
@@ -255,6 +267,35 @@ class WebSocketCommandChannels(CommandChannels):
                 self._sizes.put_nowait(None)
             self.closed.set()
 
+    def _decode(self, message: websocket.Message) -> tuple[int, bytes] | None:
+        if not message.data:
+            return None
+        if not self.base64_frames:
+            if message.opcode != websocket.BINARY:
+                return None
+            return message.data[0], message.data[1:]
+        if message.opcode != websocket.TEXT or not 0x30 <= message.data[0] <= 0x39:
+            return None
+        try:
+            return message.data[0] - 0x30, base64.b64decode(message.data[1:], validate=True)
+        except binascii.Error:
+            return None
+
+    async def _send(self, channel: int, data: bytes) -> None:
+        if self.base64_frames:
+            await self.ws.send(websocket.TEXT, bytes((0x30 + channel,)) + base64.b64encode(data))
+        else:
+            await self.ws.send_binary(bytes((channel,)) + data)
+
+    async def announce(self, opts: CommandOptions) -> None:
+        """Before v4, the server's first message is an empty one on its lowest writable
+        channel: clients of those protocols wait for it to know the session is open."""
+        if self.version >= 4:
+            return
+        channel = WS_STDOUT if opts.stdout else WS_STDERR if opts.stderr else WS_ERROR
+        with contextlib.suppress(ConnectionError):
+            await self._send(channel, b"")
+
     async def _end_stdin(self) -> None:
         if not self._stdin_closed:
             self._stdin_closed = True
@@ -269,12 +310,12 @@ class WebSocketCommandChannels(CommandChannels):
     async def write_output(self, channel: int, data: bytes) -> None:
         ws_channel = WS_STDOUT if channel == STDOUT else WS_STDERR
         for start in range(0, len(data), spdy.SEND_CHUNK):
-            await self.ws.send_binary(bytes((ws_channel,)) + data[start : start + spdy.SEND_CHUNK])
+            await self._send(ws_channel, data[start : start + spdy.SEND_CHUNK])
 
     async def finish(self, status: bytes) -> None:
         if status:
             with contextlib.suppress(ConnectionError):
-                await self.ws.send_binary(bytes((WS_ERROR,)) + status)
+                await self._send(WS_ERROR, status)
         await self.ws.close(websocket.NORMAL_CLOSURE)
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -327,8 +327,11 @@ class StreamingServer:
     ) -> None:
         version = remotecommand.protocol_version(protocol)
         ws = WebSocketConnection(transport)
-        channels = remotecommand.WebSocketCommandChannels(ws, version)
+        channels = remotecommand.WebSocketCommandChannels(
+            ws, version, base64_frames=protocol in remotecommand.BASE64_PROTOCOLS
+        )
         try:
+            await channels.announce(self._options(pending))
             await remotecommand.run_session(
                 channels,
                 self._starter(pending),

@@ -317,6 +317,53 @@ async def test_websocket_v5_exec_with_stdin_close_signal(server: StreamingServer
     conn.writer.close()
 
 
+async def test_websocket_v1_exec_as_the_conformance_suite_uses_it(
+    server: StreamingServer,
+) -> None:
+    """channel.k8s.io (before v4): an empty message on stdout opens the session, the
+    error channel carries plain text."""
+    url = server.url_for_exec(
+        api_pb2.ExecRequest(
+            container_id="c",
+            cmd=["sh", "-c", "echo remote execution test; exit 3"],
+            stdout=True,
+            stderr=True,
+        )
+    )
+    protocol, conn = await ws_connect(url, "channel.k8s.io")
+    assert protocol == "channel.k8s.io"
+    messages = []
+    while (message := await conn.receive()) is not None and message.opcode != ws.CLOSE:
+        messages.append(message)
+    assert all(m.opcode == ws.BINARY for m in messages)
+    assert messages[0].data == b"\x01"
+    stdout = b"".join(m.data[1:] for m in messages if m.data[0] == 1)
+    errors = b"".join(m.data[1:] for m in messages if m.data[0] == 3)
+    assert stdout == b"remote execution test\n"
+    assert errors == b"command terminated with non-zero exit code: exit code 3"
+    conn.writer.close()
+
+
+async def test_websocket_base64_exec_with_stdin(server: StreamingServer) -> None:
+    url = server.url_for_exec(
+        api_pb2.ExecRequest(container_id="c", cmd=["cat"], stdin=True, stdout=True)
+    )
+    protocol, conn = await ws_connect(url, "base64.channel.k8s.io")
+    assert protocol == "base64.channel.k8s.io"
+    conn.send(ws.TEXT, b"0" + base64.b64encode(b"\x00binary\xffstdin"))
+    conn.send(ws.TEXT, b"0" + base64.b64encode(b"\x04"))  # not a tty: just bytes
+    stdout = b""
+    for _ in range(20):
+        message = await asyncio.wait_for(conn.receive(), 10)
+        assert message is not None and message.opcode == ws.TEXT
+        assert message.data[:1] == b"1"
+        stdout += base64.b64decode(message.data[1:])
+        if stdout == b"\x00binary\xffstdin\x04":
+            break
+    assert stdout == b"\x00binary\xffstdin\x04"
+    conn.writer.close()
+
+
 async def test_websocket_rejects_unknown_subprotocol(server: StreamingServer) -> None:
     url = server.url_for_exec(api_pb2.ExecRequest(container_id="c", cmd=["true"], stdout=True))
     key = base64.b64encode(os.urandom(16)).decode()
@@ -325,7 +372,7 @@ async def test_websocket_rejects_unknown_subprotocol(server: StreamingServer) ->
         "Upgrade": "websocket",
         "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": key,
-        "Sec-WebSocket-Protocol": "base64.channel.k8s.io",
+        "Sec-WebSocket-Protocol": "v9.channel.k8s.io",
     }
     status, _a, _r, writer = await http_upgrade(url, headers, method="GET")
     assert status == 400
