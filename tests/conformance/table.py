@@ -1,11 +1,15 @@
-"""Render the per-spec comparison table of docs/conformance.md from JUnit reports.
+"""Render the per-spec comparison tables of docs/conformance.md from run reports.
 
     python3 -m tests.conformance.table clearcri=build/conformance/clearcri/junit.xml \\
         containerd+runc=build/conformance/containerd/junit.xml
+    python3 -m tests.conformance.table \\
+        clearcri=build/node-conformance/clearcri/results.json \\
+        containerd+runc=build/node-conformance/containerd/results.json
 
 Prints a Markdown table: one row per spec, one column per runtime (pass, FAIL, skip),
-then a row of pass counts and the critest wall time, read from the results.json that
-`run.py` writes next to each report.
+then a row of pass counts and the suite's wall time, read from the results.json that
+the runners (tests/conformance/run.py, tests/e2e/node_conformance.py) write beside each
+JUnit report. A report named ``*.json`` is such a results.json itself.
 """
 
 from __future__ import annotations
@@ -20,16 +24,27 @@ CELL = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip"}
 
 
 def minutes(report: Path) -> str:
-    results = report.with_name("results.json")
+    results = report if report.suffix == ".json" else report.with_name("results.json")
     if not results.exists():
         return "?"
-    seconds = float(json.loads(results.read_text()).get("critest_seconds", 0))
+    data = json.loads(results.read_text())
+    seconds = float(data.get("critest_seconds", data.get("suite_seconds", 0)))
     return f"{seconds / 60:.1f} min"
+
+
+def read_results(path: Path) -> list[SpecResult]:
+    if path.suffix != ".json":
+        return read_report(path)
+    specs = json.loads(path.read_text())["specs"]
+    return [
+        SpecResult(s["name"], s["outcome"], float(s["seconds"]), s.get("message", ""))
+        for s in specs
+    ]
 
 
 def render(columns: list[tuple[str, Path]]) -> str:
     reports: list[dict[str, SpecResult]] = [
-        {r.name: r for r in read_report(path)} for _, path in columns
+        {r.name: r for r in read_results(path)} for _, path in columns
     ]
     names = sorted({name for report in reports for name in report})
     lines = [
@@ -47,7 +62,7 @@ def render(columns: list[tuple[str, Path]]) -> str:
         for report in reports
     ]
     lines.append("| **total** | " + " | ".join(counts) + " |")
-    lines.append("| **critest wall time** | " + " | ".join(minutes(p) for _, p in columns) + " |")
+    lines.append("| **suite wall time** | " + " | ".join(minutes(p) for _, p in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
