@@ -74,6 +74,8 @@ class Config:
             raise ConfigError("daemon.cgroup_driver must be 'cgroupfs' or 'systemd'")
         if self.vm.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError("vm.accel must be 'auto', 'kvm' or 'tcg'")
+        if self.vm.small_pods not in ("grow", "refuse"):
+            raise ConfigError("vm.small_pods must be 'grow' or 'refuse'")
         if self.vm.ksm_pages_to_scan < 0:
             raise ConfigError("vm.ksm_pages_to_scan must be 0 (leave as is) or more")
         if not 0 <= self.metrics.port <= 65535:

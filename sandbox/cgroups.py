@@ -160,6 +160,31 @@ def memory_limit(parent: str, driver: str, roots: list[Path] | None = None) -> i
     return None
 
 
+def raise_memory_limit(
+    parent: str, driver: str, floor: int, roots: list[Path] | None = None
+) -> bool:
+    """Raise the memory limit of the pod's cgroup ``parent`` to at least ``floor`` bytes
+    where it is lower (v1: memory and memory+swap, v2: memory.max). True if it did."""
+    rel = parent_path(parent, driver)
+    raised = False
+    for root in roots if roots is not None else hierarchies():
+        # v1: memory+swap first, it may never be below the memory limit
+        for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "memory.max"):
+            path = root / rel / name
+            try:
+                text = path.read_text().strip()
+            except OSError:
+                continue
+            if text == "max" or int(text) >= floor:
+                continue
+            try:
+                path.write_text(f"{floor}\n")
+            except OSError as exc:
+                raise CgroupError(f"cannot raise {path} to {floor}: {exc}") from exc
+            raised = True
+    return raised
+
+
 def pod_memory_budget(
     parent: str,
     driver: str,

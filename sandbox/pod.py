@@ -25,7 +25,7 @@ from typing import Any
 from agent.client import AgentClient, AgentError, ExecSession
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox.accel import choose_accel
-from sandbox.cgroups import VmCgroup
+from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.network import (
@@ -80,6 +80,11 @@ class SandboxConfig:
     qemu_overhead_mib: int = 40
     # The smallest pod VM that boots and runs a container.
     min_memory_mib: int = 96
+    # A pod whose memory budget cannot hold the smallest VM plus QEMU (small limits, no
+    # RuntimeClass overhead): "grow" gives it the smallest VM and raises its cgroup's
+    # memory limit to what that VM needs (its containers keep their limits in the
+    # guest); "refuse" answers INVALID_ARGUMENT.
+    small_pods: str = "grow"
     max_vcpus: int = 0  # 0: the host's CPU count
     image_slots: int = 4
     tcg_tb_size_mib: int = 16
@@ -174,6 +179,8 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
         )
     if spec.memory_budget_bytes > 0:
         fits = spec.memory_budget_bytes // 2**20 - config.qemu_overhead_mib
+        if fits < config.min_memory_mib and config.small_pods == "grow":
+            return vcpus, config.min_memory_mib  # see memory_floor_bytes
         if fits < config.min_memory_mib:
             raise SandboxError(
                 f"the pod's memory budget of {spec.memory_budget_bytes // 2**20} MiB "
@@ -185,6 +192,15 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
             )
         memory = min(memory, fits)
     return vcpus, memory
+
+
+def memory_floor_bytes(spec: SandboxSpec, config: SandboxConfig, memory_mib: int) -> int:
+    """What the pod's cgroup must allow for its VM when its budget is smaller (a small
+    pod, ``small_pods = "grow"``), else 0."""
+    needed = (memory_mib + config.qemu_overhead_mib) * 2**20
+    if spec.memory_budget_bytes > 0 and needed > spec.memory_budget_bytes:
+        return needed
+    return 0
 
 
 class SandboxHost:
@@ -415,6 +431,7 @@ class PodSandbox:
             self.pid = self.process.pid
             self.process.on_exit(self._vm_exited)
             if self.spec.cgroup_parent:
+                self._grow_small_pod_cgroup()
                 self.cgroup = place_in_cgroup(
                     self.pid,
                     parent=self.spec.cgroup_parent,
@@ -623,6 +640,26 @@ class PodSandbox:
             log.warning("sandbox=%s dead: %s", self.id, reason)
             for callback in self._exit_callbacks:
                 callback(self)
+
+    def _grow_small_pod_cgroup(self) -> None:
+        """A small pod's cgroup gets room for its VM before QEMU joins it (or the host
+        would OOM-kill the VM as a whole): the guest still holds each container to its
+        own limit, the pod as a whole may use what the smallest VM costs."""
+        floor = memory_floor_bytes(self.spec, self.host.config, self.machine.memory_mib)
+        if floor == 0:
+            return
+        try:
+            raised = raise_memory_limit(self.spec.cgroup_parent, self.spec.cgroup_driver, floor)
+        except CgroupError as exc:
+            raise SandboxError(f"cannot make room for the pod's VM: {exc}") from exc
+        if raised:
+            log.warning(
+                "pod=%s: a memory budget of %d MiB cannot hold the smallest VM; its cgroup "
+                "limit was raised to %d MiB (a RuntimeClass overhead would account for it)",
+                self.id[:12],
+                self.spec.memory_budget_bytes // 2**20,
+                floor // 2**20,
+            )
 
     def _save(self) -> None:
         machine = asdict(self.machine)

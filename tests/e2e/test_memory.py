@@ -136,3 +136,26 @@ def test_a_container_over_its_limit_is_oomkilled_in_the_guest(k8s: Workloads) ->
     assert _oom_killed(status), status
     pod = k8s.get("pod", "over")
     assert host_oom_kills(pod_memory_cgroup(k8s.cluster, pod["metadata"]["uid"])) == 0
+
+
+def test_a_small_pod_runs_in_the_smallest_vm(k8s: Workloads) -> None:
+    """A 64Mi pod without a RuntimeClass overhead (a budget no VM fits in) runs: it gets
+    the smallest VM, its cgroup room for that VM, and its container keeps its 64Mi limit
+    in the guest (it was refused with INVALID_ARGUMENT before)."""
+    k8s.apply(_holder(k8s, "small", 32, "64Mi"), _holder(k8s, "small-over", 100, "64Mi"))
+    k8s.wait("holding 32", lambda: "holding 32" in k8s.logs("small"), 240)
+    pod = k8s.get("pod", "small")
+    cgroup = pod_memory_cgroup(k8s.cluster, pod["metadata"]["uid"])
+    assert int((cgroup / "memory.limit_in_bytes").read_text()) > 64 * MIB
+    k8s.wait(
+        "the 100 MiB holder terminated",
+        lambda: _terminated(k8s.container_status("small-over", "main")),
+        240,
+    )
+    status = k8s.container_status("small-over", "main")
+    last = status.get("lastState", {}).get("terminated") or status["state"]["terminated"]
+    assert last["reason"] in ("OOMKilled", "Error"), status
+    over = k8s.get("pod", "small-over")
+    for uid in (pod["metadata"]["uid"], over["metadata"]["uid"]):
+        assert host_oom_kills(pod_memory_cgroup(k8s.cluster, uid)) == 0
+    assert k8s.get("pod", "small")["status"]["containerStatuses"][0]["restartCount"] == 0

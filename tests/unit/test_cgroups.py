@@ -12,6 +12,7 @@ from sandbox.cgroups import (
     memory_limit,
     place,
     pod_memory_budget,
+    raise_memory_limit,
     relative_path,
     systemd_slice_path,
 )
@@ -129,3 +130,21 @@ def test_pod_memory_budget_is_the_tighter_of_cgroup_and_cri(tmp_path: Path) -> N
     assert pod_memory_budget("/elsewhere", "cgroupfs", 0, 64 << 20, [v1]) == 0
     # a parent that leaves the tree is ignored, CRI's figure stands
     assert pod_memory_budget("/../x", "cgroupfs", 256 << 20, 0, [v1]) == 256 << 20
+
+
+def test_raise_memory_limit_only_raises(tmp_path: Path) -> None:
+    v1 = tmp_path / "memory"
+    pod = v1 / "kubepods" / "podabc"
+    pod.mkdir(parents=True)
+    (pod / "memory.limit_in_bytes").write_text("67108864\n")
+    (pod / "memory.memsw.limit_in_bytes").write_text("67108864\n")
+    v2 = tmp_path / "unified"
+    (v2 / "kubepods" / "podabc").mkdir(parents=True)
+    (v2 / "kubepods" / "podabc" / "memory.max").write_text("max\n")
+    assert raise_memory_limit("/kubepods/podabc", "cgroupfs", 136 << 20, [v1, v2])
+    assert (pod / "memory.limit_in_bytes").read_text() == f"{136 << 20}\n"
+    assert (pod / "memory.memsw.limit_in_bytes").read_text() == f"{136 << 20}\n"
+    assert (v2 / "kubepods" / "podabc" / "memory.max").read_text() == "max\n"
+    # already enough: nothing written
+    assert not raise_memory_limit("/kubepods/podabc", "cgroupfs", 100 << 20, [v1, v2])
+    assert (pod / "memory.limit_in_bytes").read_text() == f"{136 << 20}\n"

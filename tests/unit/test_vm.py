@@ -8,7 +8,7 @@ import pytest
 
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.guest import GuestAssets
-from sandbox.pod import SandboxConfig, SandboxError, SandboxSpec, size_vm
+from sandbox.pod import SandboxConfig, SandboxError, SandboxSpec, memory_floor_bytes, size_vm
 from sandbox.vm import MachineSpec, align_up, build_command, slot_root_port
 
 
@@ -124,8 +124,17 @@ def test_vm_and_qemu_fit_the_pod_memory_budget() -> None:
     assert size_vm(partial, config)[1] == 320 - 64
 
 
-def test_a_budget_too_small_for_any_vm_is_refused_with_what_to_do() -> None:
+def test_a_budget_too_small_for_any_vm_gets_the_smallest_vm_and_room_for_it() -> None:
     config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128)
+    spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
+    assert size_vm(spec, config)[1] == 128
+    assert memory_floor_bytes(spec, config, 128) == (128 + 64) * 2**20
+    roomy = SandboxSpec("a", memory_limit_bytes=512 * 2**20, memory_budget_bytes=512 * 2**20)
+    assert memory_floor_bytes(roomy, config, size_vm(roomy, config)[1]) == 0
+
+
+def test_a_budget_too_small_for_any_vm_is_refused_when_configured_so() -> None:
+    config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128, small_pods="refuse")
     spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
     with pytest.raises(SandboxError, match="RuntimeClass with an overhead"):
         size_vm(spec, config)
