@@ -51,6 +51,12 @@ UPSTREAM_SKIP = r"\[Serial\]|\[Slow\]|\[Flaky\]|\[Feature:"
 EXPECTED_PASS = Path(__file__).resolve().parent / "node-conformance-expected-pass.txt"
 # the part of the expected-pass list CI runs (the whole list takes too long beside the rest)
 CI_SPECS = Path(__file__).resolve().parent / "node-conformance-ci.txt"
+# Each runtime's node has bridges and subnets of its own (not the e2e suite's), so a
+# clearcri run and the containerd baseline can run side by side.
+NETWORKS = {
+    "clearcri": ("ccnc", "10.231.252.1/24", "10.231.253.0/24"),
+    "containerd": ("ccnd", "10.231.254.1/24", "10.231.255.0/24"),
+}
 TARGETS = (
     "kubelet kube-apiserver kube-controller-manager kube-scheduler kubectl "
     "e2e_node.test agnhost ginkgo"
@@ -237,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         (report_dir / stale).unlink(missing_ok=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)
-    # one run per host: conformance runs and benchmarks share the CPU and host ports
-    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # one run per runtime at a time: its node's bridges and subnets are fixed
+    lock = os.open(f"{LOCK_FILE}.node-{args.runtime}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"another run (conformance or benchmark) holds {LOCK_FILE}; waiting for it")
+        log(f"another node conformance run on {args.runtime} is going on; waiting for it")
         fcntl.flock(lock, fcntl.LOCK_EX)
     started = time.monotonic()
     build_tools()
@@ -254,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             log(f"pushing the node conformance images to {registry.host}")
             node_images.build_and_push(registry.host)
+            prefix, node_address, pod_subnet = NETWORKS[args.runtime]
             cluster = Cluster(
                 ClusterConfig(
                     work=work / "node",
+                    node_name=f"{prefix}-node",
+                    node_address=node_address,
+                    pod_subnet=pod_subnet,
+                    bridge_prefix=prefix,
                     runtime=args.runtime,
                     registry=registry.host,
                     mirrored=MIRRORED,
