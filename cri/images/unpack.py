@@ -68,8 +68,19 @@ class LayerSource:
 class _Budget:
     def __init__(self, limits: UnpackLimits) -> None:
         self.limits = limits
-        self.bytes = 0
+        self.bytes = 0  # the uncompressed tar streams
+        self.written = 0  # the regular files' sizes (a sparse member's full size)
         self.entries = 0
+
+    def add_file(self, member: tarfile.TarInfo, layer: str) -> None:
+        """Count a regular file at the size it unpacks to: a GNU sparse member's tar
+        data is only its non-zero parts, tarfile writes it whole."""
+        self.written += max(member.size, 0)
+        if self.written > self.limits.max_bytes:
+            raise UnsafeLayer(
+                f"layer {layer}: its files unpack to more than {self.limits.max_bytes} bytes "
+                f"(the image size limit; {member.name!r} alone is {member.size}); refusing it"
+            )
 
 
 class _CountingReader:
@@ -290,7 +301,15 @@ class _LayerApplier:
                 _opaque(parent, self.added)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                victim = os.path.join(parent, base[len(WHITEOUT_PREFIX) :])
+                name = base[len(WHITEOUT_PREFIX) :]
+                if name in ("", ".", ".."):
+                    # would remove the directory itself or its parent (the shared
+                    # unpack directory, at the layer's root)
+                    raise UnsafeLayer(
+                        f"layer {self.layer}: whiteout {member.name!r} names no entry; "
+                        "refusing the layer"
+                    )
+                victim = os.path.join(parent, name)
                 if victim not in self.added:
                     _remove(victim)
                 continue
@@ -314,6 +333,7 @@ class _LayerApplier:
         if existing is not None:
             _remove(target)
         if member.isreg():
+            self.budget.add_file(member, self.layer)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:
                 stream = tar.extractfile(member)

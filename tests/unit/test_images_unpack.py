@@ -242,3 +242,52 @@ def test_read_image_file_follows_links_inside(tmp_path: Path) -> None:
     assert read_image_file(root, "etc/missing") is None
     with pytest.raises(UnsafeLayer):
         resolve_in_root(root, "etc/group", follow_final=True)
+
+
+@pytest.mark.parametrize("whiteout", [".wh..", ".wh...", "d/.wh..", "d/.wh...", ".wh."])
+def test_whiteouts_of_dot_entries_are_refused(tmp_path: Path, whiteout: str) -> None:
+    """``.wh..`` and ``.wh...`` named the directory itself or its parent: at a layer's
+    root, the shared unpack directory of every conversion in flight."""
+    sibling = tmp_path / "sibling"
+    sibling.mkdir()
+    with pytest.raises(UnsafeLayer, match="names no entry"):
+        _apply(tmp_path, Layer([_dir("d"), Entry("d/keep", data=b"x"), Entry(whiteout)]))
+    assert sibling.is_dir(), "a whiteout removed a directory beside the image root"
+    assert (tmp_path / "root").is_dir()
+
+
+def _sparse_layer(name: str, real_size: int) -> bytes:
+    """A PAX (GNU 1.0) sparse member: a few bytes of tar data that unpack to real_size."""
+    import io
+    import tarfile
+
+    sparse_map = b"1\n0\n4\n".ljust(512, b"\0")  # one chunk: 4 bytes at offset 0
+    data = sparse_map + b"data"
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name}")
+    info.size = len(data)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(real_size),
+    }
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def test_a_sparse_member_counts_at_its_full_size(tmp_path: Path) -> None:
+    """A tiny layer whose sparse member declares a huge file is refused by the budget
+    before anything is written (it once wrote 5.9 GB for 142 bytes of gzip)."""
+    blob = tmp_path / "layer0"
+    blob.write_bytes(_sparse_layer("big", 1 << 30))
+    root = tmp_path / "root"
+    with pytest.raises(UnsafeLayer, match="unpack to more than 50000 bytes"):
+        unpack_layers(root, [LayerSource(blob, "sha256:x", None)], UnpackLimits(max_bytes=50_000))
+    assert sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) == 0
+    # within the budget it unpacks whole
+    shutil.rmtree(root)
+    blob.write_bytes(_sparse_layer("small", 10_000))
+    unpack_layers(root, [LayerSource(blob, "sha256:x", None)], UnpackLimits(max_bytes=50_000))
+    assert (root / "small").read_bytes() == b"data" + b"\0" * 9_996
