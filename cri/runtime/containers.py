@@ -194,6 +194,9 @@ class ContainerOps(RuntimeCore):
         meta = config.metadata
         if not meta.name:
             raise InvalidArgument("container metadata needs a name")
+        problem = convert.check_name("container name", meta.name)
+        if problem:
+            raise InvalidArgument(f"{problem}: a container name must be a Kubernetes name")
         if not config.image.image:
             raise InvalidArgument("container config needs an image")
         for other in self.state.pod_containers(pod.id):

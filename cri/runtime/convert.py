@@ -268,6 +268,25 @@ def image_spec_with_ref(spec: api_pb2.ImageSpec, image_ref: str) -> api_pb2.Imag
     return out
 
 
+#: Longest metadata name, namespace or uid (a Kubernetes name is at most 253 bytes).
+MAX_NAME_BYTES = 253
+
+
+def check_name(what: str, value: str) -> str | None:
+    """What is wrong with a metadata name, namespace or uid, or None. They travel to
+    CNI plugins (CNI_ARGS: ``K=V;K=V``), to file and cgroup names and to logs."""
+    if not value:
+        return f"{what} is empty"
+    if len(value.encode()) > MAX_NAME_BYTES:
+        return f"{what} is longer than {MAX_NAME_BYTES} bytes"
+    for char in value:
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            return f"{what} {value[:40]!r} contains the control character {char!r}"
+        if char in ";=/":
+            return f"{what} {value[:40]!r} contains {char!r}"
+    return None
+
+
 def check_user_namespace(config: api_pb2.PodSandboxConfig) -> str | None:
     """What is wrong with a pod's user namespace options, or None. Mode NODE (the
     default) runs in the pod's (VM's or host's) user namespace; POD gives the pod one

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cri_api.v1 import api_pb2
 
 from agent.client import AgentError
-from cri.runtime.convert import check_user_namespace, resolv_conf
+from cri.runtime.convert import check_name, check_user_namespace, resolv_conf
 from cri.runtime.core import RuntimeCore
 from cri.runtime.errors import (
     AlreadyExists,
@@ -118,6 +118,10 @@ def _hosts_file(hostname: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: How often a leftover sandbox that could not be removed is tried again.
+LEFTOVER_RETRY_S = 30
+
+
 class PodOps(RuntimeCore):
     metrics: RuntimeMetrics | None = None  # set by the daemon (cri/metrics.py)
 
@@ -125,6 +129,10 @@ class PodOps(RuntimeCore):
         meta = config.metadata
         if not meta.name or not meta.namespace or not meta.uid:
             raise InvalidArgument("pod metadata needs name, namespace and uid")
+        for what, value in (("name", meta.name), ("namespace", meta.namespace), ("uid", meta.uid)):
+            problem = check_name(f"pod {what}", value)
+            if problem:
+                raise InvalidArgument(f"{problem}: pod metadata must be a Kubernetes name")
         if runtime_handler not in HANDLERS:
             raise InvalidArgument(
                 f"unknown runtime handler {runtime_handler!r}: this runtime serves "
@@ -422,27 +430,59 @@ class PodOps(RuntimeCore):
         return out
 
     async def recover(self) -> None:
-        """Re-adopt every pod VM an earlier daemon left; settle the ones that died."""
+        """Re-adopt every pod VM an earlier daemon left; settle the ones that died. Never
+        fails: what cannot be settled now is logged and left to a retry, and the daemon
+        serves (a node whose runtime cannot start runs nothing at all)."""
         known = set(self.state.pods)
         for pod in list(self.state.pods.values()):
             if pod.state != POD_READY:
                 continue
             try:
-                sandbox = await adopt_sandbox(self.host, pod.id)
-            except SandboxError as exc:
-                self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
-                continue
-            if sandbox.state != "ready":
-                self._sandbox_died(pod.id, sandbox.exit_reason or "the VM is gone")
-                continue
-            self._watch_sandbox(pod, sandbox)
-            await self.recover_containers(pod, sandbox)
-            log.info("pod=%s re-adopted pid=%d", pod.id[:12], sandbox.pid)
+                await self._recover_pod(pod)
+            except Exception:
+                log.exception("pod=%s: could not re-adopt it; it stays as it is", pod.id[:12])
         # A VM whose pod never reached the database (daemon killed mid-RunPodSandbox).
-        for leftover in self.host.sandbox_ids():
-            if leftover not in known:
-                log.warning("removing sandbox %s that has no pod record", leftover[:12])
-                await self._destroy_leftover(leftover)
+        leftovers = [pod_id for pod_id in self.host.sandbox_ids() if pod_id not in known]
+        failed = await self._remove_leftovers(leftovers)
+        if failed:
+            self.spawn(self._retry_leftovers(failed), "retry-leftover-sandboxes")
+
+    async def _recover_pod(self, pod: PodRecord) -> None:
+        try:
+            sandbox = await adopt_sandbox(self.host, pod.id)
+        except SandboxError as exc:
+            self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
+            return
+        if sandbox.state != "ready":
+            self._sandbox_died(pod.id, sandbox.exit_reason or "the VM is gone")
+            return
+        self._watch_sandbox(pod, sandbox)
+        await self.recover_containers(pod, sandbox)
+        log.info("pod=%s re-adopted pid=%d", pod.id[:12], sandbox.pid)
+
+    async def _remove_leftovers(self, pod_ids: list[str]) -> list[str]:
+        """Remove sandboxes that have no pod record; the ids that could not be."""
+        failed = []
+        for pod_id in pod_ids:
+            log.warning("removing sandbox %s that has no pod record", pod_id[:12])
+            try:
+                await self._destroy_leftover(pod_id)
+            except Exception as exc:
+                log.error(
+                    "sandbox %s: could not remove it (%s); trying again in %d s",
+                    pod_id[:12],
+                    exc,
+                    LEFTOVER_RETRY_S,
+                )
+                failed.append(pod_id)
+        return failed
+
+    async def _retry_leftovers(self, pod_ids: list[str]) -> None:
+        while pod_ids:
+            await asyncio.sleep(LEFTOVER_RETRY_S)
+            pod_ids = await self._remove_leftovers(
+                [p for p in pod_ids if p in self.host.sandbox_ids()]
+            )
 
 
 def _mkdir(path: str) -> None:

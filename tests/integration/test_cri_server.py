@@ -248,6 +248,15 @@ async def test_errors_carry_codes_and_reasons(
         )
         == grpc.StatusCode.INVALID_ARGUMENT
     )
+    # names that cannot travel to CNI, files and cgroups are refused before anything is
+    # made (a NUL once left a netns behind that crashed every later daemon start)
+    for name in ("a\0b", "n" * (1 << 20), "a;b"):
+        assert (
+            await code_of(
+                rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config(name, tmp_path)))
+            )
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
     assert (
         await code_of(rt.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x")))
         == grpc.StatusCode.UNIMPLEMENTED

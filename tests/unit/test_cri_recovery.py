@@ -1,0 +1,106 @@
+"""Daemon start-up recovery never aborts the start, and CRI names are checked first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from cri.runtime import pods
+from cri.runtime.convert import check_name
+from cri.runtime.pods import PodOps
+
+
+class FakeState:
+    def __init__(self) -> None:
+        self.pods: dict[str, Any] = {}
+
+
+class FakeHost:
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def sandbox_ids(self) -> list[str]:
+        return list(self.ids)
+
+
+class Ops(PodOps):
+    """The pod operations alone (the container half is not needed here)."""
+
+    def container_status_message(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def recover_containers(self, *args: Any) -> None:
+        raise NotImplementedError
+
+
+def make_ops(ids: list[str]) -> tuple[PodOps, list[str]]:
+    ops = object.__new__(Ops)
+    ops.state = FakeState()  # type: ignore[assignment]
+    ops.host = FakeHost(ids)  # type: ignore[assignment]
+    spawned: list[str] = []
+
+    def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+        spawned.append(name)
+        coro.close()
+
+    ops.spawn = spawn  # type: ignore[method-assign,assignment]
+    return ops, spawned
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_daemon() -> None:
+    """A leftover sandbox whose clean-up fails (a CNI DEL that raises) once made every
+    start of `clearcri serve` exit with a traceback."""
+    ops, spawned = make_ops(["a" * 64, "b" * 64])
+    removed: list[str] = []
+
+    async def destroy(pod_id: str) -> None:
+        if pod_id.startswith("a"):
+            raise RuntimeError("CNI DEL failed: embedded null byte")
+        removed.append(pod_id)
+
+    ops._destroy_leftover = destroy  # type: ignore[method-assign]
+    asyncio.run(ops.recover())
+    assert removed == ["b" * 64]
+    assert spawned == ["retry-leftover-sandboxes"]
+
+
+def test_leftovers_are_retried_until_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pods, "LEFTOVER_RETRY_S", 0)
+    ops, _ = make_ops(["a" * 64])
+    attempts: list[str] = []
+
+    async def destroy(pod_id: str) -> None:
+        attempts.append(pod_id)
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+        ops.host.ids.remove(pod_id)  # type: ignore[attr-defined]
+
+    ops._destroy_leftover = destroy  # type: ignore[method-assign]
+    asyncio.run(asyncio.wait_for(ops._retry_leftovers(["a" * 64]), 5))
+    assert len(attempts) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "empty"),
+        ("a\0b", "control character"),
+        ("a\nb", "control character"),
+        ("x" * 254, "longer than 253 bytes"),
+        ("é" * 127, "longer than 253 bytes"),
+        ("a;b", "';'"),
+        ("K=V", "'='"),
+        ("a/b", "'/'"),
+    ],
+)
+def test_names_that_cannot_travel_are_refused(value: str, problem: str) -> None:
+    found = check_name("pod name", value)
+    assert found is not None and problem in found
+
+
+@pytest.mark.parametrize("value", ["web-0", "PodSandbox-for-test.1", "x" * 253, "ünïcode"])
+def test_ordinary_names_pass(value: str) -> None:
+    assert check_name("pod name", value) is None
