@@ -7,6 +7,7 @@ context, capabilities, seccomp, resources) so they can be unit-tested without a 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,23 @@ def check_user_namespace(config: api_pb2.PodSandboxConfig) -> str | None:
             return f"the {kind} mapping must map container id 0 (it starts at {m.container_id})"
         if m.length == 0 or m.host_id + m.length - 1 > MAX_ID:
             return f"the {kind} mapping {m.host_id}+{m.length} is empty or out of range"
+    return None
+
+
+def check_dns(dns: api_pb2.DNSConfig) -> str | None:
+    """What is wrong with a pod's DNSConfig, or None: each entry becomes a word of the
+    guest's /etc/resolv.conf, so a newline or a blank would add lines or words."""
+    for server in dns.servers:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            return f"DNS server {server[:60]!r} is not an IP address"
+    for what, values in (("search domain", dns.searches), ("option", dns.options)):
+        for value in values:
+            if not value or len(value) > MAX_NAME_BYTES:
+                return f"DNS {what} {value[:60]!r} is empty or longer than {MAX_NAME_BYTES}"
+            if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+                return f"DNS {what} {value[:60]!r} contains a blank or a control character"
     return None
 
 

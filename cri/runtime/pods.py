@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cri_api.v1 import api_pb2
 
 from agent.client import AgentError
-from cri.runtime.convert import check_name, check_user_namespace, resolv_conf
+from cri.runtime.convert import check_dns, check_name, check_user_namespace, resolv_conf
 from cri.runtime.core import RuntimeCore
 from cri.runtime.errors import (
     AlreadyExists,
@@ -138,7 +138,7 @@ class PodOps(RuntimeCore):
                 f"unknown runtime handler {runtime_handler!r}: this runtime serves "
                 f"{VM_HANDLER!r} (pod VMs) and {HOST_HANDLER!r} (pods on the host)"
             )
-        problem = check_user_namespace(config)
+        problem = check_user_namespace(config) or check_dns(config.dns_config)
         if problem:
             raise InvalidArgument(f"pod {meta.namespace}/{meta.name}: {problem}")
         handler = pod_handler(config, runtime_handler)

@@ -1,4 +1,5 @@
-"""Daemon start-up recovery never aborts the start, and CRI names are checked first."""
+"""Daemon start-up recovery never aborts the start; CRI names and DNS settings are
+checked before anything is made."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+from cri_api.v1 import api_pb2
 
 from cri.runtime import pods
-from cri.runtime.convert import check_name
+from cri.runtime.convert import check_dns, check_name
 from cri.runtime.pods import PodOps
 
 
@@ -104,3 +106,30 @@ def test_names_that_cannot_travel_are_refused(value: str, problem: str) -> None:
 @pytest.mark.parametrize("value", ["web-0", "PodSandbox-for-test.1", "x" * 253, "ünïcode"])
 def test_ordinary_names_pass(value: str) -> None:
     assert check_name("pod name", value) is None
+
+
+@pytest.mark.parametrize(
+    ("dns", "problem"),
+    [
+        (api_pb2.DNSConfig(servers=["10.0.0.10\nnameserver 6.6.6.6"]), "not an IP address"),
+        (api_pb2.DNSConfig(servers=["dns.example"]), "not an IP address"),
+        (api_pb2.DNSConfig(searches=["svc.cluster.local\noptions x"]), "blank or a control"),
+        (api_pb2.DNSConfig(searches=["a b"]), "blank or a control"),
+        (api_pb2.DNSConfig(options=["ndots:5\nnameserver 1.1.1.1"]), "blank or a control"),
+        (api_pb2.DNSConfig(options=[""]), "empty"),
+    ],
+)
+def test_dns_that_would_inject_resolv_conf_lines_is_refused(
+    dns: api_pb2.DNSConfig, problem: str
+) -> None:
+    found = check_dns(dns)
+    assert found is not None and problem in found
+
+
+def test_ordinary_dns_passes() -> None:
+    dns = api_pb2.DNSConfig(
+        servers=["10.96.0.10", "fd00::10"],
+        searches=["default.svc.cluster.local", "svc.cluster.local"],
+        options=["ndots:5", "edns0"],
+    )
+    assert check_dns(dns) is None
