@@ -197,6 +197,9 @@ class ContainerOps(RuntimeCore):
         problem = convert.check_name("container name", meta.name)
         if problem:
             raise InvalidArgument(f"{problem}: a container name must be a Kubernetes name")
+        problem = convert.check_log_path(config.log_path)
+        if problem:
+            raise InvalidArgument(problem)
         if not config.image.image:
             raise InvalidArgument("container config needs an image")
         for other in self.state.pod_containers(pod.id):

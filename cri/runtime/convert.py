@@ -315,6 +315,18 @@ def check_user_namespace(config: api_pb2.PodSandboxConfig) -> str | None:
     return None
 
 
+def check_log_path(log_path: str) -> str | None:
+    """What is wrong with a container's log_path, or None: it names a file below the
+    pod's log_directory (kubelet: ``<container>/<restart count>.log``), never elsewhere."""
+    if log_path.startswith("/"):
+        return f"log_path {log_path[:80]!r} is absolute; it must be relative to log_directory"
+    if ".." in log_path.split("/"):
+        return f"log_path {log_path[:80]!r} leaves the pod's log_directory"
+    if "\0" in log_path or len(log_path) > 4096:
+        return "log_path holds a NUL byte or is longer than 4096 bytes"
+    return None
+
+
 def check_dns(dns: api_pb2.DNSConfig) -> str | None:
     """What is wrong with a pod's DNSConfig, or None: each entry becomes a word of the
     guest's /etc/resolv.conf, so a newline or a blank would add lines or words."""

@@ -44,7 +44,9 @@ class ContainerLog:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        # never through a symlink planted where the log goes
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        self._fd = os.open(self.path, flags, 0o640)
 
     def _emit(self, stream: str, tag: str, message: bytes, now_ns: int) -> None:
         if self._fd is None:

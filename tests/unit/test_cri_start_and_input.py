@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cri_api.v1 import api_pb2
 
 from cri.runtime import pods
-from cri.runtime.convert import check_dns, check_name
+from cri.runtime.convert import check_dns, check_log_path, check_name
+from cri.runtime.logs import ContainerLog
 from cri.runtime.pods import PodOps
 
 
@@ -133,3 +135,31 @@ def test_ordinary_dns_passes() -> None:
         options=["ndots:5", "edns0"],
     )
     assert check_dns(dns) is None
+
+
+@pytest.mark.parametrize(
+    ("log_path", "problem"),
+    [
+        ("/tmp/x.log", "absolute"),
+        ("../../../../tmp/x.log", "leaves"),
+        ("c/../../x.log", "leaves"),
+        ("c/0.log\0", "NUL"),
+    ],
+)
+def test_log_paths_outside_the_log_directory_are_refused(log_path: str, problem: str) -> None:
+    found = check_log_path(log_path)
+    assert found is not None and problem in found
+
+
+def test_kubelets_log_paths_pass() -> None:
+    assert check_log_path("main/0.log") is None
+    assert check_log_path("") is None
+
+
+def test_a_log_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    (tmp_path / "pod" / "main").mkdir(parents=True)
+    (tmp_path / "pod" / "main" / "0.log").symlink_to(target)
+    with pytest.raises(OSError):
+        ContainerLog(tmp_path / "pod" / "main" / "0.log")
+    assert not target.exists()
