@@ -14,6 +14,8 @@ through ``asyncio.to_thread`` (the callers document which).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -100,6 +102,19 @@ RUNTIME_SCHEMA = Migration(
 MIGRATIONS: tuple[Migration, ...] = (IMAGES_SCHEMA, RUNTIME_SCHEMA)
 
 
+def _owner_only(path: Path) -> None:
+    """The database holds pod and container configs (environment variables included, so
+    secrets): readable by root alone. SQLite gives its -wal and -shm files the mode of
+    the database file; files an older daemon made are narrowed too."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open state database {path}: {exc}") from exc
+
+
 class Store:
     """The daemon's SQLite database (thread-safe; see the module docstring for costs)."""
 
@@ -109,6 +124,7 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(path)
         try:
             self._conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=30.0

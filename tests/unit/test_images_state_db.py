@@ -84,3 +84,17 @@ def test_shared_between_threads(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert store.query_one("SELECT count(*) FROM images")[0] == 200  # type: ignore[index]
+
+
+def test_the_database_is_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    """Pod and container configs (secrets in env) once sat in a 0644 state.db."""
+    old = tmp_path / "old.db"
+    old.touch(mode=0o644)
+    (tmp_path / "old.db-wal").touch(mode=0o644)
+    for path in (tmp_path / "new.db", old):
+        store = Store(path)
+        store.close()
+        for suffix in ("", "-wal", "-shm"):
+            file = Path(f"{path}{suffix}")
+            if file.exists():
+                assert file.stat().st_mode & 0o777 == 0o600, file
