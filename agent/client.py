@@ -870,8 +870,10 @@ class AgentClient:
         env: list[str] | None = None,
         cwd: str = "",
         stdin: bytes | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
-        """Run to completion and collect its output.
+        """Run to completion and collect its output: at most ``max_output`` bytes of each
+        stream are kept, the rest is read and dropped (the process is never held up).
 
         ``timeout`` is one budget for starting and running: when it runs out (even while
         the guest is still starting the process) the result is ``timed_out`` and the process
@@ -891,10 +893,17 @@ class AgentClient:
             await self._kill_late_start(starting)
             return ExecResult(-1, b"", b"", True)
         chunks: dict[int, list[bytes]] = {1: [], 2: []}
+        kept = {1: 0, 2: 0}
 
         async def collect() -> None:
             async for channel, data in session:
-                chunks.setdefault(channel, []).append(data)
+                if channel not in kept:
+                    continue
+                if max_output is not None:
+                    data = data[: max(0, max_output - kept[channel])]
+                if data:
+                    chunks[channel].append(data)
+                    kept[channel] += len(data)
 
         collector = asyncio.ensure_future(collect())
         timed_out = False

@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clearcri.runtime")
 
-EXEC_OUTPUT_LIMIT = 16 << 20
+# What ExecSync returns of each stream; the rest is dropped. Both together, framed, stay
+# under the 16 MiB gRPC message limit of kubelet and of this server.
+EXEC_OUTPUT_LIMIT = 4 << 20
 PROPAGATION = {
     api_pb2.PROPAGATION_PRIVATE: "rprivate",
     api_pb2.PROPAGATION_HOST_TO_CONTAINER: "rslave",
@@ -653,7 +655,10 @@ class ContainerOps(RuntimeCore):
         sandbox = self.running_sandbox(ctr.pod_id)
         try:
             result = await sandbox.agent.exec_sync(
-                ctr.id, cmd, timeout=float(timeout) if timeout > 0 else None
+                ctr.id,
+                cmd,
+                timeout=float(timeout) if timeout > 0 else None,
+                max_output=EXEC_OUTPUT_LIMIT,
             )
         except AgentError as exc:
             raise agent_error(exc, f"exec in {ctr.name}") from exc
@@ -662,9 +667,7 @@ class ContainerOps(RuntimeCore):
                 f"command {cmd!r} did not finish within {timeout} s and was killed"
             )
         return api_pb2.ExecSyncResponse(
-            stdout=result.stdout[:EXEC_OUTPUT_LIMIT],
-            stderr=result.stderr[:EXEC_OUTPUT_LIMIT],
-            exit_code=result.exit_code,
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
 
     # streaming backend hooks ----------------------------------------------------

@@ -37,9 +37,10 @@ class ScriptedAgent:
     """Answers hello, starts an exec after ``start_delay`` s, exits it after ``run_for`` s
     (None: runs until killed), and records when it was killed."""
 
-    def __init__(self, start_delay: float, run_for: float | None) -> None:
+    def __init__(self, start_delay: float, run_for: float | None, chunks: int = 1) -> None:
         self.start_delay = start_delay
         self.run_for = run_for
+        self.chunks = chunks  # how many times "out" is written
         self.specs: list[dict[str, Any]] = []
         self.killed_at: float | None = None
         self.exited = False
@@ -81,7 +82,8 @@ class ScriptedAgent:
             self.specs.append(message["args"]["spec"])
             await asyncio.sleep(self.start_delay)
             self._reply(request_id, {"stream": STREAM, "pid": 42})
-            self._send(encode_data(STREAM, STDOUT, b"out"))
+            for _ in range(self.chunks):
+                self._send(encode_data(STREAM, STDOUT, b"out"))
             if self.run_for is not None:
                 await asyncio.sleep(self.run_for)
                 self._exit(0, 0)
@@ -151,3 +153,16 @@ async def test_the_guest_is_told_the_same_limit(
     result = await client.exec_sync("c1", ["true"], timeout=3.0)
     assert not result.timed_out and result.exit_code == 0
     assert agent.specs[0]["timeout"] == 3.0
+
+
+async def test_output_past_the_limit_is_dropped_not_kept() -> None:
+    """A command printing without end once took the daemon to 2 GB: what ExecSync
+    keeps is bounded, the rest is read and dropped while the process runs on."""
+    agent = ScriptedAgent(start_delay=0.0, run_for=0.1, chunks=1000)
+    async for client in connect(agent):
+        result = await client.exec_sync("c1", ["yes"], timeout=10.0, max_output=10)
+        assert not result.timed_out and result.exit_code == 0
+        assert result.stdout == b"outoutoutou"[:10]
+        agent.exited = False
+        result = await client.exec_sync("c1", ["yes"], timeout=10.0)
+        assert len(result.stdout) == 3000
