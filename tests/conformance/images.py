@@ -168,7 +168,7 @@ class Inputs:
                 marker.touch()
         bin_dir = self.cache / "bin"
         bin_dir.mkdir(parents=True, exist_ok=True)
-        for program in ("pause", "nonewprivs"):
+        for program in ("pause", "nonewprivs", "nmeter"):
             source = SRC_DIR / f"{program}.c"
             out = bin_dir / program
             if not out.exists() or out.stat().st_mtime < source.stat().st_mtime:

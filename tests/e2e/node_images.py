@@ -15,6 +15,10 @@ mirrors registry.k8s.io to that registry.
 - busybox, nginx (two tags), httpd (two tags), nonewprivs, nonroot (uid 1234) and pause,
   from the critest image set's layers.
 
+Every image but pause has a second layer for what upstream's busybox 1.37 does that
+Debian's 1.35 does not (``shell_layer``): a ``sh`` that hands on environment variables
+whose names are no identifiers, and ``nmeter``.
+
 Not built (the specs that need them are listed as not runnable offline in
 docs/conformance.md): perl, etcd, the node-perf workloads, kitten/nautilus, cadvisor,
 and the busybox image pinned by a digest of the upstream registry.
@@ -56,6 +60,8 @@ from tests.e2e.cluster import DEFAULT_BINDIR, KUBERNETES_VERSION
 # curl and nc with every library package their ELF headers may ask for (Debian 12's
 # dependency closure of the two, libraries only)
 TOOL_PACKAGES = (
+    "bash",
+    "libtinfo6",
     "curl",
     "netcat-openbsd",
     "libbrotli1",
@@ -103,6 +109,21 @@ def kubernetes_source(version: str = KUBERNETES_VERSION) -> Path:
     return Path(json.loads(out)["Dir"])
 
 
+def shell_layer(inputs: Inputs) -> Layer:
+    """What upstream's busybox 1.37 does and Debian's 1.35 does not: a ``sh`` that passes
+    environment variables whose names are no shell identifiers (``data-1``, from a
+    ConfigMap or Secret by envFrom) on to its children — Debian's bash — and nmeter
+    (timestamps with milliseconds, tests/conformance/src/nmeter.c)."""
+    layer = Layer("sh and nmeter")
+    bash = inputs.path("bin/bash")
+    layer.copy("bin/bash", bash)
+    layer.symlink("bin/sh", "bash")
+    for image_path, real in sorted(inputs.closure([bash]).items()):
+        layer.copy(image_path, real)
+    layer.file("usr/bin/nmeter", inputs.program("nmeter"), 0o755)
+    return layer
+
+
 def tools_layer(inputs: Inputs) -> Layer:
     layer = Layer("curl and nc")
     binaries = [inputs.path("usr/bin/curl"), inputs.path("bin/nc.openbsd")]
@@ -139,17 +160,18 @@ def agnhost_layer(agnhost: Path, source: Path) -> Layer:
 
 
 def image_set(inputs: Inputs, agnhost: Path, source: Path) -> list[Image]:
-    base = busybox_layer(inputs)
+    busybox = busybox_layer(inputs)
+    shell = shell_layer(inputs)
     nginx = nginx_layer(inputs)
     pause = pause_layer(inputs)
-    shell: dict[str, Any] = {"Env": [DEFAULT_PATH], "Cmd": ["sh"]}
+    sh: dict[str, Any] = {"Env": [DEFAULT_PATH], "Cmd": ["sh"]}
     web = {"Env": [DEFAULT_PATH], "Cmd": ["nginx", "-g", "daemon off;"]}
     httpd = {"Env": [DEFAULT_PATH], "Cmd": ["httpd-foreground"], "ExposedPorts": {"80/tcp": {}}}
     pause_config = {"Env": [DEFAULT_PATH], "Entrypoint": ["/pause"], "User": "65535:65535"}
     return [
         Image(
             [E2E + "agnhost:2.56"],
-            [base, tools_layer(inputs), agnhost_layer(agnhost, source)],
+            [busybox, shell, tools_layer(inputs), agnhost_layer(agnhost, source)],
             {
                 "Env": [DEFAULT_PATH],
                 "Entrypoint": ["/agnhost"],
@@ -157,21 +179,27 @@ def image_set(inputs: Inputs, agnhost: Path, source: Path) -> list[Image]:
                 "ExposedPorts": {f"{port}/tcp": {} for port in AGNHOST_PORTS},
             },
         ),
-        Image([E2E + "busybox:1.37.0-1"], [base], shell),
-        Image([E2E + "nginx:1.14-4"], [base, nginx], dict(web, ExposedPorts={"80/tcp": {}})),
+        Image([E2E + "busybox:1.37.0-1"], [busybox, shell], sh),
+        Image(
+            [E2E + "nginx:1.14-4"], [busybox, shell, nginx], dict(web, ExposedPorts={"80/tcp": {}})
+        ),
         Image(
             [E2E + "nginx:1.15-4"],
-            [base, nginx, marker_layer("nginx-new")],
+            [busybox, shell, nginx, marker_layer("nginx-new")],
             dict(web, ExposedPorts={"80/tcp": {}}),
         ),
-        Image([E2E + "httpd:2.4.38-4"], [base, httpd_layer()], httpd),
-        Image([E2E + "httpd:2.4.39-4"], [base, httpd_layer(), marker_layer("httpd-new")], httpd),
+        Image([E2E + "httpd:2.4.38-4"], [busybox, shell, httpd_layer()], httpd),
+        Image(
+            [E2E + "httpd:2.4.39-4"],
+            [busybox, shell, httpd_layer(), marker_layer("httpd-new")],
+            httpd,
+        ),
         Image(
             [E2E + "nonewprivs:1.3"],
-            [base, nonewprivs_layer(inputs)],
+            [busybox, shell, nonewprivs_layer(inputs)],
             {"Env": [DEFAULT_PATH], "Entrypoint": ["/usr/local/bin/nnp"]},
         ),
-        Image([E2E + "nonroot:1.4"], [base], dict(shell, User="1234")),
+        Image([E2E + "nonroot:1.4"], [busybox, shell], dict(sh, User="1234")),
         Image([PAUSE_IMAGE, CONTAINERD_PAUSE_IMAGE], [pause], pause_config),
     ]
 
