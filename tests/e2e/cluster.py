@@ -38,6 +38,8 @@ DEFAULT_BINDIR = Path.home() / ".cache" / "clearcri" / "kubernetes" / KUBERNETES
 SERVICE_CIDR = "10.0.0.0/24"
 CLUSTER_DNS = "10.0.0.10"
 CRICTL = Path.home() / ".cache" / "clearcri" / "bin" / "crictl"  # scripts/build-cri-tools.sh
+# kubelet keeps its device plugin socket here whatever its --root-dir (and makes pods/)
+KUBELET_FIXED_DIR = Path("/var/lib/kubelet")
 
 
 class ClusterError(Exception):
@@ -179,6 +181,7 @@ class Cluster:
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        self.made_kubelet_fixed_dir = not KUBELET_FIXED_DIR.exists()
         try:
             self.node_bridge.create()
             self._pki()
@@ -721,9 +724,24 @@ class Cluster:
             self._stop_containerd_leftovers()
         self.node_bridge.remove()
         _ip("link", "del", self.pod_bridge)
+        self._remove_kubelet_fixed_dir()
         templates = Path(f"/dev/shm/clearcri-e2e-templates-{os.getpid()}")
         shutil.rmtree(templates, ignore_errors=True)
         self._remove_cgroup_root()
+
+    def _remove_kubelet_fixed_dir(self) -> None:
+        """What kubelet made below /var/lib/kubelet although its root dir is elsewhere,
+        when that directory did not exist before (another node's kubelet may still use
+        it: only emptied directories go)."""
+        if not getattr(self, "made_kubelet_fixed_dir", False):
+            return
+        plugins = KUBELET_FIXED_DIR / "device-plugins"
+        for name in ("kubelet.sock", "kubelet_internal_checkpoint"):
+            with contextlib.suppress(OSError):
+                (plugins / name).unlink()
+        for path in (plugins, KUBELET_FIXED_DIR / "pods", KUBELET_FIXED_DIR):
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
     def _remove_runtime_pods(self) -> None:
         if self.runtime is None or not self.runtime.alive():
