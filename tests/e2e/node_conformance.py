@@ -18,7 +18,7 @@ One command builds what it needs, runs the suite and cleans up after itself:
 5. stops every process it started by PID and removes what the node made.
 
     python3 -m tests.e2e.node_conformance [--runtime clearcri|containerd] [--procs N]
-        [--expected-only | --ci] [--focus REGEX] [--skip REGEX] [--report-dir DIR]
+        [--expected-only | --ci | --specs FILE] [--focus REGEX] [--skip REGEX] [--report-dir DIR]
         [--check [--update]]
 """
 
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ci", action="store_true", help=f"run only the specs of {CI_SPECS.name} (CI)"
     )
+    parser.add_argument(
+        "--specs", type=Path, help="run only the specs named in FILE (one full text a line)"
+    )
     parser.add_argument("--procs", type=int, default=2, help="parallel ginkgo processes")
     parser.add_argument("--flake-attempts", type=int, default=1)
     parser.add_argument("--timeout", default="4h", help="ginkgo suite timeout")
@@ -234,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", action="store_true", help="add passing specs to the list")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
-    args.specs = CI_SPECS if args.ci else EXPECTED_PASS if args.expected_only else None
+    if args.ci:
+        args.specs = CI_SPECS
+    elif args.expected_only:
+        args.specs = EXPECTED_PASS
     if os.geteuid() != 0:
         raise SystemExit("a node needs root (cgroups, network namespaces, bridges)")
     report_dir = (args.report_dir or REPO / "build" / "node-conformance" / args.runtime).resolve()
