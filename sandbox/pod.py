@@ -81,9 +81,10 @@ class SandboxConfig:
     # The smallest pod VM that boots and runs a container.
     min_memory_mib: int = 96
     # A pod whose memory budget cannot hold the smallest VM plus QEMU (small limits, no
-    # RuntimeClass overhead): "grow" gives it the smallest VM and raises its cgroup's
-    # memory limit to what that VM needs (its containers keep their limits in the
-    # guest); "refuse" answers INVALID_ARGUMENT.
+    # RuntimeClass overhead): "grow" gives it the VM it would get with an overhead (its
+    # limits plus guest_overhead_mib) and raises its cgroup's memory limit to what that
+    # VM and QEMU need (its containers keep their limits in the guest); "refuse"
+    # answers INVALID_ARGUMENT.
     small_pods: str = "grow"
     max_vcpus: int = 0  # 0: the host's CPU count
     image_slots: int = 4
@@ -180,7 +181,9 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
     if spec.memory_budget_bytes > 0:
         fits = spec.memory_budget_bytes // 2**20 - config.qemu_overhead_mib
         if fits < config.min_memory_mib and config.small_pods == "grow":
-            return vcpus, config.min_memory_mib  # see memory_floor_bytes
+            # the VM a pod with a RuntimeClass overhead would get; its cgroup grows to
+            # hold it (memory_floor_bytes)
+            return vcpus, memory
         if fits < config.min_memory_mib:
             raise SandboxError(
                 f"the pod's memory budget of {spec.memory_budget_bytes // 2**20} MiB "

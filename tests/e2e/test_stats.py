@@ -154,7 +154,7 @@ def test_a_full_writable_layer_is_that_containers_alone(k8s: Workloads) -> None:
         )
     )
     k8s.wait("the filler's layer to fill", lambda: "filled" in k8s.logs("full", "-c", "filler"))
-    out = k8s.exec("full", "sh", "-c", "touch /more 2>&1; echo rc=$?", container="filler")
+    out = k8s.exec("full", "sh", "-c", "(echo more > /more) 2>&1; echo rc=$?", container="filler")
     assert "No space left on device" in out.stdout, out.stdout
     out = k8s.exec("full", "sh", "-c", "echo ok > /mine && cat /mine", container="neighbour")
     assert out.stdout.strip() == "ok"

@@ -127,8 +127,9 @@ def test_vm_and_qemu_fit_the_pod_memory_budget() -> None:
 def test_a_budget_too_small_for_any_vm_gets_the_smallest_vm_and_room_for_it() -> None:
     config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128)
     spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
-    assert size_vm(spec, config)[1] == 128
-    assert memory_floor_bytes(spec, config, 128) == (128 + 64) * 2**20
+    # the VM an overhead would have paid for: the limit and the guest's own needs
+    assert size_vm(spec, config)[1] == 64 + config.guest_overhead_mib
+    assert memory_floor_bytes(spec, config, 192) == (192 + 64) * 2**20
     roomy = SandboxSpec("a", memory_limit_bytes=512 * 2**20, memory_budget_bytes=512 * 2**20)
     assert memory_floor_bytes(roomy, config, size_vm(roomy, config)[1]) == 0
 
