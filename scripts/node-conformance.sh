@@ -5,7 +5,6 @@
 # tests/e2e/node_conformance.py (--expected-only, --focus, --skip, --procs, --check, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DEBIAN_FRONTEND=noninteractive
 # image set: apt-get download + dpkg-deb, gcc -static, readelf; the registry; the node:
 # etcd, bridges, CNI plugins
 packages=(gcc libc6-dev binutils dpkg docker-registry etcd-server iproute2
@@ -15,13 +14,5 @@ for arg in "$@"; do
         packages+=(containerd runc iptables)
     fi
 done
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing Debian packages: ${missing[*]}" >&2
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+scripts/apt-ensure.sh "${packages[@]}"
 exec python3 -m tests.e2e.node_conformance "$@"

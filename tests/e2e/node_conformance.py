@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -35,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,7 @@ TARGETS = (
 )
 
 
-@dataclass(frozen=True)
-class Outcome:
-    name: str
-    outcome: str  # "passed", "failed" or "skipped"
-    seconds: float
-    message: str
-
-
-def read_json_report(path: Path) -> list[Outcome]:
+def read_json_report(path: Path) -> list[check.SpecResult]:
     """The It specs of a ginkgo JSON report (set-up nodes left out); a spec's name is
     its full text, the string ginkgo's --focus matches (spaces kept as they are)."""
     suites = json.loads(path.read_text())
@@ -96,13 +88,8 @@ def read_json_report(path: Path) -> list[Outcome]:
                 if not message:
                     continue  # not selected by focus and skip: no part of the run
             seconds = float(spec.get("RunTime", 0)) / 1e9
-            results.append(Outcome(name, outcome, seconds, message))
+            results.append(check.SpecResult(name, outcome, seconds, message))
     return results
-
-
-def summary_line(results: list[Outcome]) -> str:
-    counts = {k: sum(r.outcome == k for r in results) for k in ("passed", "failed", "skipped")}
-    return f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
 
 
 def build_tools() -> None:
@@ -165,50 +152,16 @@ def write_summary(report_dir: Path, runtime: str, seconds: float, total: float) 
     results = read_json_report(report)
     if not results:
         raise SystemExit(f"the suite ran no spec; see {report_dir / 'suite.log'}")
-    line = summary_line(results)
+    line = check.summary_line(results)
     (report_dir / "summary.txt").write_text(f"{line}\n")
     data: dict[str, Any] = {
         "runtime": runtime,
         "suite_seconds": round(seconds, 1),
         "total_seconds": round(total, 1),
-        "specs": [r.__dict__ for r in results],
+        "specs": [dataclasses.asdict(r) for r in results],
     }
     (report_dir / "results.json").write_text(json.dumps(data, indent=1))
     return line
-
-
-def check_expected(report_dir: Path, update: bool, selected: Path | None) -> int:
-    """Fail when a spec of the expected-pass list (those of ``selected`` only, when the
-    run was limited to a list) did not pass; print (or, with update, add) the passing
-    specs not yet on it."""
-    by_name = {r.name: r for r in read_json_report(report_dir / "report.json")}
-    expected = check.read_expected(EXPECTED_PASS)
-    if selected is not None:
-        chosen = set(check.read_expected(selected))
-        expected = [name for name in expected if name in chosen]
-    broken = [
-        f"  {name}\n      "
-        + (
-            f"{by_name[name].outcome}: {by_name[name].message}"
-            if name in by_name
-            else "not run (missing from the report)"
-        )
-        for name in expected
-        if name not in by_name or by_name[name].outcome != "passed"
-    ]
-    newly = sorted(n for n, r in by_name.items() if r.outcome == "passed" and n not in expected)
-    print(f"{len(expected)} specs expected to pass")
-    if newly:
-        print(f"{len(newly)} passing spec(s) not yet on {EXPECTED_PASS.name}:")
-        print("\n".join(f"  {name}" for name in newly))
-        if update:
-            check.update_expected(EXPECTED_PASS, newly)
-            print(f"added them to {EXPECTED_PASS}")
-    if broken:
-        print(f"{len(broken)} spec(s) expected to pass did not:")
-        print("\n".join(broken))
-        return 1
-    return 0
 
 
 def stop_on_signal(signum: int, frame: object) -> None:
@@ -301,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(suite {seconds / 60:.1f} min, total {total / 60:.1f} min)"
     )
     if args.check and args.runtime == "clearcri":
-        return check_expected(report_dir, args.update, args.specs)
+        results = [
+            check.SpecResult(**r.__dict__) for r in read_json_report(report_dir / "report.json")
+        ]
+        return check.compare(results, EXPECTED_PASS, args.update, args.specs)
     return 0
 
 

@@ -58,7 +58,7 @@ def test_report_keeps_run_specs_with_their_exact_text(tmp_path: Path) -> None:
     ]
     assert results[0].seconds == 12.5
     assert results[1].message == "Timed out after 60.001s."
-    assert node_conformance.summary_line(results) == "1 passed, 1 failed, 1 skipped"
+    assert check.summary_line(results) == "1 passed, 1 failed, 1 skipped"
     # a focus built from the names selects exactly these texts
     focus = check.focus_regex([results[0].name], suite=node_conformance.SUITE)
     assert focus == r"^E2eNode Suite (\[sig-node\]  Pods should be updated \[NodeConformance\])$"
