@@ -104,10 +104,11 @@ def compare(
     run limited to them) did not pass; prints (with ``update`` adds) the passing specs
     that are not on the list yet."""
     by_name = {result.name: result for result in results}
-    expected = read_expected(expected_path)
+    listed = read_expected(expected_path)
+    expected = listed
     if selected is not None:
         chosen = set(read_expected(selected))
-        expected = [name for name in expected if name in chosen]
+        expected = [name for name in listed if name in chosen]
     broken = []
     for name in expected:
         result = by_name.get(name)
@@ -115,7 +116,7 @@ def compare(
             broken.append(f"  {name}\n      not run (missing from the report)")
         elif result.outcome != "passed":
             broken.append(f"  {name}\n      {result.outcome}: {result.message}")
-    newly = sorted(r.name for r in results if r.outcome == "passed" and r.name not in expected)
+    newly = sorted(r.name for r in results if r.outcome == "passed" and r.name not in listed)
     print(f"{len(expected)} expected to pass")
     if newly:
         print(f"{len(newly)} passing spec(s) not yet on {expected_path.name}:")
