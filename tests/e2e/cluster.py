@@ -724,6 +724,8 @@ class Cluster:
             self._stop_containerd_leftovers()
         self.node_bridge.remove()
         _ip("link", "del", self.pod_bridge)
+        # kubelet bind-mounts its root dir onto itself (to make it shared): gone with it
+        unmount_under(self.kubelet_dir)
         self._remove_kubelet_fixed_dir()
         templates = Path(f"/dev/shm/clearcri-e2e-templates-{os.getpid()}")
         shutil.rmtree(templates, ignore_errors=True)
