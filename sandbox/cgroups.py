@@ -11,6 +11,7 @@ or each v1 controller), for both the cgroupfs driver (a path) and the systemd dr
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,21 +144,31 @@ def memory_limit(parent: str, driver: str, roots: list[Path] | None = None) -> i
     if not parent:
         return None
     rel = parent_path(parent, driver)
+    for _path, value in _memory_limits(rel, ("memory.max", "memory.limit_in_bytes"), roots):
+        return value
+    return None
+
+
+def _memory_limits(
+    rel: str, names: tuple[str, ...], roots: list[Path] | None
+) -> Iterator[tuple[Path, int | None]]:
+    """(file, limit in bytes or None for no limit) for each of the cgroup ``rel``'s files
+    ``names`` that exists and reads as a limit, hierarchy by hierarchy."""
     for root in roots if roots is not None else hierarchies():
-        for name in ("memory.max", "memory.limit_in_bytes"):
+        for name in names:
             path = root / rel / name
             try:
                 text = path.read_text().strip()
             except OSError:
                 continue
             if text == "max":
-                return None
+                yield path, None
+                continue
             try:
                 value = int(text)
             except ValueError:
                 continue
-            return None if value >= UNLIMITED_V1 else value
-    return None
+            yield path, None if value >= UNLIMITED_V1 else value
 
 
 def raise_memory_limit(
@@ -167,21 +178,16 @@ def raise_memory_limit(
     where it is lower (v1: memory and memory+swap, v2: memory.max). True if it did."""
     rel = parent_path(parent, driver)
     raised = False
-    for root in roots if roots is not None else hierarchies():
-        # v1: memory+swap first, it may never be below the memory limit
-        for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "memory.max"):
-            path = root / rel / name
-            try:
-                text = path.read_text().strip()
-            except OSError:
-                continue
-            if text == "max" or int(text) >= floor:
-                continue
-            try:
-                path.write_text(f"{floor}\n")
-            except OSError as exc:
-                raise CgroupError(f"cannot raise {path} to {floor}: {exc}") from exc
-            raised = True
+    # v1: memory+swap first, it may never be below the memory limit
+    names = ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes", "memory.max")
+    for path, value in _memory_limits(rel, names, roots):
+        if value is None or value >= floor:
+            continue
+        try:
+            path.write_text(f"{floor}\n")
+        except OSError as exc:
+            raise CgroupError(f"cannot raise {path} to {floor}: {exc}") from exc
+        raised = True
     return raised
 
 

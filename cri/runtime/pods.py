@@ -480,9 +480,8 @@ class PodOps(RuntimeCore):
     async def _retry_leftovers(self, pod_ids: list[str]) -> None:
         while pod_ids:
             await asyncio.sleep(LEFTOVER_RETRY_S)
-            pod_ids = await self._remove_leftovers(
-                [p for p in pod_ids if p in self.host.sandbox_ids()]
-            )
+            present = set(self.host.sandbox_ids())
+            pod_ids = await self._remove_leftovers([p for p in pod_ids if p in present])
 
 
 def _mkdir(path: str) -> None:

@@ -11,9 +11,10 @@ gave. Specs that passed but are not on the list are printed so they can be added
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 EXPECTED_PASS = Path(__file__).resolve().parent / "expected-pass.txt"
@@ -65,6 +66,23 @@ def summary_line(results: list[SpecResult]) -> str:
     for result in results:
         counts[result.outcome] += 1
     return f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
+
+
+def write_results(
+    report_dir: Path, runtime: str, results: list[SpecResult], seconds: float, total: float
+) -> str:
+    """``summary.txt`` (the summary line, returned) and ``results.json`` (the specs and the
+    suite's and the whole command's wall times) beside a run's report."""
+    line = summary_line(results)
+    (report_dir / "summary.txt").write_text(f"{line}\n")
+    data = {
+        "runtime": runtime,
+        "suite_seconds": round(seconds, 1),
+        "total_seconds": round(total, 1),
+        "specs": [dict(asdict(r), seconds=round(r.seconds, 2)) for r in results],
+    }
+    (report_dir / "results.json").write_text(json.dumps(data, indent=1))
+    return line
 
 
 def read_expected(path: Path = EXPECTED_PASS) -> list[str]:

@@ -409,29 +409,19 @@ def write_summary(report_dir: Path, runtime: str, seconds: float, total: float) 
     junit = report_dir / "junit.xml"
     if not junit.exists():
         raise SystemExit(f"critest wrote no report; see {report_dir / 'critest.log'}")
-    results = check.read_report(junit)
-    line = check.summary_line(results)
-    (report_dir / "summary.txt").write_text(f"{line}\n")
-    (report_dir / "results.json").write_text(
-        json.dumps(
-            {
-                "runtime": runtime,
-                "critest_seconds": round(seconds, 1),
-                "total_seconds": round(total, 1),
-                "specs": [
-                    {
-                        "name": r.name,
-                        "outcome": r.outcome,
-                        "seconds": round(r.seconds, 2),
-                        "message": r.message,
-                    }
-                    for r in results
-                ],
-            },
-            indent=1,
-        )
-    )
-    return line
+    return check.write_results(report_dir, runtime, check.read_report(junit), seconds, total)
+
+
+def wait_for_lock(path: str, waiting: str) -> int:
+    """Take the exclusive lock ``path`` (held until the process ends), saying ``waiting``
+    first when another run holds it."""
+    lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(waiting)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
 
 
 @contextlib.contextmanager
@@ -486,12 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, stop_on_signal)
     # One run per host: runs share host ports 12000-12003 (a spec of one run could be
     # answered by a container of the other) and the CPU the timings measure.
-    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"another run (conformance or benchmark) holds {LOCK_FILE}; waiting for it")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    wait_for_lock(LOCK_FILE, f"another run (conformance or benchmark) holds {LOCK_FILE}; waiting")
     started = time.monotonic()
     build_tools()
     with work_dir(args.keep) as work:

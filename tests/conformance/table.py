@@ -28,7 +28,7 @@ def minutes(report: Path) -> str:
     if not results.exists():
         return "?"
     data = json.loads(results.read_text())
-    seconds = float(data.get("critest_seconds", data.get("suite_seconds", 0)))
+    seconds = float(data.get("suite_seconds", 0))
     return f"{seconds / 60:.1f} min"
 
 

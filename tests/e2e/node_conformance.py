@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -37,10 +35,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from tests.conformance import check
-from tests.conformance.run import LOCK_FILE, MIRRORED, LocalRegistry, log, unmount_under
+from tests.conformance.run import (
+    LOCK_FILE,
+    MIRRORED,
+    LocalRegistry,
+    log,
+    stop_on_signal,
+    unmount_under,
+    wait_for_lock,
+)
 from tests.e2e import node_images
 from tests.e2e.cluster import DEFAULT_BINDIR, REPO, Cluster, ClusterConfig
 
@@ -152,20 +157,7 @@ def write_summary(report_dir: Path, runtime: str, seconds: float, total: float) 
     results = read_json_report(report)
     if not results:
         raise SystemExit(f"the suite ran no spec; see {report_dir / 'suite.log'}")
-    line = check.summary_line(results)
-    (report_dir / "summary.txt").write_text(f"{line}\n")
-    data: dict[str, Any] = {
-        "runtime": runtime,
-        "suite_seconds": round(seconds, 1),
-        "total_seconds": round(total, 1),
-        "specs": [dataclasses.asdict(r) for r in results],
-    }
-    (report_dir / "results.json").write_text(json.dumps(data, indent=1))
-    return line
-
-
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(f"stopped by signal {signum}; cleaning up")
+    return check.write_results(report_dir, runtime, results, seconds, total)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,12 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_on_signal)
     # one run per runtime at a time: its node's bridges and subnets are fixed
-    lock = os.open(f"{LOCK_FILE}.node-{args.runtime}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"another node conformance run on {args.runtime} is going on; waiting for it")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    wait_for_lock(
+        f"{LOCK_FILE}.node-{args.runtime}",
+        f"another node conformance run on {args.runtime} is going on; waiting for it",
+    )
     started = time.monotonic()
     build_tools()
     work = Path(tempfile.mkdtemp(prefix="ccnode-", dir="/tmp"))
