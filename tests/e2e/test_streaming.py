@@ -3,18 +3,16 @@ logs -f."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import pty
 import select
-import struct
 import subprocess
-import termios
 import time
 import urllib.request
 from pathlib import Path
 
+from agent.guest.stdio import set_window_size
 from tests.e2e.cluster import free_port
 from tests.e2e.workloads import Workloads
 
@@ -122,7 +120,7 @@ def _run_on_a_terminal(argv: list[str], cols: int, rows: int, timeout: float) ->
     """Run ``argv`` with a pseudo-terminal of ``cols`` x ``rows`` as its stdio (as a user
     at a terminal would) and return what it wrote there."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    set_window_size(slave, cols, rows)
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
     out = b""

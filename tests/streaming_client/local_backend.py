@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import pty
 import signal
-import struct
-import termios
 from collections.abc import AsyncIterator
 
+from agent.guest.stdio import set_window_size
 from cri.streaming.errors import BackendError
 
 _END = (0, b"")
@@ -48,8 +46,7 @@ class LocalProcess:
                 master, slave = pty.openpty()
                 self.master = master
                 if size is not None:
-                    cols, rows = size
-                    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                    set_window_size(master, *size)
                 self.proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
                 )
@@ -117,7 +114,7 @@ class LocalProcess:
     async def resize(self, cols: int, rows: int) -> None:
         self.resizes.append((cols, rows))
         if self.master is not None:
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            set_window_size(self.master, cols, rows)
 
     async def wait(self) -> int | None:
         assert self.proc is not None
