@@ -939,16 +939,6 @@ class AgentClient:
 
         await self.request("reseed", {"entropy": base64.b64encode(entropy).decode()})
 
-    async def write_files(self, key: str, entries: list[dict[str, Any]]) -> str:
-        """Create a volume directory in the guest from host files; returns its guest path.
-        Entries: {"path", "type": "file"|"dir"|"symlink", "mode", "data" (base64),
-        "target" (symlinks), "uid", "gid"}."""
-        result = await self.request("write_files", {"key": key, "entries": entries})
-        return str(result["path"])
-
-    async def remove_volumes(self, keys: list[str]) -> None:
-        await self.request("remove_volumes", {"keys": keys})
-
     async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
         """Write cgroup v2 limits (cpu_max, cpu_weight, memory_max, pids_max, cpuset_*)."""
         await self.request(

@@ -50,6 +50,11 @@ DEFAULT_CAPABILITIES = (
 )
 
 AGENT_PORT_NAME = "org.clearcri.agent"
+
+#: The pod's shared directory (virtio-9p): the tag QEMU exports it under and where
+#: the agent mounts it. Host paths of container mounts are entries below it.
+SHARE_TAG = "clearcri-share"
+GUEST_SHARE_DIR = "/run/clearcri/share"
 #: Version of this wire protocol; bumped on incompatible changes.
 PROTOCOL_VERSION = 1
 #: Version of the agent software.

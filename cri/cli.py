@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sandbox.guest import DEFAULT_GUEST_DIR, build_guest
+from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS, build_guest
 
 DESCRIPTION = """\
 clearcri: a Kubernetes container runtime (CRI v1) that runs every pod in its own
@@ -38,7 +38,9 @@ def _progress(line: str) -> None:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
-    assets = build_guest(Path(args.guest_dir), progress=_progress, force=args.force)
+    assets = build_guest(
+        Path(args.guest_dir), progress=_progress, force=args.force, kernel=args.kernel
+    )
     print(f"kernel   {assets.kernel} ({assets.kernel_version})")
     print(f"initrd   {assets.initrd}")
     print(f"os image {assets.os_image} ({assets.os_image.stat().st_size / 2**20:.1f} MiB)")
@@ -144,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR), help="where assets live")
     build.add_argument("--force", action="store_true", help="rebuild everything")
+    build.add_argument(
+        "--kernel",
+        choices=KERNEL_FLAVORS,
+        default=DEFAULT_KERNEL_FLAVOR,
+        help="clearcri: our own kernel built from linux-source-6.1 (default; pods mount "
+        "host paths over 9p); debian: Debian's cloud kernel (no host-path mounts)",
+    )
     build.set_defaults(func=cmd_guest_build)
 
     image = sub.add_parser("image", help="image helpers")

@@ -41,11 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandbox import kernel as guest_kernel
 from sandbox.initramfs import Initramfs
 
 DEFAULT_GUEST_DIR = Path("/var/lib/clearcri/guest")
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+#: "clearcri": our own kernel from linux-source-6.1 and sandbox/guest_kernel.config
+#: (everything built in, 9p for the pod's share); "debian": Debian's cloud kernel with
+#: its modules loaded by the initramfs (no 9p: pods cannot mount host paths).
+KERNEL_FLAVORS: tuple[str, ...] = ("clearcri", "debian")
+DEFAULT_KERNEL_FLAVOR = "clearcri"
 BUSYBOX_PACKAGE = "busybox-static"
 
 #: Modules the guest loads up front (no udev in the guest; hot-plugged devices need
@@ -253,6 +259,12 @@ class GuestAssets:
     floor_initrd: Path
     kernel_version: str
     version: str
+    kernel_flavor: str = DEFAULT_KERNEL_FLAVOR
+
+    @property
+    def share(self) -> bool:
+        """Whether the guest kernel mounts the pod's 9p share (host-path mounts)."""
+        return self.kernel_flavor == "clearcri"
 
 
 # --------------------------------------------------------------------------------------
@@ -843,11 +855,15 @@ def tree_hash(directory: Path, pattern: str = "*.py") -> str:
 class BuildInputs:
     """What each component is made from."""
 
-    kernel_package: DebPackage
+    kernel_package: DebPackage | None
     busybox_package: DebPackage
     os_packages: tuple[DebPackage, ...]
     init_script: bytes
     agent_hash: str
+    kernel_flavor: str = DEFAULT_KERNEL_FLAVOR
+    kernel_source: DebPackage | None = None
+    kernel_config: bytes = b""
+    compiler: str = ""
     modules: tuple[str, ...] = GUEST_MODULES
     blk_modules: tuple[str, ...] = GUEST_BLK_MODULES
     launcher: str = AGENT_LAUNCHER
@@ -855,21 +871,51 @@ class BuildInputs:
 
     @property
     def kernel_version(self) -> str:
+        if self.kernel_flavor == "clearcri":
+            assert self.kernel_source is not None
+            return guest_kernel.kernel_release(self.kernel_source.version)
+        assert self.kernel_package is not None
         return self.kernel_package.name.removeprefix("linux-image-")
 
+    @property
+    def kernel_deb(self) -> DebPackage:
+        """The package the kernel comes from (Debian's image, or the source of ours)."""
+        pkg = self.kernel_package or self.kernel_source
+        assert pkg is not None
+        return pkg
+
+    @property
+    def kernel_modules(self) -> tuple[str, ...]:
+        """Modules the initramfs loads (none: the clearcri kernel has them built in)."""
+        return self.modules if self.kernel_flavor == "debian" else ()
+
+    @property
+    def kernel_blk_modules(self) -> tuple[str, ...]:
+        return self.blk_modules if self.kernel_flavor == "debian" else ()
+
     def component_hashes(self) -> dict[str, str]:
-        kernel = self.kernel_package.key
+        if self.kernel_flavor == "clearcri":
+            assert self.kernel_source is not None
+            kernel: object = [
+                "clearcri",
+                self.kernel_source.key,
+                hashlib.sha256(self.kernel_config).hexdigest(),
+                self.compiler,
+            ]
+        else:
+            assert self.kernel_package is not None
+            kernel = self.kernel_package.key
         busybox = self.busybox_package.key
         return {
             "kernel": hash_inputs("kernel", RECIPES["kernel"], kernel),
             "initrd": hash_inputs(
                 "initrd",
                 RECIPES["initrd"],
-                kernel,
+                kernel if self.kernel_flavor == "debian" else "no modules",
                 busybox,
                 hashlib.sha256(self.init_script).hexdigest(),
-                self.modules,
-                self.blk_modules,
+                self.kernel_modules,
+                self.kernel_blk_modules,
                 STRIP_MODULE_SIGNATURES,
             ),
             "floor_initrd": hash_inputs(
@@ -1009,9 +1055,10 @@ class _Builder:
     def prefetch(self, components: Iterable[str]) -> None:
         """Download the packages ``components`` need with one apt-get call."""
         wanted: dict[str, DebPackage] = {}
+        kernel_package = self.inputs.kernel_package
         for name in components:
-            if name in ("kernel", "initrd"):
-                wanted[self.inputs.kernel_package.name] = self.inputs.kernel_package
+            if name in ("kernel", "initrd") and kernel_package is not None:
+                wanted[kernel_package.name] = kernel_package
             if name in ("initrd", "floor_initrd"):
                 wanted[self.inputs.busybox_package.name] = self.inputs.busybox_package
             if name == "os_image":
@@ -1021,6 +1068,7 @@ class _Builder:
     def kernel_root(self) -> Path:
         if self._kernel_root is None:
             pkg = self.inputs.kernel_package
+            assert pkg is not None
             deb = self.debs.fetch([pkg], self.progress)[pkg.name]
             self.progress(f"unpacking {pkg.name} {pkg.version}")
             self._kernel_root = self.work / "kernel"
@@ -1046,6 +1094,9 @@ class _Builder:
     # -- components --------------------------------------------------------------------
 
     def build_kernel(self) -> None:
+        if self.inputs.kernel_flavor == "clearcri":
+            self.build_own_kernel()
+            return
         version = self.inputs.kernel_version
         bzimage = self.kernel_root() / "boot" / f"vmlinuz-{version}"
         if not bzimage.is_file():
@@ -1054,6 +1105,27 @@ class _Builder:
         vmlinux = extract_vmlinux(bzimage.read_bytes())
         self.staged("kernel").write_bytes(vmlinux)
         self.progress(f"kernel: {OUTPUT_FILES['kernel']} ({_mib(len(vmlinux))})")
+
+    def build_own_kernel(self) -> None:
+        source = self.inputs.kernel_source
+        assert source is not None
+
+        def fetch_source() -> Path:
+            return self.debs.fetch([source], self.progress)[source.name]
+
+        builder = guest_kernel.KernelBuilder(
+            fetch_source,
+            source.version,
+            fragment=self.inputs.kernel_config,
+            progress=self.progress,
+        )
+        try:
+            vmlinux = builder.build()
+        except guest_kernel.KernelBuildError as exc:
+            raise GuestBuildError(str(exc)) from exc
+        shutil.copyfile(vmlinux, self.staged("kernel"))
+        size = _mib(vmlinux.stat().st_size)
+        self.progress(f"kernel: {OUTPUT_FILES['kernel']} {self.inputs.kernel_version} ({size})")
 
     def module_files(self) -> tuple[dict[str, Path], set[str]]:
         moddir = self.kernel_root() / "lib" / "modules" / self.inputs.kernel_version
@@ -1070,10 +1142,11 @@ class _Builder:
         return files, builtin
 
     def build_initrd(self) -> None:
-        files, builtin = self.module_files()
+        modules, blk_modules = self.inputs.kernel_modules, self.inputs.kernel_blk_modules
+        files, builtin = self.module_files() if modules or blk_modules else ({}, set())
         contents: dict[str, bytes] = {}
         depends: dict[str, list[str]] = {}
-        pending = [normalize_module(m) for m in (*self.inputs.modules, *self.inputs.blk_modules)]
+        pending = [normalize_module(m) for m in (*modules, *blk_modules)]
         while pending:
             name = pending.pop()
             if name in depends or name not in files:
@@ -1082,12 +1155,8 @@ class _Builder:
             depends[name] = module_depends(data)
             contents[name] = strip_module_signature(data) if STRIP_MODULE_SIGNATURES else data
             pending.extend(depends[name])
-        order = module_load_order(self.inputs.modules, depends, builtin)
-        blk_order = [
-            m
-            for m in module_load_order(self.inputs.blk_modules, depends, builtin)
-            if m not in order
-        ]
+        order = module_load_order(modules, depends, builtin)
+        blk_order = [m for m in module_load_order(blk_modules, depends, builtin) if m not in order]
         self.progress(f"initramfs: {len(order)} modules: {' '.join(order)}")
 
         ir = _base_initramfs(self.busybox(), INIT_APPLETS)
@@ -1303,21 +1372,33 @@ def _build_lock(guest_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def collect_inputs(progress: ProgressFn) -> BuildInputs:
+def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLAVOR) -> BuildInputs:
     """Resolve everything the build depends on (apt metadata, init script, agent source)."""
+    if kernel_flavor not in KERNEL_FLAVORS:
+        raise GuestBuildError(
+            f"unknown guest kernel {kernel_flavor!r}: choose {' or '.join(KERNEL_FLAVORS)}"
+        )
     progress("resolving packages")
-    kernel_name = resolve_kernel_package()
+    if kernel_flavor == "clearcri":
+        kernel_name = guest_kernel.SOURCE_PACKAGE
+    else:
+        kernel_name = resolve_kernel_package()
     base = apt_show([kernel_name, BUSYBOX_PACKAGE])
     for name in (kernel_name, BUSYBOX_PACKAGE):
         if name not in base:
             raise GuestBuildError(f"package {name} is not available from apt")
     os_packages = tuple(resolve_closure(OS_ROOT_PACKAGES, apt_show))
+    own = kernel_flavor == "clearcri"
     return BuildInputs(
-        kernel_package=base[kernel_name],
+        kernel_package=None if own else base[kernel_name],
         busybox_package=base[BUSYBOX_PACKAGE],
         os_packages=os_packages,
         init_script=_read_init_script(),
         agent_hash=tree_hash(_agent_source_dir()),
+        kernel_flavor=kernel_flavor,
+        kernel_source=base[kernel_name] if own else None,
+        kernel_config=guest_kernel.config_fragment() if own else b"",
+        compiler=guest_kernel.compiler_version() if own else "",
     )
 
 
@@ -1326,13 +1407,15 @@ def build_guest(
     *,
     progress: ProgressFn | None = None,
     force: bool = False,
+    kernel: str = DEFAULT_KERNEL_FLAVOR,
 ) -> GuestAssets:
-    """Build (or bring up to date) the guest assets under ``guest_dir``."""
+    """Build (or bring up to date) the guest assets under ``guest_dir`` with the
+    ``kernel`` flavor (see KERNEL_FLAVORS)."""
     report: ProgressFn = progress or (lambda _line: None)
     guest_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(guest_dir):
         _remove_leftovers(guest_dir)
-        inputs = collect_inputs(report)
+        inputs = collect_inputs(report, kernel)
         hashes = inputs.component_hashes()
         manifest = load_manifest(guest_dir)
         stale = plan_rebuild(manifest, hashes, guest_dir, force)
@@ -1365,7 +1448,10 @@ def build_guest(
             builder.close()
             _remove_leftovers(guest_dir)
         _write_manifest(guest_dir, _manifest(inputs, components, hashes, complete=True))
-        builder.debs.prune([inputs.kernel_package, inputs.busybox_package, *inputs.os_packages])
+        kept = [inputs.busybox_package, *inputs.os_packages]
+        if inputs.kernel_package is not None:
+            kept.append(inputs.kernel_package)
+        builder.debs.prune(kept)
     return locate_guest(guest_dir)
 
 
@@ -1386,8 +1472,10 @@ def _manifest(
         "format": MANIFEST_FORMAT,
         "complete": complete,
         "kernel_version": inputs.kernel_version,
+        "kernel_flavor": inputs.kernel_flavor,
         "version": combined_version(inputs.kernel_version, hashes),
-        "kernel_package": inputs.kernel_package.key,
+        # the kernel's package: Debian's image, or the source ours is built from
+        "kernel_package": inputs.kernel_deb.key,
         "busybox_package": inputs.busybox_package.key,
         "os_packages": sorted(p.key for p in inputs.os_packages),
         "agent_hash": inputs.agent_hash,
@@ -1418,4 +1506,5 @@ def locate_guest(guest_dir: Path = DEFAULT_GUEST_DIR) -> GuestAssets:
         floor_initrd=paths["floor_initrd"],
         kernel_version=str(manifest["kernel_version"]),
         version=str(manifest["version"]),
+        kernel_flavor=str(manifest.get("kernel_flavor", "debian")),
     )

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 from agent.client import AgentClient, AgentError, ExecSession
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
+from sandbox import mounts
 from sandbox.accel import choose_accel
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
@@ -40,6 +40,7 @@ from sandbox.network import (
 )
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
+from sandbox.share import PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
 from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
 
@@ -250,6 +251,7 @@ class SandboxHost:
             sandbox_filter=cfg.sandbox_filter,
             os_image_mode=cfg.os_image_mode,
             extra_args=tuple(spec.extra_args),
+            share=self.assets.share,
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
@@ -272,6 +274,8 @@ class PodSandbox:
     #: The host directory that holds the containers' writable layers (None: they live
     #: in the guest).
     writable_layer_dir: Path | None = None
+    #: The host paths the pod's containers mount, seen in the guest (None: no share).
+    share: PodShare | None = None
 
     def __init__(self, host: SandboxHost, machine: MachineSpec, spec: SandboxSpec) -> None:
         self.host = host
@@ -293,6 +297,8 @@ class PodSandbox:
         self.network: PodNetwork | None = None
         if spec.network is not None:
             self.network = host.network.for_pod(spec.sandbox_id, spec.network, self._save)
+        # the host paths the pod's containers mount (None: the guest kernel has no 9p)
+        self.share = PodShare(machine.share_dir) if machine.share else None
 
     # construction -------------------------------------------------------
 
@@ -315,7 +321,13 @@ class PodSandbox:
             )
         run_dir.mkdir(parents=True, mode=0o700)
         sandbox = cls(host, machine, spec)
-        sandbox._save()
+        try:
+            if sandbox.share is not None:
+                sandbox.share.create()
+            sandbox._save()
+        except BaseException as exc:
+            mounts.remove_tree(run_dir)
+            raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc
         return sandbox
 
     @classmethod
@@ -592,7 +604,13 @@ class PodSandbox:
         await self.stop(timeout=0)
         await self._close_channels()
         self.cgroup.remove()
-        shutil.rmtree(self.machine.run_dir, ignore_errors=True)
+        try:
+            # the share's binds are detached first: host files below them must survive
+            await asyncio.to_thread(mounts.remove_tree, self.machine.run_dir)
+        except OSError as exc:
+            raise SandboxError(
+                f"sandbox {self.id}: cannot remove its run directory: {exc}"
+            ) from exc
         self.state = "removed"
 
     async def close(self) -> None:
@@ -719,6 +737,33 @@ class PodSandbox:
             self.slots[slot] = image.image_id
             self._save()
             return await agent.mount_image(image.image_id, {"pci_path": pci})
+
+    # host paths ---------------------------------------------------------------
+
+    async def share_host_path(
+        self, key: str, source: Path, *, readonly: bool, propagation: str
+    ) -> str:
+        """Make the host's ``source`` visible live in the guest (sandbox/share.py);
+        returns its guest path for a container's bind mount."""
+        if self.share is None:
+            raise SandboxError(
+                "this node's guest kernel cannot share host paths with pod VMs (no 9p): "
+                "build the guest with the clearcri kernel (`clearcri guest build`)"
+            )
+        try:
+            return await asyncio.to_thread(
+                self.share.bind, key, source, readonly=readonly, propagation=propagation
+            )
+        except ShareError as exc:
+            raise SandboxError(str(exc)) from exc
+
+    async def unshare_host_paths(self, keys: list[str]) -> None:
+        """Drop share entries (a removed container's mounts); unknown keys are fine."""
+        if self.share is not None and keys:
+            try:
+                await asyncio.to_thread(self.share.unbind, keys)
+            except (ShareError, OSError) as exc:
+                raise SandboxError(f"sandbox {self.id}: {exc}") from exc
 
     # containers -------------------------------------------------------------
 

@@ -102,6 +102,7 @@ def template_key(machine: MachineSpec, qemu: str) -> str:
         "mem_merge": machine.mem_merge,
         "extra_cmdline": machine.extra_cmdline,
         "os_image_mode": machine.os_image_mode,
+        "share": machine.share,
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -182,6 +183,10 @@ class TemplateStore:
             # unique: several daemons (or test processes) may share one template dir
             work = self.root / f".{key}.{os.getpid()}.{secrets.token_hex(4)}"
             work.mkdir(mode=0o700)
+            if machine.share:
+                # the device needs a directory; the template never mounts it (QEMU
+                # refuses to save a VM while a 9p share is attached)
+                (work / "share").mkdir()
             spec = replace(
                 machine,
                 name=f"template-{key}",
@@ -198,6 +203,8 @@ class TemplateStore:
                 raise
             for name in ("qmp.sock", "agent.sock", "qemu.pid", NULL_NIC_SOCKET):
                 (work / name).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                (work / "share").rmdir()
             try:
                 await asyncio.to_thread(fill_holes, work / RAM_FILE)
             except OSError as exc:

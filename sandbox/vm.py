@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.protocol import AGENT_PORT_NAME
+from agent.protocol import AGENT_PORT_NAME, SHARE_TAG
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
@@ -35,6 +35,8 @@ FIRST_HOTPLUG_DEVICE = 0x08
 # The guest OS image always sits at this address so it is /dev/pmem0.
 OS_IMAGE_ADDR = "0x03"
 AGENT_SERIAL_ADDR = "0x04"
+# The pod's shared directory (virtio-9p); 0x05 is the NIC's.
+SHARE_ADDR = "0x06"
 # Room in the guest-physical address space for hot-plugged persistent memory.
 HOTPLUG_ADDRESS_SPACE_MIB = 64 * 1024
 
@@ -71,6 +73,12 @@ class MachineSpec:
     memory_shared: bool = False
     incoming: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    # A virtio-9p device exporting share_dir (the pod's volumes, see sandbox/share.py).
+    share: bool = False
+
+    @property
+    def share_dir(self) -> Path:
+        return self.run_dir / "share"
 
     @property
     def qmp_socket(self) -> Path:
@@ -187,6 +195,15 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         cmd += [
             "-device",
             f"pcie-root-port,id={dev_id},bus=pcie.0,chassis={slot + 1},addr=0x{dev}.{fn}{multi}",
+        ]
+    if spec.share:
+        cmd += [
+            "-fsdev",
+            # passthrough: files the guest creates belong to its ids on the host;
+            # remap: bind mounts of other filesystems below the root keep unique inodes
+            f"local,id=share,path={spec.share_dir},security_model=passthrough,multidevs=remap",
+            "-device",
+            f"virtio-9p-pci,fsdev=share,mount_tag={SHARE_TAG},bus=pcie.0,addr={SHARE_ADDR}",
         ]
     if spec.memory_file is not None:
         cmd += [

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what clearcri needs on a Debian 12 host: QEMU, crun, erofs-utils, busybox,
-# CNI plugins, the test registry, and the Python package with its dev tools.
+# CNI plugins, the test registry, the guest kernel's build tools, and the Python package
+# with its dev tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 apt_packages=(
@@ -9,6 +10,7 @@ apt_packages=(
     containernetworking-plugins iproute2 util-linux procps
     docker-registry apache2-utils skopeo
     etcd-server
+    gcc make flex bison bc libelf-dev
 )
 scripts/apt-ensure.sh "${apt_packages[@]}"
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'

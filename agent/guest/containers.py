@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from agent.guest import hostmounts, idmap, oci, system
+from agent.guest import hostmounts, idmap, oci, share, system
 from agent.guest.errors import OpError, already_exists, internal, invalid, not_found, precondition
 from agent.guest.procs import decode_status
 from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
@@ -327,6 +327,8 @@ class ContainerManager:
         )
         if self.settings.host_mntns_fd is not None:
             spec = self._stage_host_mounts(container, userns)
+        elif any(share.names_share(m.source) for m in spec.mounts):
+            share.ensure_mounted()
         for mount in spec.mounts:
             if mount.type == "bind" and not os.path.lexists(mount.source):
                 raise invalid(f"mount {mount.destination}: {mount.source} does not exist")

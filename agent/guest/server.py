@@ -101,9 +101,7 @@ class Server:
             "signal_exec": self.op_signal_exec,
             "resize": self.op_resize,
             "shutdown": self.op_shutdown,
-            "write_files": self.op_write_files,
             "reseed": self.op_reseed,
-            "remove_volumes": self.op_remove_volumes,
             "update_container": self.op_update_container,
             "port_forward": self.op_port_forward,
         }
@@ -421,27 +419,16 @@ class Server:
 
         system.add_entropy(base64.b64decode(str(args["entropy"])))
 
-    def op_write_files(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
-        from agent.guest import volumes
-
-        base = f"{self.settings.run_dir}/volumes"
-        return {"path": volumes.write_files(base, str(args["key"]), list(args["entries"]))}
-
-    def op_remove_volumes(self, args: dict[str, Any], generation: int) -> None:
-        from agent.guest import volumes
-
-        volumes.remove_volumes(f"{self.settings.run_dir}/volumes", list(args["keys"]))
-
     def op_update_container(self, args: dict[str, Any], generation: int) -> None:
-        from agent.guest import volumes
+        from agent.guest import resources
 
         container = self.manager.get(str(args["container_id"]))
         if self.settings.cgroup_mode == "v1":
-            volumes.update_cgroup_v1(
+            resources.update_cgroup_v1(
                 self.settings.cgroup_root, container.cgroup_path, dict(args["resources"])
             )
         else:
-            volumes.update_cgroup(container.cgroup_dir, dict(args["resources"]))
+            resources.update_cgroup(container.cgroup_dir, dict(args["resources"]))
 
     def op_list_containers(self, args: dict[str, Any], generation: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.manager.list_all()]

@@ -8,20 +8,17 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
-import stat
 import time
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
 from agent.client import AgentClient, AgentError, AgentTimeout
 from agent.client import NotFound as AgentNotFound
-from agent.guest.hostmounts import unescape_mount_field
 from agent.protocol import Mount
 from cri.images.errors import ImageError
 from cri.runtime import convert
@@ -48,6 +45,7 @@ from cri.runtime.state import (
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
 from sandbox.hostpod import HOST_HANDLER, HostSandbox
+from sandbox.mounts import propagation_problem
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
 
 if TYPE_CHECKING:
@@ -92,93 +90,9 @@ def map_id(value: int, mappings: list[list[int]]) -> int:
     return OVERFLOW_ID
 
 
-def propagation_problem(
-    host_path: Path, propagation: str, mountinfo: Path = Path("/proc/self/mountinfo")
-) -> str | None:
-    """Why ``host_path`` cannot carry ``propagation`` ("rshared" needs its mount to be
-    shared, "rslave" shared or a slave), or None. As other runtimes do, a mount that
-    would silently not propagate is refused."""
-    path = os.path.realpath(host_path)
-    best: tuple[str, list[str]] | None = None
-    with mountinfo.open() as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 7:
-                continue
-            point = unescape_mount_field(fields[4])
-            inside = path == point or path.startswith(point.rstrip("/") + "/")
-            if inside and (best is None or len(point) >= len(best[0])):
-                tags = fields[6 : fields.index("-")] if "-" in fields else []
-                best = (point, tags)
-    if best is None:
-        return f"no mount holds host path {path}"
-    point, tags = best
-    shared = any(t.startswith("shared:") for t in tags)
-    slave = any(t.startswith("master:") for t in tags)
-    if propagation == "rshared" and not shared:
-        return (
-            f"host path {path} is on mount {point}, which is not shared: "
-            f"make it shared (mount --make-rshared {point}) for Bidirectional propagation"
-        )
-    if propagation == "rslave" and not (shared or slave):
-        return (
-            f"host path {path} is on mount {point}, which is neither shared nor a slave: "
-            f"make it shared (mount --make-rshared {point}) for HostToContainer propagation"
-        )
-    return None
-
-
-def _collect_volume(host_path: Path) -> list[dict[str, Any]]:
-    """The entries that copy ``host_path`` (file or tree) into the guest."""
-    entries: list[dict[str, Any]] = []
-    total = 0
-
-    def add_file(path: Path, rel: str, st: os.stat_result) -> None:
-        nonlocal total
-        data = path.read_bytes()
-        total += len(data)
-        if total > VOLUME_LIMIT:
-            raise InvalidArgument(
-                f"mount source {host_path} is larger than {VOLUME_LIMIT >> 20} MiB; pod VMs "
-                "copy host paths into the guest"
-            )
-        entries.append(
-            {
-                "path": rel,
-                "type": "file",
-                "mode": stat.S_IMODE(st.st_mode),
-                "uid": st.st_uid,
-                "gid": st.st_gid,
-                "data": base64.b64encode(data).decode(),
-            }
-        )
-
-    st = host_path.stat()
-    if stat.S_ISREG(st.st_mode):
-        add_file(host_path, "data", st)
-        return entries
-    for root, dirs, files in os.walk(host_path, followlinks=False):
-        root_path = Path(root)
-        rel_root = root_path.relative_to(host_path)
-        rst = root_path.stat()
-        entries.append(
-            {
-                "path": str(Path("data") / rel_root),
-                "type": "dir",
-                "mode": stat.S_IMODE(rst.st_mode),
-                "uid": rst.st_uid,
-                "gid": rst.st_gid,
-            }
-        )
-        for name in dirs + files:
-            path = root_path / name
-            lst = path.lstat()
-            rel = str(Path("data") / rel_root / name)
-            if stat.S_ISLNK(lst.st_mode):
-                entries.append({"path": rel, "type": "symlink", "target": os.readlink(path)})
-            elif stat.S_ISREG(lst.st_mode):
-                add_file(path, rel, lst)
-    return entries
+def share_keys(container_id: str, count: int) -> list[str]:
+    """The share entries of a container's ``count`` mounts (one per mount)."""
+    return [f"{container_id[:16]}-{index}" for index in range(count)]
 
 
 class ContainerOps(RuntimeCore):
@@ -259,16 +173,10 @@ class ContainerOps(RuntimeCore):
         log_path = ""
         if pod_cfg.log_directory and config.log_path:
             log_path = str(Path(pod_cfg.log_directory) / config.log_path)
-        volume_keys: list[str] = []
+        volume_keys = share_keys(cid, len(config.mounts))
         try:
-            for index, mount in enumerate(config.mounts):
-                key = f"{cid[:16]}-{index}"
-                spec.mounts.append(
-                    await self._guest_mount(
-                        sandbox, key, mount, spec.uid_mappings, spec.gid_mappings
-                    )
-                )
-                volume_keys.append(key)
+            for key, mount in zip(volume_keys, config.mounts, strict=True):
+                spec.mounts.append(await self._guest_mount(sandbox, key, mount))
             await sandbox.create_container(cid, spec, image)
         except SandboxExhausted as exc:
             await self._drop_volumes(sandbox, volume_keys)
@@ -312,17 +220,10 @@ class ContainerOps(RuntimeCore):
         self.publish(api_pb2.CONTAINER_CREATED_EVENT, cid, pod)
         return cid
 
-    async def _guest_mount(
-        self,
-        sandbox: PodSandbox,
-        key: str,
-        mount: api_pb2.Mount,
-        uid_mappings: list[list[int]] | None = None,
-        gid_mappings: list[list[int]] | None = None,
-    ) -> Mount:
-        """The agent's mount for a CRI mount. In a user namespace (mappings given) the
-        container sees host paths with their owners' ids: a host pod's agent idmaps its
-        clones of them, copies into a VM are written with the mapped ids."""
+    async def _guest_mount(self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount) -> Mount:
+        """The agent's mount for a CRI mount. A host path is the host's own file or
+        directory: a host pod's agent clones it from the host's mount namespace (idmapped
+        in a user namespace); a pod VM sees it through its share (sandbox/share.py)."""
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
@@ -345,27 +246,31 @@ class ContainerOps(RuntimeCore):
         if not host_path.exists():
             # as other runtimes do: a missing bind source is created as a directory
             await asyncio.to_thread(host_path.mkdir, parents=True, exist_ok=True)
+        propagation = PROPAGATION.get(mount.propagation, "rprivate")
+        if propagation == "rshared" and not isinstance(sandbox, HostSandbox):
+            raise InvalidArgument(
+                f"mount {mount.container_path}: Bidirectional propagation cannot work in a "
+                "pod VM (mounts made in the guest never reach the host); use HostToContainer, "
+                "or the host runtime handler for a privileged pod"
+            )
+        if propagation != "rprivate":
+            problem = await asyncio.to_thread(propagation_problem, host_path, propagation)
+            if problem:
+                raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
         if isinstance(sandbox, HostSandbox):
             # the host pod's agent clones the host path (with its submounts) from the
-            # host's mount namespace at creation: nothing is copied
-            propagation = PROPAGATION.get(mount.propagation, "rprivate")
-            if propagation != "rprivate":
-                problem = await asyncio.to_thread(propagation_problem, host_path, propagation)
-                if problem:
-                    raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
-            # in a user namespace the agent idmaps the clone by the pod's mappings
+            # host's mount namespace at creation; in a user namespace it idmaps the clone
             options.append(propagation)
             return Mount(destination=mount.container_path, source=str(host_path), options=options)
-        entries = await asyncio.to_thread(_collect_volume, host_path)
-        if uid_mappings and gid_mappings:
-            for entry in entries:
-                entry["uid"] = map_id(entry.get("uid", 0), uid_mappings)
-                entry["gid"] = map_id(entry.get("gid", 0), gid_mappings)
         try:
-            base = await sandbox.agent.write_files(key, entries)
-        except AgentError as exc:
-            raise agent_error(exc, f"copy {mount.host_path} into the pod VM") from exc
-        return Mount(destination=mount.container_path, source=f"{base}/data", options=options)
+            source = await sandbox.share_host_path(
+                key, host_path, readonly=mount.readonly, propagation=propagation
+            )
+        except SandboxError as exc:
+            raise FailedPrecondition(f"mount {mount.container_path}: {exc}") from exc
+        # in the guest the share is one 9p mount without submounts: host mounts below a
+        # HostToContainer path appear through it, nothing propagates inside the guest
+        return Mount(destination=mount.container_path, source=source, options=options)
 
     async def _image_volume(self, sandbox: PodSandbox, mount: api_pb2.Mount) -> Mount:
         """An image (or a directory of it) mounted read-only: the image's shared erofs
@@ -400,9 +305,10 @@ class ContainerOps(RuntimeCore):
         return Mount(destination=target, source=source, options=["rbind", "ro", "nodev"])
 
     async def _drop_volumes(self, sandbox: PodSandbox, keys: list[str]) -> None:
-        if keys and sandbox.state == "ready":
-            with contextlib.suppress(AgentError, SandboxError):
-                await sandbox.agent.remove_volumes(keys)
+        try:
+            await sandbox.unshare_host_paths(keys)
+        except SandboxError as exc:
+            log.warning("pod=%s: %s", sandbox.id[:12], exc)
 
     def _open_io(self, ctr: ContainerRecord, sandbox: PodSandbox) -> ContainerIO:
         io = self.io.get(ctr.id)
@@ -537,8 +443,9 @@ class ContainerOps(RuntimeCore):
                 pass
             except AgentError as exc:
                 log.warning("container=%s delete in guest: %s", ctr.id[:12], exc)
+        if sandbox is not None:
             count = len(ctr.container_config().mounts)
-            await self._drop_volumes(sandbox, [f"{ctr.id[:16]}-{i}" for i in range(count)])
+            await self._drop_volumes(sandbox, share_keys(ctr.id, count))
         io = self.io.pop(ctr.id, None)
         if io is not None:
             for task in (io.pump, io.waiter):

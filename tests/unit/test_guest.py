@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -320,9 +321,8 @@ def _inputs(**changes: object) -> BuildInputs:
         os_packages=(DebPackage("python3", "3.11", "p1"), DebPackage("crun", "1.8", "c1")),
         init_script=b"#!/bin/sh\n",
         agent_hash="a1",
+        kernel_flavor="debian",
     )
-    from dataclasses import replace
-
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -345,6 +345,39 @@ def test_component_hashes_track_only_their_inputs() -> None:
     assert _changed(base, _inputs(os_packages=new_python)) == {"os_image"}
     # Package order does not matter.
     assert _changed(base, _inputs(os_packages=tuple(reversed(base.os_packages)))) == set()
+
+
+def test_own_kernel_hashes_and_version() -> None:
+    source = DebPackage("linux-source-6.1", "6.1.192-3", "s1")
+    own = _inputs(
+        kernel_flavor="clearcri",
+        kernel_package=None,
+        kernel_source=source,
+        kernel_config=b"CONFIG_NET_9P=y\n",
+        compiler="gcc 12.2.0",
+    )
+    assert own.kernel_version == "6.1.192-clearcri"
+    assert own.kernel_modules == () and own.kernel_blk_modules == ()
+    # the initramfs carries no modules, so only the kernel follows the kernel's inputs
+    assert _changed(own, replace(own, kernel_config=b"CONFIG_NET_9P=n\n")) == {"kernel"}
+    assert _changed(own, replace(own, compiler="gcc 13")) == {"kernel"}
+    newer = DebPackage("linux-source-6.1", "6.1.193-1", "s2")
+    assert _changed(own, replace(own, kernel_source=newer)) == {"kernel"}
+    # switching flavors rebuilds the kernel and the initramfs (modules or none)
+    assert _changed(_inputs(), own) == {"kernel", "initrd"}
+
+
+def test_assets_share_only_with_own_kernel(tmp_path: Path) -> None:
+    own = _inputs(
+        kernel_flavor="clearcri",
+        kernel_package=None,
+        kernel_source=DebPackage("linux-source-6.1", "6.1.192-3", "s1"),
+    )
+    _fake_build(tmp_path, own)
+    assets = guest.locate_guest(tmp_path)
+    assert assets.share and assets.kernel_version == "6.1.192-clearcri"
+    _fake_build(tmp_path, _inputs())
+    assert not guest.locate_guest(tmp_path).share
 
 
 def _fake_build(guest_dir: Path, inputs: BuildInputs, complete: bool = True) -> None:

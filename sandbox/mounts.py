@@ -1,0 +1,183 @@
+"""Mount syscalls of the host side (bind, propagation, read-only, detach) and the host's
+mount table. Every call is one syscall on paths: nothing here reads a file's contents,
+so a host path such as /proc or a FIFO cannot block it."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MNT_DETACH = 2
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def check(result: int, what: str) -> None:
+    """Raise OSError (with errno) when a libc call returned non-zero."""
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: Path, flags: int, what: str) -> None:
+    check(
+        libc().mount(
+            os.fsencode(source) if source is not None else None,
+            os.fsencode(target),
+            None,
+            ctypes.c_ulong(flags),
+            None,
+        ),
+        what,
+    )
+
+
+def bind(source: Path, target: Path, *, recursive: bool = True) -> None:
+    """Bind ``source`` (its submounts too, with ``recursive``) at ``target``."""
+    flags = MS_BIND | (MS_REC if recursive else 0)
+    _mount(str(source), target, flags, f"bind {source} at {target}")
+
+
+def set_propagation(target: Path, kind: str) -> None:
+    """Make the mount at ``target`` and its submounts rprivate, rslave or rshared."""
+    flag = {"rprivate": MS_PRIVATE, "rslave": MS_SLAVE, "rshared": MS_SHARED}[kind]
+    _mount(None, target, flag | MS_REC, f"make {target} {kind}")
+
+
+def remount_readonly(target: Path) -> None:
+    """Make the bind mount at ``target`` read-only (the top mount only; mount flags
+    nosuid/nodev kept as they were)."""
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    st = os.statvfs(target)
+    if st.f_flag & os.ST_NOSUID:
+        flags |= MS_NOSUID
+    if st.f_flag & os.ST_NODEV:
+        flags |= MS_NODEV
+    _mount(None, target, flags, f"make {target} read-only")
+
+
+def detach(target: Path) -> bool:
+    """Lazily unmount ``target``; False when it was not a mount point (or is gone)."""
+    if libc().umount2(os.fsencode(target), MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def unescape_mount_field(field: str) -> str:
+    """A mountinfo path field with its octal escapes (space, tab, newline, backslash)
+    decoded."""
+    out = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    point: str
+    tags: tuple[str, ...]  # optional fields: shared:N, master:N, ...
+
+
+def mount_table(mountinfo: Path = MOUNTINFO) -> Iterator[MountEntry]:
+    with mountinfo.open() as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 7:
+                continue
+            tags = fields[6 : fields.index("-")] if "-" in fields else []
+            yield MountEntry(unescape_mount_field(fields[4]), tuple(tags))
+
+
+def mounts_under(path: Path, mountinfo: Path = MOUNTINFO) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    top = str(path).rstrip("/")
+    prefix = top + "/"
+    points = {
+        entry.point
+        for entry in mount_table(mountinfo)
+        if entry.point == top or entry.point.startswith(prefix)
+    }
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_under(path: Path) -> None:
+    """Detach every mount at or below ``path`` (deepest first), so that removing the
+    directory afterwards can never reach into what was mounted there."""
+    for point in mounts_under(path):
+        detach(Path(point))
+
+
+def propagation_problem(
+    host_path: Path, propagation: str, mountinfo: Path = MOUNTINFO
+) -> str | None:
+    """Why ``host_path`` cannot carry ``propagation`` ("rshared" needs its mount to be
+    shared, "rslave" shared or a slave), or None. As other runtimes do, a mount that
+    would silently not propagate is refused."""
+    path = os.path.realpath(host_path)
+    best: MountEntry | None = None
+    for entry in mount_table(mountinfo):
+        point = entry.point
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.point)):
+            best = entry
+    if best is None:
+        return f"no mount holds host path {path}"
+    shared = any(t.startswith("shared:") for t in best.tags)
+    slave = any(t.startswith("master:") for t in best.tags)
+    if propagation == "rshared" and not shared:
+        return (
+            f"host path {path} is on mount {best.point}, which is not shared: "
+            f"make it shared (mount --make-rshared {best.point}) for Bidirectional propagation"
+        )
+    if propagation == "rslave" and not (shared or slave):
+        return (
+            f"host path {path} is on mount {best.point}, which is neither shared nor a slave: "
+            f"make it shared (mount --make-rshared {best.point}) for HostToContainer propagation"
+        )
+    return None
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and everything below it, after detaching every mount there; if
+    anything stays mounted nothing is deleted (a bind of a host path below ``path`` must
+    never lose the host's files). Missing is fine."""
+    if not os.path.lexists(path):
+        return
+    unmount_under(path)
+    left = mounts_under(path)
+    if left:
+        raise OSError(errno.EBUSY, f"still mounted below {path}: {', '.join(left[:3])}")
+    shutil.rmtree(path, ignore_errors=True)

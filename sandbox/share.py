@@ -1,0 +1,124 @@
+"""A pod VM's shared directory: the host paths its containers mount, seen live in the
+guest over one virtio-9p device.
+
+The VM's 9p device exports one directory per pod, ``<run_dir>/share``, and nothing
+else. Each host path a container mounts (emptyDir, ConfigMap, Secret, projected token,
+hostPath, /etc/hosts, the termination-log file) is bind-mounted into that directory
+under a key of its own; the agent mounts the share once in the guest (the first time a
+container names it, after any template restore) and binds ``<share>/<key>`` into the
+container. Reads and writes go to the host's own files, in both directions, at once.
+
+Isolation: the export root is the share directory, whose own mount is private (no
+bind made here propagates anywhere else). QEMU's local 9p backend resolves every path
+relative to the export root without following symlinks on the host, so a guest
+cannot walk out with ``..`` or a symlink; what a container sees is what its pod's
+mounts hold. Making a bind is a mount syscall: the daemon never reads what it shares,
+so /proc, FIFOs or devices cannot block it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from pathlib import Path
+
+from agent.protocol import GUEST_SHARE_DIR
+from sandbox import mounts
+
+KEY_RE = re.compile(r"^[0-9a-z][0-9a-z._-]{0,127}$")
+
+#: Propagation modes a share can honour. A mount made in the guest cannot reach the
+#: host, so "rshared" (Bidirectional) is refused by the caller.
+PROPAGATIONS = ("rprivate", "rslave")
+
+
+class ShareError(Exception):
+    """A host path could not be shared (missing, refused by the kernel, ...)."""
+
+
+def guest_path(key: str) -> str:
+    """Where the guest sees the share entry ``key``."""
+    return f"{GUEST_SHARE_DIR}/{key}"
+
+
+class PodShare:
+    """The directory a pod VM's 9p device exports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def create(self) -> None:
+        """Make the export root: a private mount of its own, so that binds below it
+        neither propagate out nor receive mounts from elsewhere. Idempotent."""
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        if str(self.root) not in mounts.mounts_under(self.root):
+            mounts.bind(self.root, self.root, recursive=False)
+        mounts.set_propagation(self.root, "rprivate")
+
+    def bind(self, key: str, source: Path, *, readonly: bool, propagation: str) -> str:
+        """Bind the host's ``source`` (with its submounts) into the share as ``key``
+        and return its guest path. ``propagation``: rprivate or rslave (mounts the host
+        makes below ``source`` later appear in the guest)."""
+        if not KEY_RE.match(key):
+            raise ShareError(f"bad share key {key!r}")
+        if propagation not in PROPAGATIONS:
+            raise ShareError(f"a pod VM's share cannot carry {propagation} propagation")
+        target = self.root / key
+        try:
+            st = os.stat(source)  # follows symlinks, as a bind mount does
+        except OSError as exc:
+            raise ShareError(f"host path {source}: {exc.strerror}") from exc
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                target.mkdir(mode=0o755)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+        except FileExistsError:
+            raise ShareError(f"share key {key} is in use") from None
+        try:
+            mounts.bind(source, target)
+            mounts.set_propagation(target, propagation)
+            if readonly:
+                mounts.remount_readonly(target)
+        except OSError as exc:
+            self._remove_entry(target)
+            raise ShareError(f"cannot share host path {source}: {exc.strerror}") from exc
+        return guest_path(key)
+
+    def unbind(self, keys: list[str]) -> None:
+        """Remove the entries ``keys`` (unknown keys are ignored)."""
+        for key in keys:
+            if KEY_RE.match(key):
+                self._remove_entry(self.root / key)
+
+    def keys(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.root.iterdir())
+        except FileNotFoundError:
+            return []
+
+    def remove(self) -> None:
+        """Unmount every entry and the root, then delete the (now empty) directory.
+        Nothing is deleted while anything is still mounted below the root."""
+        if not self.root.exists():
+            return
+        mounts.unmount_under(self.root)
+        left = mounts.mounts_under(self.root)
+        if left:
+            raise ShareError(f"still mounted below {self.root}: {', '.join(left[:3])}")
+        for entry in self.root.iterdir():
+            self._remove_entry(entry)
+        self.root.rmdir()
+
+    @staticmethod
+    def _remove_entry(target: Path) -> None:
+        mounts.unmount_under(target)
+        if mounts.mounts_under(target):
+            raise ShareError(f"{target} is still mounted")
+        with contextlib.suppress(FileNotFoundError):
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()
+            else:
+                target.unlink()
