@@ -11,7 +11,8 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from agent.mountapi import libc, unescape_mount_field
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -25,15 +26,6 @@ MS_SHARED = 0x100000
 MNT_DETACH = 2
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-
-_libc: Any = None
-
-
-def libc() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
 
 
 def check(result: int, what: str) -> None:
@@ -88,21 +80,6 @@ def detach(target: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOENT):
         return False
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def unescape_mount_field(field: str) -> str:
-    """A mountinfo path field with its octal escapes (space, tab, newline, backslash)
-    decoded."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 @dataclass(frozen=True)

@@ -741,10 +741,17 @@ class PodSandbox:
     # host paths ---------------------------------------------------------------
 
     async def share_host_path(
-        self, key: str, source: Path, *, readonly: bool, propagation: str
+        self,
+        key: str,
+        source: Path,
+        *,
+        readonly: bool,
+        propagation: str,
+        id_mappings: tuple[list[list[int]], list[list[int]]] | None = None,
     ) -> str:
         """Make the host's ``source`` visible live in the guest (sandbox/share.py);
-        returns its guest path for a container's bind mount."""
+        returns its guest path for a container's bind mount. ``id_mappings``: the pod's
+        user namespace mappings (uids, gids), for an idmapped entry."""
         if self.share is None:
             raise SandboxError(
                 "this node's guest kernel cannot share host paths with pod VMs (no 9p): "
@@ -752,7 +759,12 @@ class PodSandbox:
             )
         try:
             return await asyncio.to_thread(
-                self.share.bind, key, source, readonly=readonly, propagation=propagation
+                self.share.bind,
+                key,
+                source,
+                readonly=readonly,
+                propagation=propagation,
+                id_mappings=id_mappings,
             )
         except ShareError as exc:
             raise SandboxError(str(exc)) from exc

@@ -24,8 +24,17 @@ import re
 import stat
 from pathlib import Path
 
+from agent.mountapi import (
+    AT_RECURSIVE,
+    OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE,
+    move_mount,
+    open_tree,
+    set_idmap,
+)
 from agent.protocol import GUEST_SHARE_DIR
 from sandbox import mounts
+from sandbox.userns import UserNamespaceError, mapped_user_namespace
 
 KEY_RE = re.compile(r"^[0-9a-z][0-9a-z._-]{0,127}$")
 
@@ -57,10 +66,21 @@ class PodShare:
             mounts.bind(self.root, self.root, recursive=False)
         mounts.set_propagation(self.root, "rprivate")
 
-    def bind(self, key: str, source: Path, *, readonly: bool, propagation: str) -> str:
+    def bind(
+        self,
+        key: str,
+        source: Path,
+        *,
+        readonly: bool,
+        propagation: str,
+        id_mappings: tuple[list[list[int]], list[list[int]]] | None = None,
+    ) -> str:
         """Bind the host's ``source`` (with its submounts) into the share as ``key``
         and return its guest path. ``propagation``: rprivate or rslave (mounts the host
-        makes below ``source`` later appear in the guest)."""
+        makes below ``source`` later appear in the guest). With ``id_mappings`` (a pod
+        in a user namespace: its uid and gid mappings) the bind is idmapped: a file the
+        host's uid U owns appears owned by U's mapped id, so the containers see it
+        owned by U, and what they create belongs to their own ids on the host."""
         if not KEY_RE.match(key):
             raise ShareError(f"bad share key {key!r}")
         if propagation not in PROPAGATIONS:
@@ -78,14 +98,31 @@ class PodShare:
         except FileExistsError:
             raise ShareError(f"share key {key} is in use") from None
         try:
-            mounts.bind(source, target)
+            if id_mappings is None:
+                mounts.bind(source, target)
+            else:
+                self._idmapped_bind(source, target, id_mappings)
             mounts.set_propagation(target, propagation)
             if readonly:
                 mounts.remount_readonly(target)
-        except OSError as exc:
+        except (OSError, UserNamespaceError) as exc:
             self._remove_entry(target)
-            raise ShareError(f"cannot share host path {source}: {exc.strerror}") from exc
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ShareError(f"cannot share host path {source}: {reason}") from exc
         return guest_path(key)
+
+    @staticmethod
+    def _idmapped_bind(
+        source: Path, target: Path, id_mappings: tuple[list[list[int]], list[list[int]]]
+    ) -> None:
+        flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        tree = open_tree(str(source), flags)
+        try:
+            with mapped_user_namespace(*id_mappings) as userns:
+                set_idmap(tree, userns, recursive=True)
+            move_mount(tree, str(target))
+        finally:
+            os.close(tree)
 
     def unbind(self, keys: list[str]) -> None:
         """Remove the entries ``keys`` (unknown keys are ignored)."""

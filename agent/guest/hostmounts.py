@@ -23,91 +23,25 @@ import contextlib
 import ctypes
 import os
 import stat
-from typing import Any
 
-from agent.guest.system import libc
+from agent.mountapi import (
+    AT_RECURSIVE,
+    OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE,
+    MountApiError,
+    libc,
+    move_mount,
+    open_tree,
+    raw_syscall,
+    set_idmap,
+    unescape_mount_field,
+)
 
 CLONE_NEWNS = 0x00020000
-AT_FDCWD = -100
-AT_RECURSIVE = 0x8000
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
-# the same on every architecture (syscalls added after 5.1 share one table)
-SYS_OPEN_TREE = 428
-SYS_MOVE_MOUNT = 429
-SYS_MOUNT_SETATTR = 442
-AT_EMPTY_PATH = 0x1000
-MOUNT_ATTR_IDMAP = 0x00100000
 
 
-class HostMountError(OSError):
+class HostMountError(MountApiError):
     pass
-
-
-def raw_syscall() -> Any:
-    """libc's ``syscall``, returning a long."""
-    fn = libc().syscall
-    fn.restype = ctypes.c_long
-    return fn
-
-
-def open_tree(path: str, flags: int) -> int:
-    """``open_tree(2)``: a detached clone of the mount at ``path`` (with OPEN_TREE_CLONE);
-    the caller closes the descriptor."""
-    tree = int(
-        raw_syscall()(
-            SYS_OPEN_TREE,
-            ctypes.c_int(AT_FDCWD),
-            ctypes.c_char_p(path.encode()),
-            ctypes.c_uint(flags),
-        )
-    )
-    if tree < 0:
-        errno = ctypes.get_errno()
-        raise HostMountError(errno, f"clone {path}: {os.strerror(errno)}")
-    return tree
-
-
-def move_mount(tree: int, target: str) -> None:
-    """``move_mount(2)``: attach the detached mount ``tree`` at ``target``."""
-    rc = raw_syscall()(
-        SYS_MOVE_MOUNT,
-        ctypes.c_int(tree),
-        ctypes.c_char_p(b""),
-        ctypes.c_int(AT_FDCWD),
-        ctypes.c_char_p(target.encode()),
-        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-    )
-    if rc != 0:
-        errno = ctypes.get_errno()
-        raise HostMountError(errno, f"attach at {target}: {os.strerror(errno)}")
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
-    """``mount_setattr(MOUNT_ATTR_IDMAP)`` on the detached mount ``tree``: its files
-    appear with the ids ``userns_fd``'s mappings give them."""
-    attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
-    rc = raw_syscall()(
-        SYS_MOUNT_SETATTR,
-        ctypes.c_int(tree),
-        ctypes.c_char_p(b""),
-        ctypes.c_uint(AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    if rc != 0:
-        errno = ctypes.get_errno()
-        raise HostMountError(errno, f"idmapped mount: {os.strerror(errno)}")
 
 
 def _clone_in_child(
@@ -206,18 +140,3 @@ def unmount_under(path: str) -> None:
             errno = ctypes.get_errno()
             if errno not in (22, 2):  # not a mount (any more), or gone
                 raise HostMountError(f"umount {point}: {os.strerror(errno)}")
-
-
-def unescape_mount_field(field: str) -> str:
-    """A mountinfo path field with its octal escapes (space, tab, newline, backslash)
-    decoded."""
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)

@@ -15,16 +15,16 @@ from __future__ import annotations
 import os
 
 from agent.guest import hostmounts
-from agent.guest.hostmounts import OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE
+from agent.mountapi import OPEN_TREE_CLOEXEC, OPEN_TREE_CLONE, move_mount, open_tree, set_idmap
 
 
 def idmapped_bind(source: str, target: str, userns_fd: int) -> None:
     """Bind ``source`` at ``target`` (an existing directory) with the ids of
     ``userns_fd``'s mappings: files owned by host id H appear owned by H's mapped id."""
-    tree = hostmounts.open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    tree = open_tree(source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
     try:
-        hostmounts.set_idmap(tree, userns_fd)
-        hostmounts.move_mount(tree, target)
+        set_idmap(tree, userns_fd)
+        move_mount(tree, target)
     finally:
         os.close(tree)
 

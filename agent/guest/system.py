@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import time
 
+from agent.mountapi import libc as libc
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    pass
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -22,17 +24,6 @@ MNT_DETACH = 2
 PR_SET_CHILD_SUBREAPER = 36
 RB_POWER_OFF = 0x4321FEDC
 CLOCK_REALTIME = 0
-
-_libc: Any = None
-
-
-def libc() -> Any:
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
 
 
 def _check(result: int, what: str) -> None:

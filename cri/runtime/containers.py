@@ -19,7 +19,7 @@ from cri_api.v1 import api_pb2
 
 from agent.client import AgentClient, AgentError, AgentTimeout
 from agent.client import NotFound as AgentNotFound
-from agent.protocol import Mount
+from agent.protocol import ContainerSpec, Mount
 from cri.images.errors import ImageError
 from cri.runtime import convert
 from cri.runtime.core import ContainerIO, RuntimeCore, agent_error
@@ -76,18 +76,6 @@ def _signal_number(name: str) -> int:
         if name.isdigit():
             return int(name)
         raise InvalidArgument(f"unknown stop signal {name!r}") from None
-
-
-OVERFLOW_ID = 65534
-
-
-def map_id(value: int, mappings: list[list[int]]) -> int:
-    """The id that ``value`` (an id inside the container) has outside it; ids the
-    mappings leave out get the overflow id."""
-    for container_id, host_id, length in mappings:
-        if container_id <= value < container_id + length:
-            return host_id + value - container_id
-    return OVERFLOW_ID
 
 
 def share_keys(container_id: str, count: int) -> list[str]:
@@ -176,7 +164,7 @@ class ContainerOps(RuntimeCore):
         volume_keys = share_keys(cid, len(config.mounts))
         try:
             for key, mount in zip(volume_keys, config.mounts, strict=True):
-                spec.mounts.append(await self._guest_mount(sandbox, key, mount))
+                spec.mounts.append(await self._guest_mount(sandbox, key, mount, spec))
             await sandbox.create_container(cid, spec, image)
         except SandboxExhausted as exc:
             await self._drop_volumes(sandbox, volume_keys)
@@ -220,7 +208,9 @@ class ContainerOps(RuntimeCore):
         self.publish(api_pb2.CONTAINER_CREATED_EVENT, cid, pod)
         return cid
 
-    async def _guest_mount(self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount) -> Mount:
+    async def _guest_mount(
+        self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount, spec: ContainerSpec
+    ) -> Mount:
         """The agent's mount for a CRI mount. A host path is the host's own file or
         directory: a host pod's agent clones it from the host's mount namespace (idmapped
         in a user namespace); a pod VM sees it through its share (sandbox/share.py)."""
@@ -264,7 +254,11 @@ class ContainerOps(RuntimeCore):
             return Mount(destination=mount.container_path, source=str(host_path), options=options)
         try:
             source = await sandbox.share_host_path(
-                key, host_path, readonly=mount.readonly, propagation=propagation
+                key,
+                host_path,
+                readonly=mount.readonly,
+                propagation=propagation,
+                id_mappings=(spec.uid_mappings, spec.gid_mappings) if spec.uid_mappings else None,
             )
         except SandboxError as exc:
             raise FailedPrecondition(f"mount {mount.container_path}: {exc}") from exc

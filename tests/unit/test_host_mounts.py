@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.guest.hostmounts import unescape_mount_field
+from agent.mountapi import unescape_mount_field
 from sandbox.mounts import propagation_problem
-from sandbox.mounts import unescape_mount_field as host_unescape
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
@@ -49,7 +48,6 @@ def test_private_mount_refuses_propagation(tmp_path: Path) -> None:
 def test_unescape_mountinfo_fields() -> None:
     assert unescape_mount_field("/a\\040b\\011c\\134d") == "/a b\tc\\d"
     assert unescape_mount_field("/plain") == "/plain"
-    assert host_unescape("/a\\040b\\011c\\134d") == "/a b\tc\\d"
 
 
 def test_pod_usage_from_cgroup_v2_and_v1(tmp_path: Path) -> None:

@@ -128,3 +128,31 @@ def test_host_to_container_entries_receive_later_host_mounts(
     finally:
         share.unbind(["c7-0"])
         mounts.unmount_under(source)
+
+
+def test_user_namespace_pods_see_owners_ids(share: PodShare, tmp_path: Path) -> None:
+    """An idmapped entry: host uid 1234 appears as 2234 (the guest id the container's
+    1234 maps to); what the container's root (guest 1000) creates is root's on the host."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "owned").write_text("x")
+    os.chown(volume / "owned", 1234, 1234)
+    mappings = [[0, 1000, 65536]]
+    share.bind(
+        "c8-0", volume, readonly=False, propagation="rprivate", id_mappings=(mappings, mappings)
+    )
+    entry = share.root / "c8-0"
+    assert (entry / "owned").stat().st_uid == 2234
+    assert entry.stat().st_uid == 1000
+    # as QEMU's passthrough creates a file for the guest: as root, then chown
+    os.close(os.open(entry / "made-in-pod", os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chown(entry / "made-in-pod", 1000, 1000)
+    assert (volume / "made-in-pod").stat().st_uid == 0
+    assert (entry / "made-in-pod").stat().st_uid == 1000
+
+
+def test_root_mapping_is_added_beside_the_pods() -> None:
+    from sandbox.userns import with_root
+
+    assert with_root([[0, 1000, 65536]]) == [[0, 1000, 65536], [65536, 0, 1]]
+    assert with_root([[0, 0, 10]]) == [[0, 0, 10]]

@@ -87,16 +87,6 @@ def test_bad_mapping_is_refused_by_the_agent() -> None:
         oci.build_oci_config(spec, rootfs="/r", cgroup_path=None)
 
 
-def test_volume_ids_are_mapped() -> None:
-    from cri.runtime.containers import OVERFLOW_ID, map_id
-
-    mappings = [[0, 1000, 65536]]
-    assert map_id(0, mappings) == 1000
-    assert map_id(1234, mappings) == 2234
-    assert map_id(65536, mappings) == OVERFLOW_ID
-    assert map_id(5, [[10, 500, 5], [0, 100, 10]]) == 105
-
-
 def test_joining_the_pods_user_namespace_writes_no_mappings() -> None:
     spec = ContainerSpec(args=["true"], uid_mappings=[[0, 1000, 10]], gid_mappings=[[0, 1000, 10]])
     config = oci.build_oci_config(
