@@ -400,6 +400,10 @@ class PodOps(RuntimeCore):
                     "vcpus": sandbox.machine.vcpus if sandbox else 0,
                     "memoryMiB": sandbox.machine.memory_mib if sandbox else 0,
                     "bootSeconds": pod.boot_seconds,
+                    # started as a copy-on-write clone of a template VM
+                    "fromTemplate": bool(sandbox and sandbox.boot.restore),
+                    # host paths are shared live (virtio-9p)
+                    "share": bool(sandbox and sandbox.share is not None),
                     "exitReason": pod.reason,
                 },
             }
