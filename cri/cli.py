@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS, build_guest
@@ -83,42 +85,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(Path(args.guest_dir), Path(args.run_root)))
 
 
+@contextlib.contextmanager
+def _bench_work_dir(given: str) -> Iterator[Path]:
+    """The benchmark's scratch directory: ``given`` (kept), or a new temporary one that
+    is removed afterwards (mounts below it detached first)."""
+    if given:
+        yield Path(given)
+        return
+    work = Path(tempfile.mkdtemp(prefix="clearcri-bench-"))
+    try:
+        yield work
+    finally:
+        from sandbox.mounts import remove_tree
+
+        remove_tree(work)
+
+
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from sandbox.bench import run_boot_bench
 
-    return asyncio.run(
-        run_boot_bench(
-            guest_dir=Path(args.guest_dir),
-            runs=args.runs,
-            memory_vms=args.memory_vms,
-            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+    with _bench_work_dir(args.work_dir) as work:
+        return asyncio.run(
+            run_boot_bench(
+                guest_dir=Path(args.guest_dir),
+                runs=args.runs,
+                memory_vms=args.memory_vms,
+                work_dir=work,
+            )
         )
-    )
 
 
 def cmd_bench_density(args: argparse.Namespace) -> int:
     from sandbox.bench import run_density_bench
 
-    return asyncio.run(
-        run_density_bench(
-            guest_dir=Path(args.guest_dir),
-            pods=args.pods,
-            step=args.step,
-            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+    with _bench_work_dir(args.work_dir) as work:
+        return asyncio.run(
+            run_density_bench(
+                guest_dir=Path(args.guest_dir), pods=args.pods, step=args.step, work_dir=work
+            )
         )
-    )
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     from sandbox.bench import run_overhead_bench
 
-    return asyncio.run(
-        run_overhead_bench(
-            guest_dir=Path(args.guest_dir),
-            sizes=[int(s) for s in args.sizes.split(",")],
-            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="clearcri-bench-")),
+    with _bench_work_dir(args.work_dir) as work:
+        return asyncio.run(
+            run_overhead_bench(
+                guest_dir=Path(args.guest_dir),
+                sizes=[int(s) for s in args.sizes.split(",")],
+                work_dir=work,
+            )
         )
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

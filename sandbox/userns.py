@@ -39,8 +39,8 @@ def _map_lines(mappings: list[list[int]]) -> str:
 def mapped_user_namespace(
     uid_mappings: list[list[int]], gid_mappings: list[list[int]]
 ) -> Iterator[int]:
-    """A descriptor of a new user namespace with these mappings (container id, host
-    id, length; see ``with_root``), valid inside the ``with`` block. A short-lived ``unshare --user``
+    """A descriptor of a new user namespace with these mappings (container id, host id,
+    length; see ``with_root``), valid inside the ``with`` block. A short-lived ``unshare --user``
     process makes the namespace; the daemon writes its maps, as root of the parent
     namespace may, and keeps a descriptor of it."""
     helper = subprocess.Popen(
