@@ -395,6 +395,10 @@ class Mount(Record):
     source: str = ""
     type: str = "bind"
     options: list[str] = field(default_factory=list)
+    # a read-only volume kubelet writes atomically (ConfigMap, Secret, projected,
+    # downward API) on the pod's share: the container gets a guest copy kept in step,
+    # so that inotify fires in it on updates (agent/guest/watched.py)
+    watch: bool = False
 
 
 class Rlimit(Record):

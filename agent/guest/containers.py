@@ -15,6 +15,7 @@ from agent.guest import hostmounts, idmap, oci, share, system
 from agent.guest.errors import OpError, already_exists, internal, invalid, not_found, precondition
 from agent.guest.procs import decode_status
 from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
+from agent.guest.watched import WatchedVolumes
 from agent.protocol import (
     EVENT,
     EVENT_CONTAINER_EXITED,
@@ -166,6 +167,7 @@ class ContainerManager:
         self._pod_pidns_pid = 0
         self._pod_userns_pid = 0
         self._pod_userns_maps: tuple[list[list[int]], list[list[int]]] | None = None
+        self.watched = WatchedVolumes()
         os.makedirs(settings.containers_dir, exist_ok=True)
         os.makedirs(settings.crun_root, exist_ok=True)
 
@@ -329,6 +331,7 @@ class ContainerManager:
             spec = self._stage_host_mounts(container, userns)
         elif any(share.names_share(m.source) for m in spec.mounts):
             share.ensure_mounted()
+            spec = self._follow_watched_volumes(container)
         for mount in spec.mounts:
             if mount.type == "bind" and not os.path.lexists(mount.source):
                 raise invalid(f"mount {mount.destination}: {mount.source} does not exist")
@@ -608,6 +611,28 @@ class ContainerManager:
             raise internal(f"user namespace rootfs: {exc}") from exc
         return mapped
 
+    def _follow_watched_volumes(self, container: Container) -> ContainerSpec:
+        """The spec with each watched volume's source replaced by its guest copy (in the
+        bundle, so it goes with the container); see agent/guest/watched.py."""
+        spec = container.spec
+        if not any(m.watch for m in spec.mounts):
+            return spec
+        mounts = []
+        for i, mount in enumerate(spec.mounts):
+            if mount.watch and share.names_share(mount.source):
+                mirror = f"{container.bundle}/watched/{i}"
+                self.watched.add(mount.source, mirror)
+                mount = Mount(
+                    destination=mount.destination,
+                    source=mirror,
+                    type=mount.type,
+                    options=list(mount.options),
+                )
+            mounts.append(mount)
+        followed: ContainerSpec = ContainerSpec.from_dict(spec.to_dict())
+        followed.mounts = mounts
+        return followed
+
     def _stage_host_mounts(self, container: Container, userns: str | None) -> ContainerSpec:
         """Host pods: clone each host-path bind from the host's mount namespace into the
         bundle (see hostmounts) and point the container's bind there."""
@@ -660,6 +685,7 @@ class ContainerManager:
         container.drain(DRAIN_TIMEOUT)
         container.close_tty()
         self.streams.pop(container.stream, None)
+        self.watched.remove_under(container.bundle)
         if container.state == "creating":
             self._crun("delete", "--force", container.id)
         rootfs = container.rootfs

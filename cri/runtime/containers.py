@@ -78,6 +78,27 @@ def _signal_number(name: str) -> int:
         raise InvalidArgument(f"unknown stop signal {name!r}") from None
 
 
+#: kubelet's volume plugins that write their directory atomically (a ``..data`` link
+#: swapped to each new version): /var/lib/kubelet/pods/<uid>/volumes/<plugin>/<name>
+ATOMIC_VOLUME_PLUGINS = (
+    "kubernetes.io~configmap",
+    "kubernetes.io~secret",
+    "kubernetes.io~projected",
+    "kubernetes.io~downward-api",
+)
+
+
+def is_atomic_volume(host_path: Path) -> bool:
+    """Whether ``host_path`` is a volume kubelet updates by swapping ``..data``."""
+    parts = host_path.parts
+    return (
+        len(parts) >= 3
+        and parts[-2] in ATOMIC_VOLUME_PLUGINS
+        and parts[-3] == "volumes"
+        and (host_path / "..data").is_symlink()
+    )
+
+
 def share_keys(container_id: str, count: int) -> list[str]:
     """The share entries of a container's ``count`` mounts (one per mount)."""
     return [f"{container_id[:16]}-{index}" for index in range(count)]
@@ -264,7 +285,8 @@ class ContainerOps(RuntimeCore):
             raise FailedPrecondition(f"mount {mount.container_path}: {exc}") from exc
         # in the guest the share is one 9p mount without submounts: host mounts below a
         # HostToContainer path appear through it, nothing propagates inside the guest
-        return Mount(destination=mount.container_path, source=source, options=options)
+        watch = mount.readonly and await asyncio.to_thread(is_atomic_volume, host_path)
+        return Mount(destination=mount.container_path, source=source, options=options, watch=watch)
 
     async def _image_volume(self, sandbox: PodSandbox, mount: api_pb2.Mount) -> Mount:
         """An image (or a directory of it) mounted read-only: the image's shared erofs
