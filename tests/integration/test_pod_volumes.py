@@ -65,6 +65,11 @@ async def test_volumes_are_live_and_shared(
     empty_dir.mkdir(mode=0o777)
     configmap = tmp_path / "configmap"
     _configmap(configmap, "v1", "2026_12_06_1")
+    # where kubelet keeps a ConfigMap volume: the container gets a guest copy that the
+    # agent keeps in step (so inotify fires in the container, agent/guest/watched.py)
+    watched = tmp_path / "pods" / "uid" / "volumes" / "kubernetes.io~configmap" / "settings"
+    watched.parent.mkdir(parents=True)
+    _configmap(watched, "w1", "2026_12_06_1")
     host_dir = tmp_path / "hostpath"
     host_dir.mkdir()
     (host_dir / "from-host").write_text("host says hi")
@@ -107,6 +112,7 @@ async def test_volumes_are_live_and_shared(
             cfg = container_config(name, image_ref, "sleep", "1000")
             cfg.mounts.add(host_path=str(empty_dir), container_path="/data")
             cfg.mounts.add(host_path=str(configmap), container_path="/config", readonly=True)
+            cfg.mounts.add(host_path=str(watched), container_path="/watched", readonly=True)
             cfg.mounts.add(host_path=str(host_dir), container_path="/host")
             cfg.mounts.add(host_path=str(term_log), container_path="/dev/termination-log")
             return cfg
@@ -137,6 +143,13 @@ async def test_volumes_are_live_and_shared(
         started = time.monotonic()
         while (value := await _out(rt, b, "cat /config/key")) != "v2":
             assert time.monotonic() - started < 2, value
+        assert await _out(rt, a, "cat /watched/key") == "w1"
+        _configmap(watched, "w2", "2026_12_06_2")
+        started = time.monotonic()
+        while (value := await _out(rt, b, "cat /watched/key")) != "w2":
+            assert time.monotonic() - started < 2, value
+        listing = await _out(rt, a, "ls -a /watched")
+        assert listing.split() == [".", "..", "..2026_12_06_2", "..data", "key"], listing
         refused = await exec_in(rt, a, "sh", "-c", "echo x > /config/key")
         assert refused.exit_code != 0
         assert "Read-only" in refused.stderr.decode(), refused
