@@ -40,7 +40,7 @@ from sandbox.network import (
 )
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
-from sandbox.share import PodShare, ShareError
+from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
 from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
 
@@ -747,7 +747,7 @@ class PodSandbox:
         *,
         readonly: bool,
         propagation: str,
-        id_mappings: tuple[list[list[int]], list[list[int]]] | None = None,
+        id_mappings: IdMappings | None = None,
     ) -> str:
         """Make the host's ``source`` visible live in the guest (sandbox/share.py);
         returns its guest path for a container's bind mount. ``id_mappings``: the pod's

@@ -43,6 +43,11 @@ KEY_RE = re.compile(r"^[0-9a-z][0-9a-z._-]{0,127}$")
 PROPAGATIONS = ("rprivate", "rslave")
 
 
+#: A pod's user namespace mappings: (uid mappings, gid mappings), each a list of
+#: [container id, host id, length].
+IdMappings = tuple[list[list[int]], list[list[int]]]
+
+
 class ShareError(Exception):
     """A host path could not be shared (missing, refused by the kernel, ...)."""
 
@@ -73,7 +78,7 @@ class PodShare:
         *,
         readonly: bool,
         propagation: str,
-        id_mappings: tuple[list[list[int]], list[list[int]]] | None = None,
+        id_mappings: IdMappings | None = None,
     ) -> str:
         """Bind the host's ``source`` (with its submounts) into the share as ``key``
         and return its guest path. ``propagation``: rprivate or rslave (mounts the host
@@ -112,9 +117,7 @@ class PodShare:
         return guest_path(key)
 
     @staticmethod
-    def _idmapped_bind(
-        source: Path, target: Path, id_mappings: tuple[list[list[int]], list[list[int]]]
-    ) -> None:
+    def _idmapped_bind(source: Path, target: Path, id_mappings: IdMappings) -> None:
         flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
         tree = open_tree(str(source), flags)
         try:

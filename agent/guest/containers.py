@@ -617,21 +617,12 @@ class ContainerManager:
         spec = container.spec
         if not any(m.watch for m in spec.mounts):
             return spec
-        mounts = []
+        sources = {}
         for i, mount in enumerate(spec.mounts):
             if mount.watch and share.names_share(mount.source):
-                mirror = f"{container.bundle}/watched/{i}"
-                self.watched.add(mount.source, mirror)
-                mount = Mount(
-                    destination=mount.destination,
-                    source=mirror,
-                    type=mount.type,
-                    options=list(mount.options),
-                )
-            mounts.append(mount)
-        followed: ContainerSpec = ContainerSpec.from_dict(spec.to_dict())
-        followed.mounts = mounts
-        return followed
+                sources[i] = f"{container.bundle}/watched/{i}"
+                self.watched.add(mount.source, sources[i])
+        return _with_mount_sources(spec, sources)
 
     def _stage_host_mounts(self, container: Container, userns: str | None) -> ContainerSpec:
         """Host pods: clone each host-path bind from the host's mount namespace into the
@@ -639,7 +630,7 @@ class ContainerManager:
         host_ns = self.settings.host_mntns_fd
         assert host_ns is not None
         spec = container.spec
-        mounts = []
+        sources = {}
         own = self.settings.run_dir.rstrip("/") + "/"
         for i, mount in enumerate(spec.mounts):
             # the agent's own paths (image volumes, etc files) are not the host's
@@ -653,16 +644,8 @@ class ContainerManager:
                     hostmounts.clone_host_path(host_ns, mount.source, staged, userns)
                 except hostmounts.HostMountError as exc:
                     raise precondition(f"mount {mount.destination}: {exc}") from exc
-                mount = Mount(
-                    destination=mount.destination,
-                    source=staged,
-                    type=mount.type,
-                    options=list(mount.options),
-                )
-            mounts.append(mount)
-        staged_spec: ContainerSpec = ContainerSpec.from_dict(spec.to_dict())
-        staged_spec.mounts = mounts
-        return staged_spec
+                sources[i] = staged
+        return _with_mount_sources(spec, sources)
 
     def _kill_and_wait(self, container: Container, timeout: float) -> None:
         if container.pid:
@@ -1018,3 +1001,20 @@ def spec_from_args(args: dict[str, Any]) -> ContainerSpec:
     except ValueError as exc:
         raise invalid(f"bad container spec: {exc}") from exc
     return spec
+
+
+def _with_mount_sources(spec: ContainerSpec, sources: dict[int, str]) -> ContainerSpec:
+    """A copy of ``spec`` whose mount number i has source ``sources[i]``."""
+    if not sources:
+        return spec
+    copy: ContainerSpec = ContainerSpec.from_dict(spec.to_dict())
+    copy.mounts = [
+        Mount(
+            destination=m.destination,
+            source=sources.get(i, m.source),
+            type=m.type,
+            options=list(m.options),
+        )
+        for i, m in enumerate(spec.mounts)
+    ]
+    return copy

@@ -30,6 +30,7 @@ from pathlib import Path
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from sandbox.mounts import remove_tree
+from tests.atomic_writer import write_version
 from tests.integration.cri_daemon import CriDaemon
 from tests.registry import RegistryServer, busybox_layer, push_image
 
@@ -76,17 +77,6 @@ async def _exec(rt: api_pb2_grpc.RuntimeServiceStub, cid: str, script: str) -> s
     return str(response.stdout.decode())
 
 
-def _swap(configmap: Path, value: str, stamp: str) -> None:
-    version = configmap / f"..{stamp}"
-    version.mkdir()
-    (version / "key").write_text(value)
-    tmp = configmap / "..data_tmp"
-    tmp.symlink_to(version.name)
-    tmp.rename(configmap / "..data")
-    if not (configmap / "key").is_symlink():
-        (configmap / "key").symlink_to("..data/key")
-
-
 async def measure(daemon: CriDaemon, image: str, work: Path, runs: int) -> dict[str, list[float]]:
     shared = work / "shared"
     shared.mkdir()
@@ -94,7 +84,7 @@ async def measure(daemon: CriDaemon, image: str, work: Path, runs: int) -> dict[
     host_dir.mkdir()
     configmap = work / "configmap"
     configmap.mkdir()
-    _swap(configmap, "v0", "0")
+    write_version(configmap, "0", {"key": "v0"})
     results: dict[str, list[float]] = {}
     async with daemon.channel() as channel:
         rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -140,7 +130,7 @@ async def measure(daemon: CriDaemon, image: str, work: Path, runs: int) -> dict[
                 waiter = asyncio.ensure_future(_exec(rt, cid, loop))
                 await asyncio.sleep(1.0)  # the loop is running in the container
                 t0 = time.perf_counter()
-                await asyncio.to_thread(_swap, configmap, expected, str(run + 1))
+                await asyncio.to_thread(write_version, configmap, str(run + 1), {"key": expected})
                 while not seen.exists():
                     await asyncio.sleep(0.001)
                 results.setdefault("ConfigMap swap seen in the container", []).append(

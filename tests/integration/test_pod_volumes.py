@@ -14,6 +14,7 @@ import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from sandbox.mounts import mounts_under
+from tests.atomic_writer import write_version
 from tests.integration.cri_daemon import CriDaemon
 from tests.integration.test_cri_server import (  # noqa: F401
     _wait_state,
@@ -30,21 +31,6 @@ from tests.registry import registry  # noqa: F401
 pytestmark = pytest.mark.vm
 
 Stubs = tuple[api_pb2_grpc.RuntimeServiceStub, api_pb2_grpc.ImageServiceStub]
-
-
-def _configmap(directory: Path, value: str, stamp: str) -> None:
-    """What kubelet's atomic writer leaves: a timestamped dir, ``..data`` pointing at
-    it, and each key a symlink through ``..data``; a new version is swapped in by
-    renaming a new ``..data`` over the old one."""
-    directory.mkdir(exist_ok=True)
-    version = directory / f"..{stamp}"
-    version.mkdir()
-    (version / "key").write_text(value)
-    tmp = directory / "..data_tmp"
-    tmp.symlink_to(version.name)
-    tmp.rename(directory / "..data")
-    if not (directory / "key").is_symlink():
-        (directory / "key").symlink_to("..data/key")
 
 
 async def _out(rt: api_pb2_grpc.RuntimeServiceStub, cid: str, script: str) -> str:
@@ -64,12 +50,12 @@ async def test_volumes_are_live_and_shared(
     empty_dir = tmp_path / "emptydir"
     empty_dir.mkdir(mode=0o777)
     configmap = tmp_path / "configmap"
-    _configmap(configmap, "v1", "2026_12_06_1")
+    write_version(configmap, "2026_12_06_1", {"key": "v1"})
     # where kubelet keeps a ConfigMap volume: the container gets a guest copy that the
     # agent keeps in step (so inotify fires in the container, agent/guest/watched.py)
     watched = tmp_path / "pods" / "uid" / "volumes" / "kubernetes.io~configmap" / "settings"
     watched.parent.mkdir(parents=True)
-    _configmap(watched, "w1", "2026_12_06_1")
+    write_version(watched, "2026_12_06_1", {"key": "w1"})
     host_dir = tmp_path / "hostpath"
     host_dir.mkdir()
     (host_dir / "from-host").write_text("host says hi")
@@ -139,12 +125,12 @@ async def test_volumes_are_live_and_shared(
         assert tail == "TAIL"
         # a ConfigMap's atomic swap is seen at once; the mount is read-only
         assert await _out(rt, a, "cat /config/key") == "v1"
-        _configmap(configmap, "v2", "2026_12_06_2")
+        write_version(configmap, "2026_12_06_2", {"key": "v2"})
         started = time.monotonic()
         while (value := await _out(rt, b, "cat /config/key")) != "v2":
             assert time.monotonic() - started < 2, value
         assert await _out(rt, a, "cat /watched/key") == "w1"
-        _configmap(watched, "w2", "2026_12_06_2")
+        write_version(watched, "2026_12_06_2", {"key": "w2"})
         started = time.monotonic()
         while (value := await _out(rt, b, "cat /watched/key")) != "w2":
             assert time.monotonic() - started < 2, value

@@ -13,33 +13,11 @@ import pytest
 from agent.guest import watched
 from agent.guest.errors import OpError
 from cri.runtime.containers import is_atomic_volume
+from tests.atomic_writer import write_version
 
 IN_MOVED_TO = 0x80
 IN_CREATE = 0x100
 IN_NONBLOCK = os.O_NONBLOCK
-
-
-def write_version(directory: Path, stamp: str, files: dict[str, str]) -> None:
-    """kubelet's atomic writer: a new timestamped dir, ..data swapped to it, a link per
-    key, the old version removed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
-    version = directory / f"..{stamp}"
-    version.mkdir()
-    for name, value in files.items():
-        (version / name).write_text(value)
-    (directory / "..data_tmp").symlink_to(version.name)
-    (directory / "..data_tmp").rename(directory / "..data")
-    for name in files:
-        if not (directory / name).is_symlink():
-            (directory / name).symlink_to(f"..data/{name}")
-    for entry in directory.iterdir():
-        if not entry.name.startswith("..") and entry.name not in files:
-            entry.unlink()
-    if old:
-        for path in sorted((directory / old).rglob("*"), reverse=True):
-            path.unlink()
-        (directory / old).rmdir()
 
 
 def inotify_events(fd: int) -> list[tuple[int, str]]:
