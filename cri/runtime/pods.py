@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,7 @@ from cri.runtime.state import (
 )
 from sandbox.cgroups import pod_memory_budget
 from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
+from sandbox.mounts import remove_tree
 from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxSpec
 
@@ -344,7 +344,11 @@ class PodOps(RuntimeCore):
         try:
             sandbox = await adopt_sandbox(self.host, pod_id)
         except SandboxError:
-            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            # binds of host paths may be below it: detach them before deleting anything
+            try:
+                await asyncio.to_thread(remove_tree, run_dir)
+            except OSError as exc:
+                log.warning("pod=%s: cannot remove %s: %s", pod_id[:12], run_dir, exc)
             return
         await sandbox.destroy()
 

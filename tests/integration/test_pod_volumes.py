@@ -145,6 +145,9 @@ async def test_volumes_are_live_and_shared(
         assert str(tmp_path).startswith("/tmp/")
         listing = await _out(rt, a, "ls -a /host/root/tmp/")
         assert tmp_path.parts[2] not in listing, listing
+        # a hard link cannot join two entries of the share (two host mounts)
+        linked = await exec_in(rt, a, "ln", "/host/from-host", "/data/linked")
+        assert linked.exit_code != 0 and not (empty_dir / "linked").exists()
         # a termination message reaches the file kubelet reads
         await _out(rt, b, "echo bye > /dev/termination-log")
         assert term_log.read_text() == "bye\n"
