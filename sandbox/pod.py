@@ -359,6 +359,18 @@ class PodSandbox:
         sandbox.pid = saved.get("pid", 0)
         sandbox.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
         sandbox.cgroup = VmCgroup(tuple(Path(p) for p in saved.get("cgroups", [])))
+        if sandbox.state == "stopping" and sandbox.pid:
+            # the daemon died inside stop(): finish it (the VM would otherwise run on
+            # with no pod to account for it)
+            process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")
+            if process is not None:
+                sandbox.process = process
+                await sandbox._kill_vm()
+            sandbox.state = "stopped"
+            sandbox.exit_reason = sandbox.exit_reason or "stopped"
+            sandbox._save()
+            log.info("sandbox=%s: finished a stop an earlier daemon began", sandbox_id)
+            return sandbox
         if sandbox.state not in ("ready", "booting") or not sandbox.pid:
             return sandbox
         process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")

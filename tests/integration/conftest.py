@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.mounts import remove_tree
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
 from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 
@@ -49,7 +50,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = Path(f"/tmp/cc-test-{os.getpid()}-{os.urandom(3).hex()}")
     path.mkdir()
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)  # detaches any share binds a failed test left first
 
 
 @pytest.fixture

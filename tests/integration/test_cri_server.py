@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from sandbox.mounts import remove_tree
 from sandbox.vm import pid_alive
 from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
@@ -52,7 +53,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriDaemon]:
             asyncio.run(_remove_all(d))
             d.stop()
 
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def _remove_all(d: CriDaemon) -> None:
@@ -406,7 +407,7 @@ async def test_pod_network_through_cri(image_ref: str, tmp_path: Path) -> None:
         daemon.stop()
         lab.close()
 
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def test_missing_cni_config_is_reported(tmp_path: Path) -> None:
@@ -432,7 +433,7 @@ async def test_missing_cni_config_is_reported(tmp_path: Path) -> None:
     finally:
         daemon.stop()
 
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def test_vm_runs_under_the_pod_cgroup_parent(

@@ -285,6 +285,23 @@ async def test_adopting_a_dead_vm_reports_it(sandbox_host: SandboxHost) -> None:
     await adopted.destroy()
 
 
+async def test_a_vm_left_stopping_is_stopped_on_adoption(sandbox_host: SandboxHost) -> None:
+    """The daemon died inside StopPodSandbox (state file "stopping", VM still up): the
+    next daemon finishes the stop instead of leaving the VM running for ever."""
+    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("halfstop1"))
+    await sandbox.start()
+    pid = sandbox.pid
+    await sandbox.close()
+    sandbox.state = "stopping"
+    sandbox._save()
+    adopted = await PodSandbox.adopt(sandbox_host, "halfstop1")
+    assert adopted.state == "stopped"
+    assert not pid_alive(pid)
+    await adopted.destroy()
+    assert _qemu_pids_named("halfstop1") == []
+    assert not adopted.machine.run_dir.exists()
+
+
 async def test_destroy_leaves_no_process_socket_or_file(
     sandbox_host: SandboxHost, busybox_image: RootfsImage
 ) -> None:
