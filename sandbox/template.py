@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 from agent.client import AgentClient, AgentError
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
 from sandbox.qmp import QmpControl, QmpError
-from sandbox.vm import MachineSpec, VmProcess, build_command
+from sandbox.vm import MachineSpec, VmProcess, build_command, pid_alive, read_cmdline
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,23 @@ class TemplateStore:
         self._remove_abandoned()
 
     def _remove_abandoned(self) -> None:
-        """Drop half-built templates of processes that are gone."""
+        """Drop half-built templates of processes that are gone, and kill their VMs (a
+        daemon that died while building a template leaves its qemu running)."""
         for entry in self.root.glob(".*.*.*"):
             try:
                 pid = int(entry.name.split(".")[2])
             except (IndexError, ValueError):
                 continue
-            if not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(entry, ignore_errors=True)
+            if Path(f"/proc/{pid}").exists():
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                vm_pid = int((entry / "qemu.pid").read_text().strip())
+                if pid_alive(vm_pid) and any(
+                    "clearcri-template-" in part for part in read_cmdline(vm_pid)
+                ):
+                    log.warning("killing the VM of an abandoned template build (pid %d)", vm_pid)
+                    os.kill(vm_pid, signal.SIGKILL)
+            shutil.rmtree(entry, ignore_errors=True)
 
     def get(self, machine: MachineSpec) -> VmTemplate | None:
         """The ready template for ``machine``'s shape, if there is one."""

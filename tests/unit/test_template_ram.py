@@ -23,3 +23,34 @@ def test_fill_holes_allocates_every_page_of_a_sparse_tmpfs_file() -> None:
         assert data[:4096] == bytes(4096)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_abandoned_template_builds_lose_their_vm(tmp_path: Path) -> None:
+    """A daemon that died while building a template left its qemu running: the next
+    store kills it with the half-built directory (and leaves other processes alone)."""
+    import subprocess
+    import sys
+
+    from sandbox.template import TemplateStore
+    from sandbox.vm import pid_alive
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    vm = subprocess.Popen([*sleeper, "clearcri-template-abc,debug-threads=off"])
+    bystander = subprocess.Popen(sleeper)
+    try:
+        abandoned = tmp_path / f".abc.{gone.pid}.1234"
+        abandoned.mkdir()
+        (abandoned / "qemu.pid").write_text(f"{vm.pid}\n")
+        other = tmp_path / f".def.{gone.pid}.5678"
+        other.mkdir()
+        (other / "qemu.pid").write_text(f"{bystander.pid}\n")
+        TemplateStore(tmp_path, "qemu-system-x86_64")
+        assert vm.wait(10) == -9
+        assert not abandoned.exists() and not other.exists()
+        assert pid_alive(bystander.pid)
+    finally:
+        for proc in (vm, bystander):
+            proc.kill()
+            proc.wait()
