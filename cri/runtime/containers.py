@@ -122,9 +122,16 @@ class ContainerOps(RuntimeCore):
         problem = convert.check_name("container name", meta.name)
         if problem:
             raise InvalidArgument(f"{problem}: a container name must be a Kubernetes name")
-        problem = convert.check_log_path(config.log_path)
+        problem = convert.check_log_path(config.log_path) or convert.check_resources(
+            config.linux.resources
+        )
         if problem:
-            raise InvalidArgument(problem)
+            raise InvalidArgument(f"container {meta.name}: {problem}")
+        if config.devices and pod.runtime_handler != HOST_HANDLER:
+            raise InvalidArgument(
+                f"container {meta.name}: a pod VM cannot take host devices "
+                f"({config.devices[0].host_path}): run the pod with the host handler"
+            )
         if not config.image.image:
             raise InvalidArgument("container config needs an image")
         for other in self.state.pod_containers(pod.id):
@@ -543,6 +550,9 @@ class ContainerOps(RuntimeCore):
         self, container_id: str, resources: api_pb2.LinuxContainerResources
     ) -> None:
         ctr = self.get_container(container_id)
+        problem = convert.check_resources(resources)
+        if problem:
+            raise InvalidArgument(f"container {ctr.name}: {problem}")
         if ctr.state not in (CREATED, RUNNING):
             raise FailedPrecondition(f"container {ctr.id} has exited; nothing to update")
         sandbox = self.running_sandbox(ctr.pod_id)

@@ -17,6 +17,8 @@ from cri_api.v1 import api_pb2
 from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, Resources
 from cri.images.manifest import ImageConfig
 from cri.runtime.errors import InvalidArgument
+from sandbox.cgroups import CgroupError
+from sandbox.cgroups import parent_path as cgroup_parent_path
 
 ALL_CAPABILITIES = (
     "CAP_CHOWN",
@@ -324,6 +326,42 @@ def check_log_path(log_path: str) -> str | None:
         return f"log_path {log_path[:80]!r} leaves the pod's log_directory"
     if "\0" in log_path or len(log_path) > 4096:
         return "log_path holds a NUL byte or is longer than 4096 bytes"
+    return None
+
+
+#: The smallest memory limit a container can start with (as Docker's minimum).
+MIN_MEMORY_LIMIT = 6 << 20
+MAX_CPU_SHARES = 262144
+
+
+def check_resources(res: api_pb2.LinuxContainerResources) -> str | None:
+    """What is wrong with a pod's or container's resources, or None."""
+    if res.cpu_shares < 0 or res.cpu_shares > MAX_CPU_SHARES:
+        return f"cpu_shares {res.cpu_shares} is outside 0..{MAX_CPU_SHARES}"
+    if res.cpu_period and not 1000 <= res.cpu_period <= 1_000_000:
+        return f"cpu_period {res.cpu_period} µs is outside 1000..1000000 (1 ms to 1 s)"
+    if res.cpu_quota > 0 and res.cpu_quota < 1000:
+        return f"cpu_quota {res.cpu_quota} µs is below the kernel's 1000 µs minimum"
+    if 0 < res.memory_limit_in_bytes < MIN_MEMORY_LIMIT:
+        return (
+            f"a memory limit of {res.memory_limit_in_bytes} bytes is below the "
+            f"{MIN_MEMORY_LIMIT >> 20} MiB a container needs to start"
+        )
+    if res.memory_limit_in_bytes < 0:
+        return f"memory limit {res.memory_limit_in_bytes} is negative"
+    return None
+
+
+def check_cgroup_parent(parent: str, driver: str) -> str | None:
+    """What is wrong with a pod's cgroup parent, or None."""
+    if not parent:
+        return None
+    if len(parent.encode()) > 4096 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in parent):
+        return f"cgroup parent {parent[:60]!r} is too long or holds a control character"
+    try:
+        cgroup_parent_path(parent, driver)
+    except CgroupError as exc:
+        return str(exc)
     return None
 
 

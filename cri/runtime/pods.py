@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 from cri_api.v1 import api_pb2
 
 from agent.client import AgentError
-from cri.runtime.convert import check_dns, check_name, check_user_namespace, resolv_conf
+from cri.runtime.convert import (
+    check_cgroup_parent,
+    check_dns,
+    check_name,
+    check_resources,
+    check_user_namespace,
+    resolv_conf,
+)
 from cri.runtime.core import RuntimeCore
 from cri.runtime.errors import (
     AlreadyExists,
@@ -138,7 +145,12 @@ class PodOps(RuntimeCore):
                 f"unknown runtime handler {runtime_handler!r}: this runtime serves "
                 f"{VM_HANDLER!r} (pod VMs) and {HOST_HANDLER!r} (pods on the host)"
             )
-        problem = check_user_namespace(config) or check_dns(config.dns_config)
+        problem = (
+            check_user_namespace(config)
+            or check_dns(config.dns_config)
+            or check_cgroup_parent(config.linux.cgroup_parent, self.config.daemon.cgroup_driver)
+            or check_resources(config.linux.resources)
+        )
         if problem:
             raise InvalidArgument(f"pod {meta.namespace}/{meta.name}: {problem}")
         handler = pod_handler(config, runtime_handler)

@@ -258,6 +258,18 @@ async def test_errors_carry_codes_and_reasons(
             )
             == grpc.StatusCode.INVALID_ARGUMENT
         )
+    # a cgroup parent outside the tree or resources no container starts with: refused
+    # before a VM is booted (they were UNAVAILABLE from deep inside once)
+    outside = pod_config("cgroup-escape", tmp_path)
+    outside.linux.cgroup_parent = "../.."
+    tiny = pod_config("tiny", tmp_path)
+    tiny.linux.resources.memory_limit_in_bytes = 1
+    for bad in (outside, tiny):
+        assert (
+            await code_of(rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=bad)))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+    assert (await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())).items == []
     assert (
         await code_of(rt.CheckpointContainer(api_pb2.CheckpointContainerRequest(container_id="x")))
         == grpc.StatusCode.UNIMPLEMENTED

@@ -207,5 +207,14 @@ async def test_special_host_paths_never_block_the_daemon(
             await create_in_pod(rt, pod_id, bad, config)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "Bidirectional" in str(err.value.details())
+        # host devices and resources no container starts with are refused, not dropped
+        device = container_config("device", image_ref, "true")
+        device.devices.add(container_path="/dev/x", host_path="/dev/null", permissions="rw")
+        shares = container_config("shares", image_ref, "true")
+        shares.linux.resources.cpu_shares = 2**62
+        for refused in (device, shares):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await create_in_pod(rt, pod_id, refused, config)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     finally:
         await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

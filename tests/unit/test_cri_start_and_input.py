@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cri_api.v1 import api_pb2
 
-from cri.runtime import pods
+from cri.runtime import convert, pods
 from cri.runtime.convert import check_dns, check_log_path, check_name
 from cri.runtime.logs import ContainerLog
 from cri.runtime.pods import PodOps
@@ -163,3 +163,39 @@ def test_a_log_never_follows_a_planted_symlink(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         ContainerLog(tmp_path / "pod" / "main" / "0.log")
     assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("resources", "problem"),
+    [
+        ({"cpu_shares": 2**62}, "cpu_shares"),
+        ({"cpu_shares": -1}, "cpu_shares"),
+        ({"cpu_period": 10}, "cpu_period"),
+        ({"cpu_quota": 5}, "cpu_quota"),
+        ({"memory_limit_in_bytes": 1}, "below the 6 MiB"),
+        ({"memory_limit_in_bytes": -5}, "negative"),
+    ],
+)
+def test_resources_a_container_cannot_start_with_are_refused(
+    resources: dict[str, int], problem: str
+) -> None:
+    found = convert.check_resources(api_pb2.LinuxContainerResources(**resources))
+    assert found is not None and problem in found
+
+
+def test_kubelets_resources_pass() -> None:
+    res = api_pb2.LinuxContainerResources(
+        cpu_shares=1024, cpu_period=100000, cpu_quota=50000, memory_limit_in_bytes=64 << 20
+    )
+    assert convert.check_resources(res) is None
+    assert convert.check_resources(api_pb2.LinuxContainerResources()) is None
+
+
+def test_cgroup_parents_outside_the_tree_are_refused() -> None:
+    problem = convert.check_cgroup_parent("../..", "cgroupfs")
+    assert problem is not None and "leaves the cgroup tree" in problem
+    assert convert.check_cgroup_parent("/kubepods/a\nb", "cgroupfs") is not None
+    assert convert.check_cgroup_parent("kubepods/x", "systemd") is not None
+    assert convert.check_cgroup_parent("/kubepods/burstable/pod1", "cgroupfs") is None
+    assert convert.check_cgroup_parent("kubepods-burstable.slice", "systemd") is None
+    assert convert.check_cgroup_parent("", "cgroupfs") is None
