@@ -56,19 +56,23 @@ class VmCgroup:
                 path.rmdir()
 
 
-def make_cgroup(root: Path, rel: str) -> None:
-    """Create ``root/rel`` level by level; a new cpuset cgroup (v1) starts with no CPUs
-    or memory nodes, so it inherits its parent's or no process could join it."""
+def make_cgroup(root: Path, rel: str) -> list[Path]:
+    """Create ``root/rel`` level by level and return the levels it made, top first; a new
+    cpuset cgroup (v1) starts with no CPUs or memory nodes, so it inherits its parent's or
+    no process could join it."""
     current = root
+    made: list[Path] = []
     for part in rel.split("/"):
         parent, current = current, current / part
         if current.is_dir():
             continue
         current.mkdir()
+        made.append(current)
         for name in ("cpuset.cpus", "cpuset.mems"):
             mine = current / name
             if mine.exists() and not mine.read_text().strip():
                 mine.write_text((parent / name).read_text())
+    return made
 
 
 def parent_path(parent: str, driver: str) -> str:
@@ -100,14 +104,16 @@ def place(
     sandbox_id: str,
     roots: list[Path] | None = None,
 ) -> VmCgroup:
-    """Move every thread of ``pid`` into the pod's VM cgroup in every hierarchy."""
+    """Move every thread of ``pid`` into the pod's VM cgroup in every hierarchy. The
+    levels of the pod's parent that did not exist are the VM's too (removed with it, once
+    empty): kubelet makes the parent first, a bare CRI client may not."""
     rel = relative_path(parent, driver, sandbox_id)
-    made: list[Path] = []
+    made: list[Path] = []  # deepest first: the order they are removed in
     try:
         for root in roots if roots is not None else hierarchies():
             path = root / rel
-            make_cgroup(root, rel)
-            made.append(path)
+            created = make_cgroup(root, rel)
+            made[:0] = [path] + [p for p in reversed(created) if p != path]
             procs = path / "cgroup.procs"
             try:
                 procs.write_text(f"{pid}\n")

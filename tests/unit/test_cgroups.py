@@ -46,16 +46,21 @@ def test_place_writes_pid_in_every_hierarchy_and_removes(tmp_path: Path) -> None
     roots = [tmp_path / "cpu", tmp_path / "memory"]
     for root in roots:
         root.mkdir()
+        (root / "pods").mkdir()  # the parent's first level exists, as kubelet's would
     cgroup = place(4242, parent="/pods/p1", driver="cgroupfs", sandbox_id="s1", roots=roots)
-    assert [p.relative_to(tmp_path).as_posix() for p in cgroup.paths] == [
+    leaves = [p for p in cgroup.paths if p.name == "clearcri-s1"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in leaves) == [
         "cpu/pods/p1/clearcri-s1",
         "memory/pods/p1/clearcri-s1",
     ]
-    assert all((p / "cgroup.procs").read_text() == "4242\n" for p in cgroup.paths)
-    for p in cgroup.paths:
+    assert all((p / "cgroup.procs").read_text() == "4242\n" for p in leaves)
+    for p in leaves:
         (p / "cgroup.procs").unlink()  # a real cgroup dir has no files to remove
     cgroup.remove()
+    # the levels of the parent that place() made go with the VM; the existing one stays
     assert not any(p.exists() for p in cgroup.paths)
+    assert not (tmp_path / "cpu" / "pods" / "p1").exists()
+    assert (tmp_path / "cpu" / "pods").is_dir()
 
 
 def test_failed_placement_removes_what_it_made(tmp_path: Path) -> None:
