@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sandbox.mounts import remove_tree
 from tests.conformance.images import DEFAULT_CACHE, Image, Inputs, pause_layer, push_all
 from tests.e2e.cluster import Cluster, ClusterConfig
 from tests.registry import RegistryServer, busybox_layer, push_image
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     finally:
         registry.stop()
+        remove_tree(work)
     print(f"\n`kubectl apply` of {args.pods} pods to all Ready, {args.rounds} rounds, seconds")
     for runtime, times in results.items():
         print(
