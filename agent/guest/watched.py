@@ -147,4 +147,9 @@ class WatchedVolumes:
     def _run(self) -> None:
         while True:
             time.sleep(self.interval)
+            with self._lock:
+                if not self._pairs:
+                    # nothing to follow: no wake-ups for an idle pod; add() starts anew
+                    self._thread = None
+                    return
             self.poll_once()

@@ -107,3 +107,17 @@ def test_only_kubelets_atomic_volumes_are_followed(tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     write_version(plain, "1", {"k": "v"})
     assert not is_atomic_volume(plain)
+
+
+def test_the_poller_stops_when_nothing_is_followed(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_version(source, "1", {"k": "a"})
+    volumes = watched.WatchedVolumes(interval=0.01)
+    volumes.add(str(source), str(tmp_path / "b" / "watched" / "0"))
+    thread = volumes._thread
+    assert thread is not None and thread.is_alive()
+    volumes.remove_under(str(tmp_path / "b"))
+    thread.join(5)
+    assert not thread.is_alive() and volumes._thread is None
+    volumes.add(str(source), str(tmp_path / "c" / "watched" / "0"))
+    assert volumes._thread is not None and volumes._thread.is_alive()
