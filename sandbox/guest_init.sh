@@ -118,6 +118,11 @@ if [ -n "$enable" ]; then
 fi
 step "cgroup controllers:$enable"
 
+# The memory policy kubelet sets on every node (vm.overcommit_memory=1): a container
+# that allocates past its limit is OOM-killed by its cgroup, as on a node, instead of
+# having the allocation refused by the guest's smaller total.
+echo 1 >/newroot/proc/sys/vm/overcommit_memory || fail "cannot set vm.overcommit_memory"
+
 # Containers share the VM's network namespace: its loopback must be up.
 ip link set lo up || fail "cannot bring up lo"
 

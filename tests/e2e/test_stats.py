@@ -74,6 +74,8 @@ def test_stats_summary_covers_vm_and_host_pods(k8s: Workloads) -> None:
         if "failed to get summary stats" in line
         # before the node is registered, the eviction manager has no node to look up
         and "not found" not in line
+        # while the restart scenario has the runtime stopped, its socket is gone
+        and "while dialing" not in line
     ]
     assert failures == []
     assert "failed to get device for dir" not in kubelet_log

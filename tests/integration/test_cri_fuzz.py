@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from cri_api.v1 import api_pb2, api_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sandbox.mounts import remove_tree
 from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
 
@@ -30,9 +31,29 @@ ALLOWED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
-text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+#: Strings that once made trouble or could: NUL, control characters, separators of CNI
+#: args and env, traversals, host paths that block when read, unicode, and a huge one.
+HOSTILE = [
+    "\0",
+    "a\0b",
+    "\n",
+    "a;b=c",
+    "../../..",
+    "/proc",
+    "/proc/kmsg",
+    "/dev/null",
+    "/",
+    "é∂ƒ漢",
+    "x" * (1 << 16),
+]
+text = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40),
+    st.sampled_from(HOSTILE),
+)
 ids = st.one_of(st.just(""), st.text(alphabet="0123456789abcdef", min_size=1, max_size=64), text)
 labels = st.dictionaries(text, text, max_size=3)
+#: Numbers at and past the edges of every range a resource field has.
+huge = st.sampled_from([0, -1, 1, 2, 1000, 2**31, 2**62, -(2**62)])
 
 
 @st.composite
@@ -53,6 +74,8 @@ def pod_configs(draw: st.DrawFn) -> api_pb2.PodSandboxConfig:
     config.linux.resources.memory_limit_in_bytes = draw(st.sampled_from([0, -1, 1, 2**40]))
     config.linux.resources.cpu_quota = draw(st.sampled_from([0, -1, 50_000, 10**9]))
     config.linux.resources.cpu_period = draw(st.sampled_from([0, 100_000]))
+    config.linux.resources.cpu_shares = draw(huge)
+    config.linux.cgroup_parent = draw(st.one_of(st.just(""), text))
     return config
 
 
@@ -68,7 +91,27 @@ def container_configs(draw: st.DrawFn) -> api_pb2.ContainerConfig:
     for key in draw(st.lists(text, max_size=2)):
         config.envs.add(key=key, value=draw(text))
     for path in draw(st.lists(text, max_size=2)):
-        config.mounts.add(container_path=path, host_path=draw(text))
+        config.mounts.add(
+            container_path=path,
+            host_path=draw(text),
+            readonly=draw(st.booleans()),
+            propagation=draw(
+                st.sampled_from(
+                    [
+                        api_pb2.PROPAGATION_PRIVATE,
+                        api_pb2.PROPAGATION_HOST_TO_CONTAINER,
+                        api_pb2.PROPAGATION_BIDIRECTIONAL,
+                    ]
+                )
+            ),
+        )
+    if draw(st.booleans()):
+        config.devices.add(container_path=draw(text), host_path=draw(text), permissions="rwm")
+    resources = config.linux.resources
+    resources.memory_limit_in_bytes = draw(huge)
+    resources.cpu_shares = draw(huge)
+    resources.cpu_period = draw(huge)
+    resources.cpu_quota = draw(huge)
     config.linux.security_context.capabilities.add_capabilities.extend(
         draw(st.lists(st.sampled_from(["NET_ADMIN", "ALL", "BOGUS", ""]), max_size=2))
     )
@@ -164,7 +207,7 @@ def fuzz_daemon() -> Iterator[CriDaemon]:
         yield daemon
     finally:
         daemon.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
 
 async def _call(daemon: CriDaemon, method: str, request: object) -> grpc.StatusCode:
@@ -189,18 +232,40 @@ async def _cleanup(daemon: CriDaemon) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(calls=st.lists(requests, min_size=1, max_size=4))
+@given(
+    calls=st.lists(requests, min_size=1, max_size=4),
+    kill_after=st.one_of(st.none(), st.floats(0.0, 3.0)),
+)
 def test_random_requests_get_proper_codes(
-    fuzz_daemon: CriDaemon, calls: list[tuple[str, object]]
+    fuzz_daemon: CriDaemon, calls: list[tuple[str, object]], kill_after: float | None
 ) -> None:
-    async def run() -> None:
-        try:
-            for method, request in calls:
-                code = await _call(fuzz_daemon, method, request)
-                assert code in ALLOWED, f"{method} gave {code.name} for {request}"
-        finally:
-            await _cleanup(fuzz_daemon)
+    """With ``kill_after`` the daemon is SIGKILLed that many seconds into the calls
+    (wherever they are: booting a VM, calling CNI, unpacking) and started again: what the
+    calls left must not stop it from starting, serving and removing every pod."""
+    killed = False
 
-    asyncio.run(run())
+    async def run() -> None:
+        for method, request in calls:
+            code = await _call(fuzz_daemon, method, request)
+            if killed:
+                return
+            assert code in ALLOWED, f"{method} gave {code.name} for {request}"
+
+    async def run_and_kill() -> None:
+        nonlocal killed
+        task = asyncio.ensure_future(run())
+        if kill_after is not None:
+            done, _ = await asyncio.wait({task}, timeout=kill_after)
+            if not done:
+                killed = True
+                fuzz_daemon.stop(signal.SIGKILL)
+        await task
+
+    try:
+        asyncio.run(run_and_kill())
+    finally:
+        if killed:
+            fuzz_daemon.start()
+        asyncio.run(_cleanup(fuzz_daemon))
     assert fuzz_daemon.proc is not None and fuzz_daemon.proc.poll() is None, "daemon died"
     assert list((fuzz_daemon.root / "run" / "sandboxes").iterdir()) == []
