@@ -118,10 +118,18 @@ def container_configs(draw: st.DrawFn) -> api_pb2.ContainerConfig:
     return config
 
 
+#: Pods that really start (a VM from the template), so that a kill lands mid-boot.
+valid_pods = st.builds(
+    lambda n: api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=f"fuzz{n}", namespace="fuzz", uid=f"u{n}")
+    ),
+    st.integers(0, 10**6),
+)
+
 requests = st.one_of(
     st.builds(
         lambda c, h: ("RunPodSandbox", api_pb2.RunPodSandboxRequest(config=c, runtime_handler=h)),
-        pod_configs(),
+        st.one_of(pod_configs(), valid_pods),
         st.sampled_from(["", "clearcri", "nope", "host"]),
     ),
     st.builds(lambda i: ("StopPodSandbox", api_pb2.StopPodSandboxRequest(pod_sandbox_id=i)), ids),
@@ -269,3 +277,56 @@ def test_random_requests_get_proper_codes(
         asyncio.run(_cleanup(fuzz_daemon))
     assert fuzz_daemon.proc is not None and fuzz_daemon.proc.poll() is None, "daemon died"
     assert list((fuzz_daemon.root / "run" / "sandboxes").iterdir()) == []
+
+
+@settings(
+    max_examples=int(os.environ.get("CLEARCRI_KILL_EXAMPLES", "8")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    pods=valid_pods.map(lambda c: [c]) | st.lists(valid_pods, min_size=2, max_size=3),
+    kill_after=st.floats(0.0, 2.5),
+)
+def test_kills_at_random_moments_leave_nothing(
+    fuzz_daemon: CriDaemon, pods: list[api_pb2.PodSandboxConfig], kill_after: float
+) -> None:
+    """Pods being started (VM boot, template clone, agent handshake) when the daemon is
+    SIGKILLed: the restarted daemon serves, and removing its pods leaves no sandbox and
+    no qemu behind."""
+
+    async def start_all() -> None:
+        await asyncio.gather(
+            *(
+                _call(fuzz_daemon, "RunPodSandbox", api_pb2.RunPodSandboxRequest(config=c))
+                for c in pods
+            )
+        )
+
+    async def run_and_kill() -> None:
+        task = asyncio.ensure_future(start_all())
+        await asyncio.wait({task}, timeout=kill_after)
+        fuzz_daemon.stop(signal.SIGKILL)
+        await task
+
+    asyncio.run(run_and_kill())
+    fuzz_daemon.start()
+    asyncio.run(_cleanup(fuzz_daemon))
+    assert list((fuzz_daemon.root / "run" / "sandboxes").iterdir()) == []
+    assert _qemus_of(fuzz_daemon.root) == []
+
+
+def _qemus_of(root: Path) -> list[int]:
+    """qemu processes whose run directory is below ``root`` (templates excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and cwd.startswith(str(root)):
+            found.append(int(proc.name))
+    return found
