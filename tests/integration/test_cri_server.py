@@ -466,8 +466,9 @@ async def test_vm_runs_under_the_pod_cgroup_parent(
     assert paths and all(p.startswith(f"/{parent}/clearcri-") for p in paths if p != "/"), paths
     await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     for root in hierarchies():
-        assert not list((root / parent).glob("clearcri-*"))
-        (root / parent).rmdir()  # the pod cgroup itself is kubelet's; here the test's
+        # the parent did not exist (kubelet makes it first): the daemon made it for the
+        # VM and removed it with the VM
+        assert not (root / parent).exists()
 
 
 async def _pod_with_sleeper(
