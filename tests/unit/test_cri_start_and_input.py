@@ -179,7 +179,10 @@ def test_a_log_never_follows_a_planted_symlink(tmp_path: Path) -> None:
 def test_resources_a_container_cannot_start_with_are_refused(
     resources: dict[str, int], problem: str
 ) -> None:
-    found = convert.check_resources(api_pb2.LinuxContainerResources(**resources))
+    res = api_pb2.LinuxContainerResources()
+    for field, value in resources.items():
+        setattr(res, field, value)
+    found = convert.check_resources(res)
     assert found is not None and problem in found
 
 
