@@ -5,7 +5,7 @@ The pod's 9p share shows the host's files live, but a 9p client hears nothing of
 changes made on the host: a program in the container that watches its ConfigMap with
 inotify would never wake up. For these read-only volumes the container therefore gets
 a guest copy on tmpfs (beside its bundle) that this module keeps in step with the share:
-every second it reads the share's ``..data`` link (one 9p round trip per volume) and,
+twice a second it reads the share's ``..data`` link (one 9p round trip per volume) and,
 when kubelet has swapped in a new version, replays kubelet's own steps on the copy —
 the new timestamped directory, a ``..data_tmp`` link renamed over ``..data``, the
 user-visible links, the old version removed — so the container sees the same inotify
@@ -25,7 +25,7 @@ from agent.guest.errors import invalid
 DATA = "..data"
 DATA_TMP = "..data_tmp"
 #: How often the share is checked for a new version (seconds).
-POLL_INTERVAL = 1.0
+POLL_INTERVAL = 0.5
 
 
 def _copy_tree(source: str, dest: str) -> None:
