@@ -72,3 +72,19 @@ async def pod(sandbox_host: SandboxHost) -> AsyncIterator[PodSandbox]:
         yield sandbox
     finally:
         await sandbox.destroy()
+
+
+def qemu_processes() -> list[tuple[int, bytes, str]]:
+    """(pid, command line, working directory) of every running qemu."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            cwd = os.readlink(entry / "cwd") if b"qemu-system" in cmd else ""
+        except OSError:
+            continue
+        if b"qemu-system" in cmd:
+            found.append((int(entry.name), cmd, cwd))
+    return found

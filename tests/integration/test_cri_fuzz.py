@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandbox.mounts import remove_tree
-from tests.integration.conftest import GUEST_DIR
+from tests.integration.conftest import GUEST_DIR, qemu_processes
 from tests.integration.cri_daemon import CriDaemon
 
 pytestmark = pytest.mark.vm
@@ -318,15 +318,4 @@ def test_kills_at_random_moments_leave_nothing(
 
 def _qemus_of(root: Path) -> list[int]:
     """qemu processes whose run directory is below ``root`` (templates excluded)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if "qemu-system" in cmdline and cwd.startswith(str(root)):
-            found.append(int(proc.name))
-    return found
+    return [pid for pid, _, cwd in qemu_processes() if cwd.startswith(str(root))]

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from agent.protocol import ContainerSpec, ExecSpec, Resources
 from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
+from tests.integration.conftest import qemu_processes
 
 pytestmark = pytest.mark.vm
 
@@ -28,17 +28,7 @@ async def _collect(sandbox: PodSandbox, cid: str) -> tuple[bytes, bytes]:
 
 
 def _qemu_pids_named(name: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"clearcri-{name},".encode() in cmd:
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, cmd, _ in qemu_processes() if f"clearcri-{name},".encode() in cmd]
 
 
 async def test_cold_boot_reports_dax_and_phases(sandbox_host: SandboxHost) -> None:
