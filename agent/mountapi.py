@@ -133,3 +133,32 @@ def unescape_mount_field(field: str) -> str:
             out.append(field[i])
             i += 1
     return "".join(out)
+
+
+MOUNTINFO = "/proc/self/mountinfo"
+MNT_DETACH = 2
+
+
+def mounts_under(path: str | os.PathLike[str], mountinfo: str = MOUNTINFO) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    top = os.fspath(path).rstrip("/")
+    prefix = top + "/"
+    points = set()
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                point = unescape_mount_field(fields[4])
+                if point == top or point.startswith(prefix):
+                    points.add(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_under(path: str | os.PathLike[str]) -> None:
+    """Detach every mount at or below ``path`` (deepest first), so that removing the
+    directory afterwards can never reach into what was mounted there."""
+    for point in mounts_under(path):
+        if libc().umount2(os.fsencode(point), MNT_DETACH) != 0:
+            err = _errno()
+            if err not in (22, 2):  # EINVAL, ENOENT: not a mount (any more), or gone
+                raise MountApiError(err, f"umount {point}: {os.strerror(err)}")

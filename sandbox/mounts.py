@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.mountapi import libc, unescape_mount_field
+from agent.mountapi import mounts_under as mounts_under
+from agent.mountapi import unmount_under as unmount_under
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -23,7 +25,6 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MS_SLAVE = 0x80000
 MS_SHARED = 0x100000
-MNT_DETACH = 2
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -72,16 +73,6 @@ def remount_readonly(target: Path) -> None:
     _mount(None, target, flags, f"make {target} read-only")
 
 
-def detach(target: Path) -> bool:
-    """Lazily unmount ``target``; False when it was not a mount point (or is gone)."""
-    if libc().umount2(os.fsencode(target), MNT_DETACH) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return False
-    raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
 @dataclass(frozen=True)
 class MountEntry:
     point: str
@@ -96,25 +87,6 @@ def mount_table(mountinfo: Path = MOUNTINFO) -> Iterator[MountEntry]:
                 continue
             tags = fields[6 : fields.index("-")] if "-" in fields else []
             yield MountEntry(unescape_mount_field(fields[4]), tuple(tags))
-
-
-def mounts_under(path: Path, mountinfo: Path = MOUNTINFO) -> list[str]:
-    """Mount points at or below ``path``, deepest first."""
-    top = str(path).rstrip("/")
-    prefix = top + "/"
-    points = {
-        entry.point
-        for entry in mount_table(mountinfo)
-        if entry.point == top or entry.point.startswith(prefix)
-    }
-    return sorted(points, key=len, reverse=True)
-
-
-def unmount_under(path: Path) -> None:
-    """Detach every mount at or below ``path`` (deepest first), so that removing the
-    directory afterwards can never reach into what was mounted there."""
-    for point in mounts_under(path):
-        detach(Path(point))
 
 
 def propagation_problem(

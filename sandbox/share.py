@@ -139,19 +139,6 @@ class PodShare:
         except FileNotFoundError:
             return []
 
-    def remove(self) -> None:
-        """Unmount every entry and the root, then delete the (now empty) directory.
-        Nothing is deleted while anything is still mounted below the root."""
-        if not self.root.exists():
-            return
-        mounts.unmount_under(self.root)
-        left = mounts.mounts_under(self.root)
-        if left:
-            raise ShareError(f"still mounted below {self.root}: {', '.join(left[:3])}")
-        for entry in self.root.iterdir():
-            self._remove_entry(entry)
-        self.root.rmdir()
-
     @staticmethod
     def _remove_entry(target: Path) -> None:
         mounts.unmount_under(target)

@@ -16,6 +16,7 @@ from agent.guest.errors import OpError, already_exists, internal, invalid, not_f
 from agent.guest.procs import decode_status
 from agent.guest.stdio import ConsoleReceiver, OutputPump, StdinFeeder, set_window_size
 from agent.guest.watched import WatchedVolumes
+from agent.mountapi import unmount_under
 from agent.protocol import (
     EVENT,
     EVENT_CONTAINER_EXITED,
@@ -703,7 +704,7 @@ class ContainerManager:
         import shutil
 
         # never descend into a mount (a host pod's staged host paths live in bundles)
-        hostmounts.unmount_under(path)
+        unmount_under(path)
         shutil.rmtree(path, ignore_errors=True)
 
     def list_all(self) -> list[ContainerInfo]:

@@ -34,7 +34,6 @@ from agent.mountapi import (
     open_tree,
     raw_syscall,
     set_idmap,
-    unescape_mount_field,
 )
 
 CLONE_NEWNS = 0x00020000
@@ -121,22 +120,3 @@ def clone_host_path(host_ns: int, source: str, target: str, userns_path: str | N
     report = b"".join(chunks)
     if report != _DONE:
         raise HostMountError(report.decode(errors="replace") or "the clone child died")
-
-
-def unmount_under(path: str) -> None:
-    """Detach every mount at or below ``path`` (deepest first), so that removing the
-    directory afterwards can never reach into a host path."""
-    prefix = path.rstrip("/") + "/"
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4:
-                point = unescape_mount_field(parts[4])
-                if point == path.rstrip("/") or point.startswith(prefix):
-                    points.append(point)
-    for point in sorted(set(points), key=len, reverse=True):
-        if libc().umount2(point.encode(), 2) != 0:  # MNT_DETACH
-            errno = ctypes.get_errno()
-            if errno not in (22, 2):  # not a mount (any more), or gone
-                raise HostMountError(f"umount {point}: {os.strerror(errno)}")

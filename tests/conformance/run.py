@@ -40,6 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from agent.mountapi import unmount_under as detach_all
 from tests.conformance import check, images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,14 +209,10 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def unmount_under(root: Path) -> None:
-    mounts = []
+    """Detach every mount at or below ``root``; what cannot be is left (logged by the
+    caller's later removal)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(root) or point.startswith(f"{root}/"):
-                mounts.append(point)
-    for point in sorted(mounts, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False)
+        detach_all(root)
 
 
 def write_cni_config(work: Path) -> Path:

@@ -20,7 +20,7 @@ def share(tmp_path: Path) -> Iterator[PodShare]:
     pod = PodShare(tmp_path / "share")
     pod.create()
     yield pod
-    pod.remove()
+    mounts.remove_tree(pod.root)
 
 
 def test_entries_are_the_hosts_own_files_both_ways(share: PodShare, tmp_path: Path) -> None:
