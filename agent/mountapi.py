@@ -20,6 +20,7 @@ AT_EMPTY_PATH = 0x1000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOUNT_ATTR_RDONLY = 0x00000001
 MOUNT_ATTR_IDMAP = 0x00100000
 # the same on every architecture (syscalls added after 5.1 share one table)
 SYS_OPEN_TREE = 428
@@ -93,9 +94,17 @@ def move_mount(tree: int, target: str) -> None:
         raise MountApiError(err, f"attach at {target}: {os.strerror(err)}")
 
 
-def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
-    """``mount_setattr(MOUNT_ATTR_IDMAP)`` on the detached mount ``tree``: its files
-    appear with the ids ``userns_fd``'s mappings give them."""
+def set_attributes(
+    tree: int,
+    *,
+    attr_set: int = 0,
+    propagation: int = 0,
+    userns_fd: int = 0,
+    recursive: bool = False,
+) -> None:
+    """``mount_setattr(2)`` on the detached mount ``tree``: set ``attr_set`` flags
+    (MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP with ``userns_fd``) and a ``propagation``
+    (MS_PRIVATE, MS_SLAVE, ...; 0 leaves it)."""
     import ctypes
 
     class MountAttr(ctypes.Structure):
@@ -106,7 +115,7 @@ def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
             ("userns_fd", ctypes.c_uint64),
         ]
 
-    attr = MountAttr(attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+    attr = MountAttr(attr_set=attr_set, propagation=propagation, userns_fd=userns_fd)
     rc = raw_syscall()(
         SYS_MOUNT_SETATTR,
         ctypes.c_int(tree),
@@ -117,7 +126,13 @@ def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
     )
     if rc != 0:
         err = _errno()
-        raise MountApiError(err, f"idmapped mount: {os.strerror(err)}")
+        raise MountApiError(err, f"set mount attributes: {os.strerror(err)}")
+
+
+def set_idmap(tree: int, userns_fd: int, *, recursive: bool = False) -> None:
+    """``mount_setattr(MOUNT_ATTR_IDMAP)`` on the detached mount ``tree``: its files
+    appear with the ids ``userns_fd``'s mappings give them."""
+    set_attributes(tree, attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd, recursive=recursive)
 
 
 def unescape_mount_field(field: str) -> str:

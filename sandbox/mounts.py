@@ -12,7 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.mountapi import libc, unescape_mount_field
+from agent.mountapi import (
+    AT_RECURSIVE,
+    MOUNT_ATTR_IDMAP,
+    MOUNT_ATTR_RDONLY,
+    OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE,
+    libc,
+    move_mount,
+    open_tree,
+    set_attributes,
+    unescape_mount_field,
+)
 from agent.mountapi import mounts_under as mounts_under
 from agent.mountapi import unmount_under as unmount_under
 
@@ -59,6 +70,43 @@ def set_propagation(target: Path, kind: str) -> None:
     """Make the mount at ``target`` and its submounts rprivate, rslave or rshared."""
     flag = {"rprivate": MS_PRIVATE, "rslave": MS_SLAVE, "rshared": MS_SHARED}[kind]
     _mount(None, target, flag | MS_REC, f"make {target} {kind}")
+
+
+def make_propagation_root(path: Path) -> None:
+    """Make ``path`` a mount of its own (a bind onto itself) in a peer group of its own:
+    mounts made below it later reach the mount namespaces made since that copied it (a
+    jailed VMM's) and no other. Left as it is when it already is a mount."""
+    if str(path) in mounts_under(path):
+        return
+    bind(path, path, recursive=False)
+    _mount(None, path, MS_PRIVATE, f"make {path} private")
+    _mount(None, path, MS_SHARED, f"make {path} shared")
+
+
+def attach_clone(
+    source: Path,
+    target: Path,
+    *,
+    readonly: bool,
+    propagation: str = "rprivate",
+    userns_fd: int | None = None,
+) -> None:
+    """Bind ``source`` with its submounts at ``target``, its attributes set before it
+    is attached, so that every copy the attach propagates (into a jailed VMM's
+    namespace) has them too: read-only (the top mount, as a bind mount's flag),
+    ``propagation`` (rprivate, or rslave: mounts the host makes below ``source`` later
+    follow) and, with ``userns_fd``, idmapped with that user namespace's mappings."""
+    kind = {"rprivate": MS_PRIVATE, "rslave": MS_SLAVE}[propagation]
+    tree = open_tree(str(source), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    try:
+        set_attributes(tree, propagation=kind, recursive=True)
+        if userns_fd is not None:
+            set_attributes(tree, attr_set=MOUNT_ATTR_IDMAP, userns_fd=userns_fd, recursive=True)
+        if readonly:
+            set_attributes(tree, attr_set=MOUNT_ATTR_RDONLY)
+        move_mount(tree, str(target))
+    finally:
+        os.close(tree)
 
 
 def remount_readonly(target: Path) -> None:

@@ -1,8 +1,10 @@
 """One pod = one VM: create, start, stop, destroy and re-adopt a pod sandbox.
 
 A sandbox's host-side state lives in one run directory (``<run_root>/<sandbox id>``):
-the QMP and agent sockets, the console log, qemu's pid file and ``state.json``. A new
-daemon process re-adopts a running VM from that directory instead of killing it.
+``state.json``, QEMU's stderr log and, in ``vmm/`` (all a jailed QEMU sees of it, see
+sandbox/jail.py), the QMP and agent sockets, the console log, QEMU's pid file, the
+pod's share and its images. A new daemon process re-adopts a running VM from that
+directory instead of killing it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from sandbox.accel import choose_accel
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.jail import (
+    DEFAULT_FIRST_ID,
+    DEFAULT_ID_COUNT,
+    JailError,
+    VmmIds,
+    jail_for,
+    prepare_vmm_dir,
+)
 from sandbox.network import (
     NETDEV_ID,
     NetworkConfig,
@@ -98,6 +108,12 @@ class SandboxConfig:
     boot_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
     sandbox_filter: bool = True
+    # Run each VM's QEMU jailed (sandbox/jail.py): a uid of its own from
+    # [jail_first_id, jail_first_id + jail_ids), no capabilities but what its 9p share
+    # needs, a mount namespace holding only its own files.
+    jail: bool = True
+    jail_first_id: int = DEFAULT_FIRST_ID
+    jail_ids: int = DEFAULT_ID_COUNT
     # Start pod VMs from a copy-on-write clone of a booted template VM (sandbox/template.py)
     # instead of booting each one; the first pod of a shape boots cold and builds it.
     templates: bool = True
@@ -226,14 +242,34 @@ class SandboxHost:
         # their own reach their rootfs below it as an unprivileged id
         config.run_root.mkdir(parents=True, exist_ok=True, mode=0o711)
         config.run_root.chmod(0o711)
+        self.vmm_ids: VmmIds | None = None
+        if config.jail:
+            self.vmm_ids = VmmIds(config.jail_first_id, config.jail_ids)
+            for vmm_id in self._saved_vmm_ids():
+                self.vmm_ids.claim(vmm_id)
         self.templates: TemplateStore | None = None
         if config.templates and config.os_image_mode == "pmem":
             self.templates = TemplateStore(
-                config.template_dir or config.run_root.parent / "templates", config.qemu
+                config.template_dir or config.run_root.parent / "templates",
+                config.qemu,
+                vmm_ids=self.vmm_ids,
             )
 
-    def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
-        """The VM a pod with ``spec`` gets on this node."""
+    def _saved_vmm_ids(self) -> list[int]:
+        """The VMM ids of the sandboxes earlier daemons made (running or not: an id
+        goes back to the range when its sandbox is removed)."""
+        ids = []
+        for state_file in self.config.run_root.glob(f"*/{STATE_FILE}"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                vmm_id = json.loads(state_file.read_text())["machine"].get("vmm_id")
+                if vmm_id is not None:
+                    ids.append(int(vmm_id))
+        return ids
+
+    def machine_for(
+        self, spec: SandboxSpec, run_dir: Path, vmm_id: int | None = None
+    ) -> MachineSpec:
+        """The VM a pod with ``spec`` gets on this node (its VMM jailed as ``vmm_id``)."""
         vcpus, memory = size_vm(spec, self.config)
         cfg = self.config
         return MachineSpec(
@@ -252,6 +288,7 @@ class SandboxHost:
             os_image_mode=cfg.os_image_mode,
             extra_args=tuple(spec.extra_args),
             share=self.assets.share,
+            vmm_id=vmm_id,
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
@@ -298,7 +335,7 @@ class PodSandbox:
         if spec.network is not None:
             self.network = host.network.for_pod(spec.sandbox_id, spec.network, self._save)
         # the host paths the pod's containers mount (None: the guest kernel has no 9p)
-        self.share = PodShare(machine.share_dir) if machine.share else None
+        self.share = PodShare(machine.share_dir, machine.vmm_id) if machine.share else None
 
     # construction -------------------------------------------------------
 
@@ -319,14 +356,25 @@ class PodSandbox:
                 f"{host.config.guest_overhead_mib} MiB guest overhead) but the node has "
                 f"{host_mib} MiB"
             )
+        if host.vmm_ids is not None:
+            try:
+                machine = replace(machine, vmm_id=host.vmm_ids.allocate())
+            except JailError as exc:
+                raise SandboxExhausted(str(exc)) from exc
         run_dir.mkdir(parents=True, mode=0o700)
         sandbox = cls(host, machine, spec)
         try:
+            if machine.vmm_id is not None:
+                prepare_vmm_dir(machine.vmm_dir, machine.vmm_id)
+                machine.images_dir.mkdir(mode=0o700)
+                os.chown(machine.images_dir, machine.vmm_id, machine.vmm_id)
             if sandbox.share is not None:
                 sandbox.share.create()
             sandbox._save()
         except BaseException as exc:
             mounts.remove_tree(run_dir)
+            if host.vmm_ids is not None:
+                host.vmm_ids.release(machine.vmm_id)
             raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc
         return sandbox
 
@@ -434,6 +482,8 @@ class PodSandbox:
         cmd = build_command(self.machine, qemu=self.host.config.qemu)
         tap: TapDevice | None = None
         try:
+            if self.machine.vmm_id is not None:
+                cmd = jail_for(self.machine).command(cmd)
             if self.network is not None:
                 # The namespace and tap now; CNI ADD runs while the guest boots.
                 tap = await self.network.prepare()
@@ -448,7 +498,7 @@ class PodSandbox:
             self.process = await VmProcess.spawn(
                 cmd,
                 stderr_log=self.machine.stderr_log,
-                cwd=self.machine.run_dir,
+                cwd=self.machine.vmm_dir,
                 pass_fds=tap.pass_fds if tap else (),
             )
             if tap is not None:
@@ -623,6 +673,8 @@ class PodSandbox:
             raise SandboxError(
                 f"sandbox {self.id}: cannot remove its run directory: {exc}"
             ) from exc
+        if self.host.vmm_ids is not None:
+            self.host.vmm_ids.release(self.machine.vmm_id)
         self.state = "removed"
 
     async def close(self) -> None:
@@ -743,12 +795,26 @@ class PodSandbox:
             slot = free[0]
             bus, pci = slot_root_port(slot)
             assert self.qmp is not None
-            await self.qmp.hotplug_pmem(
-                dev_id=f"img{slot}", bus=bus, path=image.path, size=image.size
-            )
+            path = image.path
+            if self.machine.vmm_id is not None:
+                # the jailed VMM sees only what is below its own directory
+                path = self.machine.images_dir / f"img{slot}"
+                await asyncio.to_thread(self._bind_image, image.path, path)
+            await self.qmp.hotplug_pmem(dev_id=f"img{slot}", bus=bus, path=path, size=image.size)
             self.slots[slot] = image.image_id
             self._save()
             return await agent.mount_image(image.image_id, {"pci_path": pci})
+
+    @staticmethod
+    def _bind_image(source: Path, target: Path) -> None:
+        if target.exists():  # an earlier attempt at this slot
+            mounts.unmount_under(target)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400))
+        try:
+            mounts.attach_clone(source, target, readonly=True)
+        except OSError as exc:
+            raise SandboxError(f"cannot give the VM image {source.name}: {exc}") from exc
 
     # host paths ---------------------------------------------------------------
 

@@ -8,8 +8,11 @@ under a key of its own; the agent mounts the share once in the guest (the first 
 container names it, after any template restore) and binds ``<share>/<key>`` into the
 container. Reads and writes go to the host's own files, in both directions, at once.
 
-Isolation: the export root is the share directory, whose own mount is private (no
-bind made here propagates anywhere else). QEMU's local 9p backend resolves every path
+Isolation: the export root is the share directory. Unjailed, it is a private mount of
+its own (no bind made here propagates anywhere else); under a jailed VMM
+(sandbox/jail.py) it lies in the VM's own directory, whose mount propagates to the
+jail and nowhere else. Every bind is made read-only and given its propagation before
+it is attached, so the jail's copy is the same. QEMU's local 9p backend resolves every path
 relative to the export root without following symlinks on the host, so a guest
 cannot walk out with ``..`` or a symlink; what a container sees is what its pod's
 mounts hold. Making a bind is a mount syscall: the daemon never reads what it shares,
@@ -24,14 +27,6 @@ import re
 import stat
 from pathlib import Path
 
-from agent.mountapi import (
-    AT_RECURSIVE,
-    OPEN_TREE_CLOEXEC,
-    OPEN_TREE_CLONE,
-    move_mount,
-    open_tree,
-    set_idmap,
-)
 from agent.protocol import GUEST_SHARE_DIR
 from sandbox import mounts
 from sandbox.userns import UserNamespaceError, mapped_user_namespace
@@ -58,15 +53,21 @@ def guest_path(key: str) -> str:
 
 
 class PodShare:
-    """The directory a pod VM's 9p device exports."""
+    """The directory a pod VM's 9p device exports. ``vmm_id``: the jailed QEMU's own id
+    (None: QEMU runs as root)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, vmm_id: int | None = None) -> None:
         self.root = root
+        self.vmm_id = vmm_id
 
     def create(self) -> None:
-        """Make the export root: a private mount of its own, so that binds below it
-        neither propagate out nor receive mounts from elsewhere. Idempotent."""
+        """Make the export root. Unjailed: a private mount of its own, so that binds
+        below it neither propagate out nor receive mounts from elsewhere. Jailed: a
+        directory of the VM's own, which already propagates to the jail alone.
+        Idempotent."""
         self.root.mkdir(mode=0o700, exist_ok=True)
+        if self.vmm_id is not None:
+            return
         if str(self.root) not in mounts.mounts_under(self.root):
             mounts.bind(self.root, self.root, recursive=False)
         mounts.set_propagation(self.root, "rprivate")
@@ -104,28 +105,22 @@ class PodShare:
             raise ShareError(f"share key {key} is in use") from None
         try:
             if id_mappings is None:
-                mounts.bind(source, target)
+                mounts.attach_clone(source, target, readonly=readonly, propagation=propagation)
             else:
-                self._idmapped_bind(source, target, id_mappings)
-            mounts.set_propagation(target, propagation)
-            if readonly:
-                mounts.remount_readonly(target)
+                creator = self.vmm_id or 0
+                with mapped_user_namespace(*id_mappings, creator=creator) as userns:
+                    mounts.attach_clone(
+                        source,
+                        target,
+                        readonly=readonly,
+                        propagation=propagation,
+                        userns_fd=userns,
+                    )
         except (OSError, UserNamespaceError) as exc:
             self._remove_entry(target)
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise ShareError(f"cannot share host path {source}: {reason}") from exc
         return guest_path(key)
-
-    @staticmethod
-    def _idmapped_bind(source: Path, target: Path, id_mappings: IdMappings) -> None:
-        flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
-        tree = open_tree(str(source), flags)
-        try:
-            with mapped_user_namespace(*id_mappings) as userns:
-                set_idmap(tree, userns, recursive=True)
-            move_mount(tree, str(target))
-        finally:
-            os.close(tree)
 
     def unbind(self, keys: list[str]) -> None:
         """Remove the entries ``keys`` (unknown keys are ignored)."""

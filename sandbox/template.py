@@ -31,13 +31,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.client import AgentClient, AgentError
+from sandbox.jail import JailError, VmmIds, jail_for
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.vm import MachineSpec, VmProcess, build_command, pid_alive, read_cmdline
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 # The NIC every template and clone has; clones set their own MAC from the guest.
 TEMPLATE_MAC = "52:54:00:c1:cc:01"
 RAM_FILE = "ram"
@@ -127,10 +128,14 @@ class VmTemplate:
 class TemplateStore:
     """Templates under ``root`` (tmpfs: their RAM files are the shared guest memory)."""
 
-    def __init__(self, root: Path, qemu: str, *, keep: int = 4) -> None:
+    def __init__(
+        self, root: Path, qemu: str, *, keep: int = 4, vmm_ids: VmmIds | None = None
+    ) -> None:
         self.root = root
         self.qemu = qemu
         self.keep = keep
+        # template VMs are jailed as pod VMs are, with ids of their own from this range
+        self.vmm_ids = vmm_ids
         self._locks: dict[str, asyncio.Lock] = {}
         self._building: dict[str, asyncio.Task[VmTemplate | None]] = {}
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -147,7 +152,10 @@ class TemplateStore:
             if Path(f"/proc/{pid}").exists():
                 continue
             with contextlib.suppress(OSError, ValueError):
-                vm_pid = int((entry / "qemu.pid").read_text().strip())
+                pidfile = entry / "vmm" / "qemu.pid"
+                if not pidfile.exists():
+                    pidfile = entry / "qemu.pid"  # a template VM that was not jailed
+                vm_pid = int(pidfile.read_text().strip())
                 if pid_alive(vm_pid) and any(
                     "clearcri-template-" in part for part in read_cmdline(vm_pid)
                 ):
@@ -193,28 +201,37 @@ class TemplateStore:
             # unique: several daemons (or test processes) may share one template dir
             work = self.root / f".{key}.{os.getpid()}.{secrets.token_hex(4)}"
             work.mkdir(mode=0o700)
-            if machine.share:
-                # the device needs a directory; the template never mounts it (QEMU
-                # refuses to save a VM while a 9p share is attached)
-                (work / "share").mkdir()
-            spec = replace(
-                machine,
-                name=f"template-{key}",
-                run_dir=work,
-                memory_file=work / RAM_FILE,
-                memory_shared=True,
-                incoming=False,
-                extra_args=tuple(nic_args(None)),
-            )
+            vmm_id = None
             try:
+                if self.vmm_ids is not None:
+                    vmm_id = self.vmm_ids.allocate()
+                spec = replace(
+                    machine,
+                    name=f"template-{key}",
+                    run_dir=work,
+                    memory_file=work / RAM_FILE,
+                    memory_shared=True,
+                    incoming=False,
+                    extra_args=tuple(nic_args(None)),
+                    vmm_id=vmm_id,
+                )
+                self._prepare(spec)
                 boot = await self._boot_and_save(spec)
-            except BaseException:
+            except BaseException as exc:
                 shutil.rmtree(work, ignore_errors=True)
+                if isinstance(exc, (JailError, OSError)):
+                    raise TemplateError(f"template VM not started: {exc}") from exc
                 raise
-            for name in ("qmp.sock", "agent.sock", "qemu.pid", NULL_NIC_SOCKET):
-                (work / name).unlink(missing_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                (work / "share").rmdir()
+            finally:
+                if self.vmm_ids is not None:
+                    self.vmm_ids.release(vmm_id)
+            if spec.vmm_dir != work:
+                shutil.rmtree(spec.vmm_dir)
+            else:
+                for name in ("qmp.sock", "agent.sock", "qemu.pid", NULL_NIC_SOCKET):
+                    (work / name).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (work / "share").rmdir()
             try:
                 await asyncio.to_thread(fill_holes, work / RAM_FILE)
             except OSError as exc:
@@ -235,10 +252,30 @@ class TemplateStore:
             assert template is not None
             return template
 
+    @staticmethod
+    def _prepare(spec: MachineSpec) -> None:
+        """The template VM's files before it starts. Its RAM file is readable and
+        writable by every jailed VMM (a clone's QEMU opens it for writing even though it
+        maps it privately; each VMM runs as an id of its own), inside a directory only
+        root can enter: a VMM reaches it through its jail's bind alone."""
+        if spec.vmm_id is not None:
+            spec.vmm_dir.mkdir(mode=0o700)
+            os.chown(spec.vmm_dir, spec.vmm_id, spec.vmm_id)
+            assert spec.memory_file is not None
+            fd = os.open(spec.memory_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.fchmod(fd, 0o666)
+            os.close(fd)
+        if spec.share:
+            # the device needs a directory; the template never mounts it (QEMU
+            # refuses to save a VM while a 9p share is attached)
+            spec.share_dir.mkdir()
+
     async def _boot_and_save(self, spec: MachineSpec) -> float:
         cmd = build_command(spec, qemu=self.qemu)
+        if spec.vmm_id is not None:
+            cmd = jail_for(spec).command(cmd)
         started = time.monotonic()
-        process = await VmProcess.spawn(cmd, stderr_log=spec.stderr_log, cwd=spec.run_dir)
+        process = await VmProcess.spawn(cmd, stderr_log=spec.stderr_log, cwd=spec.vmm_dir)
         qmp = QmpControl(spec.name)
         try:
             await qmp.connect(spec.qmp_socket, timeout=10.0)

@@ -18,17 +18,17 @@ class UserNamespaceError(Exception):
     pass
 
 
-def with_root(mappings: list[list[int]]) -> list[list[int]]:
-    """``mappings`` plus one that maps host id 0 (the daemon's and QEMU's own id), so
-    that a process of the host can create files through an idmapped mount (creation
+def with_creator(mappings: list[list[int]], creator: int = 0) -> list[list[int]]:
+    """``mappings`` plus one that maps host id ``creator`` (QEMU's own: the jailed VMM's
+    id, or root), so that QEMU can create files through an idmapped mount (creation
     needs the creator's ids mapped): the file starts owned by an id above every range
     of the pod, and gets its owner by the chown that follows (QEMU's passthrough)."""
-    if any(outer <= 0 < outer + length for _, outer, length in mappings):
+    if any(outer <= creator < outer + length for _, outer, length in mappings):
         return mappings
     spare = max((inner + length for inner, _, length in mappings), default=0)
     if spare >= 2**32 - 1:
         return mappings
-    return [*mappings, [spare, 0, 1]]
+    return [*mappings, [spare, creator, 1]]
 
 
 def _map_lines(mappings: list[list[int]]) -> str:
@@ -37,10 +37,10 @@ def _map_lines(mappings: list[list[int]]) -> str:
 
 @contextlib.contextmanager
 def mapped_user_namespace(
-    uid_mappings: list[list[int]], gid_mappings: list[list[int]]
+    uid_mappings: list[list[int]], gid_mappings: list[list[int]], *, creator: int = 0
 ) -> Iterator[int]:
     """A descriptor of a new user namespace with these mappings (container id, host id,
-    length; see ``with_root``), valid inside the ``with`` block. A short-lived ``unshare --user``
+    length; see ``with_creator``), valid inside the ``with`` block. A short-lived ``unshare --user``
     process makes the namespace; the daemon writes its maps, as root of the parent
     namespace may, and keeps a descriptor of it."""
     helper = subprocess.Popen(
@@ -65,9 +65,9 @@ def mapped_user_namespace(
             time.sleep(0.002)
         try:
             with open(f"/proc/{helper.pid}/uid_map", "w") as f:
-                f.write(_map_lines(with_root(uid_mappings)))
+                f.write(_map_lines(with_creator(uid_mappings, creator)))
             with open(f"/proc/{helper.pid}/gid_map", "w") as f:
-                f.write(_map_lines(with_root(gid_mappings)))
+                f.write(_map_lines(with_creator(gid_mappings, creator)))
         except OSError as exc:
             raise UserNamespaceError(f"cannot write the id mappings: {exc.strerror}") from exc
         fd = os.open(ns_link, os.O_RDONLY | os.O_CLOEXEC)

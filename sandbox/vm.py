@@ -75,26 +75,39 @@ class MachineSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     # A virtio-9p device exporting share_dir (the pod's volumes, see sandbox/share.py).
     share: bool = False
+    # The uid and gid of a jailed VMM (sandbox/jail.py); None: QEMU runs as the daemon
+    # does, with its files directly in run_dir (VMs of daemons before the jail).
+    vmm_id: int | None = None
+
+    @property
+    def vmm_dir(self) -> Path:
+        """Everything QEMU itself creates or opens by path below the run directory."""
+        return self.run_dir / "vmm" if self.vmm_id is not None else self.run_dir
 
     @property
     def share_dir(self) -> Path:
-        return self.run_dir / "share"
+        return self.vmm_dir / "share"
+
+    @property
+    def images_dir(self) -> Path:
+        """Where a jailed VMM finds the images hot-plugged into its VM."""
+        return self.vmm_dir / "images"
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.vmm_dir / "qmp.sock"
 
     @property
     def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
+        return self.vmm_dir / "agent.sock"
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+        return self.vmm_dir / "console.log"
 
     @property
     def pidfile(self) -> Path:
-        return self.run_dir / "qemu.pid"
+        return self.vmm_dir / "qemu.pid"
 
     @property
     def stderr_log(self) -> Path:
@@ -174,7 +187,7 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         "-device",
         f"virtio-serial-pci,id=vser0,bus=pcie.0,addr={AGENT_SERIAL_ADDR}",
         "-chardev",
-        # qemu runs in run_dir: relative socket paths stay under the 108-byte limit
+        # qemu runs in vmm_dir: relative socket paths stay under the 108-byte limit
         # of unix socket addresses however deep run_dir is.
         f"socket,id=agent,path={spec.agent_socket.name},server=on,wait=off",
         "-device",
@@ -262,7 +275,8 @@ class VmProcess:
     async def spawn(
         cls, cmd: list[str], *, stderr_log: Path, cwd: Path, pass_fds: tuple[int, ...] = ()
     ) -> VmProcess:
-        """Start qemu; ``pass_fds`` stay open in it under the same numbers (a tap fd)."""
+        """Start qemu (``cmd``: its command line, or one that ends by exec'ing it);
+        ``pass_fds`` stay open in it under the same numbers (a tap fd)."""
         with stderr_log.open("ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,

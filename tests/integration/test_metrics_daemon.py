@@ -266,7 +266,7 @@ async def test_scrape_boot_memory_sharing_and_requests(
     )
 
     # a VM that dies under the daemon is a crash
-    pid = int((daemon.root / "run" / "sandboxes" / pod_a / "qemu.pid").read_text())
+    pid = int((daemon.root / "run" / "sandboxes" / pod_a / "vmm" / "qemu.pid").read_text())
     os.kill(pid, 9)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -151,8 +151,10 @@ def test_user_namespace_pods_see_owners_ids(share: PodShare, tmp_path: Path) -> 
     assert (entry / "made-in-pod").stat().st_uid == 1000
 
 
-def test_root_mapping_is_added_beside_the_pods() -> None:
-    from sandbox.userns import with_root
+def test_the_creators_mapping_is_added_beside_the_pods() -> None:
+    from sandbox.userns import with_creator
 
-    assert with_root([[0, 1000, 65536]]) == [[0, 1000, 65536], [65536, 0, 1]]
-    assert with_root([[0, 0, 10]]) == [[0, 0, 10]]
+    assert with_creator([[0, 1000, 65536]]) == [[0, 1000, 65536], [65536, 0, 1]]
+    assert with_creator([[0, 0, 10]]) == [[0, 0, 10]]
+    jailed = 0x7000_0005
+    assert with_creator([[0, 1000, 65536]], jailed) == [[0, 1000, 65536], [65536, jailed, 1]]
