@@ -76,6 +76,10 @@ class Config:
             raise ConfigError("vm.accel must be 'auto', 'kvm' or 'tcg'")
         if self.vm.small_pods not in ("grow", "refuse"):
             raise ConfigError("vm.small_pods must be 'grow' or 'refuse'")
+        if self.vm.jail_first_id < 1 or self.vm.jail_ids < 1:
+            raise ConfigError("vm.jail_first_id and vm.jail_ids must be 1 or more")
+        if self.vm.jail_first_id + self.vm.jail_ids > 2**32 - 1:
+            raise ConfigError("vm.jail_first_id + vm.jail_ids must stay below 2^32 - 1")
         if self.vm.ksm_pages_to_scan < 0:
             raise ConfigError("vm.ksm_pages_to_scan must be 0 (leave as is) or more")
         if not 0 <= self.metrics.port <= 65535:

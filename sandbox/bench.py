@@ -105,6 +105,8 @@ async def _run(
 ) -> int:
     host = SandboxHost(config, assets)
     clone_host = SandboxHost(replace(config, templates=True), assets)
+    # the same template, QEMU not jailed: what the jail costs a clone's start
+    unjailed_host = SandboxHost(replace(config, templates=True, jail=False), assets)
     assert clone_host.templates is not None
     print(f"guest {assets.version}  kernel {assets.kernel_version}  accel {host.accel}")
     print(f"  ({host.accel_reason})")
@@ -122,6 +124,7 @@ async def _run(
         "agent_ready": [],
         "total": [],
     }
+    unjailed_phases: dict[str, list[float]] = {name: [] for name in clone_phases}
     template = await clone_host.templates.build(
         clone_host.machine_for(SandboxSpec("default"), config.run_root / "default")
     )
@@ -130,6 +133,7 @@ async def _run(
         for target, collect, prefix in (
             (host, phases, "cold"),
             (clone_host, clone_phases, "clone"),
+            (unjailed_host, unjailed_phases, "unjailed"),
         ):
             sandbox = PodSandbox.create(target, SandboxSpec(f"bench-{prefix}-{i}"))
             try:
@@ -150,6 +154,13 @@ async def _run(
     )
     for name, values in clone_phases.items():
         print(f"    {name:<32} {_stats(values)}")
+    print("  from the same template, QEMU not jailed ([vm] jail = false):")
+    for name, values in unjailed_phases.items():
+        print(f"    {name:<32} {_stats(values)}")
+    jail_ratio = statistics.median(clone_phases["total"]) / statistics.median(
+        unjailed_phases["total"]
+    )
+    print(f"  ratio jailed / unjailed clone: {jail_ratio:.2f}")
     floor = statistics.median(floors)
     print(f"  ratio cold / floor:     {statistics.median(phases['total']) / floor:.2f}")
     print(

@@ -11,7 +11,8 @@ starts in tens of milliseconds. SPEC is the JSON sandbox/jail.py writes. In orde
 3. a new root on a small tmpfs holding only the binds the spec names, at the same
    paths as on the host (``/usr`` and the loader cache read-only, the guest kernel and
    OS image read-only, the VM's own directory writable, a few device nodes, a /proc
-   that shows the VMM's own processes only), the tmpfs itself read-only; ``pivot_root`` into it, the old root detached;
+   that shows the VMM's own processes only), the tmpfs itself read-only;
+   ``pivot_root`` into it, the old root detached;
 4. every capability not named dropped from the bounding set; no supplementary groups
    (but the one that owns /dev/kvm, where named); the VMM's own uid and gid; the
    named capabilities kept as ambient ones (nothing else survives exec); no new

@@ -46,9 +46,7 @@ async def test_the_vmm_runs_as_its_own_user_without_capabilities(pod: PodSandbox
         assert os.readlink(f"/proc/{pod.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
 
 
-async def test_the_vmm_sees_only_its_own_files(
-    sandbox_host: SandboxHost, pod: PodSandbox
-) -> None:
+async def test_the_vmm_sees_only_its_own_files(sandbox_host: SandboxHost, pod: PodSandbox) -> None:
     root = Path(f"/proc/{pod.pid}/root")
     machine = pod.machine
     for needed in (machine.kernel, machine.os_image, machine.qmp_socket, Path("/usr/bin")):

@@ -40,6 +40,8 @@ def test_explicit_vm_dirs_win_even_when_equal_to_defaults(tmp_path: Path) -> Non
         ("[daemon]\nsocket = 3\n", "path string"),
         ('[daemon]\ncgroup_driver = "x"\n', "cgroup_driver"),
         ("[vm\n", "cannot read config"),
+        ("[vm]\njail_first_id = 0\n", "jail_first_id"),
+        ("[vm]\njail_first_id = 4294967000\njail_ids = 65536\n", "below 2"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

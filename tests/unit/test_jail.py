@@ -1,0 +1,106 @@
+"""The VMM jail (sandbox/jail.py, sandbox/jail_exec.py), run for real with a shell in
+place of QEMU; and the range of VMM ids."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox.jail import SHARE_CAPABILITIES, Jail, JailError, VmmIds
+
+VMM_ID = 0x7000_F001
+
+
+def _jail(tmp_path: Path, **kwargs: object) -> Jail:
+    (tmp_path / "root").mkdir(exist_ok=True)
+    (tmp_path / "vmm").mkdir(exist_ok=True)
+    os.chown(tmp_path / "vmm", VMM_ID, VMM_ID)  # as prepare_vmm_dir does
+    (tmp_path / "kernel").write_text("kernel\n")
+    fields: dict[str, object] = {
+        "uid": VMM_ID,
+        "gid": VMM_ID,
+        "root": tmp_path / "root",
+        "workdir": tmp_path / "vmm",
+        "readonly": (tmp_path / "kernel",),
+        "writable": (tmp_path / "vmm",),
+    }
+    fields.update(kwargs)
+    return Jail(**fields)  # type: ignore[arg-type]
+
+
+def _run(jail: Jail, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        jail.command(["sh", "-c", script]), capture_output=True, text=True, timeout=30
+    )
+
+
+def test_the_jail_holds_only_what_it_names(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("host file")
+    kernel = tmp_path / "kernel"
+    done = _run(
+        _jail(tmp_path),
+        f"id -u; id -g; pwd; cat {kernel}; ls /; cat {secret}; echo x > {kernel}; "
+        "echo made > here; ls /dev; ls /proc/1; mkdir /new",
+    )
+    out = done.stdout.split()
+    assert out[:4] == [str(VMM_ID), str(VMM_ID), str(tmp_path / "vmm"), "kernel"]
+    top = set(out[4 : out.index("null")])
+    assert top == {"bin", "dev", "lib", "lib64", "proc", "sbin", "tmp", "usr", "etc"} - {
+        name for name in ("lib64",) if not Path("/" + name).exists()
+    }
+    assert set(out[out.index("null") :]) == {"null", "random", "urandom", "zero"}
+    assert "secret: No such file" in done.stderr
+    assert "kernel: Read-only file system" in done.stderr
+    assert "/proc/1" in done.stderr, "another user's process is invisible"
+    assert "/new" in done.stderr
+    assert (tmp_path / "vmm" / "here").read_text() == "made\n"
+    assert (tmp_path / "vmm" / "here").stat().st_uid == VMM_ID
+    assert kernel.read_text() == "kernel\n"
+
+
+@pytest.mark.parametrize("caps", [(), SHARE_CAPABILITIES])
+def test_only_the_named_capabilities_survive(tmp_path: Path, caps: tuple[int, ...]) -> None:
+    proc = subprocess.Popen(_jail(tmp_path, capabilities=caps).command(["sleep", "30"]))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            if "\nName:\tsleep" in "\n" + status or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        mask = sum(1 << cap for cap in caps)
+        for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+            assert int(fields[field], 16) == mask, field
+        assert fields["NoNewPrivs"].strip() == "1"
+        assert fields["Groups"].strip() == ""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_jail_that_cannot_be_built_says_why(tmp_path: Path) -> None:
+    done = _run(_jail(tmp_path, readonly=(tmp_path / "missing",)), "echo ran")
+    assert done.returncode == 126
+    assert "ran" not in done.stdout
+    assert "clearcri jail:" in done.stderr and "missing" in done.stderr
+
+
+def test_vmm_ids_are_distinct_and_come_back() -> None:
+    ids = VmmIds(first=1000, count=3)
+    ids.claim(1001)  # a VM an earlier daemon made
+    assert [ids.allocate(), ids.allocate()] == [1000, 1002]
+    with pytest.raises(JailError, match="all 3"):
+        ids.allocate()
+    ids.release(1000)
+    ids.release(None)
+    assert ids.allocate() == 1000
+    with pytest.raises(JailError):
+        VmmIds(first=0, count=10)
+    with pytest.raises(JailError):
+        VmmIds(first=2**32 - 5, count=10)
