@@ -25,7 +25,6 @@ attached, so its copy in the jail is read-only too.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -75,18 +74,19 @@ class Jail:
 
     def command(self, cmd: list[str]) -> list[str]:
         """``cmd`` run inside this jail."""
-        spec = {
-            "uid": self.uid,
-            "gid": self.gid,
-            "root": str(self.root),
-            "workdir": str(self.workdir),
-            "readonly": [*SYSTEM_PATHS, *(str(p) for p in self.readonly)],
-            "writable": [str(p) for p in self.writable],
-            "devices": list(self.devices),
-            "groups": list(self.groups),
-            "capabilities": list(self.capabilities),
-        }
-        return [sys.executable, "-I", "-S", str(JAIL_EXEC), json.dumps(spec), "--", *cmd]
+        system = [path for path in SYSTEM_PATHS if os.path.exists(path)]
+        args = [
+            f"uid={self.uid}",
+            f"gid={self.gid}",
+            f"root={self.root}",
+            f"workdir={self.workdir}",
+            *(f"readonly={path}" for path in (*system, *self.readonly)),
+            *(f"writable={path}" for path in self.writable),
+            *(f"device={path}" for path in self.devices),
+            *(f"group={gid}" for gid in self.groups),
+            *(f"capability={cap}" for cap in self.capabilities),
+        ]
+        return [sys.executable, "-I", "-S", str(JAIL_EXEC), *args, "--", *cmd]
 
 
 class VmmIds:
