@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
 from cri import cadvisor_metrics
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord
+from sandbox.api import SandboxState
 from sandbox.hostpod import HOST_HANDLER
 from sandbox.pod import BootTimes
 
@@ -345,7 +346,7 @@ async def take_snapshot(
     ready = [
         (pods[pid], sb)
         for pid, sb in list(runtime.sandboxes.items())
-        if pid in pods and sb.state == "ready" and sb.pid > 0
+        if pid in pods and sb.state == SandboxState.READY and sb.pid > 0
     ]
     if cache is not None:
         for gone in set(cache) - {pod.id for pod, _ in ready}:

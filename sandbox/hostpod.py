@@ -56,6 +56,7 @@ from typing import Any
 
 import agent
 from agent.client import AgentClient, AgentError
+from sandbox.api import SandboxState
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
@@ -463,7 +464,7 @@ class HostSandbox(PodSandbox):
         self.run_dir = run_dir
         # the containers' upper directories are in their bundles below the run dir
         self.writable_layer_dir = run_dir
-        self.state = "created"
+        self.state = SandboxState.CREATED
         self.exit_reason = ""
         self.created_at = time.time()
         self.boot = BootTimes()
@@ -514,7 +515,10 @@ class HostSandbox(PodSandbox):
         sandbox = cls(host, HostPodSpec(**saved["spec"]), run_dir)
         if sandbox.network is not None:
             sandbox.network.restore(saved.get("network"))
-        sandbox.state = saved["state"]
+        try:
+            sandbox.state = SandboxState(saved["state"])
+        except (KeyError, ValueError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
         sandbox.exit_reason = saved.get("exit_reason", "")
         sandbox.created_at = saved["created_at"]
         sandbox.boot = BootTimes(**saved.get("boot", {}))
@@ -522,7 +526,7 @@ class HostSandbox(PodSandbox):
         sandbox.images = dict(saved.get("images", {}))
         sandbox.cgroups = HostCgroups(**saved.get("cgroups", {}))
         host_images().register(sandbox_id, list(sandbox.images.values()))
-        if sandbox.state not in ("ready", "booting") or not sandbox.pid:
+        if not sandbox.state.running or not sandbox.pid:
             return sandbox
         process = VmProcess.adopt(sandbox.pid, str(sandbox.agent_socket))
         if process is None:
@@ -537,8 +541,8 @@ class HostSandbox(PodSandbox):
             await sandbox._kill_agent()
             sandbox._set_dead(f"could not reconnect to the pod's agent after a restart: {exc}")
             return sandbox
-        if sandbox.state == "booting":
-            sandbox.state = "ready"
+        if sandbox.state == SandboxState.BOOTING:
+            sandbox.state = SandboxState.READY
         sandbox._save()
         log.info("sandbox=%s (host) adopted pid=%d", sandbox_id, sandbox.pid)
         return sandbox
@@ -547,9 +551,9 @@ class HostSandbox(PodSandbox):
 
     async def start(self) -> BootTimes:
         """Make the pod's namespaces and start its agent; wait until it answers."""
-        if self.state != "created":
+        if self.state != SandboxState.CREATED:
             raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
-        self.state = "booting"
+        self.state = SandboxState.BOOTING
         spec = self.host_spec
         t0 = time.monotonic()
         try:
@@ -594,7 +598,7 @@ class HostSandbox(PodSandbox):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise SandboxError(f"host pod {self.id} failed to start: {detail}") from exc
-        self.state = "ready"
+        self.state = SandboxState.READY
         self._save()
         log.info(
             "sandbox=%s (host) ready pid=%d start=%.3fs cgroups=%s",
@@ -722,16 +726,16 @@ class HostSandbox(PodSandbox):
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the pod: the agent stops and deletes its containers and exits; whatever
         is left in the pod's cgroups is killed; the network is released. Idempotent."""
-        if self.state in ("stopped", "dead", "created", "removed"):
-            if self.state == "created":
-                self.state = "stopped"
+        if self.state.at_rest:
+            if self.state == SandboxState.CREATED:
+                self.state = SandboxState.STOPPED
                 self._save()
             await self._kill_agent()
             await asyncio.to_thread(self._kill_leftovers)
             await self._release_network()
             return
         grace = self.host.config.stop_timeout_s if timeout is None else timeout
-        self.state = "stopping"
+        self.state = SandboxState.STOPPING
         self._save()
         if self._agent is not None:
             with contextlib.suppress(AgentError, OSError, asyncio.TimeoutError):
@@ -743,8 +747,8 @@ class HostSandbox(PodSandbox):
                 await self.process.wait(timeout=max(grace, 0.1) + 2)
         await self._kill_agent()
         await asyncio.to_thread(self._kill_leftovers)
-        if self.state != "dead":
-            self.state = "stopped"
+        if self.state != SandboxState.DEAD:
+            self.state = SandboxState.STOPPED
             self.exit_reason = self.exit_reason or "stopped"
         self._save()
         await self._release_network()
@@ -780,14 +784,14 @@ class HostSandbox(PodSandbox):
 
     async def destroy(self) -> None:
         """Stop the pod and remove everything it made on the host. Idempotent."""
-        if self.state == "removed":
+        if self.state == SandboxState.REMOVED:
             return
         await self.stop(timeout=0)
         await self._close_channels()
         await asyncio.to_thread(self._remove_cgroups)
         await host_images().release(self.id)
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
-        self.state = "removed"
+        self.state = SandboxState.REMOVED
 
     async def _close_channels(self) -> None:
         if self._agent is not None:
@@ -795,7 +799,7 @@ class HostSandbox(PodSandbox):
                 await self._agent.close()
 
     def _agent_exited(self, process: VmProcess) -> None:
-        if self.state in ("stopping", "stopped", "removed"):
+        if self.state in (SandboxState.STOPPING, SandboxState.STOPPED, SandboxState.REMOVED):
             return
         code = process.returncode
         how = "" if code is None else f" ({'signal ' + str(-code) if code < 0 else code})"

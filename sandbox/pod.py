@@ -27,6 +27,7 @@ from agent.client import AgentClient, AgentError, ExecSession
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
 from sandbox import mounts
 from sandbox.accel import choose_accel
+from sandbox.api import SandboxState
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
@@ -319,7 +320,7 @@ class PodSandbox:
         self.machine = machine
         self.spec = spec
         self.id = spec.sandbox_id
-        self.state = "created"
+        self.state = SandboxState.CREATED
         self.exit_reason = ""
         self.created_at = time.time()
         self.boot = BootTimes()
@@ -400,26 +401,29 @@ class PodSandbox:
         sandbox = cls(host, machine, SandboxSpec(**saved["spec"]))
         if sandbox.network is not None:
             sandbox.network.restore(saved.get("network"))
-        sandbox.state = saved["state"]
+        try:
+            sandbox.state = SandboxState(saved["state"])
+        except (KeyError, ValueError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
         sandbox.exit_reason = saved.get("exit_reason", "")
         sandbox.created_at = saved["created_at"]
         sandbox.boot = BootTimes(**saved.get("boot", {}))
         sandbox.pid = saved.get("pid", 0)
         sandbox.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
         sandbox.cgroup = VmCgroup(tuple(Path(p) for p in saved.get("cgroups", [])))
-        if sandbox.state == "stopping" and sandbox.pid:
+        if sandbox.state == SandboxState.STOPPING and sandbox.pid:
             # the daemon died inside stop(): finish it (the VM would otherwise run on
             # with no pod to account for it)
             process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")
             if process is not None:
                 sandbox.process = process
                 await sandbox._kill_vm()
-            sandbox.state = "stopped"
+            sandbox.state = SandboxState.STOPPED
             sandbox.exit_reason = sandbox.exit_reason or "stopped"
             sandbox._save()
             log.info("sandbox=%s: finished a stop an earlier daemon began", sandbox_id)
             return sandbox
-        if sandbox.state not in ("ready", "booting") or not sandbox.pid:
+        if not sandbox.state.running or not sandbox.pid:
             return sandbox
         process = VmProcess.adopt(sandbox.pid, f"clearcri-{sandbox_id},")
         if process is None:
@@ -436,8 +440,8 @@ class PodSandbox:
             await sandbox._kill_vm()
             sandbox._set_dead(f"could not reconnect to the VM after a restart: {exc}")
             return sandbox
-        if sandbox.state == "booting":
-            sandbox.state = "ready"
+        if sandbox.state == SandboxState.BOOTING:
+            sandbox.state = SandboxState.READY
         sandbox._save()
         log.info("sandbox=%s adopted pid=%d", sandbox_id, sandbox.pid)
         return sandbox
@@ -446,7 +450,7 @@ class PodSandbox:
 
     @property
     def agent(self) -> AgentClient:
-        if self._agent is None or self.state != "ready":
+        if self._agent is None or self.state != SandboxState.READY:
             raise SandboxError(f"sandbox {self.id} is not running (state {self.state})")
         return self._agent
 
@@ -456,9 +460,9 @@ class PodSandbox:
 
     async def start(self) -> BootTimes:
         """Boot the VM and wait until its agent is ready."""
-        if self.state != "created":
+        if self.state != SandboxState.CREATED:
             raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
-        self.state = "booting"
+        self.state = SandboxState.BOOTING
         template: VmTemplate | None = None
         templates = self.host.templates
         if templates is not None and not self.machine.extra_args:
@@ -566,7 +570,7 @@ class PodSandbox:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise SandboxError(f"sandbox {self.id} failed to boot: {detail}") from exc
-        self.state = "ready"
+        self.state = SandboxState.READY
         self._save()
         log.info(
             "sandbox=%s ready pid=%d boot=%.3fs accel=%s",
@@ -619,14 +623,14 @@ class PodSandbox:
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the VM: the agent stops the containers; then QMP quit; then SIGKILL.
         Idempotent."""
-        if self.state in ("stopped", "dead", "created", "removed"):
-            if self.state == "created":
-                self.state = "stopped"
+        if self.state.at_rest:
+            if self.state == SandboxState.CREATED:
+                self.state = SandboxState.STOPPED
                 self._save()
             await self._release_network()
             return
         grace = self.host.config.stop_timeout_s if timeout is None else timeout
-        self.state = "stopping"
+        self.state = SandboxState.STOPPING
         self._save()
         if self._agent is not None:
             # the agent answers once every container has stopped (SIGTERM, grace, SIGKILL)
@@ -638,8 +642,8 @@ class PodSandbox:
         # quit QEMU instead of waiting for the guest kernel's power-off, which takes
         # seconds under TCG.
         await self._kill_vm()
-        if self.state != "dead":
-            self.state = "stopped"
+        if self.state != SandboxState.DEAD:
+            self.state = SandboxState.STOPPED
             self.exit_reason = self.exit_reason or "stopped"
         self._save()
         await self._release_network()
@@ -661,7 +665,7 @@ class PodSandbox:
 
     async def destroy(self) -> None:
         """Stop the VM and remove everything the sandbox made on the host. Idempotent."""
-        if self.state == "removed":
+        if self.state == SandboxState.REMOVED:
             return
         await self.stop(timeout=0)
         await self._close_channels()
@@ -675,7 +679,7 @@ class PodSandbox:
             ) from exc
         if self.host.vmm_ids is not None:
             self.host.vmm_ids.release(self.machine.vmm_id)
-        self.state = "removed"
+        self.state = SandboxState.REMOVED
 
     async def close(self) -> None:
         """Drop host connections but leave the VM running (daemon shutdown)."""
@@ -703,7 +707,7 @@ class PodSandbox:
                 await process.wait(timeout=10.0)
 
     def _vm_exited(self, process: VmProcess) -> None:
-        if self.state in ("stopping", "stopped", "removed"):
+        if self.state in (SandboxState.STOPPING, SandboxState.STOPPED, SandboxState.REMOVED):
             return
         reason = "the VM exited"
         if self.qmp is not None and self.qmp.panicked:
@@ -717,11 +721,11 @@ class PodSandbox:
 
     def _set_dead(self, reason: str) -> None:
         was = self.state
-        self.state = "dead"
+        self.state = SandboxState.DEAD
         self.exit_reason = reason
         with contextlib.suppress(OSError):
             self._save()
-        if was != "dead":
+        if was != SandboxState.DEAD:
             log.warning("sandbox=%s dead: %s", self.id, reason)
             for callback in self._exit_callbacks:
                 callback(self)

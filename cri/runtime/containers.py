@@ -44,6 +44,7 @@ from cri.runtime.state import (
 )
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
+from sandbox.api import SandboxState
 from sandbox.hostpod import HOST_HANDLER, HostSandbox
 from sandbox.mounts import propagation_problem
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
@@ -424,7 +425,7 @@ class ContainerOps(RuntimeCore):
         if ctr.state != RUNNING:
             return
         sandbox = self.sandboxes.get(ctr.pod_id)
-        if sandbox is None or sandbox.state != "ready":
+        if sandbox is None or sandbox.state != SandboxState.READY:
             return
         config = ctr.container_config()
         sig = _signal_number(
@@ -459,7 +460,7 @@ class ContainerOps(RuntimeCore):
         if ctr is None:
             return
         sandbox = self.sandboxes.get(ctr.pod_id)
-        if sandbox is not None and sandbox.state == "ready":
+        if sandbox is not None and sandbox.state == SandboxState.READY:
             try:
                 await sandbox.agent.delete_container(ctr.id, force=True)
             except AgentNotFound:

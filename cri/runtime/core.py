@@ -29,6 +29,7 @@ from cri.runtime.errors import (
 )
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord, RuntimeState
+from sandbox.api import SandboxState
 from sandbox.pod import PodSandbox, SandboxHost
 
 log = logging.getLogger("clearcri.runtime")
@@ -150,7 +151,7 @@ class RuntimeCore(ABC):
 
     def running_sandbox(self, pod_id: str) -> PodSandbox:
         sandbox = self.sandboxes.get(pod_id)
-        if sandbox is None or sandbox.state != "ready":
+        if sandbox is None or sandbox.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {pod_id} is not ready (its VM is not running)")
         return sandbox
 

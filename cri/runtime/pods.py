@@ -41,6 +41,7 @@ from cri.runtime.state import (
     encode_proto,
     labels_match,
 )
+from sandbox.api import SandboxState
 from sandbox.cgroups import pod_memory_budget
 from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
 from sandbox.mounts import remove_tree
@@ -291,7 +292,7 @@ class PodOps(RuntimeCore):
         async with self.pod_lock(pod.id):
             sandbox = self.sandboxes.get(pod.id)
             now = time.time_ns()
-            if sandbox is not None and sandbox.state == "ready":
+            if sandbox is not None and sandbox.state == SandboxState.READY:
                 # Give running containers their exit status before the VM goes.
                 running = [c for c in self.state.pod_containers(pod.id) if c.state == RUNNING]
                 for ctr in running:
@@ -473,7 +474,7 @@ class PodOps(RuntimeCore):
         except SandboxError as exc:
             self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
             return
-        if sandbox.state != "ready":
+        if sandbox.state != SandboxState.READY:
             self._sandbox_died(pod.id, sandbox.exit_reason or "the VM is gone")
             return
         self._watch_sandbox(pod, sandbox)

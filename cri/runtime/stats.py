@@ -27,6 +27,7 @@ from agent.protocol import ContainerStats as GuestContainerStats
 from agent.protocol import InterfaceStats, StatsReport
 from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
+from sandbox.api import SandboxState
 from sandbox.hostpod import HostSandbox
 from sandbox.pod import SandboxError
 
@@ -89,7 +90,7 @@ class StatsOps(RuntimeCore):
         """Every container's figures (writable layer included) and the pod's network
         counters, or None when the guest cannot answer."""
         sandbox = self.sandboxes.get(pod_id)
-        if sandbox is None or sandbox.state != "ready":
+        if sandbox is None or sandbox.state != SandboxState.READY:
             return None
         with contextlib.suppress(AgentError, SandboxError):
             return await sandbox.stats(detail=True)
@@ -134,7 +135,7 @@ class StatsOps(RuntimeCore):
         linux.memory.timestamp = now
         pod_usage = (
             await asyncio.to_thread(sandbox.pod_usage)
-            if isinstance(sandbox, HostSandbox) and sandbox.state == "ready"
+            if isinstance(sandbox, HostSandbox) and sandbox.state == SandboxState.READY
             else None
         )
         if pod_usage is not None:
@@ -146,7 +147,7 @@ class StatsOps(RuntimeCore):
             linux.memory.working_set_bytes.value = pod_usage.working_set_bytes
             linux.memory.usage_bytes.value = pod_usage.usage_bytes
             linux.memory.rss_bytes.value = pod_usage.rss_bytes
-        elif sandbox is not None and sandbox.state == "ready":
+        elif sandbox is not None and sandbox.state == SandboxState.READY:
             # a pod VM: the qemu process is what the pod costs the node
             usage = qemu_cpu_ns(sandbox.pid)
             linux.cpu.usage_core_nano_seconds.value = usage

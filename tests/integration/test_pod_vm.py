@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from agent.protocol import ContainerSpec, ExecSpec, Resources
+from sandbox.api import SandboxState
 from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
@@ -282,7 +283,7 @@ async def test_a_vm_left_stopping_is_stopped_on_adoption(sandbox_host: SandboxHo
     await sandbox.start()
     pid = sandbox.pid
     await sandbox.close()
-    sandbox.state = "stopping"
+    sandbox.state = SandboxState.STOPPING
     sandbox._save()
     adopted = await PodSandbox.adopt(sandbox_host, "halfstop1")
     assert adopted.state == "stopped"

@@ -1,0 +1,36 @@
+"""What cri/ may know of a pod sandbox, whatever runs it (a VM or the host): the
+vocabulary the sandbox backends (sandbox/pod.py, sandbox/hostpod.py) and their callers
+share."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SandboxState(StrEnum):
+    """A sandbox's life: created → booting → ready → stopping → stopped → removed; any
+    running state → dead when its VM (or host agent) goes away unasked. The values are
+    what state files hold."""
+
+    CREATED = "created"
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    DEAD = "dead"
+    REMOVED = "removed"
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing to stop: never started, stopped, dead or removed."""
+        return self in (
+            SandboxState.CREATED,
+            SandboxState.STOPPED,
+            SandboxState.DEAD,
+            SandboxState.REMOVED,
+        )
+
+    @property
+    def running(self) -> bool:
+        """A VM (or host agent) process is meant to be there."""
+        return self in (SandboxState.BOOTING, SandboxState.READY)

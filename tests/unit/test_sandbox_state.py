@@ -1,0 +1,55 @@
+"""Sandbox states (sandbox/api.py) and how a state file that names none is met."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sandbox.api import SandboxState
+from sandbox.pod import STATE_FILE, PodSandbox, SandboxNotFound
+
+
+def test_states_are_the_strings_state_files_hold() -> None:
+    assert [s.value for s in SandboxState] == [
+        "created",
+        "booting",
+        "ready",
+        "stopping",
+        "stopped",
+        "dead",
+        "removed",
+    ]
+    assert json.dumps({"state": SandboxState.READY}) == '{"state": "ready"}'
+    assert {s for s in SandboxState if s.running} == {SandboxState.BOOTING, SandboxState.READY}
+    assert {s for s in SandboxState if s.at_rest} == {
+        SandboxState.CREATED,
+        SandboxState.STOPPED,
+        SandboxState.DEAD,
+        SandboxState.REMOVED,
+    }
+
+
+def test_a_state_file_naming_no_state_is_not_adopted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "pod1"
+    run_dir.mkdir()
+    saved: dict[str, Any] = {
+        "machine": {
+            "name": "pod1",
+            "kernel": "/k",
+            "initrd": "/i",
+            "os_image": "/o",
+            "run_dir": str(run_dir),
+        },
+        "spec": {"sandbox_id": "pod1"},
+        "state": "half-eaten",
+        "created_at": 0.0,
+    }
+    (run_dir / STATE_FILE).write_text(json.dumps(saved))
+    host: Any = SimpleNamespace(config=SimpleNamespace(run_root=tmp_path))
+    with pytest.raises(SandboxNotFound, match="no readable state"):
+        asyncio.run(PodSandbox.adopt(host, "pod1"))
