@@ -72,6 +72,32 @@ class AfterReply:
 
 
 class Server:
+    #: every operation the agent serves, each by its method ``op_<name>`` (PROTOCOL.md's
+    #: table lists the same)
+    OPERATIONS = (
+        "hello",
+        "ping",
+        "set_pod_config",
+        "sync_clock",
+        "configure_network",
+        "mount_image",
+        "unmount_image",
+        "create_container",
+        "start_container",
+        "signal_container",
+        "wait_container",
+        "delete_container",
+        "list_containers",
+        "container_stats",
+        "exec",
+        "signal_exec",
+        "resize",
+        "shutdown",
+        "reseed",
+        "update_container",
+        "port_forward",
+    )
+
     def __init__(self, settings: Settings, fd: int) -> None:
         self.settings = settings
         self.fd = fd
@@ -83,27 +109,7 @@ class Server:
         self._manager_lock = threading.Lock()
         self._forwards: PortForwards | None = None
         self._ops: dict[str, Callable[[dict[str, Any], int], Any]] = {
-            "hello": self.op_hello,
-            "ping": lambda args, gen: {"time_ns": time.time_ns()},
-            "set_pod_config": self.op_set_pod_config,
-            "sync_clock": self.op_sync_clock,
-            "configure_network": self.op_configure_network,
-            "mount_image": self.op_mount_image,
-            "unmount_image": self.op_unmount_image,
-            "create_container": self.op_create_container,
-            "start_container": self.op_start_container,
-            "signal_container": self.op_signal_container,
-            "wait_container": self.op_wait_container,
-            "delete_container": self.op_delete_container,
-            "list_containers": self.op_list_containers,
-            "container_stats": self.op_container_stats,
-            "exec": self.op_exec,
-            "signal_exec": self.op_signal_exec,
-            "resize": self.op_resize,
-            "shutdown": self.op_shutdown,
-            "reseed": self.op_reseed,
-            "update_container": self.op_update_container,
-            "port_forward": self.op_port_forward,
+            name: getattr(self, f"op_{name}") for name in self.OPERATIONS
         }
 
     # ------------------------------------------------------------------ main loop
@@ -299,6 +305,9 @@ class Server:
             "mem_total_kib": mem_total,
             "connection": generation,
         }
+
+    def op_ping(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
+        return {"time_ns": time.time_ns()}
 
     def op_set_pod_config(self, args: dict[str, Any], generation: int) -> None:
         from agent.guest import system
