@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.client import AgentClient, AgentError, ExecSession
-from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, StatsReport
+from agent.client import AgentClient, AgentError, ContainerOutput, ExecResult, ExecSession
+from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, ExitStatus, StatsReport
 from sandbox import mounts
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxState
@@ -876,6 +876,65 @@ class PodSandbox:
 
     async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
         return await self.agent.exec(container_id, spec)
+
+    async def signal_container(
+        self,
+        container_id: str,
+        signal: int,
+        *,
+        all_processes: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``signal`` to the container's first process (every process of it with
+        ``all_processes``); nothing once it has exited."""
+        await self.agent.signal_container(
+            container_id, signal, all_processes=all_processes, timeout=timeout
+        )
+
+    async def wait_container(
+        self, container_id: str, *, timeout: float | None = None
+    ) -> ExitStatus:
+        """The container's exit, once it has exited (AgentTimeout after ``timeout``)."""
+        return await self.agent.wait_container(container_id, timeout=timeout)
+
+    async def delete_container(self, container_id: str, *, force: bool = False) -> None:
+        """Remove the container (a running one only with ``force``, which kills it)."""
+        await self.agent.delete_container(container_id, force=force)
+
+    async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
+        """Write the container's cgroup limits (cgroup v2 file names and values)."""
+        await self.agent.update_container(container_id, resources)
+
+    async def list_containers(self) -> list[ContainerInfo]:
+        """Every container the sandbox holds, as its agent sees them."""
+        return await self.agent.list_containers()
+
+    def subscribe_output(self, container_id: str) -> ContainerOutput:
+        """The container's output stream (see AgentClient.subscribe_output)."""
+        return self.agent.subscribe_output(container_id)
+
+    async def exec_sync(
+        self,
+        container_id: str,
+        args: list[str],
+        *,
+        timeout: float | None = None,
+        env: list[str] | None = None,
+        cwd: str = "",
+        stdin: bytes | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """Run ``args`` in the container to completion, its output collected (at most
+        ``max_output`` bytes of each stream)."""
+        return await self.agent.exec_sync(
+            container_id,
+            args,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            max_output=max_output,
+        )
 
     async def stats(
         self, container_id: str | None = None, timeout: float = 5.0, *, detail: bool = False

@@ -229,7 +229,7 @@ class ContainerOps(RuntimeCore):
             self.state.save_container(ctr)
         except BaseException:
             with contextlib.suppress(AgentError):
-                await sandbox.agent.delete_container(cid, force=True)
+                await sandbox.delete_container(cid, force=True)
             await self._drop_volumes(sandbox, volume_keys)
             raise
         self._open_io(ctr, sandbox)
@@ -346,7 +346,7 @@ class ContainerOps(RuntimeCore):
         io = ContainerIO(log=container_log)
         self.io[ctr.id] = io
         try:
-            io.output = sandbox.agent.subscribe_output(ctr.id)
+            io.output = sandbox.subscribe_output(ctr.id)
         except AgentError as exc:
             log.warning("container=%s no output stream: %s", ctr.id[:12], exc)
             return io
@@ -404,7 +404,7 @@ class ContainerOps(RuntimeCore):
 
     async def _wait_exit(self, cid: str, sandbox: PodSandbox) -> None:
         try:
-            status = await sandbox.agent.wait_container(cid)
+            status = await sandbox.wait_container(cid)
         except (AgentError, SandboxError):
             return  # the VM went away: the pod's exit handler settles the container
         ctr = self.state.containers.get(cid)
@@ -434,15 +434,15 @@ class ContainerOps(RuntimeCore):
         io = self.io.get(ctr.id)
         with contextlib.suppress(AgentError):
             if timeout > 0:
-                await sandbox.agent.signal_container(ctr.id, sig)
+                await sandbox.signal_container(ctr.id, sig)
                 try:
-                    status = await sandbox.agent.wait_container(ctr.id, timeout=timeout)
+                    status = await sandbox.wait_container(ctr.id, timeout=timeout)
                     await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
                     return
                 except AgentTimeout:
                     pass
-            await sandbox.agent.signal_container(ctr.id, signal.SIGKILL, all_processes=True)
-            status = await sandbox.agent.wait_container(ctr.id, timeout=30)
+            await sandbox.signal_container(ctr.id, signal.SIGKILL, all_processes=True)
+            status = await sandbox.wait_container(ctr.id, timeout=30)
             await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
         if io is not None and io.waiter is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -462,7 +462,7 @@ class ContainerOps(RuntimeCore):
         sandbox = self.sandboxes.get(ctr.pod_id)
         if sandbox is not None and sandbox.state == SandboxState.READY:
             try:
-                await sandbox.agent.delete_container(ctr.id, force=True)
+                await sandbox.delete_container(ctr.id, force=True)
             except AgentNotFound:
                 pass
             except AgentError as exc:
@@ -560,7 +560,7 @@ class ContainerOps(RuntimeCore):
         values = convert.cgroup_values(resources)
         if values:
             try:
-                await sandbox.agent.update_container(ctr.id, values)
+                await sandbox.update_container(ctr.id, values)
             except AgentError as exc:
                 raise agent_error(exc, f"update resources of {ctr.name}") from exc
         ctr.resources = encode_proto(resources)
@@ -588,7 +588,7 @@ class ContainerOps(RuntimeCore):
             raise FailedPrecondition(f"container {ctr.id} is not running")
         sandbox = self.running_sandbox(ctr.pod_id)
         try:
-            result = await sandbox.agent.exec_sync(
+            result = await sandbox.exec_sync(
                 ctr.id,
                 cmd,
                 timeout=float(timeout) if timeout > 0 else None,
@@ -633,7 +633,7 @@ class ContainerOps(RuntimeCore):
 
     async def recover_containers(self, pod: PodRecord, sandbox: PodSandbox) -> None:
         try:
-            infos = {info.id: info for info in await sandbox.agent.list_containers()}
+            infos = {info.id: info for info in await sandbox.list_containers()}
         except AgentError as exc:
             log.warning("pod=%s cannot list containers: %s", pod.id[:12], exc)
             return

@@ -297,12 +297,10 @@ class PodOps(RuntimeCore):
                 running = [c for c in self.state.pod_containers(pod.id) if c.state == RUNNING]
                 for ctr in running:
                     with contextlib.suppress(AgentError, SandboxError):
-                        await sandbox.agent.signal_container(
-                            ctr.id, 9, all_processes=True, timeout=5
-                        )
+                        await sandbox.signal_container(ctr.id, 9, all_processes=True, timeout=5)
                 for ctr in running:
                     with contextlib.suppress(AgentError, SandboxError, TimeoutError):
-                        status = await sandbox.agent.wait_container(ctr.id, timeout=5)
+                        status = await sandbox.wait_container(ctr.id, timeout=5)
                         self._mark_exited(
                             ctr,
                             status.exit_code,
