@@ -110,8 +110,8 @@ class Daemon:
             runtime = self.runtime
             self.streaming = StreamingServer(
                 AgentStreamingBackend(
-                    runtime.streaming_container_agent,
-                    runtime.streaming_sandbox_agent,
+                    runtime.streaming_container_source,
+                    runtime.streaming_pod_source,
                     runtime.attach_source,
                 ),
                 cfg.streaming.address,

@@ -23,7 +23,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.client import AgentClient, AgentError, ContainerOutput, ExecResult, ExecSession
+from agent.client import (
+    AgentClient,
+    AgentError,
+    ContainerOutput,
+    ExecResult,
+    ExecSession,
+    PortForwardStream,
+)
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, ExitStatus, StatsReport
 from sandbox import mounts
 from sandbox.accel import choose_accel
@@ -908,6 +915,10 @@ class PodSandbox:
     async def list_containers(self) -> list[ContainerInfo]:
         """Every container the sandbox holds, as its agent sees them."""
         return await self.agent.list_containers()
+
+    async def port_forward(self, port: int) -> PortForwardStream:
+        """A byte stream to ``port`` on the pod's loopback, as the pod's processes see it."""
+        return await self.agent.port_forward(port)
 
     def subscribe_output(self, container_id: str) -> ContainerOutput:
         """The container's output stream (see AgentClient.subscribe_output)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentClient, AgentError, AgentTimeout
+from agent.client import AgentError, AgentTimeout
 from agent.client import NotFound as AgentNotFound
 from agent.protocol import ContainerSpec, Mount
 from cri.images.errors import ImageError
@@ -606,18 +606,18 @@ class ContainerOps(RuntimeCore):
 
     # streaming backend hooks ----------------------------------------------------
 
-    async def streaming_container_agent(self, container_id: str) -> AgentClient:
+    async def streaming_container_source(self, container_id: str) -> PodSandbox:
         ctr = self.get_container(container_id)
         if ctr.state != RUNNING:
             raise BackendError(f"container {ctr.id} is not running")
         try:
-            return self.running_sandbox(ctr.pod_id).agent
+            return self.running_sandbox(ctr.pod_id)
         except (FailedPrecondition, SandboxError) as exc:
             raise BackendError(str(exc)) from exc
 
-    async def streaming_sandbox_agent(self, sandbox_id: str) -> AgentClient:
+    async def streaming_pod_source(self, sandbox_id: str) -> PodSandbox:
         try:
-            return self.running_sandbox(self.get_pod(sandbox_id).id).agent
+            return self.running_sandbox(self.get_pod(sandbox_id).id)
         except (NotFound, FailedPrecondition, SandboxError) as exc:
             raise BackendError(str(exc)) from exc
 

@@ -5,7 +5,7 @@
   the chunks of the container's output the runtime fans out to this attach session;
 - :class:`AgentPortForward` wraps a ``PortForwardStream`` (``AgentClient.port_forward``);
 - :class:`AgentStreamingBackend` is a complete backend given two look-ups that return
-  the agent client of a container's or a sandbox's VM.
+  the :class:`ProcessSource` (the sandbox) of a container or a pod.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from agent.client import (
-    AgentClient,
     AgentError,
     ContainerOutput,
     ExecSession,
@@ -23,6 +23,17 @@ from agent.client import (
 )
 from agent.protocol import ExecSpec
 from cri.streaming.errors import BackendError
+
+
+class ProcessSource(Protocol):
+    """Where a container's processes and a pod's ports are reached: the pod's sandbox
+    (an agent client serves as well)."""
+
+    async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession: ...
+
+    def subscribe_output(self, container_id: str) -> ContainerOutput: ...
+
+    async def port_forward(self, port: int) -> PortForwardStream: ...
 
 
 class AgentExecStreams:
@@ -137,23 +148,23 @@ class AgentPortForward:
 class AgentStreamingBackend:
     """A StreamingBackend on top of agent clients.
 
-    ``container_agent(container_id)`` and ``sandbox_agent(sandbox_id)`` return the agent
-    client of the VM holding that container / sandbox (raising with a message for the
+    ``container_source(container_id)`` and ``pod_source(sandbox_id)`` return the
+    :class:`ProcessSource` holding that container / pod (raising with a message for the
     user when there is none). ``attach_source(container_id)`` optionally returns this
     session's output chunks and a function that unsubscribes them.
     """
 
     def __init__(
         self,
-        container_agent: Callable[[str], Awaitable[AgentClient]],
-        sandbox_agent: Callable[[str], Awaitable[AgentClient]],
+        container_source: Callable[[str], Awaitable[ProcessSource]],
+        pod_source: Callable[[str], Awaitable[ProcessSource]],
         attach_source: Callable[
             [str], tuple[AsyncIterable[tuple[int, bytes]], Callable[[], None]] | None
         ]
         | None = None,
     ) -> None:
-        self.container_agent = container_agent
-        self.sandbox_agent = sandbox_agent
+        self.container_source = container_source
+        self.pod_source = pod_source
         self.attach_source = attach_source
 
     async def exec(
@@ -165,31 +176,31 @@ class AgentStreamingBackend:
         stdin: bool,
         size: tuple[int, int] | None = None,
     ) -> AgentExecStreams:
-        agent = await self.container_agent(container_id)
+        source = await self.container_source(container_id)
         cols, rows = size if size is not None else (0, 0)
         spec = ExecSpec(args=cmd, tty=tty, stdin=stdin, cols=cols, rows=rows)
         try:
-            session = await agent.exec(container_id, spec)
+            session = await source.exec(container_id, spec)
         except AgentError as exc:
             raise BackendError(f"exec in container {container_id}: {exc.message}") from exc
         return AgentExecStreams(session)
 
     async def attach(self, container_id: str, *, tty: bool, stdin: bool) -> AgentAttachStreams:
-        agent = await self.container_agent(container_id)
+        source = await self.container_source(container_id)
         try:
-            control = agent.subscribe_output(container_id)
+            control = source.subscribe_output(container_id)
         except AgentError as exc:
             raise BackendError(f"attach to container {container_id}: {exc.message}") from exc
-        source = self.attach_source(container_id) if self.attach_source is not None else None
-        if source is None:
+        fan_out = self.attach_source(container_id) if self.attach_source is not None else None
+        if fan_out is None:
             return AgentAttachStreams(control)
-        chunks, unsubscribe = source
+        chunks, unsubscribe = fan_out
         return AgentAttachStreams(control, chunks, on_close=unsubscribe)
 
     async def port_forward(self, sandbox_id: str, port: int) -> AgentPortForward:
-        agent = await self.sandbox_agent(sandbox_id)
+        source = await self.pod_source(sandbox_id)
         try:
-            stream = await agent.port_forward(port)
+            stream = await source.port_forward(port)
         except AgentError as exc:
             raise BackendError(exc.message) from exc
         return AgentPortForward(stream)
