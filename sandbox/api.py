@@ -4,6 +4,7 @@ share."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -34,3 +35,14 @@ class SandboxState(StrEnum):
     def running(self) -> bool:
         """A VM (or host agent) process is meant to be there."""
         return self in (SandboxState.BOOTING, SandboxState.READY)
+
+
+@dataclass
+class PodUsage:
+    """What a pod costs the node: CPU time and memory of everything it runs on the host
+    (a VM's QEMU process, or a host pod's cgroup)."""
+
+    cpu_ns: int
+    usage_bytes: int
+    working_set_bytes: int
+    rss_bytes: int

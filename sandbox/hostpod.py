@@ -56,7 +56,7 @@ from typing import Any
 
 import agent
 from agent.client import AgentClient, AgentError
-from sandbox.api import SandboxState
+from sandbox.api import PodUsage, SandboxState
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
@@ -399,16 +399,6 @@ class HostCgroups:
         if self.parent.endswith(".slice"):
             return f"{self.parent}/{SANDBOX_CGROUP}.scope"
         return f"{self.parent.rstrip('/')}/{SANDBOX_CGROUP}"
-
-
-@dataclass
-class PodUsage:
-    """A host pod's CPU and memory, read from its cgroup (agent and containers)."""
-
-    cpu_ns: int
-    usage_bytes: int
-    working_set_bytes: int
-    rss_bytes: int
 
 
 def _keyed(path: Path) -> dict[str, int]:

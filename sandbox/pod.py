@@ -34,7 +34,7 @@ from agent.client import (
 from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, ExitStatus, StatsReport
 from sandbox import mounts
 from sandbox.accel import choose_accel
-from sandbox.api import SandboxState
+from sandbox.api import PodUsage, SandboxState
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
@@ -60,7 +60,14 @@ from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
 from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
-from sandbox.vm import QEMU_BINARY, MachineSpec, VmProcess, build_command, slot_root_port
+from sandbox.vm import (
+    QEMU_BINARY,
+    MachineSpec,
+    VmProcess,
+    build_command,
+    process_cpu_ns,
+    slot_root_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -954,6 +961,20 @@ class PodSandbox:
         pod's network counters); a guest that does not answer within ``timeout`` (frozen,
         overloaded) raises AgentTimeout rather than holding up kubelet's stats calls."""
         return await self.agent.container_stats(container_id, detail=detail, timeout=timeout)
+
+    def pod_usage(self) -> PodUsage | None:
+        """What the VM costs the node: QEMU's CPU time; its PSS as the working set (the
+        pages it shares with other VMs counted in part), RSS as usage, anonymous RSS.
+        None when it does not run."""
+        memory = self.host_memory()
+        if not memory:
+            return None
+        return PodUsage(
+            cpu_ns=process_cpu_ns(self.pid),
+            usage_bytes=memory.get("rss", 0),
+            working_set_bytes=memory.get("pss", 0),
+            rss_bytes=memory.get("rssanon", 0),
+        )
 
     def host_memory(self) -> dict[str, int]:
         """The VM's own cost on the host, in bytes: PSS and RSS split of qemu."""

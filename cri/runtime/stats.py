@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import time
-from pathlib import Path
 
 from cri_api.v1 import api_pb2
 
@@ -28,21 +27,8 @@ from agent.protocol import InterfaceStats, StatsReport
 from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
 from sandbox.api import SandboxState
-from sandbox.hostpod import HostSandbox
 from sandbox.pod import SandboxError
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def qemu_cpu_ns(pid: int) -> int:
-    """utime + stime of a process, in nanoseconds (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks * 1_000_000_000 // CLOCK_TICKS
 
 
 class StatsOps(RuntimeCore):
@@ -135,11 +121,11 @@ class StatsOps(RuntimeCore):
         linux.memory.timestamp = now
         pod_usage = (
             await asyncio.to_thread(sandbox.pod_usage)
-            if isinstance(sandbox, HostSandbox) and sandbox.state == SandboxState.READY
+            if sandbox is not None and sandbox.state == SandboxState.READY
             else None
         )
         if pod_usage is not None:
-            # a host pod: its cgroup holds the agent and every container
+            # a pod VM's QEMU, or a host pod's cgroup (its agent and every container)
             linux.cpu.usage_core_nano_seconds.value = pod_usage.cpu_ns
             linux.cpu.usage_nano_cores.value = self._nano_cores(
                 "pod:" + pod.id, now, pod_usage.cpu_ns
@@ -147,15 +133,6 @@ class StatsOps(RuntimeCore):
             linux.memory.working_set_bytes.value = pod_usage.working_set_bytes
             linux.memory.usage_bytes.value = pod_usage.usage_bytes
             linux.memory.rss_bytes.value = pod_usage.rss_bytes
-        elif sandbox is not None and sandbox.state == SandboxState.READY:
-            # a pod VM: the qemu process is what the pod costs the node
-            usage = qemu_cpu_ns(sandbox.pid)
-            linux.cpu.usage_core_nano_seconds.value = usage
-            linux.cpu.usage_nano_cores.value = self._nano_cores("pod:" + pod.id, now, usage)
-            memory = sandbox.host_memory()
-            linux.memory.working_set_bytes.value = memory.get("pss", 0)
-            linux.memory.usage_bytes.value = memory.get("rss", 0)
-            linux.memory.rss_bytes.value = memory.get("rssanon", 0)
         report = await self._guest_report(pod.id)
         guest = _by_container(report)
         if report is not None and report.interfaces:
