@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 
 from cri_api.v1 import api_pb2
@@ -28,7 +27,6 @@ from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
 from sandbox.api import SandboxState
 from sandbox.pod import SandboxError
-
 
 
 class StatsOps(RuntimeCore):
