@@ -813,6 +813,14 @@ class HostSandbox(PodSandbox):
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
 
+    def status_info(self) -> dict[str, object]:
+        """What PodSandboxStatus (verbose) tells of this sandbox."""
+        return {
+            "state": self.state,
+            "cgroupParent": self.cgroups.parent,
+            "cgroups": self.cgroups.mode,
+        }
+
     def pod_usage(self) -> PodUsage | None:
         """CPU and memory of everything the pod runs (its cgroup), or None."""
         return read_pod_usage(self.cgroups)

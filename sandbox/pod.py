@@ -962,6 +962,21 @@ class PodSandbox:
         overloaded) raises AgentTimeout rather than holding up kubelet's stats calls."""
         return await self.agent.container_stats(container_id, detail=detail, timeout=timeout)
 
+    def status_info(self) -> dict[str, object]:
+        """What PodSandboxStatus (verbose) tells of this sandbox."""
+        return {
+            "state": self.state,
+            "accelerator": self.host.accel,
+            "vcpus": self.machine.vcpus,
+            "memoryMiB": self.machine.memory_mib,
+            # started as a copy-on-write clone of a template VM
+            "fromTemplate": bool(self.boot.restore),
+            # host paths are shared live (virtio-9p)
+            "share": self.share is not None,
+            # QEMU runs jailed as this uid (None: as root)
+            "vmmId": self.machine.vmm_id,
+        }
+
     def pod_usage(self) -> PodUsage | None:
         """What the VM costs the node: QEMU's CPU time; its PSS as the working set (the
         pages it shares with other VMs counted in part), RSS as usage, anonymous RSS.

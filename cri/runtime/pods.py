@@ -395,33 +395,21 @@ class PodOps(RuntimeCore):
         if verbose:
             sandbox = self.sandboxes.get(pod.id)
             info: dict[str, object] = {"runtimeHandler": pod.runtime_handler}
-            if isinstance(sandbox, HostSandbox) or pod.runtime_handler == HOST_HANDLER:
-                host_sandbox = sandbox if isinstance(sandbox, HostSandbox) else None
+            own = sandbox.status_info() if sandbox is not None else {"state": "gone"}
+            if pod.runtime_handler == HOST_HANDLER:
                 info["host"] = {
                     "agentPid": pod.vm_pid,
-                    "state": sandbox.state if sandbox else "gone",
-                    "cgroupParent": host_sandbox.cgroups.parent if host_sandbox else "",
-                    "cgroups": host_sandbox.cgroups.mode if host_sandbox else "",
+                    **own,
                     "startSeconds": pod.boot_seconds,
                     "exitReason": pod.reason,
                 }
-                response.info["info"] = json.dumps(info)
-                return response
-            info |= {
-                "vm": {
+            else:
+                info["vm"] = {
                     "pid": pod.vm_pid,
-                    "state": sandbox.state if sandbox else "gone",
-                    "accelerator": self.host.accel,
-                    "vcpus": sandbox.machine.vcpus if sandbox else 0,
-                    "memoryMiB": sandbox.machine.memory_mib if sandbox else 0,
+                    **own,
                     "bootSeconds": pod.boot_seconds,
-                    # started as a copy-on-write clone of a template VM
-                    "fromTemplate": bool(sandbox and sandbox.boot.restore),
-                    # host paths are shared live (virtio-9p)
-                    "share": bool(sandbox and sandbox.share is not None),
                     "exitReason": pod.reason,
-                },
-            }
+                }
             response.info["info"] = json.dumps(info)
         return response
 
