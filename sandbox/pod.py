@@ -31,7 +31,14 @@ from agent.client import (
     ExecSession,
     PortForwardStream,
 )
-from agent.protocol import ContainerInfo, ContainerSpec, ExecSpec, ExitStatus, StatsReport
+from agent.protocol import (
+    ContainerInfo,
+    ContainerSpec,
+    ExecSpec,
+    ExitStatus,
+    Mount,
+    StatsReport,
+)
 from sandbox import mounts
 from sandbox.accel import choose_accel
 from sandbox.api import PodUsage, SandboxState
@@ -85,6 +92,11 @@ class SandboxNotFound(SandboxError):
 
 class SandboxExhausted(SandboxError):
     """A per-VM resource (such as image slots) is used up."""
+
+
+class SandboxRefused(SandboxError):
+    """What was asked cannot work in this kind of sandbox: the request is at fault (a
+    caller answers INVALID_ARGUMENT), nothing failed."""
 
 
 @dataclass
@@ -864,6 +876,44 @@ class PodSandbox:
             )
         except ShareError as exc:
             raise SandboxError(str(exc)) from exc
+
+    async def host_path_mount(
+        self,
+        key: str,
+        destination: str,
+        host_path: Path,
+        *,
+        readonly: bool,
+        propagation: str,
+        options: list[str],
+        id_mappings: IdMappings | None = None,
+        watch: bool = False,
+    ) -> Mount:
+        """The container's mount of the host's ``host_path`` at ``destination``: a bind
+        of the share entry ``key`` (see share_host_path). ``propagation``: rprivate,
+        rslave (HostToContainer) or rshared (Bidirectional, refused: a mount made in the
+        guest never reaches the host). ``watch``: a volume kubelet swaps atomically,
+        served from a guest copy the agent keeps in step (agent/guest/watched.py)."""
+        if propagation == "rshared":
+            raise SandboxRefused(
+                "Bidirectional propagation cannot work in a pod VM (mounts made in the guest "
+                "never reach the host); use HostToContainer, or the host runtime handler for "
+                "a privileged pod"
+            )
+        await self._check_propagation(host_path, propagation)
+        source = await self.share_host_path(
+            key, host_path, readonly=readonly, propagation=propagation, id_mappings=id_mappings
+        )
+        # in the guest the share is one 9p mount without submounts: host mounts below a
+        # HostToContainer path appear through it, nothing propagates inside the guest
+        return Mount(destination=destination, source=source, options=options, watch=watch)
+
+    @staticmethod
+    async def _check_propagation(host_path: Path, propagation: str) -> None:
+        if propagation != "rprivate":
+            problem = await asyncio.to_thread(mounts.propagation_problem, host_path, propagation)
+            if problem:
+                raise SandboxError(problem)
 
     async def unshare_host_paths(self, keys: list[str]) -> None:
         """Drop share entries (a removed container's mounts); unknown keys are fine."""

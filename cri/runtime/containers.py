@@ -45,9 +45,8 @@ from cri.runtime.state import (
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
 from sandbox.api import SandboxState
-from sandbox.hostpod import HOST_HANDLER, HostSandbox
-from sandbox.mounts import propagation_problem
-from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted
+from sandbox.hostpod import HOST_HANDLER
+from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxRefused
 
 if TYPE_CHECKING:
     from cri.metrics import RuntimeMetrics
@@ -241,8 +240,7 @@ class ContainerOps(RuntimeCore):
         self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount, spec: ContainerSpec
     ) -> Mount:
         """The agent's mount for a CRI mount. A host path is the host's own file or
-        directory: a host pod's agent clones it from the host's mount namespace (idmapped
-        in a user namespace); a pod VM sees it through its share (sandbox/share.py)."""
+        directory, as the pod's sandbox mounts it (``host_path_mount``)."""
         if not mount.container_path:
             raise InvalidArgument("a mount has no container_path")
         if mount.image.image:
@@ -266,35 +264,22 @@ class ContainerOps(RuntimeCore):
             # as other runtimes do: a missing bind source is created as a directory
             await asyncio.to_thread(host_path.mkdir, parents=True, exist_ok=True)
         propagation = PROPAGATION.get(mount.propagation, "rprivate")
-        if propagation == "rshared" and not isinstance(sandbox, HostSandbox):
-            raise InvalidArgument(
-                f"mount {mount.container_path}: Bidirectional propagation cannot work in a "
-                "pod VM (mounts made in the guest never reach the host); use HostToContainer, "
-                "or the host runtime handler for a privileged pod"
-            )
-        if propagation != "rprivate":
-            problem = await asyncio.to_thread(propagation_problem, host_path, propagation)
-            if problem:
-                raise FailedPrecondition(f"mount {mount.container_path}: {problem}")
-        if isinstance(sandbox, HostSandbox):
-            # the host pod's agent clones the host path (with its submounts) from the
-            # host's mount namespace at creation; in a user namespace it idmaps the clone
-            options.append(propagation)
-            return Mount(destination=mount.container_path, source=str(host_path), options=options)
+        watch = mount.readonly and await asyncio.to_thread(is_atomic_volume, host_path)
         try:
-            source = await sandbox.share_host_path(
+            return await sandbox.host_path_mount(
                 key,
+                mount.container_path,
                 host_path,
                 readonly=mount.readonly,
                 propagation=propagation,
+                options=options,
                 id_mappings=(spec.uid_mappings, spec.gid_mappings) if spec.uid_mappings else None,
+                watch=watch,
             )
+        except SandboxRefused as exc:
+            raise InvalidArgument(f"mount {mount.container_path}: {exc}") from exc
         except SandboxError as exc:
             raise FailedPrecondition(f"mount {mount.container_path}: {exc}") from exc
-        # in the guest the share is one 9p mount without submounts: host mounts below a
-        # HostToContainer path appear through it, nothing propagates inside the guest
-        watch = mount.readonly and await asyncio.to_thread(is_atomic_volume, host_path)
-        return Mount(destination=mount.container_path, source=source, options=options, watch=watch)
 
     async def _image_volume(self, sandbox: PodSandbox, mount: api_pb2.Mount) -> Mount:
         """An image (or a directory of it) mounted read-only: the image's shared erofs
