@@ -43,7 +43,7 @@ from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsRepo
 from cri import cadvisor_metrics
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord
 from sandbox.api import SandboxState
-from sandbox.hostpod import HOST_HANDLER
+from sandbox.handlers import HOST_HANDLER
 from sandbox.pod import BootTimes
 
 log = logging.getLogger("clearcri.metrics")

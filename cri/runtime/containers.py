@@ -45,7 +45,7 @@ from cri.runtime.state import (
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
 from sandbox.api import SandboxState
-from sandbox.hostpod import HOST_HANDLER
+from sandbox.handlers import HOST_HANDLER
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxRefused
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from cri.runtime.errors import (
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord, RuntimeState
 from sandbox.api import SandboxState
+from sandbox.handlers import SandboxKinds
 from sandbox.pod import PodSandbox, SandboxHost
 
 log = logging.getLogger("clearcri.runtime")
@@ -115,6 +116,8 @@ class RuntimeCore(ABC):
         self.host = host
         self.images = images
         self.sandboxes: dict[str, PodSandbox] = {}
+        # how sandboxes are made and re-adopted (tests replace it)
+        self.kinds = SandboxKinds(host)
         self.io: dict[str, ContainerIO] = {}
         self.events = EventBus()
         self.pod_cidr = ""

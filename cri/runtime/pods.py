@@ -43,7 +43,8 @@ from cri.runtime.state import (
 )
 from sandbox.api import SandboxState
 from sandbox.cgroups import pod_memory_budget
-from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
+from sandbox.handlers import HOST_HANDLER, VM_HANDLER
+from sandbox.hostpod import HostPodSpec
 from sandbox.mounts import remove_tree
 from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxSpec
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clearcri.runtime")
 
-VM_HANDLER = "clearcri"
 HANDLERS = ("", VM_HANDLER, HOST_HANDLER)
 PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp", api_pb2.SCTP: "sctp"}
 
@@ -211,11 +211,11 @@ class PodOps(RuntimeCore):
         started = time.monotonic()
         try:
             if handler == HOST_HANDLER:
-                sandbox: PodSandbox = HostSandbox.create_host(
-                    self.host, host_pod_spec(pod_id, config, self.config.daemon.cgroup_driver)
+                sandbox = self.kinds.create_host(
+                    host_pod_spec(pod_id, config, self.config.daemon.cgroup_driver)
                 )
             else:
-                sandbox = PodSandbox.create(self.host, spec)
+                sandbox = self.kinds.create_vm(spec)
         except SandboxExhausted as exc:
             raise ResourceExhausted(str(exc)) from exc
         except SandboxError as exc:
@@ -353,7 +353,7 @@ class PodOps(RuntimeCore):
         if not run_dir.exists():
             return
         try:
-            sandbox = await adopt_sandbox(self.host, pod_id)
+            sandbox = await self.kinds.adopt(pod_id)
         except SandboxError:
             # binds of host paths may be below it: detach them before deleting anything
             try:
@@ -456,7 +456,7 @@ class PodOps(RuntimeCore):
 
     async def _recover_pod(self, pod: PodRecord) -> None:
         try:
-            sandbox = await adopt_sandbox(self.host, pod.id)
+            sandbox = await self.kinds.adopt(pod.id)
         except SandboxError as exc:
             self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
             return

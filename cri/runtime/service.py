@@ -14,10 +14,10 @@ from cri_api.v1 import api_pb2, api_pb2_grpc
 from cri.metrics import list_pod_sandbox_metrics, metric_descriptors
 from cri.runtime.containers import ContainerOps
 from cri.runtime.errors import CriError, InvalidArgument, Unimplemented
-from cri.runtime.pods import VM_HANDLER, PodOps
+from cri.runtime.pods import PodOps
 from cri.runtime.stats import StatsOps
 from cri.streaming.errors import StreamingError
-from sandbox.hostpod import HOST_HANDLER
+from sandbox.handlers import HOST_HANDLER, VM_HANDLER
 from sandbox.network import NetworkError
 
 log = logging.getLogger("clearcri.cri")

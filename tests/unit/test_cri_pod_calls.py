@@ -1,0 +1,183 @@
+"""RunPodSandbox, StopPodSandbox and RemovePodSandbox through the real CRI servicer and
+runtime, with fake sandboxes in place of VMs (``Runtime.kinds``): the error paths that
+otherwise need a VM to fail, in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from cri_api.v1 import api_pb2
+
+from cri.config import Config
+from cri.runtime.service import Runtime, RuntimeService
+from cri.runtime.state import RuntimeState
+from cri.store import Store
+from sandbox.api import SandboxState
+from sandbox.network import NetworkConfig
+from sandbox.pod import BootTimes, SandboxConfig, SandboxError, SandboxExhausted, SandboxNotFound
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Context:
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise Aborted(code, message)
+
+
+class FakeSandbox:
+    """What the runtime uses of a sandbox, and a record of what it was asked."""
+
+    def __init__(self, sandbox_id: str, start_error: BaseException | None = None) -> None:
+        self.id = sandbox_id
+        self.pid = 4242
+        self.state = SandboxState.CREATED
+        self.network_result = None
+        self.boot = BootTimes()
+        self.start_error = start_error
+        self.calls: list[str] = []
+        self.exit_callbacks: list[Callable[[Any], None]] = []
+
+    async def start(self) -> BootTimes:
+        self.calls.append("start")
+        if self.start_error is not None:
+            raise self.start_error
+        self.state = SandboxState.READY
+        return self.boot
+
+    async def stop(self, timeout: float | None = None) -> None:
+        self.calls.append("stop")
+        self.state = SandboxState.STOPPED
+
+    async def destroy(self) -> None:
+        self.calls.append("destroy")
+        self.state = SandboxState.REMOVED
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+    def on_exit(self, callback: Callable[[Any], None]) -> None:
+        self.exit_callbacks.append(callback)
+
+
+class FakeKinds:
+    def __init__(
+        self,
+        *,
+        create_error: SandboxError | None = None,
+        start_error: BaseException | None = None,
+    ) -> None:
+        self.create_error = create_error
+        self.start_error = start_error
+        self.made: list[FakeSandbox] = []
+
+    def create_vm(self, spec: Any) -> FakeSandbox:
+        if self.create_error is not None:
+            raise self.create_error
+        sandbox = FakeSandbox(spec.sandbox_id, self.start_error)
+        self.made.append(sandbox)
+        return sandbox
+
+    create_host = create_vm
+
+    async def adopt(self, sandbox_id: str) -> FakeSandbox:
+        raise SandboxNotFound(sandbox_id)
+
+
+def _service(tmp_path: Path, kinds: FakeKinds) -> tuple[RuntimeService, Runtime]:
+    config = Config()
+    config.daemon.state_dir = tmp_path / "state"
+    config.daemon.run_dir = tmp_path / "run"
+    config.daemon.log_dir = tmp_path / "log"
+    config.vm = SandboxConfig(run_root=tmp_path / "run" / "sandboxes")
+    config.vm.network = NetworkConfig(enabled=False)
+    host: Any = SimpleNamespace(config=config.vm, accel="tcg")
+    store = Store(tmp_path / "state.db")
+    runtime = Runtime(config, RuntimeState(store), host, images=SimpleNamespace())  # type: ignore[arg-type]
+    runtime.kinds = kinds  # type: ignore[assignment]
+    return RuntimeService(runtime), runtime
+
+
+def _pod_request(name: str = "web") -> api_pb2.RunPodSandboxRequest:
+    return api_pb2.RunPodSandboxRequest(
+        config=api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(name=name, namespace="default", uid=f"uid-{name}")
+        )
+    )
+
+
+def _run(service: RuntimeService, request: Any) -> Any:
+    return asyncio.run(service.RunPodSandbox(request, Context()))  # type: ignore[arg-type]
+
+
+def test_a_pod_starts_and_is_recorded(tmp_path: Path) -> None:
+    kinds = FakeKinds()
+    service, runtime = _service(tmp_path, kinds)
+    response = _run(service, _pod_request())
+    (sandbox,) = kinds.made
+    assert response.pod_sandbox_id == sandbox.id
+    assert sandbox.calls == ["start"]
+    assert runtime.state.pods[sandbox.id].vm_pid == 4242
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (SandboxExhausted("no VMM id left"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (SandboxError("invalid sandbox id"), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_a_sandbox_that_cannot_be_made_is_refused(
+    tmp_path: Path, error: SandboxError, code: grpc.StatusCode
+) -> None:
+    service, runtime = _service(tmp_path, FakeKinds(create_error=error))
+    with pytest.raises(Aborted) as caught:
+        _run(service, _pod_request())
+    assert caught.value.code == code
+    assert str(error) in caught.value.message
+    assert runtime.state.pods == {}
+
+
+def test_a_sandbox_that_fails_to_start_is_destroyed(tmp_path: Path) -> None:
+    kinds = FakeKinds(start_error=SandboxError("the VM did not boot"))
+    service, runtime = _service(tmp_path, kinds)
+    with pytest.raises(Aborted) as caught:
+        _run(service, _pod_request())
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "default/web" in caught.value.message and "did not boot" in caught.value.message
+    assert kinds.made[0].calls == ["start", "destroy"]
+    assert runtime.state.pods == {}
+
+
+def test_an_unexpected_failure_is_internal_and_leaves_nothing(tmp_path: Path) -> None:
+    kinds = FakeKinds(start_error=RuntimeError("a bug"))
+    service, runtime = _service(tmp_path, kinds)
+    with pytest.raises(Aborted) as caught:
+        _run(service, _pod_request())
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert kinds.made[0].calls == ["start", "destroy"]
+    assert runtime.state.pods == {}
+
+
+def test_the_same_pod_twice_is_already_exists(tmp_path: Path) -> None:
+    kinds = FakeKinds()
+    service, _ = _service(tmp_path, kinds)
+
+    async def twice() -> None:
+        await service.RunPodSandbox(_pod_request(), Context())  # type: ignore[arg-type]
+        await service.RunPodSandbox(_pod_request(), Context())  # type: ignore[arg-type]
+
+    with pytest.raises(Aborted) as caught:
+        asyncio.run(twice())
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert len(kinds.made) == 1
