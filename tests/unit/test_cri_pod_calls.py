@@ -174,8 +174,8 @@ def test_the_same_pod_twice_is_already_exists(tmp_path: Path) -> None:
     service, _ = _service(tmp_path, kinds)
 
     async def twice() -> None:
-        await service.RunPodSandbox(_pod_request(), Context())  # type: ignore[arg-type]
-        await service.RunPodSandbox(_pod_request(), Context())  # type: ignore[arg-type]
+        await service.RunPodSandbox(_pod_request(), Context())
+        await service.RunPodSandbox(_pod_request(), Context())
 
     with pytest.raises(Aborted) as caught:
         asyncio.run(twice())
