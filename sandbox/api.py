@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 
 class SandboxState(StrEnum):
@@ -46,3 +47,24 @@ class PodUsage:
     usage_bytes: int
     working_set_bytes: int
     rss_bytes: int
+
+
+@dataclass
+class HostPathMount:
+    """A container's mount of a host path, as cri/ asks a sandbox for it."""
+
+    #: names this mount among the pod's (a pod VM's share entry)
+    key: str
+    destination: str
+    host_path: Path
+    readonly: bool
+    #: rprivate, rslave (HostToContainer) or rshared (Bidirectional)
+    propagation: str
+    #: the bind's options for the agent ("rbind", "ro"/"rw", "rro")
+    options: list[str]
+    #: the pod's user namespace mappings (uids, gids; each [container id, host id,
+    #: length]), None outside one
+    id_mappings: tuple[list[list[int]], list[list[int]]] | None = None
+    #: a volume kubelet swaps atomically (``..data``): a pod VM serves it from a guest
+    #: copy kept in step, so inotify fires in the container
+    watch: bool = False

@@ -57,7 +57,7 @@ from typing import Any
 import agent
 from agent.client import AgentClient, AgentError
 from agent.protocol import Mount
-from sandbox.api import PodUsage, SandboxState
+from sandbox.api import HostPathMount, PodUsage, SandboxState
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
@@ -79,7 +79,6 @@ from sandbox.pod import (
     SandboxNotFound,
 )
 from sandbox.rootfs import RootfsImage
-from sandbox.share import IdMappings
 from sandbox.vm import VmProcess
 
 log = logging.getLogger(__name__)
@@ -815,24 +814,15 @@ class HostSandbox(PodSandbox):
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
 
-    async def host_path_mount(
-        self,
-        key: str,
-        destination: str,
-        host_path: Path,
-        *,
-        readonly: bool,
-        propagation: str,
-        options: list[str],
-        id_mappings: IdMappings | None = None,
-        watch: bool = False,
-    ) -> Mount:
-        """The container's mount of ``host_path``: the host pod's agent clones it (with
+    async def host_path_mount(self, request: HostPathMount) -> Mount:
+        """The container's mount of a host path: the host pod's agent clones it (with
         its submounts) from the host's mount namespace when it creates the container,
         idmapped in a user namespace; every propagation works, Bidirectional included."""
-        await self._check_propagation(host_path, propagation)
+        await self._check_propagation(request.host_path, request.propagation)
         return Mount(
-            destination=destination, source=str(host_path), options=[*options, propagation]
+            destination=request.destination,
+            source=str(request.host_path),
+            options=[*request.options, request.propagation],
         )
 
     def status_info(self) -> dict[str, object]:

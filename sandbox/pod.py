@@ -41,7 +41,7 @@ from agent.protocol import (
 )
 from sandbox import mounts
 from sandbox.accel import choose_accel
-from sandbox.api import PodUsage, SandboxState
+from sandbox.api import HostPathMount, PodUsage, SandboxState
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
@@ -877,36 +877,33 @@ class PodSandbox:
         except ShareError as exc:
             raise SandboxError(str(exc)) from exc
 
-    async def host_path_mount(
-        self,
-        key: str,
-        destination: str,
-        host_path: Path,
-        *,
-        readonly: bool,
-        propagation: str,
-        options: list[str],
-        id_mappings: IdMappings | None = None,
-        watch: bool = False,
-    ) -> Mount:
-        """The container's mount of the host's ``host_path`` at ``destination``: a bind
-        of the share entry ``key`` (see share_host_path). ``propagation``: rprivate,
-        rslave (HostToContainer) or rshared (Bidirectional, refused: a mount made in the
-        guest never reaches the host). ``watch``: a volume kubelet swaps atomically,
-        served from a guest copy the agent keeps in step (agent/guest/watched.py)."""
-        if propagation == "rshared":
+    async def host_path_mount(self, request: HostPathMount) -> Mount:
+        """The container's mount of a host path: a bind of its share entry (see
+        share_host_path). Bidirectional is refused: a mount made in the guest never
+        reaches the host. A watched volume is served from a guest copy the agent keeps
+        in step (agent/guest/watched.py)."""
+        if request.propagation == "rshared":
             raise SandboxRefused(
                 "Bidirectional propagation cannot work in a pod VM (mounts made in the guest "
                 "never reach the host); use HostToContainer, or the host runtime handler for "
                 "a privileged pod"
             )
-        await self._check_propagation(host_path, propagation)
+        await self._check_propagation(request.host_path, request.propagation)
         source = await self.share_host_path(
-            key, host_path, readonly=readonly, propagation=propagation, id_mappings=id_mappings
+            request.key,
+            request.host_path,
+            readonly=request.readonly,
+            propagation=request.propagation,
+            id_mappings=request.id_mappings,
         )
         # in the guest the share is one 9p mount without submounts: host mounts below a
         # HostToContainer path appear through it, nothing propagates inside the guest
-        return Mount(destination=destination, source=source, options=options, watch=watch)
+        return Mount(
+            destination=request.destination,
+            source=source,
+            options=request.options,
+            watch=request.watch,
+        )
 
     @staticmethod
     async def _check_propagation(host_path: Path, propagation: str) -> None:

@@ -44,7 +44,7 @@ from cri.runtime.state import (
 )
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
-from sandbox.api import SandboxState
+from sandbox.api import HostPathMount, SandboxState
 from sandbox.handlers import HOST_HANDLER
 from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxRefused
 
@@ -267,14 +267,18 @@ class ContainerOps(RuntimeCore):
         watch = mount.readonly and await asyncio.to_thread(is_atomic_volume, host_path)
         try:
             return await sandbox.host_path_mount(
-                key,
-                mount.container_path,
-                host_path,
-                readonly=mount.readonly,
-                propagation=propagation,
-                options=options,
-                id_mappings=(spec.uid_mappings, spec.gid_mappings) if spec.uid_mappings else None,
-                watch=watch,
+                HostPathMount(
+                    key=key,
+                    destination=mount.container_path,
+                    host_path=host_path,
+                    readonly=mount.readonly,
+                    propagation=propagation,
+                    options=options,
+                    id_mappings=(
+                        (spec.uid_mappings, spec.gid_mappings) if spec.uid_mappings else None
+                    ),
+                    watch=watch,
+                )
             )
         except SandboxRefused as exc:
             raise InvalidArgument(f"mount {mount.container_path}: {exc}") from exc

@@ -148,23 +148,22 @@ def test_a_sandbox_that_cannot_be_made_is_refused(
     assert runtime.state.pods == {}
 
 
-def test_a_sandbox_that_fails_to_start_is_destroyed(tmp_path: Path) -> None:
-    kinds = FakeKinds(start_error=SandboxError("the VM did not boot"))
+@pytest.mark.parametrize(
+    ("error", "code", "says"),
+    [
+        (SandboxError("the VM did not boot"), grpc.StatusCode.UNAVAILABLE, "default/web"),
+        (RuntimeError("a bug"), grpc.StatusCode.INTERNAL, "failed unexpectedly"),
+    ],
+)
+def test_a_sandbox_that_fails_to_start_is_destroyed(
+    tmp_path: Path, error: BaseException, code: grpc.StatusCode, says: str
+) -> None:
+    kinds = FakeKinds(start_error=error)
     service, runtime = _service(tmp_path, kinds)
     with pytest.raises(Aborted) as caught:
         _run(service, _pod_request())
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "default/web" in caught.value.message and "did not boot" in caught.value.message
-    assert kinds.made[0].calls == ["start", "destroy"]
-    assert runtime.state.pods == {}
-
-
-def test_an_unexpected_failure_is_internal_and_leaves_nothing(tmp_path: Path) -> None:
-    kinds = FakeKinds(start_error=RuntimeError("a bug"))
-    service, runtime = _service(tmp_path, kinds)
-    with pytest.raises(Aborted) as caught:
-        _run(service, _pod_request())
-    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert caught.value.code == code
+    assert says in caught.value.message and str(error) in caught.value.message
     assert kinds.made[0].calls == ["start", "destroy"]
     assert runtime.state.pods == {}
 
