@@ -45,13 +45,12 @@ from cri.runtime.state import EXITED, ContainerRecord, PodRecord
 from sandbox.api import SandboxState
 from sandbox.handlers import HOST_HANDLER
 from sandbox.pod import BootTimes
+from sandbox.usage import PROC, process_cpu_ns, read_process_memory
 
 log = logging.getLogger("clearcri.metrics")
 
 PAGE_SIZE = mmap.PAGESIZE
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KSM_DIR = Path("/sys/kernel/mm/ksm")
-PROC = Path("/proc")
 
 # 50 ms to 30 s, about three buckets per decade: enough to tell 0.3 s from 0.5 s
 # (KVM target) and 1.9 s from 2.5 s (TCG).
@@ -397,54 +396,6 @@ async def take_snapshot(
     return snap
 
 
-@dataclass(frozen=True)
-class ProcessMemory:
-    pss: int = 0
-    rss: int = 0
-    rss_anon: int = 0
-    rss_file: int = 0
-    rss_shmem: int = 0
-    ksm_merging: int = 0  # bytes of this process's memory merged by KSM
-
-
-def read_process_memory(pid: int, proc: Path = PROC) -> ProcessMemory | None:
-    """PSS (smaps_rollup), the RSS split (status) and KSM-merged bytes of ``pid``."""
-    base = proc / str(pid)
-    values: dict[str, int] = {}
-    try:
-        for line in (base / "smaps_rollup").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("Pss", "Rss"):
-                values[key] = int(rest.split()[0]) * 1024
-        for line in (base / "status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "RssFile", "RssShmem"):
-                values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    merging = 0
-    with contextlib.suppress(OSError, ValueError):
-        merging = int((base / "ksm_merging_pages").read_text().strip()) * PAGE_SIZE
-    return ProcessMemory(
-        pss=values.get("Pss", 0),
-        rss=values.get("Rss", 0),
-        rss_anon=values.get("RssAnon", 0),
-        rss_file=values.get("RssFile", 0),
-        rss_shmem=values.get("RssShmem", 0),
-        ksm_merging=merging,
-    )
-
-
-def read_cpu_seconds(pid: int, proc: Path = PROC) -> float | None:
-    """utime + stime of ``pid`` in seconds (None when it is gone)."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def read_ksm(ksm_dir: Path = KSM_DIR) -> dict[str, int]:
     """The host's KSM counters and settings that exist here (empty without KSM)."""
     out: dict[str, int] = {}
@@ -616,9 +567,9 @@ class RuntimeCollector(Collector):
                 rss.add_metric([*values, "file"], memory.rss_file)
                 rss.add_metric([*values, "shmem"], memory.rss_shmem)
                 merged.add_metric(values, memory.ksm_merging)
-            seconds = read_cpu_seconds(sample.pid, self.proc)
-            if seconds is not None:
-                cpu.add_metric(values, seconds)
+            cpu_ns = process_cpu_ns(sample.pid, self.proc)
+            if cpu_ns is not None:
+                cpu.add_metric(values, cpu_ns / 1e9)
             if sample.guest is not None and sample.guest.mem_total_kib:
                 mem_total.add_metric(values, sample.guest.mem_total_kib * 1024)
                 mem_avail.add_metric(values, sample.guest.mem_available_kib * 1024)
@@ -758,9 +709,9 @@ def pod_metrics_messages(
         if memory is not None:
             values["clearcri_pod_memory_pss_bytes"] = memory.pss
             values["clearcri_pod_memory_rss_bytes"] = memory.rss
-        seconds = read_cpu_seconds(sample.pid, proc)
-        if seconds is not None:
-            values["clearcri_pod_vm_cpu_usage_nanoseconds_total"] = int(seconds * 1e9)
+        cpu_ns = process_cpu_ns(sample.pid, proc)
+        if cpu_ns is not None:
+            values["clearcri_pod_vm_cpu_usage_nanoseconds_total"] = cpu_ns
         if sample.guest is not None and sample.guest.mem_total_kib:
             values["clearcri_pod_guest_memory_total_bytes"] = sample.guest.mem_total_kib * 1024
             values["clearcri_pod_guest_memory_available_bytes"] = (

@@ -46,7 +46,8 @@ async def run_demo(guest_dir: Path, run_root: Path) -> int:
                 break
             await session.wait(10)
             memory = sandbox.host_memory()
-            print(f"qemu PSS on the host: {memory.get('pss', 0) / 2**20:.1f} MiB")
+            pss = memory.pss if memory is not None else 0
+            print(f"qemu PSS on the host: {pss / 2**20:.1f} MiB")
         finally:
             await sandbox.destroy()
         print("pod removed")

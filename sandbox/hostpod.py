@@ -79,6 +79,7 @@ from sandbox.pod import (
     SandboxNotFound,
 )
 from sandbox.rootfs import RootfsImage
+from sandbox.usage import read_cgroup_usage
 from sandbox.vm import VmProcess
 
 log = logging.getLogger(__name__)
@@ -400,42 +401,6 @@ class HostCgroups:
         if self.parent.endswith(".slice"):
             return f"{self.parent}/{SANDBOX_CGROUP}.scope"
         return f"{self.parent.rstrip('/')}/{SANDBOX_CGROUP}"
-
-
-def _keyed(path: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().isdigit():
-                out[key] = int(value)
-    except OSError:
-        pass
-    return out
-
-
-def read_pod_usage(cgroups: HostCgroups, root: Path = CGROUP_ROOT) -> PodUsage | None:
-    """The pod cgroup's accounting: cgroup v2 ``cpu.stat``/``memory.*`` or the v1
-    ``cpuacct`` and ``memory`` hierarchies. Working set is usage minus inactive file
-    pages, as kubelet computes it. None without cgroups or when they are gone."""
-    rel = cgroups.parent.strip("/")
-    try:
-        if cgroups.mode == "v2":
-            base = root / rel
-            cpu_ns = _keyed(base / "cpu.stat").get("usage_usec", 0) * 1000
-            usage = int((base / "memory.current").read_text())
-            stat = _keyed(base / "memory.stat")
-            inactive, rss = stat.get("inactive_file", 0), stat.get("anon", 0)
-        elif cgroups.mode == "v1":
-            cpu_ns = int((root / "cpuacct" / rel / "cpuacct.usage").read_text())
-            usage = int((root / "memory" / rel / "memory.usage_in_bytes").read_text())
-            stat = _keyed(root / "memory" / rel / "memory.stat")
-            inactive, rss = stat.get("total_inactive_file", 0), stat.get("total_rss", 0)
-        else:
-            return None
-    except (OSError, ValueError):
-        return None
-    return PodUsage(cpu_ns, usage, max(0, usage - inactive), rss)
 
 
 def _agent_pythonpath() -> str:
@@ -835,7 +800,7 @@ class HostSandbox(PodSandbox):
 
     def pod_usage(self) -> PodUsage | None:
         """CPU and memory of everything the pod runs (its cgroup), or None."""
-        return read_pod_usage(self.cgroups)
+        return read_cgroup_usage(self.cgroups.mode, self.cgroups.parent)
 
     # containers -------------------------------------------------------------
 

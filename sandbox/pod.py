@@ -67,12 +67,12 @@ from sandbox.qmp import QmpControl, QmpError
 from sandbox.rootfs import RootfsImage
 from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
+from sandbox.usage import ProcessMemory, process_cpu_ns, read_process_memory
 from sandbox.vm import (
     QEMU_BINARY,
     MachineSpec,
     VmProcess,
     build_command,
-    process_cpu_ns,
     slot_root_port,
 )
 
@@ -1029,27 +1029,19 @@ class PodSandbox:
         pages it shares with other VMs counted in part), RSS as usage, anonymous RSS.
         None when it does not run."""
         memory = self.host_memory()
-        if not memory:
+        cpu_ns = process_cpu_ns(self.pid) if memory is not None else None
+        if memory is None or cpu_ns is None:
             return None
         return PodUsage(
-            cpu_ns=process_cpu_ns(self.pid),
-            usage_bytes=memory.get("rss", 0),
-            working_set_bytes=memory.get("pss", 0),
-            rss_bytes=memory.get("rssanon", 0),
+            cpu_ns=cpu_ns,
+            usage_bytes=memory.rss,
+            working_set_bytes=memory.pss,
+            rss_bytes=memory.rss_anon,
         )
 
-    def host_memory(self) -> dict[str, int]:
-        """The VM's own cost on the host, in bytes: PSS and RSS split of qemu."""
-        out: dict[str, int] = {}
+    def host_memory(self) -> ProcessMemory | None:
+        """The VM's own cost on the host: QEMU's PSS and RSS split (None when it does
+        not run)."""
         if not self.pid or self.process is None or not self.process.alive:
-            return out
-        with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{self.pid}/smaps_rollup").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "RssShmem"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-        return out
+            return None
+        return read_process_memory(self.pid)

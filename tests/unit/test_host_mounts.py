@@ -51,14 +51,14 @@ def test_unescape_mountinfo_fields() -> None:
 
 
 def test_pod_usage_from_cgroup_v2_and_v1(tmp_path: Path) -> None:
-    from sandbox.hostpod import HostCgroups, read_pod_usage
+    from sandbox.usage import read_cgroup_usage
 
     v2 = tmp_path / "v2" / "kubepods" / "pod1"
     v2.mkdir(parents=True)
     (v2 / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
     (v2 / "memory.current").write_text("10485760\n")
     (v2 / "memory.stat").write_text("anon 4194304\nfile 6291456\ninactive_file 2097152\n")
-    usage = read_pod_usage(HostCgroups(mode="v2", parent="/kubepods/pod1"), tmp_path / "v2")
+    usage = read_cgroup_usage("v2", "/kubepods/pod1", tmp_path / "v2")
     assert usage is not None
     assert (usage.cpu_ns, usage.usage_bytes) == (1_500_000, 10485760)
     assert (usage.working_set_bytes, usage.rss_bytes) == (10485760 - 2097152, 4194304)
@@ -71,7 +71,7 @@ def test_pod_usage_from_cgroup_v2_and_v1(tmp_path: Path) -> None:
     (v1 / "memory" / "pod1" / "memory.stat").write_text(
         "cache 100\nrss 200\ntotal_rss 3145728\ntotal_inactive_file 1048576\n"
     )
-    usage = read_pod_usage(HostCgroups(mode="v1", parent="/pod1"), v1)
+    usage = read_cgroup_usage("v1", "/pod1", v1)
     assert usage is not None
     assert (usage.cpu_ns, usage.usage_bytes, usage.working_set_bytes, usage.rss_bytes) == (
         123456789,
@@ -80,5 +80,5 @@ def test_pod_usage_from_cgroup_v2_and_v1(tmp_path: Path) -> None:
         3145728,
     )
     # no cgroups, or a pod whose cgroup is gone
-    assert read_pod_usage(HostCgroups(mode="disabled"), v1) is None
-    assert read_pod_usage(HostCgroups(mode="v1", parent="/gone"), v1) is None
+    assert read_cgroup_usage("disabled", "", v1) is None
+    assert read_cgroup_usage("v1", "/gone", v1) is None

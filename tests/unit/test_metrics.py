@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
 from cri.config import ConfigError, load_config
 from cri.metrics import (
-    CLOCK_TICKS,
     PAGE_SIZE,
     MetricsExporter,
     MetricsServer,
@@ -38,6 +37,7 @@ from cri.metrics import (
 )
 from cri.runtime.state import CREATED, EXITED, POD_NOTREADY, RUNNING, ContainerRecord, PodRecord
 from sandbox.pod import BootTimes
+from sandbox.usage import CLOCK_TICKS
 from sandbox.vm import configure_host_ksm
 
 # -- fakes -------------------------------------------------------------------------------
