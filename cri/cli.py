@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     overhead.set_defaults(func=cmd_bench_overhead)
 
-    from cri.node_install import register_node_commands
+    from deploy.node_install import register_node_commands
 
     register_node_commands(sub)
     return parser

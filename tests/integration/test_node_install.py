@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cri.node_install import (
+from deploy.node_install import (
     CONFIG_PATH,
     MANIFEST_PATH,
     UNIT_PATH,
@@ -204,16 +204,16 @@ def test_install_from_a_release_dir_as_the_daemonset_does(
     )
     (wheel,) = (release / "wheels").glob("clearcri-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        assert "cri/node_install.py" in zf.namelist()
+        assert "deploy/node_install.py" in zf.namelist()
 
-    # As the chart's install script: PYTHONPATH=<wheel> python3 -m cri.node_install, here
+    # As the chart's install script: PYTHONPATH=<wheel> python3 -m deploy.node_install, here
     # with -S so that nothing but the wheel (no site-packages, no checkout) provides cri.
     env = {**os.environ, "PYTHONPATH": str(wheel)}
     argv = [
         sys.executable,
         "-S",
         "-m",
-        "cri.node_install",
+        "deploy.node_install",
         "upgrade",
         "--install",
         "--release",

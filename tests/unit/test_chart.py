@@ -17,7 +17,7 @@ import pytest
 
 from cri.config import load_config
 from cri.images.hosts import RegistryHosts
-from cri.node_label import LABEL
+from deploy.node_label import LABEL
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "clearcri"
@@ -241,7 +241,7 @@ def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
     assert pod["tolerations"] == [{"operator": "Exists"}]
     container = node_container(objects("defaults"))
     probe = container["readinessProbe"]["exec"]["command"]
-    assert probe[:4] == ["python3", "-m", "cri.node_label", "probe"]
+    assert probe[:4] == ["python3", "-m", "deploy.node_label", "probe"]
     assert probe[-1] == "/run/clearcri/clearcri.sock"
     assert container["lifecycle"]["preStop"]["exec"]["command"][-1] == "unlabel"
     env = {e["name"]: e for e in container["env"]}
@@ -364,9 +364,9 @@ def test_install_script_is_valid_sh(name: str, tmp_path: Path) -> None:
 def test_install_script_runs_the_node_install_and_the_labeler() -> None:
     script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
     assert "nsenter --target 1 --mount" in script
-    assert "python3 -m cri.node_install upgrade --install --release" in script
+    assert "python3 -m deploy.node_install upgrade --install --release" in script
     assert "--update-config" in script
-    assert "exec python3 -m cri.node_label watch" in script
+    assert "exec python3 -m deploy.node_label watch" in script
     assert "--require-runtime clearcri" in script
     assert "ksm" not in script and "--cni --cni-subnet" not in script
     # The options the script passes exist.
@@ -415,4 +415,4 @@ def test_chart_metadata() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["appVersion"] == pyproject["project"]["version"]
     assert meta["kubeVersion"] == ">=1.30.0-0"
-    assert importlib.util.find_spec("cri.node_label") is not None
+    assert importlib.util.find_spec("deploy.node_label") is not None

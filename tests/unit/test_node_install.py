@@ -17,7 +17,7 @@ import pytest
 
 from cri.cli import build_parser
 from cri.config import load_config
-from cri.node_install import (
+from deploy.node_install import (
     CONFIG_PATH,
     GUEST_FILES,
     MANIFEST_PATH,
@@ -534,7 +534,7 @@ def test_without_update_config_an_installed_config_is_kept(
 def test_commands_run_without_the_installers_python_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from cri.node_install import run_command
+    from deploy.node_install import run_command
 
     monkeypatch.setenv("PYTHONPATH", "/somewhere/clearcri.whl")
     out = tmp_path / "env"

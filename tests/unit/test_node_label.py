@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from cri import node_label
-from cri.node_label import LABEL, label_node, unlabel_node, watch
+from deploy import node_label
+from deploy.node_label import LABEL, label_node, unlabel_node, watch
 
 
 class FakeNodes:

@@ -30,7 +30,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* The node label the RuntimeClass selects on (set by cri/node_label.py). */}}
+{{/* The node label the RuntimeClass selects on (set by deploy/node_label.py). */}}
 {{- define "clearcri.nodeLabel" -}}clearcri.io/runtime{{- end -}}
 
 {{/* The CRI socket on the node (daemon.socket of the rendered config). */}}

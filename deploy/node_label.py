@@ -7,7 +7,7 @@ in ``status.nodeInfo.containerRuntimeVersion`` as ``clearcri://<version>``). A n
 kubelet still talks to containerd or CRI-O is not labelled, and loses the label if it
 had it.
 
-The Helm chart's DaemonSet runs ``python -m cri.node_label watch`` after the node
+The Helm chart's DaemonSet runs ``python -m deploy.node_label watch`` after the node
 install, ``probe`` as its readiness probe and ``unlabel`` in its preStop hook. It needs
 ``get`` and ``patch`` on nodes, nothing else (the chart's ClusterRole).
 
@@ -33,7 +33,7 @@ LABEL_VALUE = "true"
 RUNTIME_NAME = "clearcri"
 DEFAULT_SOCKET = Path("/run/clearcri/clearcri.sock")
 
-log = logging.getLogger("clearcri.node_label")
+log = logging.getLogger("cleardeploy.node_label")
 
 
 class NodeApi(Protocol):
@@ -157,7 +157,7 @@ def watch(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cri.node_label",
+        prog="python -m deploy.node_label",
         description=f"keep the {LABEL}={LABEL_VALUE} node label in step with clearcri",
     )
     parser.add_argument(

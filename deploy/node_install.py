@@ -25,7 +25,7 @@ old and new VMs still share one copy in the page cache).
 This module imports only the standard library (and ``sandbox.guest``'s constants), so a
 node can run it from the clearcri wheel itself before anything is installed::
 
-    PYTHONPATH=clearcri-<v>-py3-none-any.whl python3 -m cri.node_install install --release DIR
+    PYTHONPATH=clearcri-<v>-py3-none-any.whl python3 -m deploy.node_install install --release DIR
 """
 
 from __future__ import annotations
@@ -1027,8 +1027,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cri.node_install ...``: the node commands without the full CLI."""
-    parser = argparse.ArgumentParser(prog="python -m cri.node_install")
+    """``python -m deploy.node_install ...``: the node commands without the full CLI."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.node_install")
     register_node_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["node", *(argv if argv is not None else sys.argv[1:])])
     result: int = args.func(args)
