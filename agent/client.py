@@ -87,7 +87,7 @@ UNBOUNDED_OPS = frozenset({"wait_container"})
 class AgentError(Exception):
     """A failed agent call; ``code`` is one of the protocol error codes."""
 
-    code = INTERNAL
+    code: str = INTERNAL
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

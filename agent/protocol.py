@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+from enum import StrEnum
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -98,15 +99,35 @@ PORT_FORWARD_STREAM_BASE = 0x40000000
 #: Bytes either side may send on a port-forward stream before the other grants more.
 PORT_FORWARD_WINDOW = 1 << 20
 
-# Error codes carried in failed responses.
-NOT_FOUND = "NOT_FOUND"
-ALREADY_EXISTS = "ALREADY_EXISTS"
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-FAILED_PRECONDITION = "FAILED_PRECONDITION"
-INTERNAL = "INTERNAL"
-UNAVAILABLE = "UNAVAILABLE"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-UNKNOWN_OP = "UNKNOWN_OP"
+
+class ErrorCode(StrEnum):
+    """Why a call failed. The agent's failed responses carry the first eight; the host's
+    layers (agent client, sandboxes, images, CRI) raise errors with these codes too, and
+    the CRI server answers each with the gRPC status of the same name (UNKNOWN_OP:
+    UNIMPLEMENTED)."""
+
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNKNOWN_OP = "UNKNOWN_OP"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DATA_LOSS = "DATA_LOSS"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+
+
+# The wire codes by name, as the agent and its client spell them.
+NOT_FOUND = ErrorCode.NOT_FOUND
+ALREADY_EXISTS = ErrorCode.ALREADY_EXISTS
+INVALID_ARGUMENT = ErrorCode.INVALID_ARGUMENT
+FAILED_PRECONDITION = ErrorCode.FAILED_PRECONDITION
+INTERNAL = ErrorCode.INTERNAL
+UNAVAILABLE = ErrorCode.UNAVAILABLE
+DEADLINE_EXCEEDED = ErrorCode.DEADLINE_EXCEEDED
+UNKNOWN_OP = ErrorCode.UNKNOWN_OP
 
 # Events (guest to host).
 EVENT_CONTAINER_EXITED = "container_exited"

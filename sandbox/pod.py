@@ -34,6 +34,7 @@ from agent.client import (
 from agent.protocol import (
     ContainerInfo,
     ContainerSpec,
+    ErrorCode,
     ExecSpec,
     ExitStatus,
     Mount,
@@ -83,20 +84,27 @@ STATE_FILE = "state.json"
 
 
 class SandboxError(Exception):
-    """A sandbox operation failed; the message says what and what to do."""
+    """A sandbox operation failed; the message says what and what to do. ``code``: why,
+    in the vocabulary every layer shares (agent/protocol.py ``ErrorCode``)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class SandboxNotFound(SandboxError):
-    pass
+    code = ErrorCode.NOT_FOUND
 
 
 class SandboxExhausted(SandboxError):
     """A per-VM resource (such as image slots) is used up."""
 
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
 
 class SandboxRefused(SandboxError):
-    """What was asked cannot work in this kind of sandbox: the request is at fault (a
-    caller answers INVALID_ARGUMENT), nothing failed."""
+    """What was asked cannot work in this kind of sandbox: the request is at fault, nothing
+    failed."""
+
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 @dataclass

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import grpc
 
+from agent.protocol import ErrorCode
+
+
+def status_for(code: str) -> grpc.StatusCode:
+    """The gRPC status of an ``ErrorCode`` (any layer's error), INTERNAL for a code
+    that is not one."""
+    if code == ErrorCode.UNKNOWN_OP:
+        return grpc.StatusCode.UNIMPLEMENTED
+    try:
+        return grpc.StatusCode[str(code)]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
+
 
 class CriError(Exception):
     """A CRI call failed; ``code`` is the gRPC status the client gets."""

@@ -11,14 +11,16 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from agent.client import AgentError
 from cri.metrics import list_pod_sandbox_metrics, metric_descriptors
 from cri.runtime.containers import ContainerOps
-from cri.runtime.errors import CriError, InvalidArgument, Unimplemented
+from cri.runtime.errors import CriError, InvalidArgument, Unimplemented, status_for
 from cri.runtime.pods import PodOps
 from cri.runtime.stats import StatsOps
 from cri.streaming.errors import StreamingError
 from sandbox.handlers import HOST_HANDLER, VM_HANDLER
 from sandbox.network import NetworkError
+from sandbox.pod import SandboxError
 
 log = logging.getLogger("clearcri.cri")
 
@@ -48,6 +50,10 @@ def cri_call(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except (CriError, StreamingError) as exc:
             code = exc.code
             await context.abort(exc.code, str(exc))
+        except (SandboxError, AgentError) as exc:
+            # what no call site translated: the error's own code says why
+            code = status_for(exc.code)
+            await context.abort(code, str(exc))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
