@@ -38,8 +38,14 @@ class Context:
 class FakeSandbox:
     """What the runtime uses of a sandbox, and a record of what it was asked."""
 
-    def __init__(self, sandbox_id: str, start_error: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        start_error: BaseException | None = None,
+        destroy_errors: list[SandboxError] | None = None,
+    ) -> None:
         self.id = sandbox_id
+        self.destroy_errors = destroy_errors or []
         self.pid = 4242
         self.state = SandboxState.CREATED
         self.network_result = None
@@ -61,6 +67,8 @@ class FakeSandbox:
 
     async def destroy(self) -> None:
         self.calls.append("destroy")
+        if self.destroy_errors:
+            raise self.destroy_errors.pop(0)
         self.state = SandboxState.REMOVED
 
     async def close(self) -> None:
@@ -76,15 +84,17 @@ class FakeKinds:
         *,
         create_error: SandboxError | None = None,
         start_error: BaseException | None = None,
+        destroy_errors: list[SandboxError] | None = None,
     ) -> None:
         self.create_error = create_error
         self.start_error = start_error
+        self.destroy_errors = destroy_errors
         self.made: list[FakeSandbox] = []
 
     def create_vm(self, spec: Any) -> FakeSandbox:
         if self.create_error is not None:
             raise self.create_error
-        sandbox = FakeSandbox(spec.sandbox_id, self.start_error)
+        sandbox = FakeSandbox(spec.sandbox_id, self.start_error, self.destroy_errors)
         self.made.append(sandbox)
         return sandbox
 
@@ -180,3 +190,38 @@ def test_the_same_pod_twice_is_already_exists(tmp_path: Path) -> None:
         asyncio.run(twice())
     assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert len(kinds.made) == 1
+
+
+def _call(service: RuntimeService, name: str, request: Any) -> Any:
+    return asyncio.run(getattr(service, name)(request, Context()))
+
+
+def test_stop_then_remove_leaves_nothing_and_both_are_idempotent(tmp_path: Path) -> None:
+    kinds = FakeKinds()
+    service, runtime = _service(tmp_path, kinds)
+    pod_id = _run(service, _pod_request()).pod_sandbox_id
+    stop = api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id)
+    remove = api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
+    _call(service, "StopPodSandbox", stop)
+    assert runtime.state.pods[pod_id].state == api_pb2.SANDBOX_NOTREADY
+    _call(service, "StopPodSandbox", stop)
+    _call(service, "RemovePodSandbox", remove)
+    _call(service, "RemovePodSandbox", remove)
+    assert kinds.made[0].calls == ["start", "stop", "destroy"]
+    assert runtime.state.pods == {} and runtime.sandboxes == {}
+
+
+def test_a_removal_that_fails_is_kept_to_be_retried(tmp_path: Path) -> None:
+    """A sandbox that cannot be destroyed (its CNI DEL fails) answers with why and
+    keeps the pod, so that kubelet retries; the retry finishes it."""
+    kinds = FakeKinds(destroy_errors=[SandboxError("CNI plugin bridge DEL failed")])
+    service, runtime = _service(tmp_path, kinds)
+    pod_id = _run(service, _pod_request()).pod_sandbox_id
+    remove = api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
+    with pytest.raises(Aborted) as caught:
+        _call(service, "RemovePodSandbox", remove)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "DEL failed" in caught.value.message
+    assert pod_id in runtime.state.pods
+    _call(service, "RemovePodSandbox", remove)
+    assert runtime.state.pods == {}
