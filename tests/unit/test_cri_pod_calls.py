@@ -1,6 +1,6 @@
-"""RunPodSandbox, StopPodSandbox and RemovePodSandbox through the real CRI servicer and
-runtime, with fake sandboxes in place of VMs (``Runtime.kinds``): the error paths that
-otherwise need a VM to fail, in milliseconds."""
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox and ExecSync through the real CRI
+servicer and runtime, with fake sandboxes in place of VMs (``Runtime.kinds``): the error
+paths that otherwise need a VM to fail, in milliseconds."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
+from agent.client import AgentTimeout, AgentUnavailable, ExecResult
 from cri.config import Config
 from cri.runtime.service import Runtime, RuntimeService
-from cri.runtime.state import RuntimeState
+from cri.runtime.state import RUNNING, ContainerRecord, RuntimeState
 from cri.store import Store
 from sandbox.api import SandboxState
 from sandbox.network import NetworkConfig
@@ -46,6 +47,8 @@ class FakeSandbox:
     ) -> None:
         self.id = sandbox_id
         self.destroy_errors = destroy_errors or []
+        #: what exec_sync answers: a result, or an error it raises
+        self.exec_answer: ExecResult | BaseException | None = None
         self.pid = 4242
         self.state = SandboxState.CREATED
         self.network_result = None
@@ -76,6 +79,12 @@ class FakeSandbox:
 
     def on_exit(self, callback: Callable[[Any], None]) -> None:
         self.exit_callbacks.append(callback)
+
+    async def exec_sync(self, container_id: str, args: list[str], **options: Any) -> ExecResult:
+        self.calls.append(f"exec_sync {' '.join(args)}")
+        if self.exec_answer is not None and not isinstance(self.exec_answer, ExecResult):
+            raise self.exec_answer
+        return self.exec_answer or ExecResult(0, b"", b"", False)
 
 
 class FakeKinds:
@@ -225,3 +234,81 @@ def test_a_removal_that_fails_is_kept_to_be_retried(tmp_path: Path) -> None:
     assert pod_id in runtime.state.pods
     _call(service, "RemovePodSandbox", remove)
     assert runtime.state.pods == {}
+
+
+def _running_container(
+    service: RuntimeService, runtime: Runtime, kinds: FakeKinds
+) -> tuple[FakeSandbox, str]:
+    """A pod started on a fake sandbox, and a container recorded running in it."""
+    pod_id = _run(service, _pod_request()).pod_sandbox_id
+    ctr = ContainerRecord(
+        id="c" * 64,
+        pod_id=pod_id,
+        name="main",
+        attempt=0,
+        created_at_ns=1,
+        config="",
+        image="busybox",
+        image_id="sha256:" + "0" * 64,
+        image_ref="sha256:" + "0" * 64,
+        state=RUNNING,
+    )
+    runtime.state.save_container(ctr)
+    return kinds.made[0], ctr.id
+
+
+def _exec(service: RuntimeService, cid: str, *cmd: str) -> Any:
+    request = api_pb2.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=1)
+    return _call(service, "ExecSync", request)
+
+
+def test_exec_sync_answers_with_the_command_s_result(tmp_path: Path) -> None:
+    kinds = FakeKinds()
+    service, runtime = _service(tmp_path, kinds)
+    sandbox, cid = _running_container(service, runtime, kinds)
+    sandbox.exec_answer = ExecResult(3, b"out", b"err", False)
+    response = _exec(service, cid, "sh", "-c", "exit 3")
+    assert (response.exit_code, response.stdout, response.stderr) == (3, b"out", b"err")
+    assert sandbox.calls[-1] == "exec_sync sh -c exit 3"
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        # kubelet counts only DEADLINE_EXCEEDED as a probe's timeout
+        (ExecResult(-1, b"", b"", True), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (AgentTimeout("no answer within 1.0 s"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (AgentUnavailable("agent connection lost"), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+def test_exec_sync_failures_get_the_codes_kubelet_acts_on(
+    tmp_path: Path, answer: ExecResult | BaseException, code: grpc.StatusCode
+) -> None:
+    kinds = FakeKinds()
+    service, runtime = _service(tmp_path, kinds)
+    sandbox, cid = _running_container(service, runtime, kinds)
+    sandbox.exec_answer = answer
+    with pytest.raises(Aborted) as caught:
+        _exec(service, cid, "true")
+    assert caught.value.code == code
+    assert "main" in caught.value.message or "within 1 s" in caught.value.message
+
+
+def test_exec_sync_refusals_need_no_vm(tmp_path: Path) -> None:
+    kinds = FakeKinds()
+    service, runtime = _service(tmp_path, kinds)
+    sandbox, cid = _running_container(service, runtime, kinds)
+    cases = [
+        ("d" * 64, ("true",), grpc.StatusCode.NOT_FOUND),
+        (cid, (), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for container_id, cmd, code in cases:
+        with pytest.raises(Aborted) as caught:
+            _exec(service, container_id, *cmd)
+        assert caught.value.code == code, (container_id, cmd)
+    sandbox.state = SandboxState.DEAD  # the VM went away
+    with pytest.raises(Aborted) as caught:
+        _exec(service, cid, "true")
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not ready" in caught.value.message
+    assert not any(call.startswith("exec_sync") for call in sandbox.calls)
