@@ -3,7 +3,7 @@
 Run as root with the interpreter's isolated, site-less mode (``python3 -I -S
 jail_exec.py KEY=VALUE... -- qemu ...``, the arguments sandbox/jail.py writes): it
 imports nothing but ``ctypes`` (not even ``json``, whose regular expressions would
-double its start-up), so it is done in about 20 ms. In order:
+double its start-up), so it is done in under 30 ms. In order:
 
 1. new mount, IPC and network namespaces (the VMM reaches the network only through
    the tap descriptor it inherits, and its sockets are files);
