@@ -987,26 +987,12 @@ class PodSandbox:
         return self.agent.subscribe_output(container_id)
 
     async def exec_sync(
-        self,
-        container_id: str,
-        args: list[str],
-        *,
-        timeout: float | None = None,
-        env: list[str] | None = None,
-        cwd: str = "",
-        stdin: bytes | None = None,
-        max_output: int | None = None,
+        self, container_id: str, args: list[str], *, timeout: float | None, max_output: int
     ) -> ExecResult:
-        """Run ``args`` in the container to completion, its output collected (at most
-        ``max_output`` bytes of each stream)."""
+        """Run ``args`` in the container to completion (killed after ``timeout``), its
+        output collected: at most ``max_output`` bytes of each stream."""
         return await self.agent.exec_sync(
-            container_id,
-            args,
-            timeout=timeout,
-            env=env,
-            cwd=cwd,
-            stdin=stdin,
-            max_output=max_output,
+            container_id, args, timeout=timeout, max_output=max_output
         )
 
     async def stats(
