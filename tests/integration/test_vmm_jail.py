@@ -144,3 +144,16 @@ async def test_volumes_and_images_reach_the_jailed_vmm(
     jail_root = Path(f"/proc/{pod.pid}/root")
     image_bind = jail_root / pod.machine.images_dir.relative_to("/") / "img0"
     assert image_bind.stat().st_size == busybox_image.path.stat().st_size
+    # the jail's copies of the binds are mounts of its own namespace, read-only where
+    # the host's are, and go when the host's bind goes
+    jail_mounts = Path(f"/proc/{pod.pid}/mountinfo")
+    entries = {
+        fields[4]: fields[5].split(",")
+        for fields in (line.split() for line in jail_mounts.read_text().splitlines())
+    }
+    share = pod.machine.share_dir
+    assert "ro" in entries[str(share / "c-1")] and "rw" in entries[str(share / "c-0")]
+    await pod.agent.delete_container("jailvol", force=True)
+    await pod.unshare_host_paths(["c-0", "c-1"])
+    left = jail_mounts.read_text()
+    assert str(share / "c-0") not in left and str(share / "c-1") not in left
