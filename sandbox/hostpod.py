@@ -58,6 +58,7 @@ import agent
 from agent.client import AgentClient, AgentError
 from agent.protocol import Mount
 from sandbox.api import HostPathMount, PodUsage, SandboxState
+from sandbox.cgroups import CGROUP_ROOT
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
@@ -88,7 +89,6 @@ HOST_HANDLER = "host"
 AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
 AGENT_DIR = "agent"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SANDBOX_CGROUP = "clearcri-sandbox"
 
 # Runs in the agent's new namespaces before the agent: cgroup placement, the pod's

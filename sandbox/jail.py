@@ -114,16 +114,19 @@ class VmmIds:
         if vmm_id is not None:
             self._used.discard(vmm_id)
 
-    def __len__(self) -> int:
-        return len(self._used)
 
-
-def prepare_vmm_dir(vmm_dir: Path, vmm_id: int) -> None:
-    """The VM's own directory: owned by its VMM, a mount of its own whose later
-    submounts propagate into the jail (and nowhere else). Idempotent."""
-    vmm_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(vmm_dir, vmm_id, vmm_id)
-    mounts.make_propagation_root(vmm_dir)
+def prepare_vmm_dir(machine: MachineSpec, *, mounts_later: bool) -> None:
+    """The VM's own directory, owned by its VMM. With ``mounts_later`` (a pod VM, whose
+    host paths and images are bound there while it runs): a mount of its own whose later
+    submounts propagate into the jail and nowhere else, and the directory for images."""
+    vmm_id = machine.vmm_id
+    assert vmm_id is not None
+    machine.vmm_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(machine.vmm_dir, vmm_id, vmm_id)
+    if mounts_later:
+        mounts.own_mount(machine.vmm_dir, shared=True)
+        machine.images_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(machine.images_dir, vmm_id, vmm_id)
 
 
 def jail_for(machine: MachineSpec) -> Jail:

@@ -72,15 +72,17 @@ def set_propagation(target: Path, kind: str) -> None:
     _mount(None, target, flag | MS_REC, f"make {target} {kind}")
 
 
-def make_propagation_root(path: Path) -> None:
-    """Make ``path`` a mount of its own (a bind onto itself) in a peer group of its own:
-    mounts made below it later reach the mount namespaces made since that copied it (a
-    jailed VMM's) and no other. Left as it is when it already is a mount."""
+def own_mount(path: Path, *, shared: bool) -> None:
+    """Make ``path`` a mount of its own (a bind onto itself), private so that nothing
+    mounted elsewhere reaches it; with ``shared``, in a peer group of its own: mounts
+    made below it later reach the mount namespaces made since that copied it (a jailed
+    VMM's) and no other. Left as it is when it already is a mount."""
     if str(path) in mounts_under(path):
         return
     bind(path, path, recursive=False)
     _mount(None, path, MS_PRIVATE, f"make {path} private")
-    _mount(None, path, MS_SHARED, f"make {path} shared")
+    if shared:
+        _mount(None, path, MS_SHARED, f"make {path} shared")
 
 
 def attach_clone(
@@ -107,18 +109,6 @@ def attach_clone(
         move_mount(tree, str(target))
     finally:
         os.close(tree)
-
-
-def remount_readonly(target: Path) -> None:
-    """Make the bind mount at ``target`` read-only (the top mount only; mount flags
-    nosuid/nodev kept as they were)."""
-    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-    st = os.statvfs(target)
-    if st.f_flag & os.ST_NOSUID:
-        flags |= MS_NOSUID
-    if st.f_flag & os.ST_NODEV:
-        flags |= MS_NODEV
-    _mount(None, target, flags, f"make {target} read-only")
 
 
 @dataclass(frozen=True)

@@ -301,10 +301,8 @@ class SandboxHost:
                     ids.append(int(vmm_id))
         return ids
 
-    def machine_for(
-        self, spec: SandboxSpec, run_dir: Path, vmm_id: int | None = None
-    ) -> MachineSpec:
-        """The VM a pod with ``spec`` gets on this node (its VMM jailed as ``vmm_id``)."""
+    def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
+        """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation)."""
         vcpus, memory = size_vm(spec, self.config)
         cfg = self.config
         return MachineSpec(
@@ -323,7 +321,6 @@ class SandboxHost:
             os_image_mode=cfg.os_image_mode,
             extra_args=tuple(spec.extra_args),
             share=self.assets.share,
-            vmm_id=vmm_id,
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
@@ -400,9 +397,7 @@ class PodSandbox:
         sandbox = cls(host, machine, spec)
         try:
             if machine.vmm_id is not None:
-                prepare_vmm_dir(machine.vmm_dir, machine.vmm_id)
-                machine.images_dir.mkdir(mode=0o700)
-                os.chown(machine.images_dir, machine.vmm_id, machine.vmm_id)
+                prepare_vmm_dir(machine, mounts_later=True)
             if sandbox.share is not None:
                 sandbox.share.create()
             sandbox._save()

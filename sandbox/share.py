@@ -66,11 +66,8 @@ class PodShare:
         directory of the VM's own, which already propagates to the jail alone.
         Idempotent."""
         self.root.mkdir(mode=0o700, exist_ok=True)
-        if self.vmm_id is not None:
-            return
-        if str(self.root) not in mounts.mounts_under(self.root):
-            mounts.bind(self.root, self.root, recursive=False)
-        mounts.set_propagation(self.root, "rprivate")
+        if self.vmm_id is None:
+            mounts.own_mount(self.root, shared=False)
 
     def bind(
         self,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.client import AgentClient, AgentError
-from sandbox.jail import JailError, VmmIds, jail_for
+from sandbox.jail import JailError, VmmIds, jail_for, prepare_vmm_dir
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
 from sandbox.qmp import QmpControl, QmpError
 from sandbox.vm import MachineSpec, VmProcess, build_command, pid_alive, read_cmdline
@@ -259,8 +259,7 @@ class TemplateStore:
         maps it privately; each VMM runs as an id of its own), inside a directory only
         root can enter: a VMM reaches it through its jail's bind alone."""
         if spec.vmm_id is not None:
-            spec.vmm_dir.mkdir(mode=0o700)
-            os.chown(spec.vmm_dir, spec.vmm_id, spec.vmm_id)
+            prepare_vmm_dir(spec, mounts_later=False)
             assert spec.memory_file is not None
             fd = os.open(spec.memory_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.fchmod(fd, 0o666)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.api import PodUsage
+from sandbox.cgroups import CGROUP_ROOT
 
 PROC = Path("/proc")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 PAGE_SIZE = mmap.PAGESIZE
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -31,8 +31,13 @@ class ProcessMemory:
     ksm_merging: int = 0  # bytes of this process's memory merged by KSM
 
 
-SMAPS_FIELDS = {"Pss": "pss", "Rss": "rss", "Pss_Anon": "pss_anon", "Pss_File": "pss_file"}
-SMAPS_FIELDS["Pss_Shmem"] = "pss_shmem"
+SMAPS_FIELDS = {
+    "Pss": "pss",
+    "Rss": "rss",
+    "Pss_Anon": "pss_anon",
+    "Pss_File": "pss_file",
+    "Pss_Shmem": "pss_shmem",
+}
 STATUS_FIELDS = {"RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
 
 
