@@ -38,6 +38,7 @@ from agent.protocol import (
     UNAVAILABLE,
     UNKNOWN_OP,
     WINDOW,
+    CodedError,
     ContainerInfo,
     ContainerSpec,
     ExecSpec,
@@ -84,16 +85,12 @@ def socket_address(path: Path) -> Iterator[str]:
 UNBOUNDED_OPS = frozenset({"wait_container"})
 
 
-class AgentError(Exception):
+class AgentError(CodedError):
     """A failed agent call; ``code`` is one of the protocol error codes."""
 
-    code: str = INTERNAL
-
     def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code)
         self.message = message
-        if code is not None:
-            self.code = code
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

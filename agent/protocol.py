@@ -117,6 +117,22 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DATA_LOSS = "DATA_LOSS"
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+
+
+class CodedError(Exception):
+    """An error of any layer (agent client, sandbox, network, images, streaming, CRI):
+    ``code`` says why in the vocabulary above, and the CRI server answers it with the
+    gRPC status of that name in one place (cri/runtime/service.py ``cri_call``). The
+    message says what failed and what to do."""
+
+    code: str = ErrorCode.INTERNAL
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 # The wire codes by name, as the agent and its client spell them.
