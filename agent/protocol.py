@@ -131,6 +131,7 @@ class CodedError(Exception):
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         if code is not None:
             self.code = code
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.pod import SandboxConfig
+from sandbox.node import SandboxConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/clearcri/config.toml")
 

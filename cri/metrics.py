@@ -27,25 +27,25 @@ import os
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import urlsplit
 
-from cri_api.v1 import api_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
-from cri import cadvisor_metrics
-from cri.runtime.state import EXITED, ContainerRecord, PodRecord
-from sandbox.api import SandboxState
-from sandbox.handlers import HOST_HANDLER
-from sandbox.pod import BootTimes
-from sandbox.usage import PROC, process_cpu_ns, read_process_memory
+from cri.runtime.snapshot import (
+    CONTAINER_STATE_NAMES,
+    POD_STATE_NAMES,
+    GuestCache,
+    RuntimeView,
+    SharedImage,
+    Snapshot,
+    take_snapshot,
+)
+from sandbox.api import PROC, BootTimes, process_cpu_ns, read_process_memory
 
 log = logging.getLogger("clearcri.metrics")
 
@@ -67,93 +67,14 @@ PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 6
 
 # A container started later than this after its pod was ready is not "boot" any more.
 FIRST_CONTAINER_WINDOW_S = 600.0
-# How long a scrape waits for one guest's agent; one that does not answer in time is
-# reported with its last figures if they are recent enough, else without them.
-GUEST_STATS_TIMEOUT_S = 2.0
-GUEST_STATS_MAX_AGE_S = 60.0
-# ListPodSandboxMetrics asks for every figure (the guest walks /proc and the writable
-# layers): give a busy guest longer than a scrape does.
-CRI_METRICS_TIMEOUT_S = 5.0
 
-GuestCache = dict[str, tuple[float, StatsReport]]
 
 SANDBOX_LABELS = ("sandbox_id", "pod", "namespace")
 IMAGE_LABELS = ("image", "kind", "path")
 OS_IMAGE_NAME = "guest-os"
 
-POD_STATE_NAMES: dict[int, str] = {
-    api_pb2.SANDBOX_READY: "ready",
-    api_pb2.SANDBOX_NOTREADY: "notready",
-}
-CONTAINER_STATE_NAMES: dict[int, str] = {
-    api_pb2.CONTAINER_CREATED: "created",
-    api_pb2.CONTAINER_RUNNING: "running",
-    api_pb2.CONTAINER_EXITED: "exited",
-    api_pb2.CONTAINER_UNKNOWN: "unknown",
-}
 KSM_FIELDS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans")
 KSM_SETTINGS = ("run", "pages_to_scan", "sleep_millisecs")
-
-
-# -- what the collector reads from the runtime (the real Runtime fits these) ----------
-
-
-class MachineView(Protocol):
-    @property
-    def os_image(self) -> Path: ...
-
-
-class SandboxView(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def pid(self) -> int: ...
-    @property
-    def slots(self) -> Mapping[int, str]: ...
-    @property
-    def machine(self) -> MachineView: ...
-    async def stats(
-        self, container_id: str | None = None, *, detail: bool = False
-    ) -> StatsReport: ...
-
-
-class RecordsView(Protocol):
-    @property
-    def pods(self) -> Mapping[str, PodRecord]: ...
-    @property
-    def containers(self) -> Mapping[str, ContainerRecord]: ...
-
-
-class ImageView(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def repo_tags(self) -> Sequence[str]: ...
-    @property
-    def rootfs_id(self) -> str: ...
-
-
-class PullStatsView(Protocol):
-    @property
-    def blob_bytes(self) -> int: ...
-
-
-class ImagesView(Protocol):
-    def list(self) -> Sequence[ImageView]: ...
-    def rootfs_path(self, image_id: str) -> Path: ...
-    @property
-    def stats(self) -> PullStatsView: ...
-
-
-class RuntimeView(Protocol):
-    @property
-    def state(self) -> RecordsView: ...
-    @property
-    def sandboxes(self) -> Mapping[str, SandboxView]: ...
-    @property
-    def images(self) -> ImagesView: ...
 
 
 # -- events pushed by the runtime -----------------------------------------------------
@@ -281,119 +202,6 @@ def crash_cause(reason: str) -> str:
     if "no daemon" in text or "lost" in text or "reconnect" in text:
         return "lost"
     return "exit"
-
-
-# -- what a scrape reads ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SandboxSample:
-    """One pod VM as the loop saw it at the start of a scrape."""
-
-    sandbox_id: str
-    pod: str
-    namespace: str
-    pid: int
-    os_image: Path | None  # None for a host pod (no VM, no guest OS image)
-    image_ids: tuple[str, ...]
-    guest: GuestStats | None = None
-    containers: tuple[ContainerStats, ...] = ()
-    handler: str = "clearcri"
-    interfaces: tuple[InterfaceStats, ...] = ()
-
-    @property
-    def labels(self) -> tuple[str, str, str]:
-        return (self.sandbox_id, self.pod, self.namespace)
-
-
-@dataclass(frozen=True)
-class SharedImage:
-    name: str
-    kind: str  # "os" or "container"
-    path: Path
-
-
-@dataclass
-class Snapshot:
-    """Everything a scrape needs from the event loop's side, copied there."""
-
-    sandboxes: list[SandboxSample] = field(default_factory=list)
-    pod_states: Tally[str] = field(default_factory=Tally)
-    container_states: Tally[str] = field(default_factory=Tally)
-    container_images: dict[str, SharedImage] = field(default_factory=dict)
-    pulled_bytes: int = 0
-
-
-async def take_snapshot(
-    runtime: RuntimeView,
-    *,
-    guest_timeout: float = GUEST_STATS_TIMEOUT_S,
-    cache: GuestCache | None = None,
-    detail: bool = False,
-) -> Snapshot:
-    """Copy what a scrape needs (on the loop) and ask every ready guest for its figures
-    (concurrently, each with ``guest_timeout``; ``cache`` keeps the last answers for a
-    guest too busy to answer in time; ``detail`` asks for every container figure and
-    the pod's network counters)."""
-    snap = Snapshot()
-    records = runtime.state
-    pods = dict(records.pods)
-    for pod in pods.values():
-        snap.pod_states[POD_STATE_NAMES.get(pod.state, "unknown")] += 1
-    for ctr in records.containers.values():
-        snap.container_states[CONTAINER_STATE_NAMES.get(ctr.state, "unknown")] += 1
-    ready = [
-        (pods[pid], sb)
-        for pid, sb in list(runtime.sandboxes.items())
-        if pid in pods and sb.state == SandboxState.READY and sb.pid > 0
-    ]
-    if cache is not None:
-        for gone in set(cache) - {pod.id for pod, _ in ready}:
-            del cache[gone]
-
-    async def guest_report(sandbox: SandboxView) -> StatsReport | None:
-        try:
-            query = sandbox.stats(detail=True) if detail else sandbox.stats()
-            report = await asyncio.wait_for(query, guest_timeout)
-        except Exception as exc:  # an unreachable agent only loses its guest figures
-            log.debug("sandbox=%s no guest stats: %s", sandbox.id[:12], exc)
-            if cache is not None and sandbox.id in cache:
-                taken, last = cache[sandbox.id]
-                if time.monotonic() - taken <= GUEST_STATS_MAX_AGE_S:
-                    return last
-            return None
-        if cache is not None:
-            cache[sandbox.id] = (time.monotonic(), report)
-        return report
-
-    reports = await asyncio.gather(*(guest_report(sb) for _, sb in ready))
-    for (pod, sandbox), report in zip(ready, reports, strict=True):
-        on_host = pod.runtime_handler == HOST_HANDLER
-        snap.sandboxes.append(
-            SandboxSample(
-                sandbox_id=pod.id,
-                pod=pod.name,
-                namespace=pod.namespace,
-                pid=sandbox.pid,
-                os_image=None if on_host else Path(sandbox.machine.os_image),
-                image_ids=() if on_host else tuple(sorted(set(sandbox.slots.values()))),
-                guest=None if on_host or report is None else report.guest,
-                containers=tuple(report.containers) if report else (),
-                handler=pod.runtime_handler,
-                interfaces=tuple(report.interfaces) if report else (),
-            )
-        )
-    used = {i for s in snap.sandboxes for i in s.image_ids}
-    if used:
-        images = runtime.images
-        for record in images.list():
-            if record.rootfs_id in used:
-                name = record.repo_tags[0] if record.repo_tags else record.id
-                snap.container_images[record.rootfs_id] = SharedImage(
-                    name, "container", images.rootfs_path(record.id)
-                )
-    snap.pulled_bytes = runtime.images.stats.blob_bytes
-    return snap
 
 
 def read_ksm(ksm_dir: Path = KSM_DIR) -> dict[str, int]:
@@ -646,118 +454,6 @@ class RuntimeCollector(Collector):
                 resident.add_metric(values, in_cache)
                 saved.add_metric(values, in_cache * max(0, n - 1))
         yield from (count, size, resident, saved)
-
-
-# -- CRI ListMetricDescriptors / ListPodSandboxMetrics ------------------------------------
-
-# clearcri's own CRI metrics carry cAdvisor's base labels too (pod-level ones as the
-# pod's "POD" series), so kubelet's /metrics/cadvisor has one label set throughout.
-POD_METRICS = (
-    ("clearcri_pod_memory_pss_bytes", "PSS of the pod VM's qemu process.", api_pb2.GAUGE),
-    ("clearcri_pod_memory_rss_bytes", "RSS of the pod VM's qemu process.", api_pb2.GAUGE),
-    (
-        "clearcri_pod_vm_cpu_usage_nanoseconds_total",
-        "CPU time of the pod VM's qemu process, in nanoseconds.",
-        api_pb2.COUNTER,
-    ),
-    ("clearcri_pod_guest_memory_total_bytes", "MemTotal inside the pod VM.", api_pb2.GAUGE),
-    (
-        "clearcri_pod_guest_memory_available_bytes",
-        "MemAvailable inside the pod VM.",
-        api_pb2.GAUGE,
-    ),
-)
-CONTAINER_METRICS = (
-    (
-        "clearcri_container_memory_working_set_bytes",
-        "Working set of the container's cgroup in the guest.",
-        api_pb2.GAUGE,
-    ),
-    (
-        "clearcri_container_cpu_usage_nanoseconds_total",
-        "CPU time of the container's cgroup in the guest, in nanoseconds.",
-        api_pb2.COUNTER,
-    ),
-)
-
-
-def metric_descriptors() -> list[api_pb2.MetricDescriptor]:
-    """ListMetricDescriptors: clearcri's own pod and container figures, then the
-    cAdvisor set (cri/cadvisor_metrics.py)."""
-    keys = list(cadvisor_metrics.BASE_LABELS)
-    out = [
-        api_pb2.MetricDescriptor(name=name, help=text, label_keys=keys)
-        for name, text, _ in (*POD_METRICS, *CONTAINER_METRICS)
-    ]
-    out += [d.message() for d in cadvisor_metrics.DESCRIPTORS]
-    return out
-
-
-def pod_metrics_messages(
-    snap: Snapshot, containers: Mapping[str, ContainerRecord], proc: Path = PROC
-) -> list[api_pb2.PodSandboxMetrics]:
-    """Per-pod figures for kubelet: pod-level series (the VM's cost, the pod's network)
-    and, for each container the runtime knows that has not exited, its series. Reads
-    /proc: call off the event loop."""
-    out = []
-    types = {name: kind for name, _, kind in (*POD_METRICS, *CONTAINER_METRICS)}
-    for sample in snap.sandboxes:
-        now = time.time_ns()
-        labels = cadvisor_metrics.pod_labels(sample.sandbox_id, sample.pod, sample.namespace)
-        values: dict[str, int] = {}
-        memory = read_process_memory(sample.pid, proc)
-        if memory is not None:
-            values["clearcri_pod_memory_pss_bytes"] = memory.pss
-            values["clearcri_pod_memory_rss_bytes"] = memory.rss
-        cpu_ns = process_cpu_ns(sample.pid, proc)
-        if cpu_ns is not None:
-            values["clearcri_pod_vm_cpu_usage_nanoseconds_total"] = cpu_ns
-        if sample.guest is not None and sample.guest.mem_total_kib:
-            values["clearcri_pod_guest_memory_total_bytes"] = sample.guest.mem_total_kib * 1024
-            values["clearcri_pod_guest_memory_available_bytes"] = (
-                sample.guest.mem_available_kib * 1024
-            )
-        message = api_pb2.PodSandboxMetrics(pod_sandbox_id=sample.sandbox_id)
-        for name, value in values.items():
-            message.metrics.add(
-                name=name,
-                timestamp=now,
-                metric_type=types[name],
-                label_values=labels,
-            ).value.value = value
-        message.metrics.extend(
-            cadvisor_metrics.pod_network_metrics(
-                sample.sandbox_id, sample.pod, sample.namespace, sample.interfaces, now
-            )
-        )
-        for stats in sample.containers:
-            record = containers.get(stats.id)
-            if record is None or record.pod_id != sample.sandbox_id or record.state == EXITED:
-                continue
-            cm = message.container_metrics.add(container_id=stats.id)
-            ctr_labels = cadvisor_metrics.container_labels(record, sample.pod, sample.namespace)
-            for name, value in (
-                ("clearcri_container_memory_working_set_bytes", stats.memory_working_set),
-                ("clearcri_container_cpu_usage_nanoseconds_total", stats.cpu_usage_usec * 1000),
-            ):
-                cm.metrics.add(
-                    name=name,
-                    timestamp=now,
-                    metric_type=types[name],
-                    label_values=ctr_labels,
-                ).value.value = max(0, value)
-            cm.metrics.extend(
-                cadvisor_metrics.container_metrics(record, sample.pod, sample.namespace, stats, now)
-            )
-        out.append(message)
-    return out
-
-
-async def list_pod_sandbox_metrics(runtime: RuntimeView) -> list[api_pb2.PodSandboxMetrics]:
-    """ListPodSandboxMetrics: every ready pod, with every figure its guest has."""
-    snap = await take_snapshot(runtime, guest_timeout=CRI_METRICS_TIMEOUT_S, detail=True)
-    containers = dict(runtime.state.containers)
-    return await asyncio.to_thread(pod_metrics_messages, snap, containers)
 
 
 # -- exporter and HTTP endpoint -------------------------------------------------------------

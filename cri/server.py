@@ -31,7 +31,8 @@ from cri.store import Store
 from cri.streaming.agent_backend import AgentStreamingBackend
 from cri.streaming.server import StreamingServer
 from sandbox.guest import GuestAssetsMissing
-from sandbox.pod import SandboxHost
+from sandbox.handlers import Sandboxes
+from sandbox.node import SandboxHost
 from sandbox.template import VmTemplate
 from sandbox.vm import configure_host_ksm
 
@@ -102,7 +103,7 @@ class Daemon:
             except (GuestAssetsMissing, ValueError) as exc:
                 raise DaemonError(str(exc)) from exc
             state = RuntimeState(self.store)
-            self.runtime = Runtime(cfg, state, host, self.images)
+            self.runtime = Runtime(cfg, state, Sandboxes(host), self.images)
             self.runtime.metrics = self.metrics
             await self.runtime.recover()
             # the first pod of the default size should start from a template too

@@ -15,10 +15,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from sandbox.api import SandboxSpec
 from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import GuestAssets, locate_guest
-from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.lifecycle import PodSandbox
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.vm import MachineSpec, VmProcess, build_command
+from sandbox.vmpod import create_vm_pod, vm_backend
 
 FLOOR_MARKER = b"clearcri-floor-ready"
 
@@ -135,7 +138,7 @@ async def _run(
             (clone_host, clone_phases, "clone"),
             (unjailed_host, unjailed_phases, "unjailed"),
         ):
-            sandbox = PodSandbox.create(target, SandboxSpec(f"bench-{prefix}-{i}"))
+            sandbox = create_vm_pod(target, SandboxSpec(f"bench-{prefix}-{i}"))
             try:
                 boot = await sandbox.start()
             finally:
@@ -191,7 +194,7 @@ async def measure_memory(host: SandboxHost, count: int, prefix: str) -> tuple[in
     sandboxes: list[PodSandbox] = []
     try:
         for i in range(count):
-            sandbox = PodSandbox.create(host, SandboxSpec(f"{prefix}-{i}"))
+            sandbox = create_vm_pod(host, SandboxSpec(f"{prefix}-{i}"))
             sandboxes.append(sandbox)
             await sandbox.start()
         await asyncio.sleep(5)
@@ -250,7 +253,7 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
         per_pod_kib = 0.0
         for i in range(pods):
             try:
-                sandbox = PodSandbox.create(host, SandboxSpec(f"bench-density-{i}"))
+                sandbox = create_vm_pod(host, SandboxSpec(f"bench-density-{i}"))
                 sandboxes.append(sandbox)
                 boot = await sandbox.start()
             except Exception as exc:  # the limit: report it, then clean up
@@ -367,10 +370,10 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
             spec = SandboxSpec(
                 f"bench-ovh-{size}", memory_limit_bytes=size * MIB, cgroup_parent=parent
             )
-            sandbox = PodSandbox.create(host, spec)
+            sandbox = create_vm_pod(host, spec)
             try:
                 await sandbox.start()
-                cgroup = memory_cgroup(sandbox.cgroup.paths)
+                cgroup = memory_cgroup(vm_backend(sandbox).cgroup.paths)
                 if cgroup is None:
                     raise RuntimeError("the host has no memory cgroup controller")
                 await sandbox.create_container(
@@ -399,12 +402,13 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
                         break
                     last = current
                 _, peak = cgroup_charge(cgroup)
-                overhead = peak / MIB - sandbox.machine.memory_mib
-                own = qemu_own_anon_kib(sandbox.pid, sandbox.machine.memory_mib * MIB) / 1024
+                memory_mib = vm_backend(sandbox).machine.memory_mib
+                overhead = peak / MIB - memory_mib
+                own = qemu_own_anon_kib(sandbox.pid, memory_mib * MIB) / 1024
                 overheads.append(own)
-                guest_floor.append(sandbox.machine.memory_mib - total)
+                guest_floor.append(memory_mib - total)
                 print(
-                    f"{sandbox.machine.memory_mib:>7} {total:>15.1f} {idle / MIB:>12.1f} "
+                    f"{memory_mib:>7} {total:>15.1f} {idle / MIB:>12.1f} "
                     f"{peak / MIB:>12.1f} {overhead:>10.1f} {own:>9.1f}",
                     flush=True,
                 )

@@ -1,4 +1,5 @@
-"""Put a pod VM's host processes under the pod's cgroup parent.
+"""Cgroups on the host: a pod VM's host processes under the pod's cgroup parent, a host
+pod's tree (made, killed, removed), the one parser of kubelet's cgroup parents.
 
 kubelet creates one cgroup per pod (its QoS class, pod overhead and limits) and expects
 the runtime to run the pod's processes below it, so that its accounting (cAdvisor) and
@@ -11,19 +12,26 @@ or each v1 controller), for both the cgroupfs driver (a path) and the systemd dr
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.api import SandboxError
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-class CgroupError(Exception):
+class CgroupError(SandboxError):
     """The VM could not be placed in its pod's cgroup."""
 
 
 def systemd_slice_path(name: str) -> str:
     """``a-b-c.slice`` → ``a.slice/a-b.slice/a-b-c.slice`` (systemd's slice nesting)."""
+    if name == "-.slice":  # the root slice
+        return ""
     if not name.endswith(".slice"):
         raise CgroupError(f"systemd cgroup parent {name!r} is not a slice (name.slice)")
     stem = name.removesuffix(".slice")
@@ -85,6 +93,19 @@ def parent_path(parent: str, driver: str) -> str:
     if ".." in clean.split("/"):
         raise CgroupError(f"cgroup parent {parent!r} leaves the cgroup tree")
     return clean
+
+
+def parent_problem(parent: str, driver: str) -> str | None:
+    """What is wrong with a pod's cgroup parent (kubelet's, from a CRI request), or None."""
+    if not parent:
+        return None
+    if len(parent.encode()) > 4096 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in parent):
+        return f"cgroup parent {parent[:60]!r} is too long or holds a control character"
+    try:
+        parent_path(parent, driver)
+    except CgroupError as exc:
+        return str(exc)
+    return None
 
 
 def relative_path(parent: str, driver: str, sandbox_id: str) -> str:
@@ -215,3 +236,93 @@ def pod_memory_budget(
         if found is not None:
             budgets.append(found)
     return min(budgets) if budgets else 0
+
+
+# ------------------------------------------------------------------ a host pod's tree
+
+
+def cgroup_layout(root: Path = CGROUP_ROOT) -> str:
+    """ "v2" (unified), "hybrid" (v1 controllers plus a v2 mount at unified/), "v1",
+    or "none"."""
+    if (root / "cgroup.controllers").exists():
+        return "v2"
+    if (root / "memory" / "cgroup.procs").exists():
+        return "hybrid" if (root / "unified" / "cgroup.controllers").exists() else "v1"
+    return "none"
+
+
+def pod_tree_path(parent: str, driver: str, sandbox_id: str) -> str:
+    """The absolute cgroup path of a host pod's tree (its containers and agent) from
+    kubelet's ``cgroup_parent`` (see parent_path; the systemd driver's slices are driven
+    with crun's cgroupfs manager, so no systemd is needed). No parent, or the root
+    slice: ``/clearcri/<sandbox id>``."""
+    path = parent_path(parent, driver) if parent else ""
+    return f"/{path}" if path else f"/clearcri/{sandbox_id}"
+
+
+def hierarchies_under(root: Path = CGROUP_ROOT) -> list[Path]:
+    """Every cgroup hierarchy mounted under ``root`` (the root itself for v2)."""
+    if (root / "cgroup.procs").exists():
+        return [root]
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(root.iterdir()):
+            real = not entry.is_symlink() and entry.name != "unified"
+            if real and (entry / "cgroup.procs").exists():
+                out.append(entry)
+    return out
+
+
+def missing_cgroup_dirs(path: str, root: Path = CGROUP_ROOT) -> list[str]:
+    """The components of ``path`` that do not exist yet (outermost first), checked in the
+    memory hierarchy (or the v2 root): what removing the pod should remove again."""
+    hierarchies = hierarchies_under(root)
+    probe = next((h for h in hierarchies if h.name == "memory"), None) or (
+        hierarchies[0] if hierarchies else None
+    )
+    if probe is None:
+        return []
+    missing = []
+    current = ""
+    for part in [p for p in path.split("/") if p]:
+        current += "/" + part
+        if not (probe / current.lstrip("/")).exists():
+            missing.append(current)
+    return missing
+
+
+def kill_cgroup_tree(path: str, root: Path = CGROUP_ROOT, rounds: int = 20) -> int:
+    """SIGKILL every process in the cgroup ``path`` and below (every hierarchy);
+    returns how many were signalled. Blocking."""
+    killed = 0
+    for _ in range(rounds):
+        pids: set[int] = set()
+        for hierarchy in hierarchies_under(root):
+            base = hierarchy / path.lstrip("/")
+            for dirpath, _dirs, _files in os.walk(base):
+                with contextlib.suppress(OSError, ValueError):
+                    text = Path(dirpath, "cgroup.procs").read_text()
+                    pids.update(int(x) for x in text.split())
+        pids.discard(os.getpid())
+        if not pids:
+            return killed
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    return killed
+
+
+def remove_cgroup_tree(path: str, root: Path = CGROUP_ROOT, *, keep_base: bool = False) -> None:
+    """rmdir every cgroup below ``path`` (and ``path`` itself unless ``keep_base``) in
+    every hierarchy. Blocking."""
+    for hierarchy in hierarchies_under(root):
+        base = hierarchy / path.lstrip("/")
+        if not base.is_dir():
+            continue
+        for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda w: -len(w[0])):
+            if keep_base and Path(dirpath) == base:
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 from agent.protocol import ContainerSpec, ExecSpec
-from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.api import SandboxSpec
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.vmpod import create_vm_pod, host_memory
 
 
 async def run_demo(guest_dir: Path, run_root: Path) -> int:
@@ -19,7 +21,7 @@ async def run_demo(guest_dir: Path, run_root: Path) -> int:
     try:
         tree = make_busybox_tree(work / "busybox")
         image = build_rootfs_image(tree, work / "busybox.erofs", image_id="busybox")
-        sandbox = PodSandbox.create(host, SandboxSpec("demo", hostname="demo-pod"))
+        sandbox = create_vm_pod(host, SandboxSpec("demo", hostname="demo-pod"))
         try:
             boot = await sandbox.start()
             print(
@@ -45,7 +47,7 @@ async def run_demo(guest_dir: Path, run_root: Path) -> int:
                 print("guest " + data.decode().splitlines()[0])
                 break
             await session.wait(10)
-            memory = sandbox.host_memory()
+            memory = host_memory(sandbox)
             pss = memory.pss if memory is not None else 0
             print(f"qemu PSS on the host: {pss / 2**20:.1f} MiB")
         finally:

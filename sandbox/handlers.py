@@ -1,33 +1,124 @@
 """The runtime handlers this node serves and the sandbox kind behind each: a pod VM for
-``clearcri`` (sandbox/pod.py), a pod on the host for ``host`` (sandbox/hostpod.py).
-cri/ makes and re-adopts sandboxes only through a ``SandboxKinds``; tests hand it one
-whose sandboxes are fakes."""
+``clearcri`` (sandbox/vmpod.py), a pod on the host for ``host`` (sandbox/hostpod.py).
+``Sandboxes`` is the node's ``sandbox.api.SandboxProvider``: cri/ makes, re-adopts and
+cleans up sandboxes only through it; tests hand cri/ one whose sandboxes are fakes."""
 
 from __future__ import annotations
 
-from sandbox.hostpod import HOST_HANDLER, HostPodSpec, HostSandbox, adopt_sandbox
-from sandbox.pod import PodSandbox, SandboxHost, SandboxSpec
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-VM_HANDLER = "clearcri"
+from sandbox import mounts
+from sandbox.api import (
+    HOST_HANDLER,
+    VM_HANDLER,
+    HostPodSpec,
+    NetworkStatus,
+    SandboxError,
+    SandboxNotFound,
+    SandboxRefused,
+    SandboxSpec,
+)
+from sandbox.cgroups import parent_problem, pod_memory_budget
+from sandbox.hostpod import create_host_pod, restore_host_pod
+from sandbox.lifecycle import PodSandbox, read_state
+from sandbox.network import NetworkError
+from sandbox.node import SandboxHost
+from sandbox.vmpod import create_vm_pod, restore_vm_pod
+
+log = logging.getLogger(__name__)
 
 
-class SandboxKinds:
-    """Makes a sandbox of the kind a handler names, and re-adopts any kind."""
+@dataclass(frozen=True)
+class SandboxKind:
+    """How sandboxes of one runtime handler are made and read back."""
+
+    spec_type: type[SandboxSpec] | type[HostPodSpec]
+    create: Callable[[SandboxHost, Any], PodSandbox]
+    restore: Callable[[SandboxHost, dict[str, Any]], PodSandbox]
+
+
+KINDS: dict[str, SandboxKind] = {
+    VM_HANDLER: SandboxKind(SandboxSpec, create_vm_pod, restore_vm_pod),
+    HOST_HANDLER: SandboxKind(HostPodSpec, create_host_pod, restore_host_pod),
+}
+
+
+class Sandboxes:
+    """The node's sandboxes of every kind (``sandbox.api.SandboxProvider``)."""
 
     def __init__(self, host: SandboxHost) -> None:
         self.host = host
 
-    def create_vm(self, spec: SandboxSpec) -> PodSandbox:
-        """A pod VM (not started)."""
-        return PodSandbox.create(self.host, spec)
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        return tuple(KINDS)
 
-    def create_host(self, spec: HostPodSpec) -> PodSandbox:
-        """A pod on the host (not started)."""
-        return HostSandbox.create_host(self.host, spec)
+    @property
+    def networking(self) -> bool:
+        return self.host.config.network.enabled
+
+    def create(self, handler: str, spec: SandboxSpec | HostPodSpec) -> PodSandbox:
+        kind = KINDS.get(handler)
+        if kind is None:
+            raise SandboxRefused(
+                f"no runtime handler {handler!r} on this node (it has {', '.join(KINDS)})"
+            )
+        if not isinstance(spec, kind.spec_type):
+            raise SandboxRefused(f"runtime handler {handler!r} takes a {kind.spec_type.__name__}")
+        return kind.create(self.host, spec)
 
     async def adopt(self, sandbox_id: str) -> PodSandbox:
-        """Re-attach to a sandbox of either kind an earlier daemon left."""
-        return await adopt_sandbox(self.host, sandbox_id)
+        saved = read_state(self.host.config.run_root / sandbox_id)
+        kind = KINDS.get(str(saved.get("kind", VM_HANDLER)))
+        if kind is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} was made by an unknown handler")
+        try:
+            sandbox = kind.restore(self.host, saved)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
+        await sandbox.adopt_process()
+        return sandbox
 
+    async def remove_leftover(self, sandbox_id: str) -> None:
+        run_dir = self.host.config.run_root / sandbox_id
+        if not run_dir.exists():
+            return
+        try:
+            sandbox = await self.adopt(sandbox_id)
+        except SandboxError:
+            # binds of host paths may be below it: detach them before deleting anything
+            try:
+                await asyncio.to_thread(mounts.remove_tree, run_dir)
+            except OSError as exc:
+                log.warning("sandbox=%s: cannot remove %s: %s", sandbox_id[:12], run_dir, exc)
+            return
+        await sandbox.destroy()
 
-__all__ = ["HOST_HANDLER", "VM_HANDLER", "SandboxKinds"]
+    def sandbox_ids(self) -> list[str]:
+        return self.host.sandbox_ids()
+
+    def node_info(self) -> dict[str, str]:
+        host = self.host
+        return {
+            "accelerator": f"{host.accel} ({host.accel_reason})",
+            "guest": host.assets.version,
+        }
+
+    def network_status(self) -> NetworkStatus:
+        return self.host.network.status()
+
+    def update_pod_cidr(self, cidr: str) -> None:
+        try:
+            self.host.network.update_pod_cidr(cidr)
+        except NetworkError as exc:
+            raise SandboxRefused(str(exc)) from exc
+
+    def memory_budget(self, cgroup_parent: str, driver: str, limit: int, overhead: int) -> int:
+        return pod_memory_budget(cgroup_parent, driver, limit, overhead)
+
+    def cgroup_parent_problem(self, parent: str, driver: str) -> str | None:
+        return parent_problem(parent, driver)

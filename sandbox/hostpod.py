@@ -30,17 +30,15 @@ One host pod is:
   superblock and one page cache per image); each container gets an overlay with a
   private upper layer in the pod's run directory.
 
-``HostSandbox`` offers the interface the CRI layer uses on ``PodSandbox`` (it subclasses
-it only so that the CRI layer's annotations hold; nothing of the VM machinery is used).
-Its state is ``state.json`` in its run directory with ``"kind": "host"``;
-:func:`adopt_sandbox` picks the right class when a daemon re-adopts a sandbox.
+``HostBackend`` is what runs such a pod inside the one ``PodSandbox`` class
+(sandbox/lifecycle.py), as ``VmBackend`` runs a pod VM; its state is ``state.json`` in
+its run directory with ``"kind": "host"``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -49,43 +47,49 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import agent
-from agent.client import AgentClient, AgentError
 from agent.protocol import Mount
-from sandbox.api import HostPathMount, PodUsage, SandboxState
-from sandbox.cgroups import CGROUP_ROOT
+from sandbox.api import (
+    HOST_HANDLER,
+    BootTimes,
+    HostPathMount,
+    HostPodSpec,
+    ImageFile,
+    PodNetworkSpec,
+    PodUsage,
+    SandboxError,
+    SharedFiles,
+)
+from sandbox.cgroups import (
+    cgroup_layout,
+    hierarchies_under,
+    kill_cgroup_tree,
+    missing_cgroup_dirs,
+    pod_tree_path,
+    remove_cgroup_tree,
+)
+from sandbox.lifecycle import PodSandbox, check_new
 from sandbox.network import (
     POD_IFNAME,
     CniInvocation,
     NetworkError,
     NetworkResult,
     PodNetwork,
-    PodNetworkSpec,
     cni_args,
     create_netns,
     runtime_config,
 )
-from sandbox.pod import (
-    SANDBOX_ID_RE,
-    STATE_FILE,
-    BootTimes,
-    PodSandbox,
-    SandboxError,
-    SandboxHost,
-    SandboxNotFound,
-)
-from sandbox.rootfs import RootfsImage
+from sandbox.node import SandboxHost
 from sandbox.usage import read_cgroup_usage
 from sandbox.vm import VmProcess
+from sandbox.vmpod import check_propagation
 
 log = logging.getLogger(__name__)
 
-HOST_HANDLER = "host"
 AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
 AGENT_DIR = "agent"
@@ -115,109 +119,6 @@ fi
 if [ -n "$netns" ]; then ip link set lo up 2>/dev/null || true; fi
 exec "$@"
 """
-
-
-# ------------------------------------------------------------------------ cgroups
-
-
-def cgroup_layout(root: Path = CGROUP_ROOT) -> str:
-    """ "v2" (unified), "hybrid" (v1 controllers plus a v2 mount at unified/), "v1",
-    or "none"."""
-    if (root / "cgroup.controllers").exists():
-        return "v2"
-    if (root / "memory" / "cgroup.procs").exists():
-        return "hybrid" if (root / "unified" / "cgroup.controllers").exists() else "v1"
-    return "none"
-
-
-def cgroup_parent_path(parent: str, driver: str, sandbox_id: str) -> str:
-    """The cgroup path for a pod's containers from kubelet's ``cgroup_parent``.
-
-    cgroupfs: the path as given. systemd: a slice name such as
-    ``kubepods-besteffort-pod<uid>.slice`` expands to the path systemd gives it
-    (``/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice``);
-    clearcri drives that path with crun's cgroupfs manager, so no systemd is needed. No
-    parent: ``/clearcri/<sandbox id>``.
-    """
-    if not parent:
-        return f"/clearcri/{sandbox_id}"
-    if driver == "systemd" and "/" not in parent and parent.endswith(".slice"):
-        name = parent.removesuffix(".slice")
-        if name in ("", "-"):
-            return "/"
-        parts = name.split("-")
-        return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
-    if not parent.startswith("/"):
-        parent = "/" + parent
-    return parent.rstrip("/") or "/"
-
-
-def _hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
-    """Every cgroup hierarchy mounted under ``root`` (the root itself for v2)."""
-    if (root / "cgroup.procs").exists():
-        return [root]
-    out = []
-    with contextlib.suppress(OSError):
-        for entry in sorted(root.iterdir()):
-            real = not entry.is_symlink() and entry.name != "unified"
-            if real and (entry / "cgroup.procs").exists():
-                out.append(entry)
-    return out
-
-
-def missing_cgroup_dirs(path: str, root: Path = CGROUP_ROOT) -> list[str]:
-    """The components of ``path`` that do not exist yet (outermost first), checked in the
-    memory hierarchy (or the v2 root): what removing the pod should remove again."""
-    hierarchies = _hierarchies(root)
-    probe = next((h for h in hierarchies if h.name == "memory"), None) or (
-        hierarchies[0] if hierarchies else None
-    )
-    if probe is None:
-        return []
-    missing = []
-    current = ""
-    for part in [p for p in path.split("/") if p]:
-        current += "/" + part
-        if not (probe / current.lstrip("/")).exists():
-            missing.append(current)
-    return missing
-
-
-def kill_cgroup_tree(path: str, root: Path = CGROUP_ROOT, rounds: int = 20) -> int:
-    """SIGKILL every process in the cgroup ``path`` and below (every hierarchy);
-    returns how many were signalled. Blocking."""
-    killed = 0
-    for _ in range(rounds):
-        pids: set[int] = set()
-        for hierarchy in _hierarchies(root):
-            base = hierarchy / path.lstrip("/")
-            for dirpath, _dirs, _files in os.walk(base):
-                with contextlib.suppress(OSError, ValueError):
-                    text = Path(dirpath, "cgroup.procs").read_text()
-                    pids.update(int(x) for x in text.split())
-        pids.discard(os.getpid())
-        if not pids:
-            return killed
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-        time.sleep(0.05)
-    return killed
-
-
-def remove_cgroup_tree(path: str, root: Path = CGROUP_ROOT, *, keep_base: bool = False) -> None:
-    """rmdir every cgroup below ``path`` (and ``path`` itself unless ``keep_base``) in
-    every hierarchy. Blocking."""
-    for hierarchy in _hierarchies(root):
-        base = hierarchy / path.lstrip("/")
-        if not base.is_dir():
-            continue
-        for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda w: -len(w[0])):
-            if keep_base and Path(dirpath) == base:
-                continue
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)
 
 
 # ------------------------------------------------------------------------ images
@@ -369,27 +270,6 @@ class HostPodNetwork(PodNetwork):
 
 
 @dataclass
-class HostPodSpec:
-    """What one host pod asks for (from its CRI PodSandboxConfig)."""
-
-    sandbox_id: str
-    hostname: str = ""
-    resolv_conf: str = ""
-    hosts: str = ""
-    host_network: bool = False
-    host_ipc: bool = False
-    # kubelet's cgroup_parent and the node's cgroup driver ("cgroupfs" or "systemd")
-    cgroup_parent: str = ""
-    cgroup_driver: str = "cgroupfs"
-    # CNI input (None: CNI is not asked, e.g. networking disabled in a test)
-    network: PodNetworkSpec | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.network, dict):  # read back from state.json
-            self.network = PodNetworkSpec.from_dict(self.network)
-
-
-@dataclass
 class HostCgroups:
     mode: str = "disabled"  # what the agent uses: "v2", "v1" or "disabled"
     hybrid: bool = False
@@ -407,37 +287,23 @@ def _agent_pythonpath() -> str:
     return str(Path(agent.__file__).resolve().parent.parent)
 
 
-class HostSandbox(PodSandbox):
-    """One pod on the host, served by its own agent process."""
+class HostBackend:
+    """What runs a pod on the host: its agent process, its namespaces and cgroups, the
+    node's shared loop devices for its images."""
 
     handler = HOST_HANDLER
+    noun = "host pod"
+    gone_while_away = "the pod's agent exited while no daemon was watching it"
 
     def __init__(self, host: SandboxHost, spec: HostPodSpec, run_dir: Path) -> None:
-        # PodSandbox.__init__ is not called: no VM, no machine, no tap.
         self.host = host
-        self.host_spec = spec
-        self.id = spec.sandbox_id
+        self.spec = spec
         self.run_dir = run_dir
         # the containers' upper directories are in their bundles below the run dir
-        self.writable_layer_dir = run_dir
-        self.state = SandboxState.CREATED
-        self.exit_reason = ""
-        self.created_at = time.time()
-        self.boot = BootTimes()
-        self.pid = 0
-        self.slots: dict[int, str] = {}
+        self.writable_layer_dir: Path | None = run_dir
         self.images: dict[str, str] = {}  # image id -> erofs file
-        self.process: VmProcess | None = None
-        self.qmp = None
-        self._agent: AgentClient | None = None
-        self._lock = asyncio.Lock()
-        self._exit_callbacks: list[Callable[[PodSandbox], None]] = []
         self.cgroups = HostCgroups()
         self.network: PodNetwork | None = None
-        if not spec.host_network:
-            self.network = HostPodNetwork(
-                host.network, spec.sandbox_id, spec.network or PodNetworkSpec(), self._save
-            )
 
     @property
     def agent_socket(self) -> Path:
@@ -447,138 +313,84 @@ class HostSandbox(PodSandbox):
     def agent_dir(self) -> Path:
         return self.run_dir / AGENT_DIR
 
-    # construction -------------------------------------------------------
+    @property
+    def process_marker(self) -> str:
+        return str(self.agent_socket)
+
+    # the state file ------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "kind": HOST_HANDLER,
+            "spec": asdict(self.spec),
+            "images": self.images,
+            "cgroups": asdict(self.cgroups),
+        }
 
     @classmethod
-    def create_host(cls, host: SandboxHost, spec: HostPodSpec) -> HostSandbox:
-        if not SANDBOX_ID_RE.match(spec.sandbox_id):
-            raise SandboxError(
-                f"invalid sandbox id {spec.sandbox_id!r}: use 1-128 letters, digits, '_', '.', '-'"
-            )
-        run_dir = host.config.run_root / spec.sandbox_id
-        if run_dir.exists():
-            raise SandboxError(f"sandbox {spec.sandbox_id} already exists")
-        run_dir.mkdir(parents=True, mode=0o711)  # see SandboxHost: traversable for userns
-        sandbox = cls(host, spec, run_dir)
-        sandbox._save()
-        return sandbox
+    def from_state(cls, host: SandboxHost, run_dir: Path, saved: dict[str, Any]) -> HostBackend:
+        backend = cls(host, HostPodSpec(**saved["spec"]), run_dir)
+        backend.images = dict(saved.get("images", {}))
+        backend.cgroups = HostCgroups(**saved.get("cgroups", {}))
+        host_images().register(backend.spec.sandbox_id, list(backend.images.values()))
+        return backend
 
-    @classmethod
-    async def adopt_host(
-        cls, host: SandboxHost, sandbox_id: str, saved: dict[str, Any]
-    ) -> HostSandbox:
-        run_dir = host.config.run_root / sandbox_id
-        sandbox = cls(host, HostPodSpec(**saved["spec"]), run_dir)
-        if sandbox.network is not None:
-            sandbox.network.restore(saved.get("network"))
-        try:
-            sandbox.state = SandboxState(saved["state"])
-        except (KeyError, ValueError) as exc:
-            raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
-        sandbox.exit_reason = saved.get("exit_reason", "")
-        sandbox.created_at = saved["created_at"]
-        sandbox.boot = BootTimes(**saved.get("boot", {}))
-        sandbox.pid = saved.get("pid", 0)
-        sandbox.images = dict(saved.get("images", {}))
-        sandbox.cgroups = HostCgroups(**saved.get("cgroups", {}))
-        host_images().register(sandbox_id, list(sandbox.images.values()))
-        if not sandbox.state.running or not sandbox.pid:
-            return sandbox
-        process = VmProcess.adopt(sandbox.pid, str(sandbox.agent_socket))
-        if process is None:
-            sandbox._set_dead("the pod's agent exited while no daemon was watching it")
-            return sandbox
-        sandbox.process = process
-        process.on_exit(sandbox._agent_exited)
-        try:
-            sandbox._agent = await AgentClient.connect(sandbox.agent_socket, timeout=10.0)
-        except (AgentError, OSError) as exc:
-            log.warning("sandbox=%s adopt failed, killing its agent: %s", sandbox_id, exc)
-            await sandbox._kill_agent()
-            sandbox._set_dead(f"could not reconnect to the pod's agent after a restart: {exc}")
-            return sandbox
-        if sandbox.state == SandboxState.BOOTING:
-            sandbox.state = SandboxState.READY
-        sandbox._save()
-        log.info("sandbox=%s (host) adopted pid=%d", sandbox_id, sandbox.pid)
-        return sandbox
+    # launch -------------------------------------------------------------------------
 
-    # lifecycle ------------------------------------------------------------
-
-    async def start(self) -> BootTimes:
+    async def launch(self, sandbox: PodSandbox) -> BootTimes:
         """Make the pod's namespaces and start its agent; wait until it answers."""
-        if self.state != SandboxState.CREATED:
-            raise SandboxError(f"sandbox {self.id} cannot start from state {self.state}")
-        self.state = SandboxState.BOOTING
-        spec = self.host_spec
+        spec = self.spec
         t0 = time.monotonic()
+        self.cgroups = await asyncio.to_thread(self._plan_cgroups)
+        sandbox.save()
+        netns: Path | None = None
+        if isinstance(self.network, HostPodNetwork):
+            await self.network.setup_host()
+            netns = self.network.netns
+        t_net = time.monotonic()
+        await asyncio.to_thread(self._write_etc_files)
+        # the agent clones host paths from the daemon's mount namespace
+        mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.cgroups = await asyncio.to_thread(self._plan_cgroups)
-            self._save()
-            netns: Path | None = None
-            if isinstance(self.network, HostPodNetwork):
-                await self.network.setup_host()
-                netns = self.network.netns
-            t_net = time.monotonic()
-            await asyncio.to_thread(self._write_etc_files)
-            # the agent clones host paths from the daemon's mount namespace
-            mntns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                cmd = self._agent_command(netns, mntns)
-                self.process = await VmProcess.spawn(
-                    cmd, stderr_log=self.run_dir / AGENT_LOG, cwd=self.run_dir, pass_fds=(mntns,)
-                )
-            finally:
-                os.close(mntns)
-            self.pid = self.process.pid
-            self.process.on_exit(self._agent_exited)
-            self._save()
-            t_spawned = time.monotonic()
-            self._agent = await self._connect_host_agent()
-            t_ready = time.monotonic()
-            if not spec.host_network:
-                await self._agent.set_pod_config(hostname=self._hostname())
-            self.boot = BootTimes(
-                vmm_spawn=t_spawned - t_net,
-                agent_ready=t_ready - t_spawned,
-                total=time.monotonic() - t0,
+            cmd = self._agent_command(netns, mntns)
+            process = await VmProcess.spawn(
+                cmd, stderr_log=self.run_dir / AGENT_LOG, cwd=self.run_dir, pass_fds=(mntns,)
             )
-        except BaseException as exc:
-            detail = self._failure_detail(exc)
-            await self._kill_agent()
-            await asyncio.to_thread(self._kill_leftovers)
-            if self.network is not None:
-                with contextlib.suppress(NetworkError):
-                    await self.network.teardown()
-            self._set_dead(detail)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise SandboxError(f"host pod {self.id} failed to start: {detail}") from exc
-        self.state = SandboxState.READY
-        self._save()
-        log.info(
-            "sandbox=%s (host) ready pid=%d start=%.3fs cgroups=%s",
-            self.id,
-            self.pid,
-            self.boot.total,
-            self.cgroups.mode,
+        finally:
+            os.close(mntns)
+        sandbox.started(process)
+        sandbox.save()
+        t_spawned = time.monotonic()
+        agent = await sandbox.connect_agent("the pod's agent exited during start")
+        t_ready = time.monotonic()
+        if not spec.host_network:
+            await agent.set_pod_config(hostname=self._hostname())
+        log.info("sandbox=%s (host) cgroups=%s", spec.sandbox_id, self.cgroups.mode)
+        return BootTimes(
+            vmm_spawn=t_spawned - t_net,
+            agent_ready=t_ready - t_spawned,
+            total=time.monotonic() - t0,
         )
-        return self.boot
+
+    async def abort_launch(self, sandbox: PodSandbox) -> None:
+        await self._kill_agent(sandbox.process)
+        await asyncio.to_thread(self._kill_leftovers)
 
     def _hostname(self) -> str:
-        if self.host_spec.host_network:
+        if self.spec.host_network:
             return socket.gethostname()
-        return self.host_spec.hostname or self.id[:63]
+        return self.spec.hostname or self.spec.sandbox_id[:63]
 
     def _plan_cgroups(self) -> HostCgroups:
         layout = cgroup_layout()
         if layout == "none":
-            log.warning("sandbox=%s: no cgroup hierarchy found; host pod runs without", self.id)
+            log.warning(
+                "sandbox=%s: no cgroup hierarchy found; host pod runs without",
+                self.spec.sandbox_id,
+            )
             return HostCgroups()
-        spec = self.host_spec
-        parent = cgroup_parent_path(spec.cgroup_parent, spec.cgroup_driver, self.id)
-        if parent == "/":
-            parent = f"/clearcri/{self.id}"
+        spec = self.spec
+        parent = pod_tree_path(spec.cgroup_parent, spec.cgroup_driver, spec.sandbox_id)
         return HostCgroups(
             mode="v2" if layout == "v2" else "v1",
             hybrid=layout == "hybrid",
@@ -589,7 +401,7 @@ class HostSandbox(PodSandbox):
     def _write_etc_files(self) -> None:
         etc = self.agent_dir / "etc"
         etc.mkdir(parents=True, exist_ok=True)
-        spec = self.host_spec
+        spec = self.spec
         hostname = self._hostname()
         resolv_conf, hosts = spec.resolv_conf, spec.hosts
         if spec.host_network:
@@ -606,7 +418,7 @@ class HostSandbox(PodSandbox):
         (etc / "hosts").write_text(hosts or "127.0.0.1\tlocalhost\n::1\tlocalhost\n")
 
     def _agent_command(self, netns: Path | None, mntns_fd: int) -> list[str]:
-        spec = self.host_spec
+        spec = self.spec
         cmd: list[str] = ["env", f"PYTHONPATH={_agent_pythonpath()}"]
         if netns is not None:
             cmd += ["nsenter", f"--net={netns}", "--"]
@@ -662,10 +474,7 @@ class HostSandbox(PodSandbox):
             cmd.append(f"--crun={crun}")
         return cmd
 
-    async def _connect_host_agent(self) -> AgentClient:
-        return await self._connect_agent(self.agent_socket, "the pod's agent exited during start")
-
-    def _failure_detail(self, exc: BaseException) -> str:
+    def failure_detail(self, exc: BaseException) -> str:
         parts = [str(exc) or type(exc).__name__]
         tail = self.console_tail()
         if tail:
@@ -679,38 +488,23 @@ class HostSandbox(PodSandbox):
             return ""
         return data.decode(errors="replace").strip()
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop the pod: the agent stops and deletes its containers and exits; whatever
-        is left in the pod's cgroups is killed; the network is released. Idempotent."""
-        if self.state.at_rest:
-            if self.state == SandboxState.CREATED:
-                self.state = SandboxState.STOPPED
-                self._save()
-            await self._kill_agent()
-            await asyncio.to_thread(self._kill_leftovers)
-            await self._release_network()
-            return
-        grace = self.host.config.stop_timeout_s if timeout is None else timeout
-        self.state = SandboxState.STOPPING
-        self._save()
-        if self._agent is not None:
-            with contextlib.suppress(AgentError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._agent.shutdown(grace=max(grace, 0.1)), timeout=max(grace, 0.1) + 5
-                )
-        if self.process is not None and self.process.alive:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await self.process.wait(timeout=max(grace, 0.1) + 2)
-        await self._kill_agent()
-        await asyncio.to_thread(self._kill_leftovers)
-        if self.state != SandboxState.DEAD:
-            self.state = SandboxState.STOPPED
-            self.exit_reason = self.exit_reason or "stopped"
-        self._save()
-        await self._release_network()
+    # re-adoption, stop, removal -------------------------------------------------------
 
-    async def _kill_agent(self) -> None:
-        process = self.process
+    async def reattach(self, sandbox: PodSandbox) -> None:
+        """Nothing but the agent to reconnect."""
+
+    async def halt(self, sandbox: PodSandbox, grace: float) -> None:
+        """The agent exits once it stopped the containers; whatever is left in the pod's
+        cgroups is killed."""
+        process = sandbox.process
+        if process is not None and process.alive:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(timeout=max(grace, 0.1) + 2)
+        await self._kill_agent(process)
+        await asyncio.to_thread(self._kill_leftovers)
+
+    @staticmethod
+    async def _kill_agent(process: VmProcess | None) -> None:
         if process is not None and process.alive:
             process.kill(signal.SIGKILL)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -723,7 +517,7 @@ class HostSandbox(PodSandbox):
             return
         killed = kill_cgroup_tree(self.cgroups.parent)
         if killed:
-            log.info("sandbox=%s killed %d leftover processes", self.id, killed)
+            log.info("sandbox=%s killed %d leftover processes", self.spec.sandbox_id, killed)
 
     def _remove_cgroups(self) -> None:
         cg = self.cgroups
@@ -734,100 +528,91 @@ class HostSandbox(PodSandbox):
         # this pod made them.
         remove_cgroup_tree(cg.parent, keep_base=cg.parent not in cg.made)
         for path in reversed(cg.made):
-            for hierarchy in _hierarchies():
+            for hierarchy in hierarchies_under():
                 with contextlib.suppress(OSError):
                     (hierarchy / path.lstrip("/")).rmdir()
 
-    async def destroy(self) -> None:
-        """Stop the pod and remove everything it made on the host. Idempotent."""
-        if self.state == SandboxState.REMOVED:
-            return
-        await self.stop(timeout=0)
-        await self._close_channels()
+    async def release(self, sandbox: PodSandbox) -> None:
         await asyncio.to_thread(self._remove_cgroups)
-        await host_images().release(self.id)
+        await host_images().release(self.spec.sandbox_id)
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
-        self.state = SandboxState.REMOVED
 
-    async def _close_channels(self) -> None:
-        if self._agent is not None:
-            with contextlib.suppress(Exception):
-                await self._agent.close()
+    async def close(self) -> None:
+        """No connection of its own."""
 
-    def _agent_exited(self, process: VmProcess) -> None:
-        if self.state in (SandboxState.STOPPING, SandboxState.STOPPED, SandboxState.REMOVED):
-            return
+    def exit_reason(self, process: VmProcess) -> str:
         code = process.returncode
         how = "" if code is None else f" ({'signal ' + str(-code) if code < 0 else code})"
-        self._set_dead(f"the pod's agent exited{how}")
+        return f"the pod's agent exited{how}"
 
-    def _save(self) -> None:
-        data: dict[str, Any] = {
-            "kind": HOST_HANDLER,
-            "spec": asdict(self.host_spec),
-            "state": self.state,
-            "exit_reason": self.exit_reason,
-            "created_at": self.created_at,
-            "boot": asdict(self.boot),
-            "pid": self.pid,
-            "images": self.images,
-            "cgroups": asdict(self.cgroups),
-            "network": self.network.to_state() if self.network is not None else None,
-        }
-        path = self.run_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
+    # images and host paths --------------------------------------------------------------
 
-    async def host_path_mount(self, request: HostPathMount) -> Mount:
+    async def attach_image(self, sandbox: PodSandbox, image: ImageFile) -> str:
+        """Mount ``image`` in the pod's agent from the node's shared loop device."""
+        agent = sandbox.agent
+        device = await host_images().attach(self.spec.sandbox_id, image.path)
+        if self.images.get(image.image_id) != str(image.path):
+            self.images[image.image_id] = str(image.path)
+            sandbox.save()
+        return await agent.mount_image(image.image_id, {"device": device, "fstype": "erofs"})
+
+    async def host_path_mount(self, sandbox: PodSandbox, request: HostPathMount) -> Mount:
         """The container's mount of a host path: the host pod's agent clones it (with
         its submounts) from the host's mount namespace when it creates the container,
         idmapped in a user namespace; every propagation works, Bidirectional included."""
-        await self._check_propagation(request.host_path, request.propagation)
+        await check_propagation(request.host_path, request.propagation)
         return Mount(
             destination=request.destination,
             source=str(request.host_path),
             options=[*request.options, request.propagation],
         )
 
-    def status_info(self) -> dict[str, object]:
-        """What PodSandboxStatus (verbose) tells of this sandbox."""
-        return {
-            "state": self.state,
-            "cgroupParent": self.cgroups.parent,
-            "cgroups": self.cgroups.mode,
-        }
+    async def unshare_host_paths(self, keys: list[str]) -> None:
+        """Nothing to undo: the agent's clones go with the container."""
 
-    def pod_usage(self) -> PodUsage | None:
+    # figures ----------------------------------------------------------------------------
+
+    def status_info(self) -> dict[str, object]:
+        return {"cgroupParent": self.cgroups.parent, "cgroups": self.cgroups.mode}
+
+    def pod_usage(self, sandbox: PodSandbox) -> PodUsage | None:
         """CPU and memory of everything the pod runs (its cgroup), or None."""
         return read_cgroup_usage(self.cgroups.mode, self.cgroups.parent)
 
-    # containers -------------------------------------------------------------
-
-    async def attach_image(self, image: RootfsImage) -> str:
-        """Mount ``image`` in the pod's agent from the node's shared loop device."""
-        agent = self.agent
-        async with self._lock:
-            device = await host_images().attach(self.id, image.path)
-            if self.images.get(image.image_id) != str(image.path):
-                self.images[image.image_id] = str(image.path)
-                self._save()
-            return await agent.mount_image(image.image_id, {"device": device, "fstype": "erofs"})
+    def shared_files(self) -> SharedFiles:
+        return SharedFiles()
 
 
-def read_kind(host: SandboxHost, sandbox_id: str) -> tuple[str, dict[str, Any]]:
-    """The handler that made a sandbox ("clearcri" or "host") and its saved state."""
-    path = host.config.run_root / sandbox_id / STATE_FILE
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SandboxNotFound(f"sandbox {sandbox_id} has no readable state: {exc}") from exc
-    return str(saved.get("kind", "clearcri")), saved
+def create_host_pod(host: SandboxHost, spec: HostPodSpec) -> PodSandbox:
+    """A pod on the host, made (its run directory) but not started."""
+    run_dir = check_new(host.config.run_root, spec.sandbox_id)
+    run_dir.mkdir(parents=True, mode=0o711)  # see SandboxHost: traversable for userns
+    sandbox = _sandbox(host, HostBackend(host, spec, run_dir))
+    sandbox.save()
+    return sandbox
 
 
-async def adopt_sandbox(host: SandboxHost, sandbox_id: str) -> PodSandbox:
-    """Re-attach to a pod VM or host pod left by an earlier daemon."""
-    kind, saved = read_kind(host, sandbox_id)
-    if kind == HOST_HANDLER:
-        return await HostSandbox.adopt_host(host, sandbox_id, saved)
-    return await PodSandbox.adopt(host, sandbox_id)
+def restore_host_pod(host: SandboxHost, saved: dict[str, Any]) -> PodSandbox:
+    """A host pod as an earlier daemon saved it (not yet re-attached)."""
+    spec_id = str(saved["spec"]["sandbox_id"])
+    backend = HostBackend.from_state(host, host.config.run_root / spec_id, saved)
+    sandbox = _sandbox(host, backend)
+    sandbox.restore(saved)
+    return sandbox
+
+
+def _sandbox(host: SandboxHost, backend: HostBackend) -> PodSandbox:
+    sandbox = PodSandbox(
+        backend,
+        backend.spec.sandbox_id,
+        boot_timeout=host.config.boot_timeout_s,
+        stop_timeout=host.config.stop_timeout_s,
+    )
+    if not backend.spec.host_network:
+        backend.network = HostPodNetwork(
+            host.network,
+            backend.spec.sandbox_id,
+            backend.spec.network or PodNetworkSpec(),
+            sandbox.save,
+        )
+    return sandbox

@@ -43,6 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from agent.protocol import CodedError, ErrorCode
+from sandbox.api import (
+    DnsConfig,
+    NetworkStatus,
+    PodNetworkSpec,
+)
+
 log = logging.getLogger(__name__)
 
 #: Name of the CNI interface in the pod's namespace (CNI_IFNAME).
@@ -72,8 +79,10 @@ TC_INGRESS_PARENT = 0xFFFF0000
 T = TypeVar("T")
 
 
-class NetworkError(Exception):
+class NetworkError(CodedError):
     """Pod networking failed; the message says what and what to do."""
+
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class CniConfigError(NetworkError):
@@ -85,7 +94,8 @@ class CniPluginError(NetworkError):
 
     def __init__(self, message: str, *, code: int = 0, details: str = "") -> None:
         super().__init__(message)
-        self.code = code
+        #: the plugin's CNI error code (0: none given)
+        self.cni_code = code
         self.details = details
 
 
@@ -112,60 +122,6 @@ class NetworkConfig:
 
 
 # ------------------------------------------------------------------------ pod input
-
-
-@dataclass
-class PortMapping:
-    """A hostPort: ``host_ip:host_port`` on the node reaches ``container_port``."""
-
-    protocol: str  # "tcp", "udp" or "sctp"
-    container_port: int
-    host_port: int
-    host_ip: str = ""
-
-
-@dataclass
-class DnsConfig:
-    """The CRI DNSConfig of a pod."""
-
-    servers: list[str] = field(default_factory=list)
-    searches: list[str] = field(default_factory=list)
-    options: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Bandwidth:
-    """Traffic limits in bits per second (0: unlimited); bursts in bits."""
-
-    ingress_rate: int = 0
-    ingress_burst: int = 0
-    egress_rate: int = 0
-    egress_burst: int = 0
-
-
-@dataclass
-class PodNetworkSpec:
-    """What the network of one pod depends on (from the CRI PodSandboxConfig)."""
-
-    name: str = ""
-    namespace: str = ""
-    uid: str = ""
-    port_mappings: list[PortMapping] = field(default_factory=list)
-    dns: DnsConfig | None = None
-    bandwidth: Bandwidth | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PodNetworkSpec:
-        dns = data.get("dns")
-        bandwidth = data.get("bandwidth")
-        return cls(
-            name=str(data.get("name", "")),
-            namespace=str(data.get("namespace", "")),
-            uid=str(data.get("uid", "")),
-            port_mappings=[PortMapping(**m) for m in data.get("port_mappings", [])],
-            dns=DnsConfig(**dns) if isinstance(dns, dict) else None,
-            bandwidth=Bandwidth(**bandwidth) if isinstance(bandwidth, dict) else None,
-        )
 
 
 # ------------------------------------------------------------------------ CNI result
@@ -328,15 +284,6 @@ class NetworkResult:
         result.mac = str(data.get("mac", ""))
         result.mtu = int(data.get("mtu", 0))
         return result
-
-
-@dataclass(frozen=True)
-class NetworkStatus:
-    """The CRI NetworkReady condition."""
-
-    ready: bool
-    reason: str = ""
-    message: str = ""
 
 
 # ---------------------------------------------------------------------- pod /etc files

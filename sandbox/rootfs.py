@@ -16,13 +16,16 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.protocol import CodedError, ErrorCode
 from sandbox.vm import align_up
 
 MKFS_EROFS = "mkfs.erofs"
 
 
-class RootfsBuildError(Exception):
+class RootfsBuildError(CodedError):
     """Building the erofs image of a container rootfs failed."""
+
+    code = ErrorCode.INTERNAL
 
 
 @dataclass(frozen=True)

@@ -14,61 +14,19 @@ Semantics follow the CRI API and containerd:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable
 
-import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from cri.edge import Context, cri_call
 from cri.images.auth import Credentials
-from cri.images.errors import (
-    ContentVerificationError,
-    ImageError,
-    ImageNotFound,
-    InvalidImageReference,
-    RegistryPermissionDenied,
-    RegistryProtocolError,
-    RegistryUnauthenticated,
-    RegistryUnavailable,
-    UnsafeLayer,
-    UnsupportedImage,
-)
+from cri.images.errors import ImageError, InvalidImageReference
 from cri.images.reference import is_image_id
 from cri.images.store import ImageRecord, ImageStore
-from cri.images.users import UserNotFound
-from sandbox.rootfs import RootfsBuildError
 
 log = logging.getLogger(__name__)
-
-_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (InvalidImageReference, grpc.StatusCode.INVALID_ARGUMENT),
-    (ImageNotFound, grpc.StatusCode.NOT_FOUND),
-    (RegistryUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (RegistryPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (ContentVerificationError, grpc.StatusCode.DATA_LOSS),
-    (RegistryProtocolError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnsupportedImage, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnsafeLayer, grpc.StatusCode.FAILED_PRECONDITION),
-    (UserNotFound, grpc.StatusCode.FAILED_PRECONDITION),
-    (RootfsBuildError, grpc.StatusCode.INTERNAL),
-]
-
-
-def status_code_for(exc: Exception) -> grpc.StatusCode:
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
-    await context.abort(status_code_for(exc), str(exc))
-    raise AssertionError("unreachable")  # abort raises
 
 
 def credentials_from(auth: api_pb2.AuthConfig | None) -> Credentials | None:
@@ -101,63 +59,33 @@ def to_cri_image(record: ImageRecord) -> api_pb2.Image:
     return image
 
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Resp]]
-
-
-def observed(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Report each call's method, status code and duration to ``self.observe`` (the
-    same request counters as the RuntimeService's)."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            aborted = context.code()
-            code = aborted.name if isinstance(aborted, grpc.StatusCode) else "UNKNOWN"
-            raise
-        except BaseException:
-            code = "INTERNAL"
-            raise
-        finally:
-            if self.observe is not None:
-                self.observe(method.__name__, code, time.perf_counter() - started)
-
-    return wrapper
-
-
 class ImageService(api_pb2_grpc.ImageServiceServicer):
     def __init__(self, images: ImageStore) -> None:
         self.images = images
         self.observe: Callable[[str, str, float], None] | None = None
 
-    @observed
+    @cri_call
     async def PullImage(
-        self, request: api_pb2.PullImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: api_pb2.PullImageRequest, context: Context
     ) -> api_pb2.PullImageResponse:
         text = request.image.image
         if not text:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PullImage needs an image name")
+            raise InvalidImageReference("PullImage needs an image name")
         if is_image_id(text):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{text!r} is an image id; pull by name (repository[:tag] or @digest)",
+            raise InvalidImageReference(
+                f"{text!r} is an image id; pull by name (repository[:tag] or @digest)"
             )
         try:
             creds = credentials_from(request.auth if request.HasField("auth") else None)
             record = await self.images.pull(text, creds)
         except ImageError as exc:
             log.warning("PullImage image=%s failed: %s", text, exc)
-            await _abort(context, exc)
+            raise
         return api_pb2.PullImageResponse(image_ref=record.id)
 
-    @observed
+    @cri_call
     async def ListImages(
-        self, request: api_pb2.ListImagesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: api_pb2.ListImagesRequest, context: Context
     ) -> api_pb2.ListImagesResponse:
         wanted = request.filter.image.image if request.HasField("filter") else ""
         if wanted:
@@ -170,14 +98,11 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             records = self.images.list()
         return api_pb2.ListImagesResponse(images=[to_cri_image(r) for r in records])
 
-    @observed
+    @cri_call
     async def ImageStatus(
-        self, request: api_pb2.ImageStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: api_pb2.ImageStatusRequest, context: Context
     ) -> api_pb2.ImageStatusResponse:
-        try:
-            record = self.images.get(request.image.image)
-        except ImageError as exc:
-            await _abort(context, exc)
+        record = self.images.get(request.image.image)
         if record is None:
             return api_pb2.ImageStatusResponse()
         response = api_pb2.ImageStatusResponse(image=to_cri_image(record))
@@ -208,24 +133,19 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             response.info["info"] = json.dumps(info)
         return response
 
-    @observed
+    @cri_call
     async def RemoveImage(
-        self, request: api_pb2.RemoveImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: api_pb2.RemoveImageRequest, context: Context
     ) -> api_pb2.RemoveImageResponse:
         text = request.image.image
         if not text:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "RemoveImage needs an image name or id"
-            )
-        try:
-            await self.images.remove(text)
-        except ImageError as exc:
-            await _abort(context, exc)
+            raise InvalidImageReference("RemoveImage needs an image name or id")
+        await self.images.remove(text)
         return api_pb2.RemoveImageResponse()
 
-    @observed
+    @cri_call
     async def ImageFsInfo(
-        self, request: api_pb2.ImageFsInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: api_pb2.ImageFsInfoRequest, context: Context
     ) -> api_pb2.ImageFsInfoResponse:
         usage = await self.images.filesystem_usage()
         fs = api_pb2.FilesystemUsage(

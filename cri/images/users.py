@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.protocol import ErrorCode
 from cri.images.errors import ImageError
 
 MAX_ID = 2**32 - 2
@@ -17,6 +18,8 @@ MAX_ID = 2**32 - 2
 
 class UserNotFound(ImageError):
     """The image has no such user or group (FAILED_PRECONDITION for the container)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 @dataclass(frozen=True)

@@ -13,23 +13,20 @@ import signal
 import time
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, AgentTimeout
-from agent.client import NotFound as AgentNotFound
-from agent.protocol import ContainerSpec, Mount
+from agent.protocol import CodedError, ContainerSpec, ErrorCode, Mount
 from cri.images.errors import ImageError
 from cri.runtime import convert
-from cri.runtime.core import ContainerIO, RuntimeCore, agent_error
+from cri.runtime.core import ContainerIO, MetricsSink, RuntimeCore
 from cri.runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
+    in_context,
 )
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import (
@@ -44,12 +41,7 @@ from cri.runtime.state import (
 )
 from cri.streaming.agent_backend import queue_chunks
 from cri.streaming.errors import BackendError
-from sandbox.api import HostPathMount, SandboxState
-from sandbox.handlers import HOST_HANDLER
-from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxRefused
-
-if TYPE_CHECKING:
-    from cri.metrics import RuntimeMetrics
+from sandbox.api import HOST_HANDLER, HostPathMount, Sandbox, SandboxError, SandboxState
 
 log = logging.getLogger("clearcri.runtime")
 
@@ -105,7 +97,7 @@ def share_keys(container_id: str, count: int) -> list[str]:
 
 
 class ContainerOps(RuntimeCore):
-    metrics: RuntimeMetrics | None = None  # set by the daemon (cri/metrics.py)
+    metrics: MetricsSink | None = None  # set by the daemon (cri/metrics.py)
 
     async def create_container(
         self,
@@ -194,14 +186,9 @@ class ContainerOps(RuntimeCore):
             for key, mount in zip(volume_keys, config.mounts, strict=True):
                 spec.mounts.append(await self._guest_mount(sandbox, key, mount, spec))
             await sandbox.create_container(cid, spec, image)
-        except SandboxExhausted as exc:
+        except CodedError as exc:
             await self._drop_volumes(sandbox, volume_keys)
-            raise ResourceExhausted(str(exc)) from exc
-        except (AgentError, SandboxError) as exc:
-            await self._drop_volumes(sandbox, volume_keys)
-            if isinstance(exc, AgentError):
-                raise agent_error(exc, f"create container {meta.name}") from exc
-            raise FailedPrecondition(str(exc)) from exc
+            raise in_context(exc, f"create container {meta.name}") from exc
         repo_digests = record.repo_digests
         ctr = ContainerRecord(
             id=cid,
@@ -227,7 +214,7 @@ class ContainerOps(RuntimeCore):
         try:
             self.state.save_container(ctr)
         except BaseException:
-            with contextlib.suppress(AgentError):
+            with contextlib.suppress(CodedError):
                 await sandbox.delete_container(cid, force=True)
             await self._drop_volumes(sandbox, volume_keys)
             raise
@@ -237,7 +224,7 @@ class ContainerOps(RuntimeCore):
         return cid
 
     async def _guest_mount(
-        self, sandbox: PodSandbox, key: str, mount: api_pb2.Mount, spec: ContainerSpec
+        self, sandbox: Sandbox, key: str, mount: api_pb2.Mount, spec: ContainerSpec
     ) -> Mount:
         """The agent's mount for a CRI mount. A host path is the host's own file or
         directory, as the pod's sandbox mounts it (``host_path_mount``)."""
@@ -280,12 +267,10 @@ class ContainerOps(RuntimeCore):
                     watch=watch,
                 )
             )
-        except SandboxRefused as exc:
-            raise InvalidArgument(f"mount {mount.container_path}: {exc}") from exc
         except SandboxError as exc:
-            raise FailedPrecondition(f"mount {mount.container_path}: {exc}") from exc
+            raise in_context(exc, f"mount {mount.container_path}") from exc
 
-    async def _image_volume(self, sandbox: PodSandbox, mount: api_pb2.Mount) -> Mount:
+    async def _image_volume(self, sandbox: Sandbox, mount: api_pb2.Mount) -> Mount:
         """An image (or a directory of it) mounted read-only: the image's shared erofs
         file, attached to the pod as for a container rootfs, bound into the container."""
         target = mount.container_path
@@ -309,21 +294,21 @@ class ContainerOps(RuntimeCore):
             raise FailedPrecondition(f"image volume {target}: {exc}") from exc
         try:
             base = await sandbox.attach_image(image)
-        except AgentError as exc:
-            raise agent_error(exc, f"attach image volume {target}") from exc
+        except CodedError as exc:
+            raise in_context(exc, f"attach image volume {target}") from exc
         # ContainerStatus reports the image id the volume resolved to
         mount.image.CopyFrom(convert.image_spec_with_ref(mount.image, record.id))
         source = f"{base}/{sub}" if sub else base
         # the agent refuses a source that does not exist (a sub path not in the image)
         return Mount(destination=target, source=source, options=["rbind", "ro", "nodev"])
 
-    async def _drop_volumes(self, sandbox: PodSandbox, keys: list[str]) -> None:
+    async def _drop_volumes(self, sandbox: Sandbox, keys: list[str]) -> None:
         try:
             await sandbox.unshare_host_paths(keys)
         except SandboxError as exc:
             log.warning("pod=%s: %s", sandbox.id[:12], exc)
 
-    def _open_io(self, ctr: ContainerRecord, sandbox: PodSandbox) -> ContainerIO:
+    def _open_io(self, ctr: ContainerRecord, sandbox: Sandbox) -> ContainerIO:
         io = self.io.get(ctr.id)
         if io is not None:
             return io
@@ -336,7 +321,7 @@ class ContainerOps(RuntimeCore):
         self.io[ctr.id] = io
         try:
             io.output = sandbox.subscribe_output(ctr.id)
-        except AgentError as exc:
+        except CodedError as exc:
             log.warning("container=%s no output stream: %s", ctr.id[:12], exc)
             return io
         io.pump = self.spawn(self._pump(ctr.id, io), f"pump-{ctr.id[:12]}")
@@ -363,9 +348,9 @@ class ContainerOps(RuntimeCore):
         self._open_io(ctr, sandbox)
         try:
             await sandbox.start_container(ctr.id)
-        except AgentError as exc:
+        except CodedError as exc:
             self._mark_failed_start(ctr, str(exc))
-            raise agent_error(exc, f"start container {ctr.name}") from exc
+            raise in_context(exc, f"start container {ctr.name}") from exc
         ctr.state = RUNNING
         ctr.started_at_ns = time.time_ns()
         self.state.save_container(ctr)
@@ -385,16 +370,16 @@ class ContainerOps(RuntimeCore):
         ctr.message = message
         self.state.save_container(ctr)
 
-    def _watch_exit(self, ctr: ContainerRecord, sandbox: PodSandbox) -> None:
+    def _watch_exit(self, ctr: ContainerRecord, sandbox: Sandbox) -> None:
         io = self.io.get(ctr.id)
         task = self.spawn(self._wait_exit(ctr.id, sandbox), f"wait-{ctr.id[:12]}")
         if io is not None:
             io.waiter = task
 
-    async def _wait_exit(self, cid: str, sandbox: PodSandbox) -> None:
+    async def _wait_exit(self, cid: str, sandbox: Sandbox) -> None:
         try:
             status = await sandbox.wait_container(cid)
-        except (AgentError, SandboxError):
+        except CodedError:
             return  # the VM went away: the pod's exit handler settles the container
         ctr = self.state.containers.get(cid)
         if ctr is None or ctr.state == EXITED:
@@ -421,15 +406,16 @@ class ContainerOps(RuntimeCore):
             api_pb2.Signal.Name(config.stop_signal) if config.stop_signal else ctr.stop_signal
         )
         io = self.io.get(ctr.id)
-        with contextlib.suppress(AgentError):
+        with contextlib.suppress(CodedError):
             if timeout > 0:
                 await sandbox.signal_container(ctr.id, sig)
                 try:
                     status = await sandbox.wait_container(ctr.id, timeout=timeout)
                     await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
                     return
-                except AgentTimeout:
-                    pass
+                except CodedError as exc:
+                    if exc.code != ErrorCode.DEADLINE_EXCEEDED:
+                        raise
             await sandbox.signal_container(ctr.id, signal.SIGKILL, all_processes=True)
             status = await sandbox.wait_container(ctr.id, timeout=30)
             await self._settle(ctr, status.exit_code, status.reason, status.finished_at_ns)
@@ -452,10 +438,9 @@ class ContainerOps(RuntimeCore):
         if sandbox is not None and sandbox.state == SandboxState.READY:
             try:
                 await sandbox.delete_container(ctr.id, force=True)
-            except AgentNotFound:
-                pass
-            except AgentError as exc:
-                log.warning("container=%s delete in guest: %s", ctr.id[:12], exc)
+            except CodedError as exc:
+                if exc.code != ErrorCode.NOT_FOUND:
+                    log.warning("container=%s delete in guest: %s", ctr.id[:12], exc)
         if sandbox is not None:
             count = len(ctr.container_config().mounts)
             await self._drop_volumes(sandbox, share_keys(ctr.id, count))
@@ -550,8 +535,8 @@ class ContainerOps(RuntimeCore):
         if values:
             try:
                 await sandbox.update_container(ctr.id, values)
-            except AgentError as exc:
-                raise agent_error(exc, f"update resources of {ctr.name}") from exc
+            except CodedError as exc:
+                raise in_context(exc, f"update resources of {ctr.name}") from exc
         ctr.resources = encode_proto(resources)
         self.state.save_container(ctr)
 
@@ -583,8 +568,8 @@ class ContainerOps(RuntimeCore):
                 timeout=float(timeout) if timeout > 0 else None,
                 max_output=EXEC_OUTPUT_LIMIT,
             )
-        except AgentError as exc:
-            raise agent_error(exc, f"exec in {ctr.name}") from exc
+        except CodedError as exc:
+            raise in_context(exc, f"exec in {ctr.name}") from exc
         if result.timed_out:
             raise DeadlineExceeded(
                 f"command {cmd!r} did not finish within {timeout} s and was killed"
@@ -595,19 +580,19 @@ class ContainerOps(RuntimeCore):
 
     # streaming backend hooks ----------------------------------------------------
 
-    async def streaming_container_source(self, container_id: str) -> PodSandbox:
+    async def streaming_container_source(self, container_id: str) -> Sandbox:
         ctr = self.get_container(container_id)
         if ctr.state != RUNNING:
             raise BackendError(f"container {ctr.id} is not running")
         try:
             return self.running_sandbox(ctr.pod_id)
-        except (FailedPrecondition, SandboxError) as exc:
+        except CodedError as exc:
             raise BackendError(str(exc)) from exc
 
-    async def streaming_pod_source(self, sandbox_id: str) -> PodSandbox:
+    async def streaming_pod_source(self, sandbox_id: str) -> Sandbox:
         try:
             return self.running_sandbox(self.get_pod(sandbox_id).id)
-        except (NotFound, FailedPrecondition, SandboxError) as exc:
+        except CodedError as exc:
             raise BackendError(str(exc)) from exc
 
     def attach_source(
@@ -620,10 +605,10 @@ class ContainerOps(RuntimeCore):
         queue = io.subscribe()
         return queue_chunks(queue), lambda: io.unsubscribe(queue)
 
-    async def recover_containers(self, pod: PodRecord, sandbox: PodSandbox) -> None:
+    async def recover_containers(self, pod: PodRecord, sandbox: Sandbox) -> None:
         try:
             infos = {info.id: info for info in await sandbox.list_containers()}
-        except AgentError as exc:
+        except CodedError as exc:
             log.warning("pod=%s cannot list containers: %s", pod.id[:12], exc)
             return
         now = time.time_ns()

@@ -17,8 +17,6 @@ from cri_api.v1 import api_pb2
 from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, Resources
 from cri.images.manifest import ImageConfig
 from cri.runtime.errors import InvalidArgument
-from sandbox.cgroups import CgroupError
-from sandbox.cgroups import parent_path as cgroup_parent_path
 
 ALL_CAPABILITIES = (
     "CAP_CHOWN",
@@ -349,19 +347,6 @@ def check_resources(res: api_pb2.LinuxContainerResources) -> str | None:
         )
     if res.memory_limit_in_bytes < 0:
         return f"memory limit {res.memory_limit_in_bytes} is negative"
-    return None
-
-
-def check_cgroup_parent(parent: str, driver: str) -> str | None:
-    """What is wrong with a pod's cgroup parent, or None."""
-    if not parent:
-        return None
-    if len(parent.encode()) > 4096 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in parent):
-        return f"cgroup parent {parent[:60]!r} is too long or holds a control character"
-    try:
-        cgroup_parent_path(parent, driver)
-    except CgroupError as exc:
-        return str(exc)
     return None
 
 

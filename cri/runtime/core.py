@@ -9,46 +9,32 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, AgentTimeout, ContainerOutput
-from agent.client import FailedPrecondition as AgentFailedPrecondition
-from agent.client import InvalidArgument as AgentInvalidArgument
-from agent.client import NotFound as AgentNotFound
 from cri.config import Config
 from cri.images.store import ImageStore
-from cri.runtime.errors import (
-    CriError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
+from cri.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri.runtime.logs import ContainerLog
 from cri.runtime.state import EXITED, ContainerRecord, PodRecord, RuntimeState
-from sandbox.api import SandboxState
-from sandbox.handlers import SandboxKinds
-from sandbox.pod import PodSandbox, SandboxHost
+from sandbox.api import BootTimes, Sandbox, SandboxProvider, SandboxState
+
+if TYPE_CHECKING:
+    from sandbox.api import ContainerOutput
 
 log = logging.getLogger("clearcri.runtime")
 
 EVENT_QUEUE_LIMIT = 1000
 
 
-def agent_error(exc: AgentError, what: str) -> CriError:
-    """The CRI error for an agent failure while doing ``what``."""
-    if isinstance(exc, AgentNotFound):
-        return NotFound(f"{what}: {exc}")
-    if isinstance(exc, AgentInvalidArgument):
-        return InvalidArgument(f"{what}: {exc}")
-    if isinstance(exc, AgentFailedPrecondition):
-        return FailedPrecondition(f"{what}: {exc}")
-    if isinstance(exc, AgentTimeout):
-        return DeadlineExceeded(f"{what}: the pod VM's agent did not answer in time: {exc}")
-    return Unavailable(f"{what}: the pod VM's agent failed: {exc}")
+class MetricsSink(Protocol):
+    """Where the runtime reports what happens as it happens (cri/metrics.py
+    ``RuntimeMetrics``); the runtime knows nothing else of metrics."""
+
+    def sandbox_started(self, pod_id: str, boot: BootTimes, seconds: float) -> None: ...
+    def container_started(self, pod_id: str, seconds: float) -> None: ...
+    def vm_crashed(self, reason: str) -> None: ...
 
 
 @dataclass
@@ -108,16 +94,15 @@ class RuntimeCore(ABC):
         self,
         config: Config,
         state: RuntimeState,
-        host: SandboxHost,
+        provider: SandboxProvider,
         images: ImageStore,
     ) -> None:
         self.config = config
         self.state = state
-        self.host = host
+        # makes and re-adopts sandboxes (sandbox/handlers.py; tests hand a fake one)
+        self.provider = provider
         self.images = images
-        self.sandboxes: dict[str, PodSandbox] = {}
-        # how sandboxes are made and re-adopted (tests replace it)
-        self.kinds = SandboxKinds(host)
+        self.sandboxes: dict[str, Sandbox] = {}
         self.io: dict[str, ContainerIO] = {}
         self.events = EventBus()
         self.pod_cidr = ""
@@ -152,7 +137,7 @@ class RuntimeCore(ABC):
             raise NotFound(f"container {container_id} not found")
         return ctr
 
-    def running_sandbox(self, pod_id: str) -> PodSandbox:
+    def running_sandbox(self, pod_id: str) -> Sandbox:
         sandbox = self.sandboxes.get(pod_id)
         if sandbox is None or sandbox.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {pod_id} is not ready (its VM is not running)")
@@ -194,7 +179,7 @@ class RuntimeCore(ABC):
     def pod_status_message(self, pod: PodRecord) -> api_pb2.PodSandboxStatus: ...
 
     @abstractmethod
-    async def recover_containers(self, pod: PodRecord, sandbox: PodSandbox) -> None: ...
+    async def recover_containers(self, pod: PodRecord, sandbox: Sandbox) -> None: ...
 
     @abstractmethod
     def container_status_message(self, ctr: ContainerRecord) -> api_pb2.ContainerStatus: ...

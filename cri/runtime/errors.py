@@ -1,56 +1,53 @@
-"""Errors of the runtime service, each tied to the gRPC code the client sees."""
+"""Errors of the runtime service. Every layer's errors carry an ``ErrorCode``
+(agent/protocol.py ``CodedError``); the CRI edge (cri/edge.py) answers each with the
+gRPC status of that name, in one place."""
 
 from __future__ import annotations
 
-import grpc
-
-from agent.protocol import ErrorCode
+from agent.protocol import CodedError, ErrorCode
 
 
-def status_for(code: str) -> grpc.StatusCode:
-    """The gRPC status of an ``ErrorCode`` (any layer's error), INTERNAL for a code
-    that is not one."""
-    if code == ErrorCode.UNKNOWN_OP:
-        return grpc.StatusCode.UNIMPLEMENTED
-    try:
-        return grpc.StatusCode[str(code)]
-    except KeyError:
-        return grpc.StatusCode.INTERNAL
-
-
-class CriError(Exception):
-    """A CRI call failed; ``code`` is the gRPC status the client gets."""
-
-    code = grpc.StatusCode.INTERNAL
+class CriError(CodedError):
+    """A CRI call failed; ``code`` says why."""
 
 
 class NotFound(CriError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = ErrorCode.NOT_FOUND
 
 
 class InvalidArgument(CriError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class FailedPrecondition(CriError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.FAILED_PRECONDITION
 
 
 class AlreadyExists(CriError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = ErrorCode.ALREADY_EXISTS
 
 
 class ResourceExhausted(CriError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class Unavailable(CriError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class DeadlineExceeded(CriError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class Unimplemented(CriError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code = ErrorCode.UNIMPLEMENTED
+
+
+def in_context(exc: CodedError, what: str) -> CriError:
+    """``exc`` (any layer's) with what the call was doing in front; its code is kept.
+    An agent or VM that failed inside (INTERNAL) is UNAVAILABLE to the client: the pod is
+    what broke, and kubelet retries."""
+    code = exc.code
+    if code == ErrorCode.INTERNAL:
+        code = ErrorCode.UNAVAILABLE
+    return CriError(f"{what}: {exc}", code=code)

@@ -1,4 +1,4 @@
-"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox,
+"""RunSandbox, StopSandbox, RemoveSandbox, SandboxStatus, ListSandbox,
 and re-adoption of pods after a daemon restart."""
 
 from __future__ import annotations
@@ -10,27 +10,19 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError
+from agent.protocol import CodedError
 from cri.runtime.convert import (
-    check_cgroup_parent,
     check_dns,
     check_name,
     check_resources,
     check_user_namespace,
     resolv_conf,
 )
-from cri.runtime.core import RuntimeCore
-from cri.runtime.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
+from cri.runtime.core import MetricsSink, RuntimeCore
+from cri.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, in_context
 from cri.runtime.state import (
     EXITED,
     POD_NOTREADY,
@@ -41,16 +33,18 @@ from cri.runtime.state import (
     encode_proto,
     labels_match,
 )
-from sandbox.api import SandboxState
-from sandbox.cgroups import pod_memory_budget
-from sandbox.handlers import HOST_HANDLER, VM_HANDLER
-from sandbox.hostpod import HostPodSpec
-from sandbox.mounts import remove_tree
-from sandbox.network import DnsConfig, PodNetworkSpec, PortMapping
-from sandbox.pod import PodSandbox, SandboxError, SandboxExhausted, SandboxSpec
-
-if TYPE_CHECKING:
-    from cri.metrics import RuntimeMetrics
+from sandbox.api import (
+    HOST_HANDLER,
+    VM_HANDLER,
+    DnsConfig,
+    HostPodSpec,
+    PodNetworkSpec,
+    PortMapping,
+    Sandbox,
+    SandboxError,
+    SandboxSpec,
+    SandboxState,
+)
 
 log = logging.getLogger("clearcri.runtime")
 
@@ -131,7 +125,7 @@ LEFTOVER_RETRY_S = 30
 
 
 class PodOps(RuntimeCore):
-    metrics: RuntimeMetrics | None = None  # set by the daemon (cri/metrics.py)
+    metrics: MetricsSink | None = None  # set by the daemon (cri/metrics.py)
 
     async def run_pod_sandbox(self, config: api_pb2.PodSandboxConfig, runtime_handler: str) -> str:
         meta = config.metadata
@@ -149,7 +143,9 @@ class PodOps(RuntimeCore):
         problem = (
             check_user_namespace(config)
             or check_dns(config.dns_config)
-            or check_cgroup_parent(config.linux.cgroup_parent, self.config.daemon.cgroup_driver)
+            or self.provider.cgroup_parent_problem(
+                config.linux.cgroup_parent, self.config.daemon.cgroup_driver
+            )
             or check_resources(config.linux.resources)
         )
         if problem:
@@ -179,7 +175,7 @@ class PodOps(RuntimeCore):
             await asyncio.to_thread(_mkdir, config.log_directory)
         res = config.linux.resources
         budget = await asyncio.to_thread(
-            pod_memory_budget,
+            self.provider.memory_budget,
             config.linux.cgroup_parent,
             self.config.daemon.cgroup_driver,
             res.memory_limit_in_bytes,
@@ -199,8 +195,8 @@ class PodOps(RuntimeCore):
         )
         # every pod but a host-network one gets a CNI network (host pods without the tap)
         host_network = config.linux.security_context.namespace_options.network == api_pb2.NODE
-        if self.host.config.network.enabled and not (handler == HOST_HANDLER and host_network):
-            status = self.host.network.status()
+        if self.provider.networking and not (handler == HOST_HANDLER and host_network):
+            status = self.provider.network_status()
             if not status.ready:
                 raise FailedPrecondition(
                     f"pod networking is not ready: {status.message}; install a CNI config "
@@ -209,22 +205,17 @@ class PodOps(RuntimeCore):
             if handler != HOST_HANDLER:
                 spec.network = pod_network_spec(config)
         started = time.monotonic()
-        try:
-            if handler == HOST_HANDLER:
-                sandbox = self.kinds.create_host(
-                    host_pod_spec(pod_id, config, self.config.daemon.cgroup_driver)
-                )
-            else:
-                sandbox = self.kinds.create_vm(spec)
-        except SandboxExhausted as exc:
-            raise ResourceExhausted(str(exc)) from exc
-        except SandboxError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        sandbox = self.provider.create(
+            handler,
+            host_pod_spec(pod_id, config, self.config.daemon.cgroup_driver)
+            if handler == HOST_HANDLER
+            else spec,
+        )
         try:
             await sandbox.start()
         except SandboxError as exc:
             await sandbox.destroy()
-            raise Unavailable(f"pod {meta.namespace}/{meta.name}: {exc}") from exc
+            raise in_context(exc, f"pod {meta.namespace}/{meta.name}") from exc
         except BaseException:
             await sandbox.destroy()
             raise
@@ -242,8 +233,7 @@ class PodOps(RuntimeCore):
             vm_pid=sandbox.pid,
             boot_seconds=time.monotonic() - started,
         )
-        if sandbox.network_result is not None:
-            pod.ips = sandbox.network_result.pod_ips
+        pod.ips = sandbox.pod_ips
         try:
             self.state.save_pod(pod)
         except BaseException:
@@ -264,7 +254,7 @@ class PodOps(RuntimeCore):
         self.publish(api_pb2.CONTAINER_STARTED_EVENT, pod_id, pod)
         return pod_id
 
-    def _watch_sandbox(self, pod: PodRecord, sandbox: PodSandbox) -> None:
+    def _watch_sandbox(self, pod: PodRecord, sandbox: Sandbox) -> None:
         self.sandboxes[pod.id] = sandbox
         sandbox.on_exit(lambda s: self._sandbox_died(pod.id, s.exit_reason))
 
@@ -296,10 +286,10 @@ class PodOps(RuntimeCore):
                 # Give running containers their exit status before the VM goes.
                 running = [c for c in self.state.pod_containers(pod.id) if c.state == RUNNING]
                 for ctr in running:
-                    with contextlib.suppress(AgentError, SandboxError):
+                    with contextlib.suppress(CodedError):
                         await sandbox.signal_container(ctr.id, 9, all_processes=True, timeout=5)
                 for ctr in running:
-                    with contextlib.suppress(AgentError, SandboxError, TimeoutError):
+                    with contextlib.suppress(CodedError, TimeoutError):
                         status = await sandbox.wait_container(ctr.id, timeout=5)
                         self._mark_exited(
                             ctr,
@@ -349,19 +339,7 @@ class PodOps(RuntimeCore):
         log.info("pod=%s removed", pod.id[:12])
 
     async def _destroy_leftover(self, pod_id: str) -> None:
-        run_dir = self.host.config.run_root / pod_id
-        if not run_dir.exists():
-            return
-        try:
-            sandbox = await self.kinds.adopt(pod_id)
-        except SandboxError:
-            # binds of host paths may be below it: detach them before deleting anything
-            try:
-                await asyncio.to_thread(remove_tree, run_dir)
-            except OSError as exc:
-                log.warning("pod=%s: cannot remove %s: %s", pod_id[:12], run_dir, exc)
-            return
-        await sandbox.destroy()
+        await self.provider.remove_leftover(pod_id)
 
     def pod_status_message(self, pod: PodRecord) -> api_pb2.PodSandboxStatus:
         config = pod.pod_config()
@@ -448,15 +426,15 @@ class PodOps(RuntimeCore):
                 await self._recover_pod(pod)
             except Exception:
                 log.exception("pod=%s: could not re-adopt it; it stays as it is", pod.id[:12])
-        # A VM whose pod never reached the database (daemon killed mid-RunPodSandbox).
-        leftovers = [pod_id for pod_id in self.host.sandbox_ids() if pod_id not in known]
+        # A VM whose pod never reached the database (daemon killed mid-RunSandbox).
+        leftovers = [pod_id for pod_id in self.provider.sandbox_ids() if pod_id not in known]
         failed = await self._remove_leftovers(leftovers)
         if failed:
             self.spawn(self._retry_leftovers(failed), "retry-leftover-sandboxes")
 
     async def _recover_pod(self, pod: PodRecord) -> None:
         try:
-            sandbox = await self.kinds.adopt(pod.id)
+            sandbox = await self.provider.adopt(pod.id)
         except SandboxError as exc:
             self._sandbox_died(pod.id, f"its VM state was lost: {exc}")
             return
@@ -487,7 +465,7 @@ class PodOps(RuntimeCore):
     async def _retry_leftovers(self, pod_ids: list[str]) -> None:
         while pod_ids:
             await asyncio.sleep(LEFTOVER_RETRY_S)
-            present = set(self.host.sandbox_ids())
+            present = set(self.provider.sandbox_ids())
             pod_ids = await self._remove_leftovers([p for p in pod_ids if p in present])
 
 

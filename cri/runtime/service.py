@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from agent.client import AgentError
-from cri.metrics import list_pod_sandbox_metrics, metric_descriptors
+from cri.edge import Context, cri_call
 from cri.runtime.containers import ContainerOps
-from cri.runtime.errors import CriError, InvalidArgument, Unimplemented, status_for
+from cri.runtime.errors import InvalidArgument, Unimplemented
+from cri.runtime.pod_metrics import list_pod_sandbox_metrics, metric_descriptors
 from cri.runtime.pods import PodOps
 from cri.runtime.stats import StatsOps
-from cri.streaming.errors import StreamingError
-from sandbox.handlers import HOST_HANDLER, VM_HANDLER
-from sandbox.network import NetworkError
-from sandbox.pod import SandboxError
+from sandbox.api import HOST_HANDLER, VM_HANDLER
 
 log = logging.getLogger("clearcri.cri")
 
@@ -28,47 +22,9 @@ RUNTIME_NAME = "clearcri"
 RUNTIME_VERSION = "0.1.0"
 CRI_VERSION = "v1"
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
-
 
 class Runtime(PodOps, ContainerOps, StatsOps):
     """The whole runtime: pods, containers, exec, stats, events."""
-
-
-def cri_call(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Run a servicer method; turn domain errors into gRPC status codes, log the call."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await method(self, request, context)
-        except (CriError, StreamingError) as exc:
-            code = exc.code
-            await context.abort(exc.code, str(exc))
-        except (SandboxError, AgentError) as exc:
-            # what no call site translated: the error's own code says why
-            code = status_for(exc.code)
-            await context.abort(code, str(exc))
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{method.__name__} failed unexpectedly: {exc}"
-            )
-        finally:
-            observer = getattr(self, "observe", None)
-            if observer is not None:
-                observer(method.__name__, code.name, time.perf_counter() - started)
-        raise AssertionError("unreachable")  # context.abort always raises
-
-    return wrapper
 
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
@@ -79,7 +35,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         self.network_ready: Callable[[], tuple[bool, str]] = self._network_ready
 
     def _network_ready(self) -> tuple[bool, str]:
-        status = self.runtime.host.network.status()
+        status = self.runtime.provider.network_status()
         return status.ready, status.message
 
     @cri_call
@@ -117,9 +73,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             features.user_namespaces = True
         response.features.supplemental_groups_policy = True
         if request.verbose:
-            host = self.runtime.host
-            response.info["accelerator"] = f"{host.accel} ({host.accel_reason})"
-            response.info["guest"] = host.assets.version
+            response.info.update(self.runtime.provider.node_info())
         return response
 
     @cri_call
@@ -141,10 +95,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     ) -> api_pb2.UpdateRuntimeConfigResponse:
         cidr = request.runtime_config.network_config.pod_cidr
         if cidr:
-            try:
-                self.runtime.host.network.update_pod_cidr(cidr)
-            except NetworkError as exc:
-                raise InvalidArgument(str(exc)) from exc
+            self.runtime.provider.update_pod_cidr(cidr)
             self.runtime.pod_cidr = cidr
         return api_pb2.UpdateRuntimeConfigResponse()
 

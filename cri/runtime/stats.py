@@ -20,13 +20,11 @@ import time
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError
+from agent.protocol import CodedError, InterfaceStats, StatsReport
 from agent.protocol import ContainerStats as GuestContainerStats
-from agent.protocol import InterfaceStats, StatsReport
 from cri.runtime.core import RuntimeCore
 from cri.runtime.state import ContainerRecord, PodRecord, container_matches, labels_match
 from sandbox.api import SandboxState
-from sandbox.pod import SandboxError
 
 
 class StatsOps(RuntimeCore):
@@ -76,7 +74,7 @@ class StatsOps(RuntimeCore):
         sandbox = self.sandboxes.get(pod_id)
         if sandbox is None or sandbox.state != SandboxState.READY:
             return None
-        with contextlib.suppress(AgentError, SandboxError):
+        with contextlib.suppress(CodedError):
             return await sandbox.stats(detail=True)
         return None
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from agent.client import (
-    AgentError,
-    ContainerOutput,
-    ExecSession,
-    PortForwardStream,
-)
-from agent.protocol import ExecSpec
+from agent.protocol import CodedError, ExecSpec
 from cri.streaming.errors import BackendError
+
+if TYPE_CHECKING:
+    from sandbox.api import ContainerOutput, ExecSession, PortForwardStream
 
 
 class ProcessSource(Protocol):
@@ -48,11 +45,11 @@ class AgentExecStreams:
         await self.session.write_stdin(data)
 
     async def close_stdin(self) -> None:
-        with contextlib.suppress(AgentError):
+        with contextlib.suppress(CodedError):
             await self.session.close_stdin()
 
     async def resize(self, cols: int, rows: int) -> None:
-        with contextlib.suppress(AgentError):
+        with contextlib.suppress(CodedError):
             await self.session.resize(cols, rows)
 
     async def wait(self) -> int | None:
@@ -61,7 +58,7 @@ class AgentExecStreams:
     async def close(self) -> None:
         """The client left: kill the process if it still runs."""
         if not self.session.exited:
-            with contextlib.suppress(AgentError):
+            with contextlib.suppress(CodedError):
                 await self.session.kill(9)
 
 
@@ -107,11 +104,11 @@ class AgentAttachStreams:
 
     async def close_stdin(self) -> None:
         # Detach: the container's stdin closes only if it was created with stdin_once.
-        with contextlib.suppress(AgentError):
+        with contextlib.suppress(CodedError):
             await self.control.detach_stdin()
 
     async def resize(self, cols: int, rows: int) -> None:
-        with contextlib.suppress(AgentError):
+        with contextlib.suppress(CodedError):
             await self.control.resize(cols, rows)
 
     async def wait(self) -> int | None:
@@ -181,7 +178,7 @@ class AgentStreamingBackend:
         spec = ExecSpec(args=cmd, tty=tty, stdin=stdin, cols=cols, rows=rows)
         try:
             session = await source.exec(container_id, spec)
-        except AgentError as exc:
+        except CodedError as exc:
             raise BackendError(f"exec in container {container_id}: {exc.message}") from exc
         return AgentExecStreams(session)
 
@@ -189,7 +186,7 @@ class AgentStreamingBackend:
         source = await self.container_source(container_id)
         try:
             control = source.subscribe_output(container_id)
-        except AgentError as exc:
+        except CodedError as exc:
             raise BackendError(f"attach to container {container_id}: {exc.message}") from exc
         fan_out = self.attach_source(container_id) if self.attach_source is not None else None
         if fan_out is None:
@@ -201,6 +198,6 @@ class AgentStreamingBackend:
         source = await self.pod_source(sandbox_id)
         try:
             stream = await source.port_forward(port)
-        except AgentError as exc:
+        except CodedError as exc:
             raise BackendError(exc.message) from exc
         return AgentPortForward(stream)

@@ -1,14 +1,15 @@
-"""Errors raised by the streaming server's public API; each carries its gRPC code."""
+"""Errors raised by the streaming server's public API; each carries its ``ErrorCode``."""
 
 from __future__ import annotations
 
-import grpc
+from agent.protocol import CodedError, ErrorCode
 
 
-class StreamingError(Exception):
-    """Base class. ``code`` is the gRPC status the CRI call should return."""
+class StreamingError(CodedError):
+    """Base class. ``code`` says why, as every layer's errors do (the CRI call answers
+    the gRPC status of that name)."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = ErrorCode.INTERNAL
 
 
 class InvalidStreamRequest(StreamingError, ValueError):
@@ -16,19 +17,19 @@ class InvalidStreamRequest(StreamingError, ValueError):
     no stdio stream at all, tty together with stderr, bad port ...). Also a ValueError,
     so handlers that map ValueError to INVALID_ARGUMENT need nothing more."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class TooManyPendingRequests(StreamingError):
     """Too many URLs handed out and not used yet; retry later."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.RESOURCE_EXHAUSTED
 
 
 class ServerNotRunning(StreamingError):
     """``url_for_*`` was called before ``start()`` or after ``stop()``."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class BackendError(StreamingError):

@@ -36,16 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.protocol import ContainerSpec
+from sandbox.api import PodNetworkSpec, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR
-from sandbox.network import (
-    CniInvocation,
-    CniRunner,
-    PodNetworkSpec,
-    create_netns,
-    remove_netns,
-)
-from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.network import CniInvocation, CniRunner, create_netns, remove_netns
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
+from sandbox.vmpod import create_vm_pod
 from tests.integration.test_network import (
     CniLab,
     _portmap_chains_present,
@@ -158,7 +154,7 @@ async def start_times(host: SandboxHost, runs: int) -> None:
     phases: dict[str, list[float]] = {}
     for run in range(runs):
         for network in (False, True):
-            sandbox = PodSandbox.create(host, new_spec(f"start{run}{int(network)}", network))
+            sandbox = create_vm_pod(host, new_spec(f"start{run}{int(network)}", network))
             started = time.perf_counter()
             try:
                 await sandbox.start()
@@ -183,8 +179,8 @@ async def start_times(host: SandboxHost, runs: int) -> None:
 
 
 async def vm_traffic(host: SandboxHost, image: RootfsImage, mb: int) -> dict[str, float]:
-    a = PodSandbox.create(host, new_spec("a", True))
-    b = PodSandbox.create(host, new_spec("b", True))
+    a = create_vm_pod(host, new_spec("a", True))
+    b = create_vm_pod(host, new_spec("b", True))
     try:
         await asyncio.gather(a.start(), b.start())
         for pod in (a, b):

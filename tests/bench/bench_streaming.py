@@ -37,7 +37,7 @@ from tests.streaming_client import build_client
 from tests.streaming_client.local_backend import LocalBackend
 
 if TYPE_CHECKING:
-    from sandbox.pod import PodSandbox
+    from sandbox.lifecycle import PodSandbox
     from sandbox.rootfs import RootfsImage
 
 
@@ -199,16 +199,18 @@ async def bench_local(client: Path, args: argparse.Namespace) -> None:
 
 @contextlib.asynccontextmanager
 async def pod_vm() -> AsyncIterator[tuple[PodSandbox, RootfsImage]]:
+    from sandbox.api import SandboxSpec
     from sandbox.guest import DEFAULT_GUEST_DIR
-    from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+    from sandbox.node import SandboxConfig, SandboxHost
     from sandbox.rootfs import build_rootfs_image, make_busybox_tree
+    from sandbox.vmpod import create_vm_pod
 
     guest_dir = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
     work = Path(tempfile.mkdtemp(prefix="cc-bench-"))
     host = SandboxHost(SandboxConfig(run_root=work / "run", guest_dir=guest_dir))
     tree = make_busybox_tree(work / "busybox")
     image = build_rootfs_image(tree, work / "busybox.erofs", image_id="busybox")
-    sandbox = PodSandbox.create(host, SandboxSpec("bench-" + os.urandom(3).hex()))
+    sandbox = create_vm_pod(host, SandboxSpec("bench-" + os.urandom(3).hex()))
     try:
         await sandbox.start()
         yield sandbox, image

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.api import SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.lifecycle import PodSandbox
 from sandbox.mounts import remove_tree
-from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
+from sandbox.vmpod import create_vm_pod
 
 GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
 # VM templates are shared by every test of a run (built once per machine shape).
@@ -66,7 +69,7 @@ def sandbox_host(guest_assets: GuestAssets, run_root: Path) -> SandboxHost:
 
 @pytest.fixture
 async def pod(sandbox_host: SandboxHost) -> AsyncIterator[PodSandbox]:
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("pod-" + os.urandom(4).hex()))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("pod-" + os.urandom(4).hex()))
     try:
         await sandbox.start()
         yield sandbox

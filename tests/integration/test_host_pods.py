@@ -724,15 +724,3 @@ async def test_host_pods_can_be_refused(image_ref: str, lab: CniLab, tmp_path: P
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def test_cgroup_parent_paths() -> None:
-    from sandbox.hostpod import cgroup_parent_path
-
-    assert cgroup_parent_path("/kubepods/burstable/podx", "cgroupfs", "id") == (
-        "/kubepods/burstable/podx"
-    )
-    assert cgroup_parent_path("kubepods-besteffort-pod12.slice", "systemd", "id") == (
-        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice"
-    )
-    assert cgroup_parent_path("", "systemd", "abc") == "/clearcri/abc"

@@ -30,20 +30,21 @@ from typing import Any
 import pytest
 
 from agent.protocol import ContainerSpec
+from sandbox.api import DnsConfig, PodNetworkSpec, PortMapping, SandboxError, SandboxSpec
 from sandbox.guest import GuestAssets
+from sandbox.handlers import Sandboxes
+from sandbox.lifecycle import PodSandbox
 from sandbox.network import (
     CniPluginError,
-    DnsConfig,
     NetworkConfig,
     NetworkManager,
-    PodNetworkSpec,
-    PortMapping,
     is_netns_mount,
     run_in_thread,
 )
-from sandbox.pod import PodSandbox, SandboxConfig, SandboxError, SandboxHost, SandboxSpec
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
+from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import GUEST_DIR
 
 CNI_BIN_DIRS = [Path("/opt/cni/bin"), Path("/usr/lib/cni")]
@@ -242,7 +243,7 @@ def _pod_spec(name: str, **kwargs: Any) -> SandboxSpec:
 
 @contextlib.asynccontextmanager
 async def _pod(host: SandboxHost, spec: SandboxSpec) -> AsyncIterator[PodSandbox]:
-    sandbox = PodSandbox.create(host, spec)
+    sandbox = create_vm_pod(host, spec)
     try:
         await sandbox.start()
         yield sandbox
@@ -444,7 +445,7 @@ async def test_pod_is_reachable_by_ip_hostport_and_gets_dns(
         ipv4, ipv6 = result.ipv4, result.ipv6
         assert ipv4.startswith(lab.prefix4 + ".") and ipv6.startswith("fd00:cc:")
         assert result.pod_ips == [ipv4, ipv6]
-        saved = json.loads((pod.machine.run_dir / "state.json").read_text())
+        saved = json.loads((vm_backend(pod).machine.run_dir / "state.json").read_text())
         assert saved["network"]["phase"] == "attached"
         assert saved["network"]["result"]["mac"] == result.mac
 
@@ -522,7 +523,7 @@ async def test_missing_config_fails_before_the_vm(net_host: SandboxHost, lab: Cn
         conf.unlink()
     assert not net_host.network.status().ready
     spec = _pod_spec("noconf")
-    sandbox = PodSandbox.create(net_host, spec)
+    sandbox = create_vm_pod(net_host, spec)
     with pytest.raises(SandboxError, match="no CNI network config found in"):
         await sandbox.start()
     assert sandbox.state == "dead" and sandbox.process is None
@@ -536,7 +537,7 @@ async def test_broken_config_and_failing_plugin_roll_back(
 ) -> None:
     lab.write("{ this is not json", "10-broken.conflist")
     spec = _pod_spec("broken")
-    sandbox = PodSandbox.create(net_host, spec)
+    sandbox = create_vm_pod(net_host, spec)
     with pytest.raises(SandboxError, match=r"cannot read CNI config .*10-broken\.conflist"):
         await sandbox.start()
     await sandbox.destroy()
@@ -545,14 +546,14 @@ async def test_broken_config_and_failing_plugin_roll_back(
     # the VM is already booting: everything goes, the VM included.
     lab.write(lab.conflist(extra=({"type": "cc-fail"},)))
     spec = _pod_spec("failing")
-    sandbox = PodSandbox.create(net_host, spec)
+    sandbox = create_vm_pod(net_host, spec)
     with pytest.raises(SandboxError, match="told to fail by the test"):
         await sandbox.start()
     assert sandbox.state == "dead"
     assert sandbox.process is not None and not sandbox.process.alive
     assert lab.leftovers([spec.sandbox_id]) == []
     await sandbox.destroy()
-    assert not sandbox.machine.run_dir.exists()
+    assert not vm_backend(sandbox).machine.run_dir.exists()
 
 
 RESTART_CHILD = textwrap.dedent(
@@ -560,7 +561,9 @@ RESTART_CHILD = textwrap.dedent(
     import asyncio, json, sys
     from pathlib import Path
     from sandbox.network import NetworkConfig, PodNetworkSpec
-    from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+    from sandbox.api import SandboxSpec
+    from sandbox.lifecycle import PodSandbox
+    from sandbox.node import SandboxConfig, SandboxHost
 
     async def main() -> None:
         run_root, guest_dir, sandbox_id, network = sys.argv[1:5]
@@ -575,7 +578,7 @@ RESTART_CHILD = textwrap.dedent(
             ),
         )
         spec = SandboxSpec(sandbox_id, network=PodNetworkSpec(name="restart", namespace="t"))
-        sandbox = PodSandbox.create(SandboxHost(config), spec)
+        sandbox = create_vm_pod(SandboxHost(config), spec)
         await sandbox.start()
         await sandbox.close()
         print(sandbox.pid, sandbox.network_result.ipv4, flush=True)
@@ -612,7 +615,7 @@ async def test_restarted_daemon_removes_the_network(net_host: SandboxHost, lab: 
     # The node's network config changes while no daemon runs; DEL uses the saved one.
     lab.write(lab.conflist(v6=False, portmap=False), "20-other.conflist")
 
-    sandbox = await PodSandbox.adopt(net_host, sandbox_id)
+    sandbox = await Sandboxes(net_host).adopt(sandbox_id)
     try:
         assert sandbox.state == "ready"
         assert sandbox.network_result is not None and sandbox.network_result.ipv4 == ip

@@ -12,10 +12,13 @@ import textwrap
 import pytest
 
 from agent.protocol import ContainerSpec, ExecSpec, Resources
-from sandbox.api import SandboxState
-from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
+from sandbox.api import SandboxError, SandboxSpec, SandboxState
+from sandbox.handlers import Sandboxes
+from sandbox.lifecycle import PodSandbox
+from sandbox.node import SandboxHost
 from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
+from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import qemu_processes
 
 pytestmark = pytest.mark.vm
@@ -34,7 +37,7 @@ def _qemu_pids_named(name: str) -> list[int]:
 
 async def test_cold_boot_reports_dax_and_phases(sandbox_host: SandboxHost) -> None:
     sandbox_host.templates = None  # boot the kernel for real
-    pod = PodSandbox.create(sandbox_host, SandboxSpec("cold1"))
+    pod = create_vm_pod(sandbox_host, SandboxSpec("cold1"))
     try:
         await pod.start()
         ready = pod.agent.ready
@@ -42,9 +45,9 @@ async def test_cold_boot_reports_dax_and_phases(sandbox_host: SandboxHost) -> No
         assert ready.kernel_release
         assert 0 < pod.boot.kernel < pod.boot.total
         assert pod.boot.total > 0 and pod.boot.vmm_spawn > 0 and pod.boot.restore == 0
-        assert pod.machine.memory_file is None
+        assert vm_backend(pod).machine.memory_file is None
         assert pod.state == "ready"
-        assert pod.console_tail(), "the serial console is captured"
+        assert vm_backend(pod).console_tail(), "the serial console is captured"
     finally:
         await pod.destroy()
 
@@ -55,11 +58,14 @@ async def test_clones_of_a_template_are_distinct_pods(
     assert sandbox_host.templates is not None
     randoms = set()
     for name in ("clone1", "clone2"):
-        pod = PodSandbox.create(sandbox_host, SandboxSpec(name, hostname=f"host-{name}"))
+        pod = create_vm_pod(sandbox_host, SandboxSpec(name, hostname=f"host-{name}"))
         try:
             await pod.start()
             assert pod.boot.restore > 0 and pod.boot.kernel == 0
-            assert pod.machine.memory_file is not None and not pod.machine.memory_shared
+            assert (
+                vm_backend(pod).machine.memory_file is not None
+                and not vm_backend(pod).machine.memory_shared
+            )
             assert pod.agent.ready.dax is True
             spec = ContainerSpec(
                 args=["sh", "-c", "hostname; head -c 16 /dev/urandom | od -An -tx1"]
@@ -143,7 +149,7 @@ async def test_two_containers_share_the_pod_network(
         await asyncio.sleep(0.2)
     assert result.stdout == b"pod-shared\n", result.stderr
     # one image slot serves both containers of the same image
-    assert list(pod.slots.values()) == ["busybox"]
+    assert list(vm_backend(pod).slots.values()) == ["busybox"]
 
 
 async def test_a_full_writable_layer_leaves_exec_and_neighbours_working(
@@ -178,7 +184,7 @@ async def test_a_full_writable_layer_leaves_exec_and_neighbours_working(
 
 
 async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHost) -> None:
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("crash1"))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("crash1"))
     await sandbox.start()
     died = asyncio.Event()
     sandbox.on_exit(lambda _s: died.set())
@@ -189,17 +195,17 @@ async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHos
     with pytest.raises(SandboxError, match="not running"):
         _ = sandbox.agent
     await sandbox.destroy()
-    assert not sandbox.machine.run_dir.exists()
+    assert not vm_backend(sandbox).machine.run_dir.exists()
 
 
 async def test_failed_boot_leaves_nothing(sandbox_host: SandboxHost) -> None:
     sandbox_host.config.qemu = "/bin/false"
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("fail1"))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("fail1"))
     with pytest.raises(SandboxError, match="failed to boot"):
         await sandbox.start()
     assert sandbox.state == "dead"
     await sandbox.destroy()
-    assert not sandbox.machine.run_dir.exists()
+    assert not vm_backend(sandbox).machine.run_dir.exists()
 
 
 ADOPT_CHILD = textwrap.dedent(
@@ -207,14 +213,16 @@ ADOPT_CHILD = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from agent.protocol import ContainerSpec
-    from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
+    from sandbox.api import SandboxSpec
+    from sandbox.lifecycle import PodSandbox
+    from sandbox.node import SandboxConfig, SandboxHost
     from sandbox.rootfs import RootfsImage
 
     async def main() -> None:
         run_root, guest_dir, image = sys.argv[1], sys.argv[2], sys.argv[3]
         config = SandboxConfig(run_root=Path(run_root), guest_dir=Path(guest_dir))
         host = SandboxHost(config)
-        sandbox = PodSandbox.create(host, SandboxSpec("adopt1"))
+        sandbox = create_vm_pod(host, SandboxSpec("adopt1"))
         await sandbox.start()
         await sandbox.create_container(
             "keep", ContainerSpec(args=["sleep", "1000"]), RootfsImage("busybox", Path(image))
@@ -246,7 +254,7 @@ async def test_new_process_readopts_running_vm(
     pid = int(out.split()[-1])
     assert pid_alive(pid), "the VM must outlive the process that started it"
 
-    sandbox = await PodSandbox.adopt(sandbox_host, "adopt1")
+    sandbox = await Sandboxes(sandbox_host).adopt("adopt1")
     try:
         assert sandbox.state == "ready"
         assert sandbox.pid == pid
@@ -261,7 +269,7 @@ async def test_new_process_readopts_running_vm(
 
 
 async def test_adopting_a_dead_vm_reports_it(sandbox_host: SandboxHost) -> None:
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("gone1"))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("gone1"))
     await sandbox.start()
     pid = sandbox.pid
     await sandbox.close()
@@ -270,7 +278,7 @@ async def test_adopting_a_dead_vm_reports_it(sandbox_host: SandboxHost) -> None:
         if not pid_alive(pid):
             break
         await asyncio.sleep(0.05)
-    adopted = await PodSandbox.adopt(sandbox_host, "gone1")
+    adopted = await Sandboxes(sandbox_host).adopt("gone1")
     assert adopted.state == "dead"
     assert "exited" in adopted.exit_reason
     await adopted.destroy()
@@ -279,24 +287,24 @@ async def test_adopting_a_dead_vm_reports_it(sandbox_host: SandboxHost) -> None:
 async def test_a_vm_left_stopping_is_stopped_on_adoption(sandbox_host: SandboxHost) -> None:
     """The daemon died inside StopPodSandbox (state file "stopping", VM still up): the
     next daemon finishes the stop instead of leaving the VM running for ever."""
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("halfstop1"))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("halfstop1"))
     await sandbox.start()
     pid = sandbox.pid
     await sandbox.close()
     sandbox.state = SandboxState.STOPPING
-    sandbox._save()
-    adopted = await PodSandbox.adopt(sandbox_host, "halfstop1")
+    sandbox.save()
+    adopted = await Sandboxes(sandbox_host).adopt("halfstop1")
     assert adopted.state == "stopped"
     assert not pid_alive(pid)
     await adopted.destroy()
     assert _qemu_pids_named("halfstop1") == []
-    assert not adopted.machine.run_dir.exists()
+    assert not vm_backend(adopted).machine.run_dir.exists()
 
 
 async def test_destroy_leaves_no_process_socket_or_file(
     sandbox_host: SandboxHost, busybox_image: RootfsImage
 ) -> None:
-    sandbox = PodSandbox.create(sandbox_host, SandboxSpec("clean1"))
+    sandbox = create_vm_pod(sandbox_host, SandboxSpec("clean1"))
     await sandbox.start()
     await sandbox.create_container("c", ContainerSpec(args=["sleep", "100"]), busybox_image)
     await sandbox.start_container("c")
@@ -305,5 +313,5 @@ async def test_destroy_leaves_no_process_socket_or_file(
     await sandbox.destroy()  # idempotent
     assert not pid_alive(pid)
     assert _qemu_pids_named("clean1") == []
-    assert not sandbox.machine.run_dir.exists()
+    assert not vm_backend(sandbox).machine.run_dir.exists()
     assert list(sandbox_host.config.run_root.iterdir()) == []

@@ -18,7 +18,7 @@ from agent.client import AgentClient, FailedPrecondition
 from agent.protocol import ContainerSpec
 from cri.streaming import StreamingServer
 from cri.streaming.agent_backend import AgentStreamingBackend
-from sandbox.pod import PodSandbox
+from sandbox.lifecycle import PodSandbox
 from sandbox.rootfs import RootfsImage
 from tests.integration.test_streaming_clients import port_forward_client
 from tests.streaming_client import build_client
@@ -179,7 +179,7 @@ async def test_port_forward_in_pod_vm(pod: PodSandbox, busybox_image: RootfsImag
 
     async with StreamingServer(AgentStreamingBackend(agent_for, agent_for)) as server:
         url = server.url_for_port_forward(
-            api_pb2.PortForwardRequest(pod_sandbox_id=pod.spec.sandbox_id, port=[8080])
+            api_pb2.PortForwardRequest(pod_sandbox_id=pod.id, port=[8080])
         )
         async with port_forward_client(client, url, 8080, "spdy") as local:
             reader, writer = await asyncio.open_connection("127.0.0.1", local)

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import ContainerSpec, Mount
+from sandbox.api import SandboxSpec
 from sandbox.jail import SHARE_CAPABILITIES, jail_for
-from sandbox.pod import PodSandbox, SandboxHost, SandboxSpec
+from sandbox.lifecycle import PodSandbox
+from sandbox.node import SandboxHost
 from sandbox.rootfs import RootfsImage
+from sandbox.vmpod import create_vm_pod, vm_backend
 
 pytestmark = pytest.mark.vm
 
@@ -31,13 +34,13 @@ def _mask(caps: tuple[int, ...]) -> int:
 
 
 async def test_the_vmm_runs_as_its_own_user_without_capabilities(pod: PodSandbox) -> None:
-    vmm_id = pod.machine.vmm_id
+    vmm_id = vm_backend(pod).machine.vmm_id
     assert vmm_id is not None and vmm_id != 0
     status = _status(pod.pid)
     assert status["Uid"].split() == [str(vmm_id)] * 4
     assert status["Gid"].split() == [str(vmm_id)] * 4
     assert status["Groups"] == ""
-    expected = _mask(SHARE_CAPABILITIES) if pod.machine.share else 0
+    expected = _mask(SHARE_CAPABILITIES) if vm_backend(pod).machine.share else 0
     for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
         assert int(status[field], 16) == expected, field
     assert status["NoNewPrivs"] == "1"
@@ -48,7 +51,7 @@ async def test_the_vmm_runs_as_its_own_user_without_capabilities(pod: PodSandbox
 
 async def test_the_vmm_sees_only_its_own_files(sandbox_host: SandboxHost, pod: PodSandbox) -> None:
     root = Path(f"/proc/{pod.pid}/root")
-    machine = pod.machine
+    machine = vm_backend(pod).machine
     for needed in (machine.kernel, machine.os_image, machine.qmp_socket, Path("/usr/bin")):
         assert (root / needed.relative_to("/")).exists(), needed
     for hidden in (
@@ -64,22 +67,22 @@ async def test_the_vmm_sees_only_its_own_files(sandbox_host: SandboxHost, pod: P
     assert [p.name for p in run_root.iterdir()] == [pod.id]
     assert [p.name for p in (run_root / pod.id).iterdir()] == ["vmm"]
     # another pod's VMM has another id and another root
-    other = PodSandbox.create(sandbox_host, SandboxSpec("jail-other"))
+    other = create_vm_pod(sandbox_host, SandboxSpec("jail-other"))
     try:
         await other.start()
-        assert other.machine.vmm_id not in (None, machine.vmm_id)
-        assert not (root / other.machine.vmm_dir.relative_to("/")).exists()
+        assert vm_backend(other).machine.vmm_id not in (None, machine.vmm_id)
+        assert not (root / vm_backend(other).machine.vmm_dir.relative_to("/")).exists()
     finally:
         await other.destroy()
 
 
 async def test_a_process_in_the_vmm_jail_cannot_reach_the_host(pod: PodSandbox) -> None:
     """As QEMU would if it were taken over: the same jail, the same id and capabilities."""
-    jail = jail_for(pod.machine)
+    jail = jail_for(vm_backend(pod).machine)
     probe = (
         "cat /etc/shadow; cat /etc/passwd; ls /proc/1; touch /usr/x; touch /x; "
-        f"mount -t tmpfs t {pod.machine.vmm_dir}; kill -0 1; id -u; "
-        f"echo ok > {pod.machine.vmm_dir}/probe"
+        f"mount -t tmpfs t {vm_backend(pod).machine.vmm_dir}; kill -0 1; id -u; "
+        f"echo ok > {vm_backend(pod).machine.vmm_dir}/probe"
     )
     done = await asyncio.to_thread(
         subprocess.run,
@@ -88,14 +91,14 @@ async def test_a_process_in_the_vmm_jail_cannot_reach_the_host(pod: PodSandbox) 
         text=True,
         timeout=30,
     )
-    assert done.stdout.strip() == str(pod.machine.vmm_id)
+    assert done.stdout.strip() == str(vm_backend(pod).machine.vmm_id)
     err = done.stderr
     assert "/etc/shadow: No such file" in err and "/etc/passwd: No such file" in err
     assert "/proc/1" in err
     assert "'/usr/x': Read-only file system" in err and "'/x': Read-only file system" in err
     assert "must be superuser to use mount" in err
     assert "kill: Operation not permitted" in err
-    assert (pod.machine.vmm_dir / "probe").read_text() == "ok\n"
+    assert (vm_backend(pod).machine.vmm_dir / "probe").read_text() == "ok\n"
 
 
 async def test_volumes_and_images_reach_the_jailed_vmm(
@@ -104,15 +107,19 @@ async def test_volumes_and_images_reach_the_jailed_vmm(
     """Binds made after QEMU started (a container's host paths, its image) appear in
     the jail, read-only where asked; files the container's root writes are root's on
     the host and a user's files keep their owner."""
-    assert pod.share is not None, "the guest kernel must have 9p (clearcri guest build)"
+    assert vm_backend(pod).share is not None, "the guest kernel must have 9p (clearcri guest build)"
     volume = tmp_path / "vol"
     volume.mkdir()
     (volume / "mine").write_text("x")
     os.chown(volume / "mine", 1234, 1234)
     ro_volume = tmp_path / "ro"
     ro_volume.mkdir()
-    rw_path = await pod.share_host_path("c-0", volume, readonly=False, propagation="rprivate")
-    ro_path = await pod.share_host_path("c-1", ro_volume, readonly=True, propagation="rprivate")
+    rw_path = await vm_backend(pod).share_host_path(
+        "c-0", volume, readonly=False, propagation="rprivate"
+    )
+    ro_path = await vm_backend(pod).share_host_path(
+        "c-1", ro_volume, readonly=True, propagation="rprivate"
+    )
     script = (
         "echo made > /v/new && mkdir /v/d && chown 2000:2000 /v/d && "
         "stat -c %u /v/mine && echo no > /r/x; echo rc=$?"
@@ -141,7 +148,7 @@ async def test_volumes_and_images_reach_the_jailed_vmm(
     assert (volume / "d").stat().st_uid == 2000
     assert not (ro_volume / "x").exists()
     jail_root = Path(f"/proc/{pod.pid}/root")
-    image_bind = jail_root / pod.machine.images_dir.relative_to("/") / "img0"
+    image_bind = jail_root / vm_backend(pod).machine.images_dir.relative_to("/") / "img0"
     assert image_bind.stat().st_size == busybox_image.path.stat().st_size
     # the jail's copies of the binds are mounts of its own namespace, read-only where
     # the host's are, and go when the host's bind goes
@@ -150,7 +157,7 @@ async def test_volumes_and_images_reach_the_jailed_vmm(
         fields[4]: fields[5].split(",")
         for fields in (line.split() for line in jail_mounts.read_text().splitlines())
     }
-    share = pod.machine.share_dir
+    share = vm_backend(pod).machine.share_dir
     assert "ro" in entries[str(share / "c-1")] and "rw" in entries[str(share / "c-0")]
     await pod.agent.delete_container("jailvol", force=True)
     await pod.unshare_host_paths(["c-0", "c-1"])

@@ -19,7 +19,8 @@ from agent.protocol import (
     InterfaceStats,
 )
 from cri import cadvisor_metrics as cm
-from cri.metrics import SandboxSample, Snapshot, metric_descriptors, pod_metrics_messages
+from cri.runtime.pod_metrics import metric_descriptors, pod_metrics_messages
+from cri.runtime.snapshot import SandboxSample, Snapshot
 from cri.runtime.state import EXITED, RUNNING, ContainerRecord
 
 # critest v1.37.0 pkg/validate/pod.go: the names kubelet got from cAdvisor ...

@@ -12,6 +12,7 @@ from sandbox.cgroups import (
     memory_limit,
     place,
     pod_memory_budget,
+    pod_tree_path,
     raise_memory_limit,
     relative_path,
     systemd_slice_path,
@@ -153,3 +154,19 @@ def test_raise_memory_limit_only_raises(tmp_path: Path) -> None:
     # already enough: nothing written
     assert not raise_memory_limit("/kubepods/podabc", "cgroupfs", 100 << 20, [v1, v2])
     assert (pod / "memory.limit_in_bytes").read_text() == f"{136 << 20}\n"
+
+
+def test_pod_tree_path_parses_parents_as_the_vm_cgroup_does() -> None:
+    assert pod_tree_path("/kubepods/burstable/podx", "cgroupfs", "id") == (
+        "/kubepods/burstable/podx"
+    )
+    assert pod_tree_path("kubepods-besteffort-pod12.slice", "systemd", "id") == (
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice"
+    )
+    assert pod_tree_path("", "systemd", "abc") == "/clearcri/abc"
+    assert pod_tree_path("-.slice", "systemd", "abc") == "/clearcri/abc"
+    # one parser: what a pod VM's cgroup refuses, a host pod's refuses too
+    with pytest.raises(CgroupError):
+        pod_tree_path("../../etc", "cgroupfs", "abc")
+    with pytest.raises(CgroupError):
+        pod_tree_path("kubepods/x", "systemd", "abc")

@@ -1,5 +1,5 @@
 """RunPodSandbox, StopPodSandbox, RemovePodSandbox and ExecSync through the real CRI
-servicer and runtime, with fake sandboxes in place of VMs (``Runtime.kinds``): the error
+servicer and runtime, with fake sandboxes in place of VMs (a fake ``SandboxProvider``): the error
 paths that otherwise need a VM to fail, in milliseconds."""
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ from cri.config import Config
 from cri.runtime.service import Runtime, RuntimeService
 from cri.runtime.state import RUNNING, ContainerRecord, RuntimeState
 from cri.store import Store
-from sandbox.api import SandboxState
+from sandbox.api import (
+    BootTimes,
+    NetworkStatus,
+    SandboxError,
+    SandboxExhausted,
+    SandboxNotFound,
+    SandboxRefused,
+    SandboxState,
+    SandboxUnavailable,
+)
 from sandbox.network import NetworkConfig
-from sandbox.pod import BootTimes, SandboxConfig, SandboxError, SandboxExhausted, SandboxNotFound
+from sandbox.node import SandboxConfig
 
 
 class Aborted(Exception):
@@ -51,7 +60,8 @@ class FakeSandbox:
         self.exec_answer: ExecResult | BaseException | None = None
         self.pid = 4242
         self.state = SandboxState.CREATED
-        self.network_result = None
+        self.pod_ips: list[str] = []
+        self.exit_reason = ""
         self.boot = BootTimes()
         self.start_error = start_error
         self.calls: list[str] = []
@@ -87,7 +97,12 @@ class FakeSandbox:
         return self.exec_answer or ExecResult(0, b"", b"", False)
 
 
-class FakeKinds:
+class FakeProvider:
+    """A node whose sandboxes are fakes (``sandbox.api.SandboxProvider``)."""
+
+    handlers = ("clearcri", "host")
+    networking = False
+
     def __init__(
         self,
         *,
@@ -100,30 +115,47 @@ class FakeKinds:
         self.destroy_errors = destroy_errors
         self.made: list[FakeSandbox] = []
 
-    def create_vm(self, spec: Any) -> FakeSandbox:
+    def create(self, handler: str, spec: Any) -> FakeSandbox:
         if self.create_error is not None:
             raise self.create_error
         sandbox = FakeSandbox(spec.sandbox_id, self.start_error, self.destroy_errors)
         self.made.append(sandbox)
         return sandbox
 
-    create_host = create_vm
-
     async def adopt(self, sandbox_id: str) -> FakeSandbox:
         raise SandboxNotFound(sandbox_id)
 
+    async def remove_leftover(self, sandbox_id: str) -> None:
+        pass
 
-def _service(tmp_path: Path, kinds: FakeKinds) -> tuple[RuntimeService, Runtime]:
+    def sandbox_ids(self) -> list[str]:
+        return [s.id for s in self.made if s.state != SandboxState.REMOVED]
+
+    def node_info(self) -> dict[str, str]:
+        return {"accelerator": "tcg"}
+
+    def network_status(self) -> NetworkStatus:
+        return NetworkStatus(True)
+
+    def update_pod_cidr(self, cidr: str) -> None:
+        pass
+
+    def memory_budget(self, cgroup_parent: str, driver: str, limit: int, overhead: int) -> int:
+        return 0
+
+    def cgroup_parent_problem(self, parent: str, driver: str) -> str | None:
+        return None
+
+
+def _service(tmp_path: Path, kinds: FakeProvider) -> tuple[RuntimeService, Runtime]:
     config = Config()
     config.daemon.state_dir = tmp_path / "state"
     config.daemon.run_dir = tmp_path / "run"
     config.daemon.log_dir = tmp_path / "log"
     config.vm = SandboxConfig(run_root=tmp_path / "run" / "sandboxes")
     config.vm.network = NetworkConfig(enabled=False)
-    host: Any = SimpleNamespace(config=config.vm, accel="tcg")
     store = Store(tmp_path / "state.db")
-    runtime = Runtime(config, RuntimeState(store), host, images=SimpleNamespace())  # type: ignore[arg-type]
-    runtime.kinds = kinds  # type: ignore[assignment]
+    runtime = Runtime(config, RuntimeState(store), kinds, images=SimpleNamespace())  # type: ignore[arg-type]
     return RuntimeService(runtime), runtime
 
 
@@ -140,7 +172,7 @@ def _run(service: RuntimeService, request: Any) -> Any:
 
 
 def test_a_pod_starts_and_is_recorded(tmp_path: Path) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, runtime = _service(tmp_path, kinds)
     response = _run(service, _pod_request())
     (sandbox,) = kinds.made
@@ -153,13 +185,17 @@ def test_a_pod_starts_and_is_recorded(tmp_path: Path) -> None:
     ("error", "code"),
     [
         (SandboxExhausted("no VMM id left"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (SandboxError("invalid sandbox id"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            SandboxRefused("the pod's memory budget cannot hold a VM"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (SandboxError("cannot make its run directory"), grpc.StatusCode.FAILED_PRECONDITION),
     ],
 )
 def test_a_sandbox_that_cannot_be_made_is_refused(
     tmp_path: Path, error: SandboxError, code: grpc.StatusCode
 ) -> None:
-    service, runtime = _service(tmp_path, FakeKinds(create_error=error))
+    service, runtime = _service(tmp_path, FakeProvider(create_error=error))
     with pytest.raises(Aborted) as caught:
         _run(service, _pod_request())
     assert caught.value.code == code
@@ -170,14 +206,15 @@ def test_a_sandbox_that_cannot_be_made_is_refused(
 @pytest.mark.parametrize(
     ("error", "code", "says"),
     [
-        (SandboxError("the VM did not boot"), grpc.StatusCode.UNAVAILABLE, "default/web"),
+        (SandboxUnavailable("the VM did not boot"), grpc.StatusCode.UNAVAILABLE, "default/web"),
+        (SandboxRefused("no such handler"), grpc.StatusCode.INVALID_ARGUMENT, "default/web"),
         (RuntimeError("a bug"), grpc.StatusCode.INTERNAL, "failed unexpectedly"),
     ],
 )
 def test_a_sandbox_that_fails_to_start_is_destroyed(
     tmp_path: Path, error: BaseException, code: grpc.StatusCode, says: str
 ) -> None:
-    kinds = FakeKinds(start_error=error)
+    kinds = FakeProvider(start_error=error)
     service, runtime = _service(tmp_path, kinds)
     with pytest.raises(Aborted) as caught:
         _run(service, _pod_request())
@@ -188,7 +225,7 @@ def test_a_sandbox_that_fails_to_start_is_destroyed(
 
 
 def test_the_same_pod_twice_is_already_exists(tmp_path: Path) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, _ = _service(tmp_path, kinds)
 
     async def twice() -> None:
@@ -206,7 +243,7 @@ def _call(service: RuntimeService, name: str, request: Any) -> Any:
 
 
 def test_stop_then_remove_leaves_nothing_and_both_are_idempotent(tmp_path: Path) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, runtime = _service(tmp_path, kinds)
     pod_id = _run(service, _pod_request()).pod_sandbox_id
     stop = api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod_id)
@@ -223,7 +260,7 @@ def test_stop_then_remove_leaves_nothing_and_both_are_idempotent(tmp_path: Path)
 def test_a_removal_that_fails_is_kept_to_be_retried(tmp_path: Path) -> None:
     """A sandbox that cannot be destroyed (its CNI DEL fails) answers with why and
     keeps the pod, so that kubelet retries; the retry finishes it."""
-    kinds = FakeKinds(destroy_errors=[SandboxError("CNI plugin bridge DEL failed")])
+    kinds = FakeProvider(destroy_errors=[SandboxError("CNI plugin bridge DEL failed")])
     service, runtime = _service(tmp_path, kinds)
     pod_id = _run(service, _pod_request()).pod_sandbox_id
     remove = api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
@@ -237,7 +274,7 @@ def test_a_removal_that_fails_is_kept_to_be_retried(tmp_path: Path) -> None:
 
 
 def _running_container(
-    service: RuntimeService, runtime: Runtime, kinds: FakeKinds
+    service: RuntimeService, runtime: Runtime, kinds: FakeProvider
 ) -> tuple[FakeSandbox, str]:
     """A pod started on a fake sandbox, and a container recorded running in it."""
     pod_id = _run(service, _pod_request()).pod_sandbox_id
@@ -263,7 +300,7 @@ def _exec(service: RuntimeService, cid: str, *cmd: str) -> Any:
 
 
 def test_exec_sync_answers_with_the_command_s_result(tmp_path: Path) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, runtime = _service(tmp_path, kinds)
     sandbox, cid = _running_container(service, runtime, kinds)
     sandbox.exec_answer = ExecResult(3, b"out", b"err", False)
@@ -284,7 +321,7 @@ def test_exec_sync_answers_with_the_command_s_result(tmp_path: Path) -> None:
 def test_exec_sync_failures_get_the_codes_kubelet_acts_on(
     tmp_path: Path, answer: ExecResult | BaseException, code: grpc.StatusCode
 ) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, runtime = _service(tmp_path, kinds)
     sandbox, cid = _running_container(service, runtime, kinds)
     sandbox.exec_answer = answer
@@ -295,7 +332,7 @@ def test_exec_sync_failures_get_the_codes_kubelet_acts_on(
 
 
 def test_exec_sync_refusals_need_no_vm(tmp_path: Path) -> None:
-    kinds = FakeKinds()
+    kinds = FakeProvider()
     service, runtime = _service(tmp_path, kinds)
     sandbox, cid = _running_container(service, runtime, kinds)
     cases = [

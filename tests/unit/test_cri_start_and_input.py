@@ -15,6 +15,7 @@ from cri.runtime import convert, pods
 from cri.runtime.convert import check_dns, check_log_path, check_name
 from cri.runtime.logs import ContainerLog
 from cri.runtime.pods import PodOps
+from sandbox.cgroups import parent_problem
 
 
 class FakeState:
@@ -43,7 +44,7 @@ class Ops(PodOps):
 def make_ops(ids: list[str]) -> tuple[PodOps, list[str]]:
     ops = object.__new__(Ops)
     ops.state = FakeState()  # type: ignore[assignment]
-    ops.host = FakeHost(ids)  # type: ignore[assignment]
+    ops.provider = FakeHost(ids)  # type: ignore[assignment]
     spawned: list[str] = []
 
     def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -80,7 +81,7 @@ def test_leftovers_are_retried_until_removed(monkeypatch: pytest.MonkeyPatch) ->
         attempts.append(pod_id)
         if len(attempts) < 3:
             raise RuntimeError("not yet")
-        ops.host.ids.remove(pod_id)  # type: ignore[attr-defined]
+        ops.provider.ids.remove(pod_id)  # type: ignore[attr-defined]
 
     ops._destroy_leftover = destroy  # type: ignore[method-assign]
     asyncio.run(asyncio.wait_for(ops._retry_leftovers(["a" * 64]), 5))
@@ -195,10 +196,10 @@ def test_kubelets_resources_pass() -> None:
 
 
 def test_cgroup_parents_outside_the_tree_are_refused() -> None:
-    problem = convert.check_cgroup_parent("../..", "cgroupfs")
+    problem = parent_problem("../..", "cgroupfs")
     assert problem is not None and "leaves the cgroup tree" in problem
-    assert convert.check_cgroup_parent("/kubepods/a\nb", "cgroupfs") is not None
-    assert convert.check_cgroup_parent("kubepods/x", "systemd") is not None
-    assert convert.check_cgroup_parent("/kubepods/burstable/pod1", "cgroupfs") is None
-    assert convert.check_cgroup_parent("kubepods-burstable.slice", "systemd") is None
-    assert convert.check_cgroup_parent("", "cgroupfs") is None
+    assert parent_problem("/kubepods/a\nb", "cgroupfs") is not None
+    assert parent_problem("kubepods/x", "systemd") is not None
+    assert parent_problem("/kubepods/burstable/pod1", "cgroupfs") is None
+    assert parent_problem("kubepods-burstable.slice", "systemd") is None
+    assert parent_problem("", "cgroupfs") is None

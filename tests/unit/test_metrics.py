@@ -28,16 +28,18 @@ from cri.metrics import (
     RuntimeCollector,
     RuntimeMetrics,
     crash_cause,
+    page_cache_bytes,
+    read_ksm,
+)
+from cri.runtime.pod_metrics import (
     list_pod_sandbox_metrics,
     metric_descriptors,
-    page_cache_bytes,
     pod_metrics_messages,
-    read_ksm,
-    take_snapshot,
 )
+from cri.runtime.snapshot import take_snapshot
 from cri.runtime.state import CREATED, EXITED, POD_NOTREADY, RUNNING, ContainerRecord, PodRecord
-from sandbox.pod import BootTimes
-from sandbox.usage import CLOCK_TICKS
+from sandbox.api import BootTimes, SharedFiles
+from sandbox.procfs import CLOCK_TICKS
 from sandbox.vm import configure_host_ksm
 
 # -- fakes -------------------------------------------------------------------------------
@@ -61,6 +63,9 @@ class FakeSandbox:
 
     interfaces: list[InterfaceStats] = field(default_factory=list)
     detail_calls: int = 0
+
+    def shared_files(self) -> SharedFiles:
+        return SharedFiles(self.machine.os_image, tuple(sorted(set(self.slots.values()))))
 
     async def stats(self, container_id: str | None = None, *, detail: bool = False) -> StatsReport:
         if self.hang:

@@ -18,20 +18,17 @@ import pytest
 
 from agent.guest import network as guest_net
 from agent.protocol import NetInterface
+from sandbox.api import Bandwidth, DnsConfig, PodNetworkSpec, PortMapping, SandboxSpec
 from sandbox.network import (
-    Bandwidth,
     CniConfigError,
     CniConfList,
     CniInvocation,
     CniPluginError,
     CniRunner,
-    DnsConfig,
     NetworkConfig,
     NetworkError,
     NetworkManager,
     NetworkResult,
-    PodNetworkSpec,
-    PortMapping,
     TapDevice,
     cni_args,
     find_conf_file,
@@ -42,7 +39,6 @@ from sandbox.network import (
     runtime_config,
     version_at_least,
 )
-from sandbox.pod import SandboxSpec
 
 RESULT_1_0 = {
     "cniVersion": "1.0.0",
@@ -359,7 +355,7 @@ async def test_plugin_error_is_parsed_and_del_continues(tmp_path: Path, fake_plu
     runner = CniRunner([fake_plugins], timeout=30)
     with pytest.raises(CniPluginError, match="second ADD failed: told to fail") as info:
         await runner.add(conflist, inv)
-    assert info.value.code == 11 and info.value.details == "by the test"
+    assert info.value.cni_code == 11 and info.value.details == "by the test"
     failing_del = CniConfList.parse(
         {
             "cniVersion": "1.0.0",

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from sandbox.api import SandboxState
-from sandbox.pod import STATE_FILE, PodSandbox, SandboxNotFound
+from sandbox.api import SandboxNotFound, SandboxState
+from sandbox.handlers import Sandboxes
+from sandbox.lifecycle import STATE_FILE
+from sandbox.node import SandboxConfig
 
 
 def test_states_are_the_strings_state_files_hold() -> None:
@@ -50,6 +52,12 @@ def test_a_state_file_naming_no_state_is_not_adopted(tmp_path: Path) -> None:
         "created_at": 0.0,
     }
     (run_dir / STATE_FILE).write_text(json.dumps(saved))
-    host: Any = SimpleNamespace(config=SimpleNamespace(run_root=tmp_path))
+    host: Any = SimpleNamespace(config=SandboxConfig(run_root=tmp_path))
     with pytest.raises(SandboxNotFound, match="no readable state"):
-        asyncio.run(PodSandbox.adopt(host, "pod1"))
+        asyncio.run(Sandboxes(host).adopt("pod1"))
+    # nor one an unknown handler made
+    saved["state"] = "stopped"
+    saved["kind"] = "teleporter"
+    (run_dir / STATE_FILE).write_text(json.dumps(saved))
+    with pytest.raises(SandboxNotFound, match="unknown handler"):
+        asyncio.run(Sandboxes(host).adopt("pod1"))

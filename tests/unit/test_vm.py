@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from sandbox.accel import _kvm_static_verdict, choose_accel
+from sandbox.api import SandboxError, SandboxSpec
 from sandbox.guest import GuestAssets
-from sandbox.pod import SandboxConfig, SandboxError, SandboxSpec, memory_floor_bytes, size_vm
+from sandbox.node import SandboxConfig, memory_floor_bytes, size_vm
 from sandbox.vm import MachineSpec, align_up, build_command, slot_root_port
 
 

@@ -1,0 +1,213 @@
+"""What every sandbox on a node shares: the daemon's sandbox settings (``[vm]``), the
+guest assets, the accelerator, the network manager, the VMM id range and the VM
+templates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.accel import choose_accel
+from sandbox.api import SandboxRefused, SandboxSpec
+from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
+from sandbox.lifecycle import STATE_FILE
+from sandbox.network import NetworkConfig, NetworkManager
+from sandbox.template import TemplateStore, VmTemplate
+from sandbox.vm import QEMU_BINARY, MachineSpec
+
+
+@dataclass
+class SandboxConfig:
+    """Node-wide settings for pod VMs (daemon configuration, `[vm]` table)."""
+
+    run_root: Path = Path("/run/clearcri/sandboxes")
+    guest_dir: Path = DEFAULT_GUEST_DIR
+    qemu: str = QEMU_BINARY
+    accel: str = "auto"
+    # Guest size when the pod sets no limits (documented in docs/operations.md).
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    # Memory the guest kernel, agent and page tables need on top of container limits.
+    guest_overhead_mib: int = 128
+    # What QEMU itself costs the pod's cgroup beyond the guest's RAM (TCG code buffer,
+    # heap, device state), measured by `clearcri bench overhead`. A VM is sized so that
+    # its RAM plus this fits the pod's memory budget (its cgroup limit).
+    qemu_overhead_mib: int = 40
+    # The smallest pod VM that boots and runs a container.
+    min_memory_mib: int = 96
+    # A pod whose memory budget cannot hold the smallest VM plus QEMU (small limits, no
+    # RuntimeClass overhead): "grow" gives it the VM it would get with an overhead (its
+    # limits plus guest_overhead_mib) and raises its cgroup's memory limit to what that
+    # VM and QEMU need (its containers keep their limits in the guest); "refuse"
+    # answers INVALID_ARGUMENT.
+    small_pods: str = "grow"
+    max_vcpus: int = 0  # 0: the host's CPU count
+    image_slots: int = 4
+    tcg_tb_size_mib: int = 16
+    mem_merge: bool = True
+    # Turn the host's KSM on at daemon start where /sys allows it (docs/metrics.md:
+    # memory saved vs. side channels); 0 leaves ksmd's pages_to_scan as it is.
+    host_ksm: bool = False
+    ksm_pages_to_scan: int = 0
+    boot_timeout_s: float = 60.0
+    stop_timeout_s: float = 10.0
+    sandbox_filter: bool = True
+    # Run each VM's QEMU jailed (sandbox/jail.py): a uid of its own from
+    # [jail_first_id, jail_first_id + jail_ids), no capabilities but what its 9p share
+    # needs, a mount namespace holding only its own files.
+    jail: bool = True
+    jail_first_id: int = DEFAULT_FIRST_ID
+    jail_ids: int = DEFAULT_ID_COUNT
+    # Start pod VMs from a copy-on-write clone of a booted template VM (sandbox/template.py)
+    # instead of booting each one; the first pod of a shape boots cold and builds it.
+    templates: bool = True
+    # Where templates live (their RAM files should be on tmpfs); default: beside run_root.
+    template_dir: Path | None = None
+    # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
+    os_image_mode: str = "pmem"
+    # CNI: config and plugin directories, netns directory (sandbox/network.py).
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+def host_memory_mib() -> int:
+    """The node's MemTotal in MiB (0 when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
+    """vCPUs and memory (MiB) for a pod: from its limits, else the defaults.
+
+    The guest gets the containers' limits plus ``guest_overhead_mib``, but never more
+    than the pod's memory budget leaves once QEMU's own cost is paid: the host must
+    never OOM-kill a whole VM whose containers stay inside their limits. When the
+    budget is tighter (no or a small RuntimeClass overhead), the guest is smaller and
+    a container that outgrows it is refused memory or OOM-killed inside the guest.
+    """
+    max_vcpus = config.max_vcpus or os.cpu_count() or 1
+    vcpus = config.default_vcpus
+    if spec.cpu_quota_us > 0 and spec.cpu_period_us > 0:
+        vcpus = math.ceil(spec.cpu_quota_us / spec.cpu_period_us)
+    vcpus = max(1, min(vcpus, max_vcpus))
+    memory = config.default_memory_mib
+    if spec.memory_limit_bytes > 0:
+        memory = max(
+            config.min_memory_mib,
+            math.ceil(spec.memory_limit_bytes / 2**20) + config.guest_overhead_mib,
+        )
+    if spec.memory_budget_bytes > 0:
+        fits = spec.memory_budget_bytes // 2**20 - config.qemu_overhead_mib
+        if fits < config.min_memory_mib and config.small_pods == "grow":
+            # the VM a pod with a RuntimeClass overhead would get; its cgroup grows to
+            # hold it (memory_floor_bytes)
+            return vcpus, memory
+        if fits < config.min_memory_mib:
+            raise SandboxRefused(
+                f"the pod's memory budget of {spec.memory_budget_bytes // 2**20} MiB "
+                "(its containers' limits plus its overhead) leaves "
+                f"{max(fits, 0)} MiB for the VM once QEMU's own "
+                f"{config.qemu_overhead_mib} MiB are paid; a pod VM needs at least "
+                f"{config.min_memory_mib} MiB: raise the memory limits or give the pod a "
+                "RuntimeClass with an overhead (docs/install.md)"
+            )
+        memory = min(memory, fits)
+    return vcpus, memory
+
+
+def memory_floor_bytes(spec: SandboxSpec, config: SandboxConfig, memory_mib: int) -> int:
+    """What the pod's cgroup must allow for its VM when its budget is smaller (a small
+    pod, ``small_pods = "grow"``), else 0."""
+    needed = (memory_mib + config.qemu_overhead_mib) * 2**20
+    if spec.memory_budget_bytes > 0 and needed > spec.memory_budget_bytes:
+        return needed
+    return 0
+
+
+class SandboxHost:
+    """What every sandbox on this node shares: config, guest assets, accelerator."""
+
+    def __init__(self, config: SandboxConfig, assets: GuestAssets | None = None) -> None:
+        self.config = config
+        self.assets = assets or locate_guest(config.guest_dir)
+        choice = choose_accel(
+            config.accel,
+            qemu=config.qemu,
+            assets=self.assets,
+            cache_file=config.run_root.parent / "accel.json",
+        )
+        self.accel = choice.accel
+        self.accel_reason = choice.reason
+        self.network = NetworkManager(config.network)
+        # traversable, not listable: a host pod's containers in a user namespace of
+        # their own reach their rootfs below it as an unprivileged id
+        config.run_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        config.run_root.chmod(0o711)
+        self.vmm_ids: VmmIds | None = None
+        if config.jail:
+            self.vmm_ids = VmmIds(config.jail_first_id, config.jail_ids)
+            for vmm_id in self._saved_vmm_ids():
+                self.vmm_ids.claim(vmm_id)
+        self.templates: TemplateStore | None = None
+        if config.templates and config.os_image_mode == "pmem":
+            self.templates = TemplateStore(
+                config.template_dir or config.run_root.parent / "templates",
+                config.qemu,
+                vmm_ids=self.vmm_ids,
+            )
+
+    def _saved_vmm_ids(self) -> list[int]:
+        """The VMM ids of the sandboxes earlier daemons made (running or not: an id
+        goes back to the range when its sandbox is removed)."""
+        ids = []
+        for state_file in self.config.run_root.glob(f"*/{STATE_FILE}"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                vmm_id = json.loads(state_file.read_text())["machine"].get("vmm_id")
+                if vmm_id is not None:
+                    ids.append(int(vmm_id))
+        return ids
+
+    def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
+        """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation)."""
+        vcpus, memory = size_vm(spec, self.config)
+        cfg = self.config
+        return MachineSpec(
+            name=spec.sandbox_id,
+            kernel=self.assets.kernel,
+            initrd=self.assets.initrd,
+            os_image=self.assets.os_image,
+            run_dir=run_dir,
+            vcpus=vcpus,
+            memory_mib=memory,
+            accel=self.accel,
+            tcg_tb_size_mib=cfg.tcg_tb_size_mib,
+            image_slots=cfg.image_slots,
+            mem_merge=cfg.mem_merge,
+            sandbox_filter=cfg.sandbox_filter,
+            os_image_mode=cfg.os_image_mode,
+            extra_args=tuple(spec.extra_args),
+            share=self.assets.share,
+        )
+
+    def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
+        """Build the template for pods of the default size in the background, so the
+        first pod starts fast too."""
+        if self.templates is None:
+            return None
+        return self.templates.ensure(
+            self.machine_for(SandboxSpec("default"), self.config.run_root / "default")
+        )
+
+    def sandbox_ids(self) -> list[str]:
+        """Ids of every sandbox with a run directory (running or not)."""
+        return sorted(p.name for p in self.config.run_root.iterdir() if (p / STATE_FILE).exists())

@@ -1,0 +1,536 @@
+"""One pod = one VM: the backend of the ``clearcri`` runtime handler.
+
+A pod VM's host side lives in its run directory (``<run_root>/<sandbox id>``):
+``state.json`` (sandbox/lifecycle.py), QEMU's stderr log and, in ``vmm/`` (all a jailed
+QEMU sees of it, see sandbox/jail.py), the QMP and agent sockets, the console log,
+QEMU's pid file, the pod's share and its images. A new daemon process re-adopts a
+running VM from that directory instead of killing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from agent.protocol import Mount
+from sandbox import mounts
+from sandbox.api import (
+    VM_HANDLER,
+    BootTimes,
+    HostPathMount,
+    ImageFile,
+    PodUsage,
+    SandboxError,
+    SandboxExhausted,
+    SandboxRefused,
+    SandboxSpec,
+    SharedFiles,
+)
+from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
+from sandbox.cgroups import place as place_in_cgroup
+from sandbox.jail import JailError, jail_for, prepare_vmm_dir
+from sandbox.lifecycle import PodSandbox, check_new
+from sandbox.network import NETDEV_ID, PodNetwork, TapDevice
+from sandbox.node import SandboxHost, host_memory_mib, memory_floor_bytes
+from sandbox.procfs import ProcessMemory, process_cpu_ns, read_process_memory
+from sandbox.qmp import QmpControl
+from sandbox.share import IdMappings, PodShare, ShareError
+from sandbox.template import TEMPLATE_MAC, VmTemplate, nic_args
+from sandbox.vm import MachineSpec, VmProcess, build_command, slot_root_port
+
+log = logging.getLogger(__name__)
+
+
+def machine_to_state(machine: MachineSpec) -> dict[str, Any]:
+    data = asdict(machine)
+    for key in ("kernel", "initrd", "os_image", "run_dir"):
+        data[key] = str(data[key])
+    if data.get("memory_file") is not None:
+        data["memory_file"] = str(data["memory_file"])
+    data["extra_args"] = list(data["extra_args"])
+    return data
+
+
+def machine_from_state(saved: dict[str, Any]) -> MachineSpec:
+    data = dict(saved)
+    for key in ("kernel", "initrd", "os_image", "run_dir"):
+        data[key] = Path(data[key])
+    if data.get("memory_file"):
+        data["memory_file"] = Path(data["memory_file"])
+    data["extra_args"] = tuple(data.get("extra_args", ()))
+    return MachineSpec(**data)
+
+
+class VmBackend:
+    """What runs a pod in a VM: QEMU (jailed), QMP, the template it is cloned from,
+    its image slots, its share of host paths and its cgroup."""
+
+    handler = VM_HANDLER
+    noun = "sandbox"
+    #: the containers' writable layers live in the guest
+    writable_layer_dir: Path | None = None
+    gone_while_away = "the VM exited while no daemon was watching it"
+
+    def __init__(self, host: SandboxHost, machine: MachineSpec, spec: SandboxSpec) -> None:
+        self.host = host
+        self.machine = machine
+        self.spec = spec
+        self.run_dir = machine.run_dir
+        self.slots: dict[int, str] = {}
+        self.cgroup = VmCgroup(())
+        self.qmp: QmpControl | None = None
+        self.network: PodNetwork | None = None
+        # the host paths the pod's containers mount (None: the guest kernel has no 9p)
+        self.share = PodShare(machine.share_dir, machine.vmm_id) if machine.share else None
+
+    # the state file ------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "kind": VM_HANDLER,
+            "spec": asdict(self.spec),
+            "machine": machine_to_state(self.machine),
+            "slots": {str(k): v for k, v in self.slots.items()},
+            "cgroups": [str(p) for p in self.cgroup.paths],
+        }
+
+    @classmethod
+    def from_state(cls, host: SandboxHost, saved: dict[str, Any]) -> VmBackend:
+        backend = cls(host, machine_from_state(saved["machine"]), SandboxSpec(**saved["spec"]))
+        backend.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
+        backend.cgroup = VmCgroup(tuple(Path(p) for p in saved.get("cgroups", [])))
+        return backend
+
+    @property
+    def process_marker(self) -> str:
+        return f"clearcri-{self.spec.sandbox_id},"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.machine.agent_socket
+
+    # launch -------------------------------------------------------------------------
+
+    async def _template(self) -> VmTemplate | None:
+        """The template a pod of this shape is cloned from: built (or the build under
+        way joined) if there is none yet — about as fast as a cold boot for this pod, and
+        every later pod of its shape is fast. A failed build leaves the pod to boot cold."""
+        templates = self.host.templates
+        if templates is None or self.machine.extra_args:
+            return None
+        template = templates.get(self.machine)
+        if template is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                template = await asyncio.wait_for(
+                    asyncio.shield(templates.ensure(self.machine)),
+                    self.host.config.boot_timeout_s,
+                )
+        return template
+
+    async def launch(self, sandbox: PodSandbox) -> BootTimes:
+        """Boot the VM (a template clone where one is there) and wait until its agent is
+        ready; then the pod's clock, network and /etc files."""
+        template = await self._template()
+        if template is not None:
+            self.machine = replace(
+                self.machine, memory_file=template.ram_file, memory_shared=False, incoming=True
+            )
+        cmd = build_command(self.machine, qemu=self.host.config.qemu)
+        if self.machine.vmm_id is not None:
+            cmd = jail_for(self.machine).command(cmd)
+        tap: TapDevice | None = None
+        try:
+            if self.network is not None:
+                # The namespace and tap now; CNI ADD runs while the guest boots.
+                tap = await self.network.prepare()
+            if template is not None:
+                netdev = f"tap,id={NETDEV_ID},fd={tap.fd},vhost=off" if tap else None
+                cmd += nic_args(netdev)
+                if self.network is not None:
+                    self.network.boot_mac = TEMPLATE_MAC
+            elif tap is not None:
+                cmd += tap.qemu_args()
+            t0 = time.monotonic()
+            process = await VmProcess.spawn(
+                cmd,
+                stderr_log=self.machine.stderr_log,
+                cwd=self.machine.vmm_dir,
+                pass_fds=tap.pass_fds if tap else (),
+            )
+        finally:
+            if tap is not None:
+                tap.close()
+        if self.network is not None:
+            self.network.start_attach()
+        sandbox.started(process)
+        if self.spec.cgroup_parent:
+            self._grow_small_pod_cgroup()
+            self.cgroup = place_in_cgroup(
+                process.pid,
+                parent=self.spec.cgroup_parent,
+                driver=self.spec.cgroup_driver,
+                sandbox_id=self.spec.sandbox_id,
+            )
+        sandbox.save()
+        self.qmp = QmpControl(f"clearcri-{self.spec.sandbox_id}")
+        await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
+        t_spawned = time.monotonic()
+        if template is not None:
+            await self.qmp.restore_state(template.state_file)
+            t_restored = time.monotonic()
+            agent = await sandbox.connect_agent("the VM exited during boot")
+            # clones must not share the template's random state
+            await agent.reseed(os.urandom(64))
+            t_ready = time.monotonic()
+            boot = BootTimes(
+                vmm_spawn=t_spawned - t0,
+                restore=t_restored - t_spawned,
+                agent_ready=t_ready - t_restored,
+                total=t_ready - t0,
+            )
+        else:
+            agent = await sandbox.connect_agent("the VM exited during boot")
+            t_ready = time.monotonic()
+            init_start = float(agent.ready.boot_times.get("init_start", 0.0))
+            agent_uptime = float(agent.ready.boot_times.get("agent_ready", 0.0))
+            boot = BootTimes(
+                vmm_spawn=t_spawned - t0,
+                firmware=max(0.0, (t_ready - t_spawned) - agent_uptime),
+                kernel=init_start,
+                agent_ready=max(0.0, agent_uptime - init_start),
+                total=t_ready - t0,
+            )
+        await agent.sync_clock(time.time_ns())
+        hostname = self.spec.hostname or self.spec.sandbox_id[:63]
+        resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
+        if self.network is not None:
+            await self.network.configure_guest(agent)
+            resolv_conf, hosts = self.network.etc_files(hostname, resolv_conf, hosts)
+        await agent.set_pod_config(hostname=hostname, resolv_conf=resolv_conf, hosts=hosts)
+        log.info("sandbox=%s booted accel=%s", self.spec.sandbox_id, self.machine.accel)
+        return boot
+
+    async def abort_launch(self, sandbox: PodSandbox) -> None:
+        await self._kill_vm(sandbox.process)
+
+    def _grow_small_pod_cgroup(self) -> None:
+        """A small pod's cgroup gets room for its VM before QEMU joins it (or the host
+        would OOM-kill the VM as a whole): the guest still holds each container to its
+        own limit, the pod as a whole may use what the smallest VM costs."""
+        floor = memory_floor_bytes(self.spec, self.host.config, self.machine.memory_mib)
+        if floor == 0:
+            return
+        try:
+            raised = raise_memory_limit(self.spec.cgroup_parent, self.spec.cgroup_driver, floor)
+        except CgroupError as exc:
+            raise SandboxError(f"cannot make room for the pod's VM: {exc}") from exc
+        if raised:
+            log.warning(
+                "pod=%s: a memory budget of %d MiB cannot hold the smallest VM; its cgroup "
+                "limit was raised to %d MiB (a RuntimeClass overhead would account for it)",
+                self.spec.sandbox_id[:12],
+                self.spec.memory_budget_bytes // 2**20,
+                floor // 2**20,
+            )
+
+    def failure_detail(self, exc: BaseException) -> str:
+        parts = [str(exc) or type(exc).__name__]
+        tail = self.console_tail()
+        if tail:
+            parts.append(f"console: {tail}")
+        with contextlib.suppress(OSError):
+            err = self.machine.stderr_log.read_text(errors="replace").strip()[-400:]
+            if err:
+                parts.append(f"qemu: {err}")
+        return "; ".join(parts)
+
+    def console_tail(self, limit: int = 400) -> str:
+        try:
+            data = self.machine.console_log.read_bytes()[-limit:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip()
+
+    # re-adoption, stop, removal -------------------------------------------------------
+
+    async def reattach(self, sandbox: PodSandbox) -> None:
+        self.qmp = QmpControl(f"clearcri-{self.spec.sandbox_id}")
+        await self.qmp.connect(self.machine.qmp_socket, timeout=5.0)
+
+    async def halt(self, sandbox: PodSandbox, grace: float) -> None:
+        # Nothing in the guest needs flushing (read-only root, container layers on
+        # tmpfs): quit QEMU instead of waiting for the guest kernel's power-off, which
+        # takes seconds under TCG.
+        await self._kill_vm(sandbox.process)
+
+    async def _kill_vm(self, process: VmProcess | None) -> None:
+        if process is None or not process.alive:
+            return
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.quit(), timeout=2.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(timeout=3.0)
+        if process.alive:
+            process.kill(signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await process.wait(timeout=10.0)
+
+    async def release(self, sandbox: PodSandbox) -> None:
+        self.cgroup.remove()
+        try:
+            # the share's binds are detached first: host files below them must survive
+            await asyncio.to_thread(mounts.remove_tree, self.run_dir)
+        except OSError as exc:
+            raise SandboxError(
+                f"sandbox {self.spec.sandbox_id}: cannot remove its run directory: {exc}"
+            ) from exc
+        if self.host.vmm_ids is not None:
+            self.host.vmm_ids.release(self.machine.vmm_id)
+
+    async def close(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+
+    def exit_reason(self, process: VmProcess) -> str:
+        if self.qmp is not None and self.qmp.panicked:
+            return "the guest kernel panicked"
+        if self.qmp is not None and self.qmp.shutdown_reason:
+            return f"the VM shut down ({self.qmp.shutdown_reason})"
+        code = process.returncode
+        if code is not None:
+            return f"qemu exited with {'signal ' + str(-code) if code < 0 else code}"
+        return "the VM exited"
+
+    # container images ------------------------------------------------------------------
+
+    async def attach_image(self, sandbox: PodSandbox, image: ImageFile) -> str:
+        """Make ``image`` available in the guest; return its mount point there.
+
+        The image is hot-plugged into a free PCIe root port as a shared read-only
+        virtio-pmem device the first time a container of this pod needs it.
+        QEMU 7.2 cannot unplug such devices, so a slot stays with its image for the
+        VM's life and is reused by every later container of the same image.
+        """
+        agent = sandbox.agent
+        for slot, image_id in self.slots.items():
+            if image_id == image.image_id:
+                _, pci = slot_root_port(slot)
+                return await agent.mount_image(image.image_id, {"pci_path": pci})
+        free = [s for s in range(self.machine.image_slots) if s not in self.slots]
+        if not free:
+            raise SandboxExhausted(
+                f"sandbox {self.spec.sandbox_id} has used all {self.machine.image_slots} "
+                "image slots; raise vm.image_slots in the config to run more distinct "
+                "images per pod"
+            )
+        slot = free[0]
+        bus, pci = slot_root_port(slot)
+        assert self.qmp is not None
+        path = image.path
+        if self.machine.vmm_id is not None:
+            # the jailed VMM sees only what is below its own directory
+            path = self.machine.images_dir / f"img{slot}"
+            await asyncio.to_thread(self._bind_image, image.path, path)
+        await self.qmp.hotplug_pmem(dev_id=f"img{slot}", bus=bus, path=path, size=image.size)
+        self.slots[slot] = image.image_id
+        sandbox.save()
+        return await agent.mount_image(image.image_id, {"pci_path": pci})
+
+    @staticmethod
+    def _bind_image(source: Path, target: Path) -> None:
+        if target.exists():  # an earlier attempt at this slot
+            mounts.unmount_under(target)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400))
+        try:
+            mounts.attach_clone(source, target, readonly=True)
+        except OSError as exc:
+            raise SandboxError(f"cannot give the VM image {source.name}: {exc}") from exc
+
+    # host paths -----------------------------------------------------------------------
+
+    async def share_host_path(
+        self,
+        key: str,
+        source: Path,
+        *,
+        readonly: bool,
+        propagation: str,
+        id_mappings: IdMappings | None = None,
+    ) -> str:
+        """Make the host's ``source`` visible live in the guest (sandbox/share.py);
+        returns its guest path for a container's bind mount. ``id_mappings``: the pod's
+        user namespace mappings (uids, gids), for an idmapped entry."""
+        if self.share is None:
+            raise SandboxError(
+                "this node's guest kernel cannot share host paths with pod VMs (no 9p): "
+                "build the guest with the clearcri kernel (`clearcri guest build`)"
+            )
+        try:
+            return await asyncio.to_thread(
+                self.share.bind,
+                key,
+                source,
+                readonly=readonly,
+                propagation=propagation,
+                id_mappings=id_mappings,
+            )
+        except ShareError as exc:
+            raise SandboxError(str(exc)) from exc
+
+    async def host_path_mount(self, sandbox: PodSandbox, request: HostPathMount) -> Mount:
+        """The container's mount of a host path: a bind of its share entry (see
+        share_host_path). Bidirectional is refused: a mount made in the guest never
+        reaches the host. A watched volume is served from a guest copy the agent keeps
+        in step (agent/guest/watched.py)."""
+        if request.propagation == "rshared":
+            raise SandboxRefused(
+                "Bidirectional propagation cannot work in a pod VM (mounts made in the guest "
+                "never reach the host); use HostToContainer, or the host runtime handler for "
+                "a privileged pod"
+            )
+        await check_propagation(request.host_path, request.propagation)
+        source = await self.share_host_path(
+            request.key,
+            request.host_path,
+            readonly=request.readonly,
+            propagation=request.propagation,
+            id_mappings=request.id_mappings,
+        )
+        # in the guest the share is one 9p mount without submounts: host mounts below a
+        # HostToContainer path appear through it, nothing propagates inside the guest
+        return Mount(
+            destination=request.destination,
+            source=source,
+            options=request.options,
+            watch=request.watch,
+        )
+
+    async def unshare_host_paths(self, keys: list[str]) -> None:
+        if self.share is not None and keys:
+            try:
+                await asyncio.to_thread(self.share.unbind, keys)
+            except (ShareError, OSError) as exc:
+                raise SandboxError(f"sandbox {self.spec.sandbox_id}: {exc}") from exc
+
+    # figures ----------------------------------------------------------------------------
+
+    def status_info(self) -> dict[str, object]:
+        return {
+            "accelerator": self.host.accel,
+            "vcpus": self.machine.vcpus,
+            "memoryMiB": self.machine.memory_mib,
+            # started as a copy-on-write clone of a template VM
+            "fromTemplate": self.machine.incoming,
+            # host paths are shared live (virtio-9p)
+            "share": self.share is not None,
+            # QEMU runs jailed as this uid (None: as root)
+            "vmmId": self.machine.vmm_id,
+        }
+
+    def pod_usage(self, sandbox: PodSandbox) -> PodUsage | None:
+        """What the VM costs the node: QEMU's CPU time; its PSS as the working set (the
+        pages it shares with other VMs counted in part), RSS as usage, anonymous RSS.
+        None when it does not run."""
+        memory = host_memory(sandbox)
+        cpu_ns = process_cpu_ns(sandbox.pid) if memory is not None else None
+        if memory is None or cpu_ns is None:
+            return None
+        return PodUsage(
+            cpu_ns=cpu_ns,
+            usage_bytes=memory.rss,
+            working_set_bytes=memory.pss,
+            rss_bytes=memory.rss_anon,
+        )
+
+    def shared_files(self) -> SharedFiles:
+        return SharedFiles(
+            os_image=self.machine.os_image, image_ids=tuple(sorted(set(self.slots.values())))
+        )
+
+
+def host_memory(sandbox: PodSandbox) -> ProcessMemory | None:
+    """A pod VM's own cost on the host: QEMU's PSS and RSS split (None when it does not
+    run)."""
+    if not sandbox.pid or sandbox.process is None or not sandbox.process.alive:
+        return None
+    return read_process_memory(sandbox.pid)
+
+
+async def check_propagation(host_path: Path, propagation: str) -> None:
+    """Refuse a HostToContainer or Bidirectional mount of a host path that does not
+    propagate (SandboxError saying what to do)."""
+    if propagation != "rprivate":
+        problem = await asyncio.to_thread(mounts.propagation_problem, host_path, propagation)
+        if problem:
+            raise SandboxError(problem)
+
+
+def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
+    """A pod VM, made on the host (run directory, VMM id, share) but not started."""
+    run_dir = check_new(host.config.run_root, spec.sandbox_id)
+    machine = host.machine_for(spec, run_dir)
+    host_mib = host_memory_mib()
+    if host_mib and machine.memory_mib > host_mib:
+        raise SandboxExhausted(
+            f"the pod needs a {machine.memory_mib} MiB VM (its memory limit plus "
+            f"{host.config.guest_overhead_mib} MiB guest overhead) but the node has "
+            f"{host_mib} MiB"
+        )
+    if host.vmm_ids is not None:
+        try:
+            machine = replace(machine, vmm_id=host.vmm_ids.allocate())
+        except JailError as exc:
+            raise SandboxExhausted(str(exc)) from exc
+    run_dir.mkdir(parents=True, mode=0o700)
+    backend = VmBackend(host, machine, spec)
+    sandbox = _sandbox(host, backend)
+    try:
+        if machine.vmm_id is not None:
+            prepare_vmm_dir(machine, mounts_later=True)
+        if backend.share is not None:
+            backend.share.create()
+        sandbox.save()
+    except BaseException as exc:
+        mounts.remove_tree(run_dir)
+        if host.vmm_ids is not None:
+            host.vmm_ids.release(machine.vmm_id)
+        raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc
+    return sandbox
+
+
+def restore_vm_pod(host: SandboxHost, saved: dict[str, Any]) -> PodSandbox:
+    """A pod VM as an earlier daemon saved it (not yet re-attached)."""
+    sandbox = _sandbox(host, VmBackend.from_state(host, saved))
+    sandbox.restore(saved)
+    return sandbox
+
+
+def _sandbox(host: SandboxHost, backend: VmBackend) -> PodSandbox:
+    sandbox = PodSandbox(
+        backend,
+        backend.spec.sandbox_id,
+        boot_timeout=host.config.boot_timeout_s,
+        stop_timeout=host.config.stop_timeout_s,
+    )
+    if backend.spec.network is not None:
+        backend.network = host.network.for_pod(
+            backend.spec.sandbox_id, backend.spec.network, sandbox.save
+        )
+    return sandbox
+
+
+def vm_backend(sandbox: PodSandbox) -> VmBackend:
+    """The VM behind a pod VM's sandbox (benchmarks and tests look at its machine)."""
+    backend = sandbox.backend
+    if not isinstance(backend, VmBackend):
+        raise SandboxError(f"sandbox {sandbox.id} is not a pod VM")
+    return backend
