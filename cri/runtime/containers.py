@@ -22,6 +22,7 @@ from cri.runtime import convert
 from cri.runtime.core import ContainerIO, MetricsSink, RuntimeCore
 from cri.runtime.errors import (
     AlreadyExists,
+    CriError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -188,6 +189,8 @@ class ContainerOps(RuntimeCore):
             await sandbox.create_container(cid, spec, image)
         except CodedError as exc:
             await self._drop_volumes(sandbox, volume_keys)
+            if isinstance(exc, CriError):  # a mount refused, already saying which
+                raise
             raise in_context(exc, f"create container {meta.name}") from exc
         repo_digests = record.repo_digests
         ctr = ContainerRecord(

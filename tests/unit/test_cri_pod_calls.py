@@ -15,12 +15,14 @@ import pytest
 from cri_api.v1 import api_pb2
 
 from agent.client import AgentTimeout, AgentUnavailable, ExecResult
+from agent.protocol import ContainerInfo, ExitStatus, Mount
 from cri.config import Config
 from cri.runtime.service import Runtime, RuntimeService
 from cri.runtime.state import RUNNING, ContainerRecord, RuntimeState
 from cri.store import Store
 from sandbox.api import (
     BootTimes,
+    HostPathMount,
     NetworkStatus,
     SandboxError,
     SandboxExhausted,
@@ -45,6 +47,16 @@ class Context:
         raise Aborted(code, message)
 
 
+class FakeOutput:
+    """A container's output stream that ends at once."""
+
+    def __aiter__(self) -> Any:
+        return self
+
+    async def __anext__(self) -> tuple[int, bytes]:
+        raise StopAsyncIteration
+
+
 class FakeSandbox:
     """What the runtime uses of a sandbox, and a record of what it was asked."""
 
@@ -66,6 +78,10 @@ class FakeSandbox:
         self.start_error = start_error
         self.calls: list[str] = []
         self.exit_callbacks: list[Callable[[Any], None]] = []
+        self.fail: dict[str, BaseException] = {}
+        #: the container's process exits on SIGKILL only (else on any signal)
+        self.ignores_sigterm = False
+        self.exited = asyncio.Event()
 
     async def start(self) -> BootTimes:
         self.calls.append("start")
@@ -89,6 +105,49 @@ class FakeSandbox:
 
     def on_exit(self, callback: Callable[[Any], None]) -> None:
         self.exit_callbacks.append(callback)
+
+    # containers: each records its call; ``fail`` makes the named operation raise
+
+    def _op(self, name: str, detail: str = "") -> None:
+        self.calls.append(f"{name} {detail}".rstrip())
+        error = self.fail.pop(name, None)
+        if error is not None:
+            raise error
+
+    async def create_container(self, container_id: str, spec: Any, image: Any = None) -> Any:
+        self._op("create_container", image.image_id if image is not None else "")
+        return ContainerInfo(id=container_id, state="created")
+
+    async def start_container(self, container_id: str) -> Any:
+        self._op("start_container")
+        return ContainerInfo(id=container_id, state="running")
+
+    async def signal_container(
+        self, container_id: str, signal: int, *, all_processes: bool = False, **_: Any
+    ) -> None:
+        self._op("signal_container", str(signal))
+        if signal == 9 or not self.ignores_sigterm:
+            self.exited.set()
+
+    async def wait_container(self, container_id: str, *, timeout: float | None = None) -> Any:
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout)
+        except TimeoutError:
+            raise AgentTimeout(f"{container_id} still runs after {timeout} s") from None
+        return ExitStatus(exit_code=137 if self.ignores_sigterm else 0, reason="Error")
+
+    async def delete_container(self, container_id: str, *, force: bool = False) -> None:
+        self._op("delete_container")
+
+    def subscribe_output(self, container_id: str) -> Any:
+        return FakeOutput()
+
+    async def host_path_mount(self, request: HostPathMount) -> Mount:
+        self._op("host_path_mount", request.destination)
+        return Mount(destination=request.destination, source=str(request.host_path))
+
+    async def unshare_host_paths(self, keys: list[str]) -> None:
+        self.calls.append(f"unshare_host_paths {len(keys)}")
 
     async def exec_sync(self, container_id: str, args: list[str], **options: Any) -> ExecResult:
         self.calls.append(f"exec_sync {' '.join(args)}")
