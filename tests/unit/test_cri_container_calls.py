@@ -59,7 +59,7 @@ def run(tmp_path: Path, scenario: Scenario) -> FakeSandbox:
                 metadata=api_pb2.PodSandboxMetadata(name="web", namespace="default", uid="u")
             )
         )
-        pod_id = (await service.RunPodSandbox(pod, Context())).pod_sandbox_id  # type: ignore[arg-type]
+        pod_id = (await service.RunPodSandbox(pod, Context())).pod_sandbox_id
         await scenario(service, runtime, provider.made[0], pod_id)
         for task in list(runtime.background):
             task.cancel()
