@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS, build_guest
+from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS
 
 DESCRIPTION = """\
 clearcri: a Kubernetes container runtime (CRI v1) that runs every pod in its own
@@ -40,6 +40,8 @@ def _progress(line: str) -> None:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
+    from guestbuild.builder import build_guest
+
     assets = build_guest(
         Path(args.guest_dir), progress=_progress, force=args.force, kernel=args.kernel
     )
