@@ -82,7 +82,7 @@ def cmd_image_push_busybox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sandbox.demo import run_demo
+    from demo import run_demo
 
     return asyncio.run(run_demo(Path(args.guest_dir), Path(args.run_root)))
 
@@ -104,7 +104,7 @@ def _bench_work_dir(given: str) -> Iterator[Path]:
 
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_boot_bench
+    from bench.boot import run_boot_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
@@ -118,7 +118,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_density(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_density_bench
+    from bench.boot import run_density_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
@@ -129,7 +129,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_overhead_bench
+    from bench.boot import run_overhead_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(

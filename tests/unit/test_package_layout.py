@@ -1,6 +1,6 @@
 """Which top-level package may import which: the runtime packages (cri/, sandbox/,
-agent/, deploy/) never import the guest build; only the CLI reaches it, from inside
-the command that runs it."""
+agent/, deploy/) never import the guest build, the benchmarks or the demo; only the CLI
+reaches them, from inside the command that runs each."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ("cri", "sandbox", "agent", "deploy")
 #: Packages the runtime does not import (the CLI loads them for its commands).
-NOT_RUNTIME = ("guestbuild",)
+NOT_RUNTIME = ("guestbuild", "bench", "demo")
 CLI = Path("cri/cli.py")
 
 

@@ -1,4 +1,5 @@
-"""`clearcri bench boot`: boot time against the bare-kernel floor, and host memory per VM.
+"""`clearcri bench boot`: boot time against the bare-kernel floor, and host memory per VM;
+`clearcri bench density` and `clearcri bench overhead`.
 
 Every figure is measured in the same run as its baseline and printed with medians,
 min and max; nothing here asserts a time.

@@ -1,4 +1,6 @@
-"""`clearcri demo`: boot one pod VM, run a busybox container in it, show it working."""
+"""`clearcri demo`: boot one pod VM through the sandbox layer, without the daemon, run a
+busybox container in it and show it working (boot phases, output, exec, host memory).
+Not runtime code: the CLI imports it inside its command."""
 
 from __future__ import annotations
 
