@@ -118,7 +118,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_density(args: argparse.Namespace) -> int:
-    from bench.boot import run_density_bench
+    from bench.density import run_density_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
@@ -129,7 +129,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from bench.boot import run_overhead_bench
+    from bench.overhead import run_overhead_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
