@@ -60,7 +60,7 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
     anonymous memory (outside the guest's RAM): what a pod's cgroup budget must leave
     room for beyond the guest (``vm.qemu_overhead_mib``)."""
     from agent.protocol import ContainerSpec
-    from sandbox.rootfs import build_rootfs_image, make_busybox_tree
+    from cri.images.rootfs import build_rootfs_image, make_busybox_tree
 
     assets = locate_guest(guest_dir)
     # each VM exactly its size: no guest overhead on top, no budget below

@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_image_push_busybox(args: argparse.Namespace) -> int:
     from cri.images.local import push_tree
-    from sandbox.rootfs import make_busybox_tree
+    from cri.images.rootfs import make_busybox_tree
 
     with tempfile.TemporaryDirectory(prefix="clearcri-image-") as work:
         tree = make_busybox_tree(Path(work) / "root")

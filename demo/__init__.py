@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from agent.protocol import ContainerSpec, ExecSpec
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
-from sandbox.rootfs import build_rootfs_image, make_busybox_tree
 
 
 async def run_demo(guest_dir: Path, run_root: Path) -> int:

@@ -57,7 +57,7 @@ from typing import Any
 import agent
 from agent.client import AgentClient, AgentError
 from agent.protocol import Mount
-from sandbox.api import HostPathMount, PodUsage, SandboxState
+from sandbox.api import HostPathMount, PodUsage, RootfsImage, SandboxState
 from sandbox.cgroups import CGROUP_ROOT
 from sandbox.network import (
     POD_IFNAME,
@@ -79,7 +79,6 @@ from sandbox.pod import (
     SandboxHost,
     SandboxNotFound,
 )
-from sandbox.rootfs import RootfsImage
 from sandbox.usage import read_cgroup_usage
 from sandbox.vm import VmProcess
 

@@ -42,7 +42,7 @@ from agent.protocol import (
 )
 from sandbox import mounts
 from sandbox.accel import choose_accel
-from sandbox.api import HostPathMount, PodUsage, SandboxState
+from sandbox.api import HostPathMount, PodUsage, RootfsImage, SandboxState
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
@@ -65,7 +65,6 @@ from sandbox.network import (
     TapDevice,
 )
 from sandbox.qmp import QmpControl, QmpError
-from sandbox.rootfs import RootfsImage
 from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, TemplateStore, VmTemplate, nic_args
 from sandbox.usage import ProcessMemory, process_cpu_ns, read_process_memory

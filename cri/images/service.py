@@ -38,9 +38,9 @@ from cri.images.errors import (
     UnsupportedImage,
 )
 from cri.images.reference import is_image_id
+from cri.images.rootfs import RootfsBuildError
 from cri.images.store import ImageRecord, ImageStore
 from cri.images.users import UserNotFound
-from sandbox.rootfs import RootfsBuildError
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.protocol import ContainerSpec
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.api import RootfsImage
 from sandbox.guest import DEFAULT_GUEST_DIR
 from sandbox.network import (
     CniInvocation,
@@ -45,7 +47,6 @@ from sandbox.network import (
     remove_netns,
 )
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
-from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 from tests.integration.test_network import (
     CniLab,
     _portmap_chains_present,

@@ -37,8 +37,8 @@ from tests.streaming_client import build_client
 from tests.streaming_client.local_backend import LocalBackend
 
 if TYPE_CHECKING:
+    from sandbox.api import RootfsImage
     from sandbox.pod import PodSandbox
-    from sandbox.rootfs import RootfsImage
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -199,9 +199,9 @@ async def bench_local(client: Path, args: argparse.Namespace) -> None:
 
 @contextlib.asynccontextmanager
 async def pod_vm() -> AsyncIterator[tuple[PodSandbox, RootfsImage]]:
+    from cri.images.rootfs import build_rootfs_image, make_busybox_tree
     from sandbox.guest import DEFAULT_GUEST_DIR
     from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
-    from sandbox.rootfs import build_rootfs_image, make_busybox_tree
 
     guest_dir = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
     work = Path(tempfile.mkdtemp(prefix="cc-bench-"))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.api import RootfsImage
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.mounts import remove_tree
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
-from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 
 GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))
 # VM templates are shared by every test of a run (built once per machine shape).

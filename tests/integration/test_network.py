@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from agent.protocol import ContainerSpec
+from sandbox.api import RootfsImage
 from sandbox.guest import GuestAssets
 from sandbox.network import (
     CniPluginError,
@@ -42,7 +43,6 @@ from sandbox.network import (
     run_in_thread,
 )
 from sandbox.pod import PodSandbox, SandboxConfig, SandboxError, SandboxHost, SandboxSpec
-from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
 from tests.integration.conftest import GUEST_DIR
 

@@ -12,9 +12,8 @@ import textwrap
 import pytest
 
 from agent.protocol import ContainerSpec, ExecSpec, Resources
-from sandbox.api import SandboxState
+from sandbox.api import RootfsImage, SandboxState
 from sandbox.pod import PodSandbox, SandboxError, SandboxHost, SandboxSpec
-from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
 from tests.integration.conftest import qemu_processes
 
@@ -208,7 +207,7 @@ ADOPT_CHILD = textwrap.dedent(
     from pathlib import Path
     from agent.protocol import ContainerSpec
     from sandbox.pod import PodSandbox, SandboxConfig, SandboxHost, SandboxSpec
-    from sandbox.rootfs import RootfsImage
+    from sandbox.api import RootfsImage
 
     async def main() -> None:
         run_root, guest_dir, image = sys.argv[1], sys.argv[2], sys.argv[3]

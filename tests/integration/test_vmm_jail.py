@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import ContainerSpec, Mount
+from sandbox.api import RootfsImage
 from sandbox.jail import SHARE_CAPABILITIES, jail_for
 from sandbox.pod import PodSandbox, SandboxHost, SandboxSpec
-from sandbox.rootfs import RootfsImage
 
 pytestmark = pytest.mark.vm
 
