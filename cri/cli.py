@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS, build_guest
+from sandbox.guest import DEFAULT_GUEST_DIR, DEFAULT_KERNEL_FLAVOR, KERNEL_FLAVORS
 
 DESCRIPTION = """\
 clearcri: a Kubernetes container runtime (CRI v1) that runs every pod in its own
@@ -40,6 +40,8 @@ def _progress(line: str) -> None:
 
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
+    from guestbuild.builder import build_guest
+
     assets = build_guest(
         Path(args.guest_dir), progress=_progress, force=args.force, kernel=args.kernel
     )
@@ -70,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_image_push_busybox(args: argparse.Namespace) -> int:
     from cri.images.local import push_tree
-    from sandbox.rootfs import make_busybox_tree
+    from cri.images.rootfs import make_busybox_tree
 
     with tempfile.TemporaryDirectory(prefix="clearcri-image-") as work:
         tree = make_busybox_tree(Path(work) / "root")
@@ -80,7 +82,7 @@ def cmd_image_push_busybox(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sandbox.demo import run_demo
+    from demo import run_demo
 
     return asyncio.run(run_demo(Path(args.guest_dir), Path(args.run_root)))
 
@@ -102,7 +104,7 @@ def _bench_work_dir(given: str) -> Iterator[Path]:
 
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_boot_bench
+    from bench.boot import run_boot_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
@@ -116,7 +118,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_density(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_density_bench
+    from bench.density import run_density_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
@@ -127,7 +129,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
-    from sandbox.bench import run_overhead_bench
+    from bench.overhead import run_overhead_bench
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(

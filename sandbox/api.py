@@ -75,6 +75,36 @@ class SandboxState(StrEnum):
         return self in (SandboxState.BOOTING, SandboxState.READY)
 
 
+#: Files a pod VM maps as persistent memory (container images, the guest OS image) are
+#: a whole number of these.
+PMEM_ALIGN = 2 * 1024 * 1024
+
+
+def align_up(value: int, align: int = PMEM_ALIGN) -> int:
+    return (value + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class RootfsImage:
+    """A container image's root filesystem as a sandbox attaches it: one read-only erofs
+    file on the host (built by cri/images/rootfs.py), its size a multiple of PMEM_ALIGN.
+
+    A pod VM that runs a container of the image gets the file hot-plugged as a
+    virtio-pmem device (``memory-backend-file,share=on,readonly=on``) and mounts it with
+    DAX, so the image's pages live once in the host page cache however many pods use it;
+    each container gets its own writable overlay upper layer inside the guest. A host pod
+    mounts the same file from a loop device.
+    """
+
+    image_id: str
+    path: Path
+
+    @property
+    def size(self) -> int:
+        """Size of the file, a multiple of the persistent-memory alignment."""
+        return self.path.stat().st_size
+
+
 @dataclass
 class PodUsage:
     """What a pod costs the node: CPU time and memory of everything it runs on the host
@@ -278,17 +308,6 @@ class SharedFiles:
     image_ids: tuple[str, ...] = ()
 
 
-class ImageFile(Protocol):
-    """A container image's read-only rootfs file, as a sandbox attaches it."""
-
-    @property
-    def image_id(self) -> str: ...
-    @property
-    def path(self) -> Path: ...
-    @property
-    def size(self) -> int: ...
-
-
 # ------------------------------------------------------------------------ the port
 
 
@@ -337,13 +356,13 @@ class Sandbox(Protocol):
     def on_exit(self, callback: Callable[[Sandbox], None]) -> None: ...
 
     # images and volumes
-    async def attach_image(self, image: ImageFile) -> str: ...
+    async def attach_image(self, image: RootfsImage) -> str: ...
     async def host_path_mount(self, request: HostPathMount) -> Mount: ...
     async def unshare_host_paths(self, keys: list[str]) -> None: ...
 
     # containers and processes
     async def create_container(
-        self, container_id: str, spec: ContainerSpec, image: ImageFile | None = None
+        self, container_id: str, spec: ContainerSpec, image: RootfsImage | None = None
     ) -> ContainerInfo: ...
     async def start_container(self, container_id: str) -> ContainerInfo: ...
     async def signal_container(

@@ -58,9 +58,9 @@ from sandbox.api import (
     BootTimes,
     HostPathMount,
     HostPodSpec,
-    ImageFile,
     PodNetworkSpec,
     PodUsage,
+    RootfsImage,
     SandboxError,
     SharedFiles,
 )
@@ -547,7 +547,7 @@ class HostBackend:
 
     # images and host paths --------------------------------------------------------------
 
-    async def attach_image(self, sandbox: PodSandbox, image: ImageFile) -> str:
+    async def attach_image(self, sandbox: PodSandbox, image: RootfsImage) -> str:
         """Mount ``image`` in the pod's agent from the node's shared loop device."""
         agent = sandbox.agent
         device = await host_images().attach(self.spec.sandbox_id, image.path)

@@ -47,8 +47,8 @@ from agent.protocol import (
 from sandbox.api import (
     BootTimes,
     HostPathMount,
-    ImageFile,
     PodUsage,
+    RootfsImage,
     Sandbox,
     SandboxError,
     SandboxNotFound,
@@ -161,7 +161,7 @@ class SandboxBackend(Protocol):
         """A failed start, with what the pod's logs say."""
         ...
 
-    async def attach_image(self, sandbox: PodSandbox, image: ImageFile) -> str: ...
+    async def attach_image(self, sandbox: PodSandbox, image: RootfsImage) -> str: ...
     async def host_path_mount(self, sandbox: PodSandbox, request: HostPathMount) -> Mount: ...
     async def unshare_host_paths(self, keys: list[str]) -> None: ...
     def status_info(self) -> dict[str, object]: ...
@@ -422,7 +422,7 @@ class PodSandbox:
 
     # images and volumes -----------------------------------------------------------
 
-    async def attach_image(self, image: ImageFile) -> str:
+    async def attach_image(self, image: RootfsImage) -> str:
         """Make ``image`` available to the pod's containers; return its mount point in
         the pod's agent."""
         self.agent  # noqa: B018 -- refuse before touching anything when not running
@@ -440,7 +440,7 @@ class PodSandbox:
     # containers --------------------------------------------------------------------
 
     async def create_container(
-        self, container_id: str, spec: ContainerSpec, image: ImageFile | None = None
+        self, container_id: str, spec: ContainerSpec, image: RootfsImage | None = None
     ) -> ContainerInfo:
         """Create a container; with ``image``, its rootfs is that shared image plus a
         private writable layer."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.protocol import AGENT_PORT_NAME, SHARE_TAG
+from sandbox.api import align_up
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
@@ -39,12 +40,6 @@ AGENT_SERIAL_ADDR = "0x04"
 SHARE_ADDR = "0x06"
 # Room in the guest-physical address space for hot-plugged persistent memory.
 HOTPLUG_ADDRESS_SPACE_MIB = 64 * 1024
-
-PMEM_ALIGN = 2 * 1024 * 1024
-
-
-def align_up(value: int, align: int = PMEM_ALIGN) -> int:
-    return (value + align - 1) // align * align
 
 
 @dataclass(frozen=True)

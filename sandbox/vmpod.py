@@ -25,8 +25,8 @@ from sandbox.api import (
     VM_HANDLER,
     BootTimes,
     HostPathMount,
-    ImageFile,
     PodUsage,
+    RootfsImage,
     SandboxError,
     SandboxExhausted,
     SandboxRefused,
@@ -311,7 +311,7 @@ class VmBackend:
 
     # container images ------------------------------------------------------------------
 
-    async def attach_image(self, sandbox: PodSandbox, image: ImageFile) -> str:
+    async def attach_image(self, sandbox: PodSandbox, image: RootfsImage) -> str:
         """Make ``image`` available in the guest; return its mount point there.
 
         The image is hot-plugged into a free PCIe root port as a shared read-only

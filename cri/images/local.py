@@ -1,7 +1,7 @@
 """Publish an image built from a local directory to a registry.
 
 The demo and the offline lab have no internet: this turns a root filesystem tree (for
-example the busybox tree from `sandbox.rootfs.make_busybox_tree`) into a one-layer OCI
+example the busybox tree from `cri.images.rootfs.make_busybox_tree`) into a one-layer OCI
 image and pushes it with our own registry client.
 """
 

@@ -67,10 +67,11 @@ from cri.images.reference import (
     parse_reference,
 )
 from cri.images.registry import FetchedManifest, RegistryClient, Repository
+from cri.images.rootfs import build_rootfs_image, image_id_for
 from cri.images.unpack import LayerSource, UnpackLimits, read_image_file, unpack_layers
 from cri.images.users import ImageUser, resolve_user
 from cri.store import Store
-from sandbox.rootfs import RootfsImage, build_rootfs_image, image_id_for
+from sandbox.api import RootfsImage
 
 log = logging.getLogger(__name__)
 

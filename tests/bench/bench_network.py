@@ -36,11 +36,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.protocol import ContainerSpec
-from sandbox.api import PodNetworkSpec, SandboxSpec
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.api import PodNetworkSpec, RootfsImage, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR
 from sandbox.network import CniInvocation, CniRunner, create_netns, remove_netns
 from sandbox.node import SandboxConfig, SandboxHost
-from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 from sandbox.vmpod import create_vm_pod
 from tests.integration.test_network import (
     CniLab,

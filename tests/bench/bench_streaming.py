@@ -37,8 +37,8 @@ from tests.streaming_client import build_client
 from tests.streaming_client.local_backend import LocalBackend
 
 if TYPE_CHECKING:
+    from sandbox.api import RootfsImage
     from sandbox.lifecycle import PodSandbox
-    from sandbox.rootfs import RootfsImage
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -199,10 +199,10 @@ async def bench_local(client: Path, args: argparse.Namespace) -> None:
 
 @contextlib.asynccontextmanager
 async def pod_vm() -> AsyncIterator[tuple[PodSandbox, RootfsImage]]:
+    from cri.images.rootfs import build_rootfs_image, make_busybox_tree
     from sandbox.api import SandboxSpec
     from sandbox.guest import DEFAULT_GUEST_DIR
     from sandbox.node import SandboxConfig, SandboxHost
-    from sandbox.rootfs import build_rootfs_image, make_busybox_tree
     from sandbox.vmpod import create_vm_pod
 
     guest_dir = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.api import SandboxSpec
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.lifecycle import PodSandbox
 from sandbox.mounts import remove_tree
 from sandbox.node import SandboxConfig, SandboxHost
-from sandbox.rootfs import RootfsImage, build_rootfs_image, make_busybox_tree
 from sandbox.vmpod import create_vm_pod
 
 GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", str(DEFAULT_GUEST_DIR)))

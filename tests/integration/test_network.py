@@ -30,7 +30,14 @@ from typing import Any
 import pytest
 
 from agent.protocol import ContainerSpec
-from sandbox.api import DnsConfig, PodNetworkSpec, PortMapping, SandboxError, SandboxSpec
+from sandbox.api import (
+    DnsConfig,
+    PodNetworkSpec,
+    PortMapping,
+    RootfsImage,
+    SandboxError,
+    SandboxSpec,
+)
 from sandbox.guest import GuestAssets
 from sandbox.handlers import Sandboxes
 from sandbox.lifecycle import PodSandbox
@@ -42,7 +49,6 @@ from sandbox.network import (
     run_in_thread,
 )
 from sandbox.node import SandboxConfig, SandboxHost
-from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
 from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import GUEST_DIR

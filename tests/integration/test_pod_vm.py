@@ -12,11 +12,10 @@ import textwrap
 import pytest
 
 from agent.protocol import ContainerSpec, ExecSpec, Resources
-from sandbox.api import SandboxError, SandboxSpec, SandboxState
+from sandbox.api import RootfsImage, SandboxError, SandboxSpec, SandboxState
 from sandbox.handlers import Sandboxes
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
-from sandbox.rootfs import RootfsImage
 from sandbox.vm import pid_alive
 from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import qemu_processes
@@ -201,7 +200,7 @@ async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHos
 async def test_failed_boot_leaves_nothing(sandbox_host: SandboxHost) -> None:
     sandbox_host.config.qemu = "/bin/false"
     sandbox = create_vm_pod(sandbox_host, SandboxSpec("fail1"))
-    with pytest.raises(SandboxError, match="failed to boot"):
+    with pytest.raises(SandboxError, match="failed to start"):
         await sandbox.start()
     assert sandbox.state == "dead"
     await sandbox.destroy()
@@ -216,7 +215,7 @@ ADOPT_CHILD = textwrap.dedent(
     from sandbox.api import SandboxSpec
     from sandbox.lifecycle import PodSandbox
     from sandbox.node import SandboxConfig, SandboxHost
-    from sandbox.rootfs import RootfsImage
+    from sandbox.api import RootfsImage
 
     async def main() -> None:
         run_root, guest_dir, image = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -18,8 +18,8 @@ from agent.client import AgentClient, FailedPrecondition
 from agent.protocol import ContainerSpec
 from cri.streaming import StreamingServer
 from cri.streaming.agent_backend import AgentStreamingBackend
+from sandbox.api import RootfsImage
 from sandbox.lifecycle import PodSandbox
-from sandbox.rootfs import RootfsImage
 from tests.integration.test_streaming_clients import port_forward_client
 from tests.streaming_client import build_client
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import ContainerSpec, Mount
-from sandbox.api import SandboxSpec
+from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.jail import SHARE_CAPABILITIES, jail_for
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
-from sandbox.rootfs import RootfsImage
 from sandbox.vmpod import create_vm_pod, vm_backend
 
 pytestmark = pytest.mark.vm

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from sandbox.accel import _kvm_static_verdict, choose_accel
-from sandbox.api import SandboxError, SandboxSpec
+from sandbox.api import SandboxError, SandboxSpec, align_up
 from sandbox.guest import GuestAssets
 from sandbox.node import SandboxConfig, memory_floor_bytes, size_vm
-from sandbox.vm import MachineSpec, align_up, build_command, slot_root_port
+from sandbox.vm import MachineSpec, build_command, slot_root_port
 
 
 def _spec(tmp_path: Path, **kw: object) -> MachineSpec:

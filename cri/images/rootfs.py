@@ -1,10 +1,7 @@
-"""Container images as shared read-only DAX devices.
-
-Each container image becomes ONE read-only erofs file on the host. Every pod VM that
-runs a container of that image gets the file hot-plugged as a virtio-pmem device
-(``memory-backend-file,share=on,readonly=on``) and mounts it with DAX, so the image's
-pages live once in the host page cache however many pods use it. Each container gets
-its own writable overlay upper layer inside the guest (see docs/rootfs.md).
+"""An image's root filesystem as the file sandboxes attach: ONE read-only erofs file per
+container image on the host, shared by every pod that runs it (a ``RootfsImage``,
+sandbox/api.py; docs/images.md). Also the small busybox root the demo, the benchmarks,
+the tests and `clearcri image push-busybox` use.
 """
 
 from __future__ import annotations
@@ -13,32 +10,19 @@ import hashlib
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from agent.protocol import CodedError, ErrorCode
-from sandbox.vm import align_up
+from agent.protocol import ErrorCode
+from cri.images.errors import ImageError
+from sandbox.api import RootfsImage, align_up
 
 MKFS_EROFS = "mkfs.erofs"
 
 
-class RootfsBuildError(CodedError):
+class RootfsBuildError(ImageError):
     """Building the erofs image of a container rootfs failed."""
 
     code = ErrorCode.INTERNAL
-
-
-@dataclass(frozen=True)
-class RootfsImage:
-    """A read-only erofs image of one container image's root filesystem."""
-
-    image_id: str
-    path: Path
-
-    @property
-    def size(self) -> int:
-        """Size of the file, a multiple of the persistent-memory alignment."""
-        return self.path.stat().st_size
 
 
 def image_id_for(key: str) -> str:

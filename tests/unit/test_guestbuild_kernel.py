@@ -1,10 +1,10 @@
-"""The guest kernel's configuration checks (sandbox/kernel.py)."""
+"""The guest kernel's configuration checks (guestbuild/kernel.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sandbox import kernel
+from guestbuild import kernel
 
 
 def test_release_from_source_version() -> None:

@@ -1,4 +1,6 @@
-"""`clearcri demo`: boot one pod VM, run a busybox container in it, show it working."""
+"""`clearcri demo`: boot one pod VM through the sandbox layer, without the daemon, run a
+busybox container in it and show it working (boot phases, output, exec, host memory).
+Not runtime code: the CLI imports it inside its command."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import time
 from pathlib import Path
 
 from agent.protocol import ContainerSpec, ExecSpec
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
 from sandbox.api import SandboxSpec
 from sandbox.node import SandboxConfig, SandboxHost
-from sandbox.rootfs import build_rootfs_image, make_busybox_tree
 from sandbox.vmpod import create_vm_pod, host_memory
 
 

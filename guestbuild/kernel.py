@@ -1,5 +1,5 @@
 """The clearcri guest kernel: built from Debian's ``linux-source-6.1`` package with a
-minimal configuration of our own (sandbox/guest_kernel.config; docs/guest.md).
+minimal configuration of our own (guestbuild/guest_kernel.config; docs/guest.md).
 
 ``make allnoconfig`` starts from nothing, the fragment switches on what a pod VM uses
 (every driver built in, no modules), ``make olddefconfig`` fills in dependencies, and
@@ -39,7 +39,7 @@ class KernelBuildError(Exception):
 
 
 def config_fragment() -> bytes:
-    return importlib.resources.files("sandbox").joinpath(CONFIG_RESOURCE).read_bytes()
+    return importlib.resources.files("guestbuild").joinpath(CONFIG_RESOURCE).read_bytes()
 
 
 def default_cache_dir() -> Path:
@@ -179,7 +179,7 @@ class KernelBuilder:
         return tree
 
     def _configure(self, source: Path, out: Path) -> None:
-        self.progress("kernel: configuring (allnoconfig + sandbox/guest_kernel.config)")
+        self.progress("kernel: configuring (allnoconfig + guestbuild/guest_kernel.config)")
         self._make(source, out, "allnoconfig")
         config = out / ".config"
         fragment = self.fragment.decode()
@@ -190,7 +190,7 @@ class KernelBuilder:
         problems = config_problems(fragment, config.read_text())
         if problems:
             raise KernelBuildError(
-                "the kernel configuration dropped options of sandbox/guest_kernel.config "
+                "the kernel configuration dropped options of guestbuild/guest_kernel.config "
                 "(add what they depend on): " + "; ".join(problems[:10])
             )
 

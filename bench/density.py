@@ -1,0 +1,102 @@
+"""`clearcri bench density`: how many idle pods one node holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import bench_config, drop_templates, mem_available_kib
+from sandbox.api import SandboxSpec
+from sandbox.guest import locate_guest
+from sandbox.lifecycle import PodSandbox
+from sandbox.node import SandboxHost
+from sandbox.vmpod import create_vm_pod
+
+
+def cpu_busy_fraction(seconds: float) -> float:
+    """The host's busy CPU share (all cores) over ``seconds``, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
+
+
+async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: Path) -> int:
+    """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
+    time, and print at every ``step`` pods: the start time of the last ones, the host
+    memory each pod costs, the host's CPU busy share and what memory is left. The
+    baseline is the first step, measured in the same run; the limit is where a start
+    fails or where the figures project that memory runs out."""
+    assets = locate_guest(guest_dir)
+    config = bench_config(guest_dir, work_dir, templates=True)
+    host = SandboxHost(config, assets)
+    assert host.templates is not None
+    sandboxes: list[PodSandbox] = []
+    try:
+        await host.templates.build(
+            host.machine_for(SandboxSpec("default"), config.run_root / "default")
+        )
+        idle_cpu = await asyncio.to_thread(cpu_busy_fraction, 5.0)
+        before = mem_available_kib()
+        print(f"guest {assets.version}  accel {host.accel}  {config.default_memory_mib} MiB guests")
+        print(f"host before: MemAvailable {before / 1024:.0f} MiB, CPU busy {idle_cpu:.1%}")
+        print(
+            f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'MiB/pod':>8} "
+            f"{'CPU busy':>9} {'MemAvailable MiB':>17}"
+        )
+        starts: list[float] = []
+        limit = ""
+        first_median = 0.0
+        per_pod_kib = 0.0
+        for i in range(pods):
+            try:
+                sandbox = create_vm_pod(host, SandboxSpec(f"bench-density-{i}"))
+                sandboxes.append(sandbox)
+                boot = await sandbox.start()
+            except Exception as exc:  # the limit: report it, then clean up
+                limit = f"pod {i + 1} did not start: {exc}"
+                break
+            starts.append(boot.total)
+            count = len(starts)
+            if count % step == 0 or count == pods:
+                await asyncio.sleep(3)
+                busy = await asyncio.to_thread(cpu_busy_fraction, 5.0)
+                available = mem_available_kib()
+                per_pod_kib = (before - available) / count
+                recent = starts[-step:]
+                median = statistics.median(recent)
+                first_median = first_median or median
+                print(
+                    f"{count:>5} {median:>17.3f} {max(recent):>10.3f} "
+                    f"{per_pod_kib / 1024:>8.1f} {busy:>9.1%} {available / 1024:>17.0f}",
+                    flush=True,
+                )
+        if starts:
+            last = statistics.median(starts[-step:])
+            print(
+                f"start time at {len(starts)} pods / at the first {min(step, len(starts))}: "
+                f"{last / first_median:.2f}"
+            )
+            if per_pod_kib > 0:
+                left = mem_available_kib()
+                print(
+                    f"host memory per idle pod: {per_pod_kib / 1024:.1f} MiB (target <= 64); "
+                    f"MemAvailable left for ~{left / per_pod_kib:.0f} more such pods"
+                )
+        print(f"limit: {limit or f'none reached up to {pods} pods'}")
+    finally:
+        for sandbox in sandboxes:
+            with contextlib.suppress(Exception):
+                await sandbox.destroy()
+        drop_templates(config)
+    return 0
