@@ -4,7 +4,7 @@ sandbox does (sandbox/lifecycle.py is the one implementation, its backends in
 sandbox/vmpod.py and sandbox/hostpod.py); ``SandboxProvider`` is what the node offers
 (sandbox/handlers.py: the runtime handlers and the sandbox kind behind each). The
 records here are the requests and answers that cross the port; the errors carry the
-shared ``ErrorCode``. cri/ imports nothing else of sandbox/ (tests/unit/test_layers.py).
+shared ``ErrorCode``. cri/ imports nothing else of sandbox/ (tests/unit/test_package_layout.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Which top-level package may import which: the runtime packages (cri/, sandbox/,
-agent/, deploy/) never import the guest build, the benchmarks or the demo; only the CLI
-reaches them, from inside the command that runs each. The sandboxes never import cri/
-(cri/ knows them through sandbox/api.py)."""
+"""Which package may import which. The runtime packages (cri/, sandbox/, agent/,
+deploy/) never import the guest build, the benchmarks or the demo; only the CLI reaches
+them, from inside the command that runs each. The layers stand: cri/ → sandbox/ →
+agent/, and no import runs back up; cri/ reaches the pod backends only through their
+port (sandbox/api.py) and the agent only through its wire records (agent/protocol.py),
+except the daemon's composition root, which builds the node's sandbox layer and hands
+cri/ its provider."""
 
 from __future__ import annotations
 
@@ -51,5 +54,48 @@ def test_runtime_packages_do_not_import_tools() -> None:
     assert _scan(RUNTIME, NOT_RUNTIME) == []
 
 
-def test_sandboxes_do_not_import_cri() -> None:
+def test_no_import_runs_back_up() -> None:
     assert _scan(("sandbox", "agent"), ("cri",)) == []
+    assert _scan(("agent",), ("sandbox",)) == []
+
+
+#: where the daemon is put together: it makes the SandboxHost and hands cri/ its provider
+COMPOSITION_ROOT = {"cri/server.py", "cri/cli.py", "cri/config.py"}
+
+
+def _modules(package: str, prefix: str) -> list[tuple[str, str]]:
+    """(file, module) for each import of ``prefix``'s modules under ``package``."""
+    out = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text(), rel)
+        out += [(rel, m) for _, m in _imports(tree) if m.split(".")[0] == prefix]
+    return out
+
+
+def test_cri_knows_the_sandbox_layer_only_by_its_port() -> None:
+    wrong = [
+        (rel, module)
+        for rel, module in _modules("cri", "sandbox")
+        if module != "sandbox.api" and rel not in COMPOSITION_ROOT
+    ]
+    assert wrong == []
+
+
+def test_cri_knows_the_agent_only_by_its_wire_records() -> None:
+    wrong = [
+        (rel, module)
+        for rel, module in _modules("cri", "agent")
+        if module != "agent.protocol" and rel not in COMPOSITION_ROOT
+    ]
+    assert wrong == []
+
+
+def test_the_guest_agent_shares_only_the_protocol_and_mount_calls_with_the_host() -> None:
+    shared = {"agent.protocol", "agent.mountapi"}
+    wrong = [
+        (rel, module)
+        for rel, module in _modules("agent/guest", "agent")
+        if module not in shared and not module.startswith("agent.guest")
+    ]
+    assert wrong == []
