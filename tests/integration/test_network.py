@@ -566,10 +566,10 @@ RESTART_CHILD = textwrap.dedent(
     """
     import asyncio, json, sys
     from pathlib import Path
-    from sandbox.network import NetworkConfig, PodNetworkSpec
-    from sandbox.api import SandboxSpec
-    from sandbox.lifecycle import PodSandbox
+    from sandbox.api import PodNetworkSpec, SandboxSpec
+    from sandbox.network import NetworkConfig
     from sandbox.node import SandboxConfig, SandboxHost
+    from sandbox.vmpod import create_vm_pod
 
     async def main() -> None:
         run_root, guest_dir, sandbox_id, network = sys.argv[1:5]

@@ -212,10 +212,9 @@ ADOPT_CHILD = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from agent.protocol import ContainerSpec
-    from sandbox.api import SandboxSpec
-    from sandbox.lifecycle import PodSandbox
+    from sandbox.api import RootfsImage, SandboxSpec
     from sandbox.node import SandboxConfig, SandboxHost
-    from sandbox.api import RootfsImage
+    from sandbox.vmpod import create_vm_pod
 
     async def main() -> None:
         run_root, guest_dir, image = sys.argv[1], sys.argv[2], sys.argv[3]
