@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import agent
-from agent.client import AgentClient, AgentError
+from agent.client import AgentClient
+from agent.errors import AgentError
 from agent.protocol import Mount
 from sandbox.api import HostPathMount, PodUsage, SandboxState
 from sandbox.cgroups import CGROUP_ROOT

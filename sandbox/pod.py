@@ -23,14 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.client import (
-    AgentClient,
-    AgentError,
-    ContainerOutput,
-    ExecResult,
-    ExecSession,
-    PortForwardStream,
-)
+from agent.client import AgentClient, ExecResult
+from agent.errors import AgentError
 from agent.protocol import (
     ContainerInfo,
     ContainerSpec,
@@ -40,6 +34,7 @@ from agent.protocol import (
     Mount,
     StatsReport,
 )
+from agent.streams import ContainerOutput, ExecSession, PortForwardStream
 from sandbox import mounts
 from sandbox.accel import choose_accel
 from sandbox.api import HostPathMount, PodUsage, SandboxState

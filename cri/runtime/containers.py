@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, AgentTimeout
-from agent.client import NotFound as AgentNotFound
+from agent.errors import AgentError, AgentTimeout
+from agent.errors import NotFound as AgentNotFound
 from agent.protocol import ContainerSpec, Mount
 from cri.images.errors import ImageError
 from cri.runtime import convert

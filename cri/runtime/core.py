@@ -13,10 +13,11 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError, AgentTimeout, ContainerOutput
-from agent.client import FailedPrecondition as AgentFailedPrecondition
-from agent.client import InvalidArgument as AgentInvalidArgument
-from agent.client import NotFound as AgentNotFound
+from agent.errors import AgentError, AgentTimeout
+from agent.errors import FailedPrecondition as AgentFailedPrecondition
+from agent.errors import InvalidArgument as AgentInvalidArgument
+from agent.errors import NotFound as AgentNotFound
+from agent.streams import ContainerOutput
 from cri.config import Config
 from cri.images.store import ImageStore
 from cri.runtime.errors import (

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError
+from agent.errors import AgentError
 from cri.runtime.convert import (
     check_cgroup_parent,
     check_dns,

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from agent.client import AgentError
+from agent.errors import AgentError
 from cri.metrics import list_pod_sandbox_metrics, metric_descriptors
 from cri.runtime.containers import ContainerOps
 from cri.runtime.errors import CriError, InvalidArgument, Unimplemented, status_for

@@ -20,7 +20,7 @@ import time
 
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentError
+from agent.errors import AgentError
 from agent.protocol import ContainerStats as GuestContainerStats
 from agent.protocol import InterfaceStats, StatsReport
 from cri.runtime.core import RuntimeCore

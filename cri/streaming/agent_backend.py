@@ -15,13 +15,9 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from agent.client import (
-    AgentError,
-    ContainerOutput,
-    ExecSession,
-    PortForwardStream,
-)
+from agent.errors import AgentError
 from agent.protocol import ExecSpec
+from agent.streams import ContainerOutput, ExecSession, PortForwardStream
 from cri.streaming.errors import BackendError
 
 

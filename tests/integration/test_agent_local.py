@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import (
-    AgentClient,
+from agent.client import AgentClient
+from agent.errors import (
     AgentUnavailable,
     AlreadyExists,
     FailedPrecondition,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from agent.client import AgentTimeout, AgentUnavailable
-from agent.client import InvalidArgument as AgentInvalidArgument
+from agent.errors import AgentTimeout, AgentUnavailable
+from agent.errors import InvalidArgument as AgentInvalidArgument
 from cri.runtime.core import agent_error
 
 
@@ -26,7 +26,7 @@ def test_errors_no_call_site_translated_keep_their_codes_at_the_edge() -> None:
     own code (it was INTERNAL, the code of a bug)."""
     import asyncio
 
-    from agent.client import AgentError
+    from agent.errors import AgentError
     from cri.runtime.service import cri_call
     from sandbox.pod import SandboxError, SandboxExhausted, SandboxNotFound, SandboxRefused
 
