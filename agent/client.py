@@ -39,11 +39,14 @@ from agent.events import AgentEvent, EventHub
 from agent.protocol import (
     EVENT,
     PROTOCOL_VERSION,
+    CgroupUpdate,
+    ConfiguredInterface,
     ContainerInfo,
     ContainerSpec,
     ExecSpec,
     ExecStarted,
     ExitStatus,
+    ImageSource,
     NetInterface,
     PortForwardStarted,
     ReadyInfo,
@@ -225,22 +228,26 @@ class AgentClient(AgentTransport):
 
     async def configure_network(
         self, interfaces: list[NetInterface] | list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> list[ConfiguredInterface]:
         """Give guest NICs their MAC, MTU, addresses and routes (see NetInterface);
-        returns [{"name", "mac", "ms"}] of the configured NICs ("ms": guest time of
-        each step)."""
+        returns the configured NICs (with the guest time of each step)."""
         records = [
             i if isinstance(i, NetInterface) else NetInterface.from_dict(i) for i in interfaces
         ]
         result = await self.request(
             "configure_network", {"interfaces": [r.to_dict() for r in records]}, timeout=60.0
         )
-        return [dict(i) for i in result["interfaces"]]
+        configured: list[ConfiguredInterface] = [
+            ConfiguredInterface.from_dict(i) for i in result["interfaces"]
+        ]
+        return configured
 
-    async def mount_image(self, image_id: str, source: dict[str, Any]) -> str:
-        """Mount an image read-only at <run>/images/<image_id>; source is
-        {"pci_path": ...}, {"device": ..., "fstype": ...} or {"dir": ...}."""
-        result = await self.request("mount_image", {"image_id": image_id, "source": source})
+    async def mount_image(self, image_id: str, source: ImageSource) -> str:
+        """Mount an image read-only at <run>/images/<image_id> (idempotent); returns
+        that path."""
+        result = await self.request(
+            "mount_image", {"image_id": image_id, "source": source.to_dict()}
+        )
         return str(result["path"])
 
     async def unmount_image(self, image_id: str) -> None:
@@ -398,10 +405,11 @@ class AgentClient(AgentTransport):
         """Give the guest kernel fresh randomness (after a restore from a template)."""
         await self.request("reseed", {"entropy": base64.b64encode(entropy).decode()})
 
-    async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
-        """Write cgroup v2 limits (cpu_max, cpu_weight, memory_max, pids_max, cpuset_*)."""
+    async def update_container(self, container_id: str, update: CgroupUpdate) -> None:
+        """Write a running container's cgroup limits (translated where the guest runs
+        cgroup v1)."""
         await self.request(
-            "update_container", {"container_id": container_id, "resources": resources}
+            "update_container", {"container_id": container_id, "resources": update.to_dict()}
         )
 
     async def port_forward(self, port: int, *, timeout: float = 20.0) -> PortForwardStream:

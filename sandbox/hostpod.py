@@ -57,7 +57,7 @@ from typing import Any
 import agent
 from agent.client import AgentClient
 from agent.errors import AgentError
-from agent.protocol import Mount
+from agent.protocol import ImageSource, Mount
 from sandbox.api import HostPathMount, PodUsage, SandboxState
 from sandbox.cgroups import CGROUP_ROOT
 from sandbox.network import (
@@ -813,7 +813,9 @@ class HostSandbox(PodSandbox):
             if self.images.get(image.image_id) != str(image.path):
                 self.images[image.image_id] = str(image.path)
                 self._save()
-            return await agent.mount_image(image.image_id, {"device": device, "fstype": "erofs"})
+            return await agent.mount_image(
+                image.image_id, ImageSource(device=device, fstype="erofs")
+            )
 
 
 def read_kind(host: SandboxHost, sandbox_id: str) -> tuple[str, dict[str, Any]]:

@@ -26,11 +26,13 @@ from typing import Any
 from agent.client import AgentClient, ExecResult
 from agent.errors import AgentError
 from agent.protocol import (
+    CgroupUpdate,
     ContainerInfo,
     ContainerSpec,
     ErrorCode,
     ExecSpec,
     ExitStatus,
+    ImageSource,
     Mount,
     StatsReport,
 )
@@ -813,7 +815,7 @@ class PodSandbox:
             for slot, image_id in self.slots.items():
                 if image_id == image.image_id:
                     _, pci = slot_root_port(slot)
-                    return await agent.mount_image(image.image_id, {"pci_path": pci})
+                    return await agent.mount_image(image.image_id, ImageSource(pci_path=pci))
             free = [s for s in range(self.machine.image_slots) if s not in self.slots]
             if not free:
                 raise SandboxExhausted(
@@ -831,7 +833,7 @@ class PodSandbox:
             await self.qmp.hotplug_pmem(dev_id=f"img{slot}", bus=bus, path=path, size=image.size)
             self.slots[slot] = image.image_id
             self._save()
-            return await agent.mount_image(image.image_id, {"pci_path": pci})
+            return await agent.mount_image(image.image_id, ImageSource(pci_path=pci))
 
     @staticmethod
     def _bind_image(source: Path, target: Path) -> None:
@@ -960,9 +962,9 @@ class PodSandbox:
         """Remove the container (a running one only with ``force``, which kills it)."""
         await self.agent.delete_container(container_id, force=force)
 
-    async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
-        """Write the container's cgroup limits (cgroup v2 file names and values)."""
-        await self.agent.update_container(container_id, resources)
+    async def update_container(self, container_id: str, update: CgroupUpdate) -> None:
+        """Write the container's cgroup limits (cgroup v2 file values)."""
+        await self.agent.update_container(container_id, update)
 
     async def list_containers(self) -> list[ContainerInfo]:
         """Every container the sandbox holds, as its agent sees them."""

@@ -1,5 +1,6 @@
-"""The agent client against a scripted agent on a socket pair: the connection's run state
-and what a frame that breaks the protocol does."""
+"""The agent client against a scripted agent on a socket pair: the connection's run state,
+what a frame that breaks the protocol does, and what the typed operations put on the
+wire (the JSON an agent built before the records must still understand)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from agent.protocol import (
     STDOUT,
     SYNC,
     SYNC_MARKER,
+    CgroupUpdate,
+    ConfiguredInterface,
     ExecSpec,
     FrameDecoder,
+    ImageSource,
+    NetInterface,
     decode_json,
     encode_data,
     encode_frame,
@@ -239,3 +244,52 @@ async def test_frames_for_unknown_streams_and_late_replies_are_harmless(
     scripted.send(encode_json(EVENT, 97, {**event, "status": {"exit_code": 0}}))
     assert await client.ping() == 1
     assert client.state is RunState.RUNNING
+
+
+# ---------------------------------------------------------------------- typed operations
+
+
+async def test_mount_image_sends_only_the_source_fields_that_are_set(
+    agent: tuple[ScriptedAgent, AgentClient],
+) -> None:
+    scripted, client = agent
+    scripted.scripts["mount_image"] = lambda request: [
+        reply(request, {"path": "/run/clearcri/images/i1", "options": "ro"})
+    ]
+    path = await client.mount_image("i1", ImageSource(pci_path="0000:00:05.0/0000:01:00.0"))
+    assert path == "/run/clearcri/images/i1"
+    # what the agent has always been sent: it tells the kind of source by its keys
+    assert scripted.args_of("mount_image") == {
+        "image_id": "i1",
+        "source": {"pci_path": "0000:00:05.0/0000:01:00.0"},
+    }
+    scripted.requests.clear()
+    await client.mount_image("i2", ImageSource(device="/dev/loop3", fstype="erofs"))
+    assert scripted.args_of("mount_image")["source"] == {"device": "/dev/loop3", "fstype": "erofs"}
+
+
+async def test_update_container_sends_the_values_that_are_set(
+    agent: tuple[ScriptedAgent, AgentClient],
+) -> None:
+    scripted, client = agent
+    await client.update_container("c1", CgroupUpdate(cpu_max="50000 100000", memory_max="max"))
+    assert scripted.args_of("update_container") == {
+        "container_id": "c1",
+        "resources": {"cpu_max": "50000 100000", "memory_max": "max"},
+    }
+
+
+async def test_configure_network_returns_the_configured_interfaces(
+    agent: tuple[ScriptedAgent, AgentClient],
+) -> None:
+    scripted, client = agent
+    nic = {"name": "eth0", "mac": "02:00:00:00:00:01", "ms": {"find": 0.5, "link": 1.0}}
+    scripted.scripts["configure_network"] = lambda request: [reply(request, {"interfaces": [nic]})]
+    configured = await client.configure_network(
+        [NetInterface(mac="02:00:00:00:00:01", addresses=["10.0.0.2/24"])]
+    )
+    assert configured == [
+        ConfiguredInterface(name="eth0", mac="02:00:00:00:00:01", ms={"find": 0.5, "link": 1.0})
+    ]
+    sent = scripted.args_of("configure_network")["interfaces"]
+    assert sent[0]["mac"] == "02:00:00:00:00:01" and sent[0]["addresses"] == ["10.0.0.2/24"]
