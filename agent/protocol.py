@@ -712,6 +712,73 @@ class NetInterface(Record):
     routes: list[NetRoute] = field(default_factory=list)
 
 
+class ConfiguredInterface(Record):
+    """A NIC ``configure_network`` configured."""
+
+    name: str
+    mac: str
+    #: guest milliseconds of each step ("find", "link", "addresses", "routes")
+    ms: dict[str, float] = field(default_factory=dict)
+
+
+class ImageSource(Record):
+    """Where ``mount_image`` finds an image; exactly one of ``pci_path`` (a pod VM: the
+    virtio-pmem device behind that PCIe root port, erofs with DAX), ``device`` (a block
+    device, e.g. a host pod's loop device) or ``dir`` (a directory, bound read-only)."""
+
+    pci_path: str = ""
+    device: str = ""
+    #: with ``device``: its filesystem ("" is erofs) and mount data
+    fstype: str = ""
+    options: str = ""
+    dir: str = ""
+    #: with ``pci_path``: seconds to wait for the device to show up (None: 5)
+    timeout: float | None = None
+
+    #: the fields that say where the image is
+    LOCATIONS: ClassVar[tuple[str, ...]] = ("pci_path", "device", "dir")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields that are set: agents before this record told the kind of
+        source by which keys are present."""
+        return {k: v for k, v in super().to_dict().items() if v not in ("", None)}
+
+    @property
+    def locations(self) -> list[str]:
+        """The location fields that are set (valid: exactly one)."""
+        return [name for name in self.LOCATIONS if getattr(self, name)]
+
+
+class CgroupUpdate(Record):
+    """New limits of a running container (``update_container``, from CRI
+    UpdateContainerResources): the contents of cgroup v2 files, each field named after
+    its file (``cpu_max`` is cpu.max); None leaves the file as it is. An agent on cgroup
+    v1 translates them to the v1 files (agent/guest/resources.py).
+
+    The values stay the files' text ("max", "50000 100000"), which is what is written and
+    what the v1 translation parses."""
+
+    #: "<quota|max> <period>" (microseconds)
+    cpu_max: str | None = None
+    #: 1..10000
+    cpu_weight: str | None = None
+    #: bytes or "max"
+    memory_max: str | None = None
+    memory_swap_max: str | None = None
+    pids_max: str | None = None
+    cpuset_cpus: str | None = None
+    cpuset_mems: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields that are set (None must not reach a file as "None")."""
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+    @property
+    def empty(self) -> bool:
+        """True when the update changes nothing."""
+        return not self.to_dict()
+
+
 def iter_records() -> Iterator[type[Record]]:
     """Every record type defined in this module (used by tests)."""
     return iter(list(_RECORDS.values()))

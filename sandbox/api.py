@@ -26,11 +26,9 @@ from sandbox.procfs import read_process_memory as read_process_memory
 
 if TYPE_CHECKING:
     # the process streams a sandbox hands out (its agent's)
-    from agent.client import ContainerOutput as ContainerOutput
     from agent.client import ExecResult as ExecResult
-    from agent.client import ExecSession as ExecSession
-    from agent.client import PortForwardStream as PortForwardStream
     from agent.protocol import (
+        CgroupUpdate,
         ContainerInfo,
         ContainerSpec,
         ExecSpec,
@@ -38,6 +36,9 @@ if TYPE_CHECKING:
         Mount,
         StatsReport,
     )
+    from agent.streams import ContainerOutput as ContainerOutput
+    from agent.streams import ExecSession as ExecSession
+    from agent.streams import PortForwardStream as PortForwardStream
 
 
 #: The runtime handlers a node serves: pods in VMs, and pods on the host for what a VM
@@ -377,7 +378,7 @@ class Sandbox(Protocol):
         self, container_id: str, *, timeout: float | None = None
     ) -> ExitStatus: ...
     async def delete_container(self, container_id: str, *, force: bool = False) -> None: ...
-    async def update_container(self, container_id: str, resources: dict[str, str]) -> None: ...
+    async def update_container(self, container_id: str, update: CgroupUpdate) -> None: ...
     async def list_containers(self) -> list[ContainerInfo]: ...
     def subscribe_output(self, container_id: str) -> ContainerOutput: ...
     async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession: ...

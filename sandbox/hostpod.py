@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import agent
-from agent.protocol import Mount
+from agent.protocol import ImageSource, Mount
 from sandbox.api import (
     HOST_HANDLER,
     BootTimes,
@@ -554,7 +554,7 @@ class HostBackend:
         if self.images.get(image.image_id) != str(image.path):
             self.images[image.image_id] = str(image.path)
             sandbox.save()
-        return await agent.mount_image(image.image_id, {"device": device, "fstype": "erofs"})
+        return await agent.mount_image(image.image_id, ImageSource(device=device, fstype="erofs"))
 
     async def host_path_mount(self, sandbox: PodSandbox, request: HostPathMount) -> Mount:
         """The container's mount of a host path: the host pod's agent clones it (with

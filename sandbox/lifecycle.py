@@ -27,15 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.client import (
-    AgentClient,
-    AgentError,
-    ContainerOutput,
-    ExecResult,
-    ExecSession,
-    PortForwardStream,
-)
+from agent.client import AgentClient, ExecResult
+from agent.errors import AgentError
 from agent.protocol import (
+    CgroupUpdate,
     ContainerInfo,
     ContainerSpec,
     ErrorCode,
@@ -44,6 +39,7 @@ from agent.protocol import (
     Mount,
     StatsReport,
 )
+from agent.streams import ContainerOutput, ExecSession, PortForwardStream
 from sandbox.api import (
     BootTimes,
     HostPathMount,
@@ -479,9 +475,9 @@ class PodSandbox:
         """Remove the container (a running one only with ``force``, which kills it)."""
         await self.agent.delete_container(container_id, force=force)
 
-    async def update_container(self, container_id: str, resources: dict[str, str]) -> None:
-        """Write the container's cgroup limits (cgroup v2 file names and values)."""
-        await self.agent.update_container(container_id, resources)
+    async def update_container(self, container_id: str, update: CgroupUpdate) -> None:
+        """Write the container's cgroup limits (cgroup v2 file values)."""
+        await self.agent.update_container(container_id, update)
 
     async def list_containers(self) -> list[ContainerInfo]:
         """Every container the sandbox holds, as its agent sees them."""

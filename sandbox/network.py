@@ -1152,7 +1152,7 @@ class PodNetwork:
         configured = await agent.configure_network(self.guest_interfaces())
         self.timings["guest"] = time.monotonic() - t0
         with contextlib.suppress(LookupError, TypeError, ValueError, AttributeError):
-            for step, ms in configured[0]["ms"].items():
+            for step, ms in configured[0].ms.items():
                 self.timings[f"guest_{step}"] = float(ms) / 1000
         self._save()
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
-from agent.client import socket_address
+from agent.transport import socket_address
 
 log = logging.getLogger(__name__)
 

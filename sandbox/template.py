@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.client import AgentClient, AgentError
+from agent.client import AgentClient
+from agent.errors import AgentError
 from sandbox.jail import JailError, VmmIds, jail_for, prepare_vmm_dir
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
 from sandbox.qmp import QmpControl, QmpError

@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import Mount
+from agent.protocol import ImageSource, Mount
 from sandbox import mounts
 from sandbox.api import (
     VM_HANDLER,
@@ -323,7 +323,7 @@ class VmBackend:
         for slot, image_id in self.slots.items():
             if image_id == image.image_id:
                 _, pci = slot_root_port(slot)
-                return await agent.mount_image(image.image_id, {"pci_path": pci})
+                return await agent.mount_image(image.image_id, ImageSource(pci_path=pci))
         free = [s for s in range(self.machine.image_slots) if s not in self.slots]
         if not free:
             raise SandboxExhausted(
@@ -342,7 +342,7 @@ class VmBackend:
         await self.qmp.hotplug_pmem(dev_id=f"img{slot}", bus=bus, path=path, size=image.size)
         self.slots[slot] = image.image_id
         sandbox.save()
-        return await agent.mount_image(image.image_id, {"pci_path": pci})
+        return await agent.mount_image(image.image_id, ImageSource(pci_path=pci))
 
     @staticmethod
     def _bind_image(source: Path, target: Path) -> None:

@@ -349,38 +349,17 @@ class Server:
         return {"interfaces": configured}
 
     def op_mount_image(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
-        from agent.guest import system
+        from agent.guest import images, system
         from agent.guest.containers import check_id
 
         image_id = args["image_id"]
         check_id("image id", image_id)
-        source = args["source"]
-        if not isinstance(source, dict):
-            raise OpError(INVALID_ARGUMENT, "source must be an object")
+        source = images.image_source(args["source"])
         target = f"{self.settings.images_dir}/{image_id}"
         with self._manager_lock:  # one mount at a time keeps the idempotence check honest
-            if target in system.mount_points():
-                return {"path": target, "options": system.mount_options(target) or ""}
-            os.makedirs(target, exist_ok=True)
-            if "pci_path" in source:
-                device = system.find_pmem_device(
-                    str(source["pci_path"]), timeout=float(source.get("timeout", 5.0))
-                )
-                system.mount(device, target, "erofs", system.MS_RDONLY, "dax=always")
-            elif "device" in source:
-                fstype = str(source.get("fstype", "erofs"))
-                options = str(source.get("options", ""))
-                system.mount(str(source["device"]), target, fstype, system.MS_RDONLY, options)
-            elif "dir" in source:
-                directory = str(source["dir"])
-                if not os.path.isdir(directory):
-                    raise OpError(INVALID_ARGUMENT, f"{directory!r} is not a directory")
-                system.mount(directory, target, None, system.MS_BIND | system.MS_REC)
-                system.mount(
-                    "none", target, None, system.MS_BIND | system.MS_REMOUNT | system.MS_RDONLY
-                )
-            else:
-                raise OpError(INVALID_ARGUMENT, "source needs pci_path, device or dir")
+            if target not in system.mount_points():
+                os.makedirs(target, exist_ok=True)
+                images.mount(source, target)
             return {"path": target, "options": system.mount_options(target) or ""}
 
     def op_unmount_image(self, args: dict[str, Any], generation: int) -> None:
@@ -431,13 +410,12 @@ class Server:
     def op_update_container(self, args: dict[str, Any], generation: int) -> None:
         from agent.guest import resources
 
+        update = resources.cgroup_update(args["resources"])
         container = self.manager.get(str(args["container_id"]))
         if self.settings.cgroup_mode == "v1":
-            resources.update_cgroup_v1(
-                self.settings.cgroup_root, container.cgroup_path, dict(args["resources"])
-            )
+            resources.update_cgroup_v1(self.settings.cgroup_root, container.cgroup_path, update)
         else:
-            resources.update_cgroup(container.cgroup_dir, dict(args["resources"]))
+            resources.update_cgroup(container.cgroup_dir, update)
 
     def op_list_containers(self, args: dict[str, Any], generation: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in self.manager.list_all()]

@@ -535,7 +535,7 @@ class ContainerOps(RuntimeCore):
             raise FailedPrecondition(f"container {ctr.id} has exited; nothing to update")
         sandbox = self.running_sandbox(ctr.pod_id)
         values = convert.cgroup_values(resources)
-        if values:
+        if not values.empty:
             try:
                 await sandbox.update_container(ctr.id, values)
             except CodedError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 
 from cri_api.v1 import api_pb2
 
-from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, Resources
+from agent.protocol import DEFAULT_CAPABILITIES, CgroupUpdate, ContainerSpec, Resources
 from cri.images.manifest import ImageConfig
 from cri.runtime.errors import InvalidArgument
 
@@ -166,23 +166,23 @@ def resources(res: api_pb2.LinuxContainerResources | None) -> Resources | None:
     return out
 
 
-def cgroup_values(res: api_pb2.LinuxContainerResources) -> dict[str, str]:
+def cgroup_values(res: api_pb2.LinuxContainerResources) -> CgroupUpdate:
     """cgroup v2 file values for UpdateContainerResources."""
-    values: dict[str, str] = {}
+    update = CgroupUpdate()
     if res.cpu_quota > 0 or res.cpu_period > 0:
         quota = str(res.cpu_quota) if res.cpu_quota > 0 else "max"
-        values["cpu_max"] = f"{quota} {res.cpu_period or 100000}"
+        update.cpu_max = f"{quota} {res.cpu_period or 100000}"
     if res.cpu_shares:
         # the usual shares (2..262144) to weight (1..10000) mapping
         shares = max(2, min(262144, res.cpu_shares))
-        values["cpu_weight"] = str(1 + ((shares - 2) * 9999) // 262142)
+        update.cpu_weight = str(1 + ((shares - 2) * 9999) // 262142)
     if res.memory_limit_in_bytes > 0:
-        values["memory_max"] = str(res.memory_limit_in_bytes)
+        update.memory_max = str(res.memory_limit_in_bytes)
     if res.cpuset_cpus:
-        values["cpuset_cpus"] = res.cpuset_cpus
+        update.cpuset_cpus = res.cpuset_cpus
     if res.cpuset_mems:
-        values["cpuset_mems"] = res.cpuset_mems
-    return values
+        update.cpuset_mems = res.cpuset_mems
+    return update
 
 
 def pid_namespace(pod: api_pb2.PodSandboxConfig, config: api_pb2.ContainerConfig) -> str:

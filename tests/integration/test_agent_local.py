@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import (
-    AgentClient,
+from agent.client import AgentClient
+from agent.errors import (
     AgentUnavailable,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-from agent.protocol import STDERR, STDOUT, ContainerSpec, ExecSpec
+from agent.protocol import STDERR, STDOUT, ContainerSpec, ExecSpec, ImageSource
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = shutil.which("busybox")
@@ -212,7 +212,7 @@ async def local_agent(tmp_path: Path) -> AsyncIterator[LocalAgent]:
 @pytest.fixture
 async def client(local_agent: LocalAgent, rootfs: Path) -> AsyncIterator[AgentClient]:
     c = await AgentClient.connect(local_agent.socket_path, timeout=20)
-    await c.mount_image("busybox", {"dir": str(rootfs)})
+    await c.mount_image("busybox", ImageSource(dir=str(rootfs)))
     try:
         yield c
     finally:
@@ -394,7 +394,7 @@ async def test_two_containers_share_image_and_pid_namespace(
 
 async def test_reconnect_keeps_containers(local_agent: LocalAgent, rootfs: Path) -> None:
     first = await AgentClient.connect(local_agent.socket_path, timeout=20)
-    await first.mount_image("busybox", {"dir": str(rootfs)})
+    await first.mount_image("busybox", ImageSource(dir=str(rootfs)))
     await first.create_container("r1", spec("sh", "-c", "sleep 2; echo done; exit 5"))
     await first.start_container("r1")
     pending = asyncio.ensure_future(first.wait_container("r1"))

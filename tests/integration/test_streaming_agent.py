@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentClient, FailedPrecondition
+from agent.client import AgentClient
+from agent.errors import FailedPrecondition
 from agent.protocol import ContainerSpec
 from cri.streaming import StreamingServer
 from cri.streaming.agent_backend import AgentStreamingBackend
@@ -86,7 +87,7 @@ async def test_agent_port_forward_round_trip(local_agent: AgentClient) -> None:
         assert bytes(received) == payload
         await asyncio.wait_for(stream.finished.wait(), 10)
         assert stream.error is None
-        assert not local_agent._forwards
+        assert not local_agent.streams.forwards
     finally:
         echo.close()
 
@@ -97,7 +98,7 @@ async def test_agent_port_forward_refused(local_agent: AgentClient) -> None:
     await echo.wait_closed()
     with pytest.raises(FailedPrecondition, match=f"cannot connect to port {port}"):
         await local_agent.port_forward(port)
-    assert not local_agent._forwards
+    assert not local_agent.streams.forwards
 
 
 async def test_agent_port_forward_abort(local_agent: AgentClient) -> None:

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2
 
-from agent.client import AgentTimeout, AgentUnavailable, ExecResult
+from agent.client import ExecResult
+from agent.errors import AgentTimeout, AgentUnavailable
 from agent.protocol import ContainerInfo, ExitStatus, Mount
 from cri.config import Config
 from cri.runtime.service import Runtime, RuntimeService
