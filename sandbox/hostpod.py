@@ -602,12 +602,7 @@ def restore_host_pod(host: SandboxHost, saved: dict[str, Any]) -> PodSandbox:
 
 
 def _sandbox(host: SandboxHost, backend: HostBackend) -> PodSandbox:
-    sandbox = PodSandbox(
-        backend,
-        backend.spec.sandbox_id,
-        boot_timeout=host.config.boot_timeout_s,
-        stop_timeout=host.config.stop_timeout_s,
-    )
+    sandbox = PodSandbox(backend, backend.spec.sandbox_id, host.config)
     if not backend.spec.host_network:
         backend.network = HostPodNetwork(
             host.network,

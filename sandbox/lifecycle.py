@@ -94,6 +94,20 @@ def write_state(run_dir: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+class LifeSettings(Protocol):
+    """The node's settings a sandbox's life needs (``SandboxConfig`` has them)."""
+
+    @property
+    def boot_timeout_s(self) -> float:
+        """How long a starting pod's agent has to answer."""
+        ...
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """The containers' grace period when a stop names none."""
+        ...
+
+
 class SandboxBackend(Protocol):
     """What runs a pod: its VM (sandbox/vmpod.py) or its host agent (sandbox/hostpod.py)."""
 
@@ -169,20 +183,11 @@ class PodSandbox:
     """One pod sandbox (``sandbox.api.Sandbox``): the life every kind shares, around a
     backend that runs it."""
 
-    def __init__(
-        self,
-        backend: SandboxBackend,
-        sandbox_id: str,
-        *,
-        boot_timeout: float = 60.0,
-        stop_timeout: float = 10.0,
-    ) -> None:
+    def __init__(self, backend: SandboxBackend, sandbox_id: str, settings: LifeSettings) -> None:
         self.backend = backend
         self.id = sandbox_id
-        #: how long a starting pod's agent has to answer
-        self.boot_timeout = boot_timeout
-        #: the containers' grace period when a stop names none
-        self.stop_timeout = stop_timeout
+        self.boot_timeout = settings.boot_timeout_s
+        self.stop_timeout = settings.stop_timeout_s
         self.state = SandboxState.CREATED
         self.exit_reason = ""
         self.created_at = time.time()

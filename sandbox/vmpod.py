@@ -515,12 +515,7 @@ def restore_vm_pod(host: SandboxHost, saved: dict[str, Any]) -> PodSandbox:
 
 
 def _sandbox(host: SandboxHost, backend: VmBackend) -> PodSandbox:
-    sandbox = PodSandbox(
-        backend,
-        backend.spec.sandbox_id,
-        boot_timeout=host.config.boot_timeout_s,
-        stop_timeout=host.config.stop_timeout_s,
-    )
+    sandbox = PodSandbox(backend, backend.spec.sandbox_id, host.config)
     if backend.spec.network is not None:
         backend.network = host.network.for_pod(
             backend.spec.sandbox_id, backend.spec.network, sandbox.save

@@ -73,6 +73,11 @@ def _modules(package: str, prefix: str) -> list[tuple[str, str]]:
     return out
 
 
+def test_metrics_depend_on_the_runtime_not_the_other_way() -> None:
+    runtime = [rel for rel, module in _modules("cri/runtime", "cri") if module == "cri.metrics"]
+    assert runtime == []
+
+
 def test_cri_knows_the_sandbox_layer_only_by_its_port() -> None:
     wrong = [
         (rel, module)
