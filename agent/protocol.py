@@ -547,6 +547,9 @@ class ContainerInfo(Record):
     image_id: str = ""
     created_at_ns: int = 0
     exit_status: ExitStatus | None = None
+    #: How long the guest took for each step of the call that answered (seconds):
+    #: create: layer, overlay, mounts, config, crun_create; start: crun_start.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class DeviceIo(Record):

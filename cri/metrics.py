@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -108,6 +108,16 @@ class RuntimeMetrics:
             buckets=BOOT_BUCKETS,
             registry=r,
         )
+        self.container_phase_seconds = Histogram(
+            "clearcri_container_phase_seconds",
+            "Where CreateContainer and StartContainer spend their time, by step: "
+            "image_attach (hot-plug and mount of the image on first use in the pod), "
+            "layer, overlay, mounts, config, crun_create and crun_start (in the guest), "
+            "agent_create and agent_start (each agent call, round trip).",
+            ["phase"],
+            buckets=BOOT_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter(
             "clearcri_cri_requests",
             "CRI requests served, by method and gRPC status code.",
@@ -183,6 +193,11 @@ class RuntimeMetrics:
             waited = time.monotonic() - ready
             if waited <= FIRST_CONTAINER_WINDOW_S:
                 self.boot_seconds.labels("first_container").observe(waited)
+
+    def container_phases(self, timings: Mapping[str, float]) -> None:
+        """The steps of one CreateContainer or StartContainer (seconds each)."""
+        for phase, seconds in timings.items():
+            self.container_phase_seconds.labels(phase).observe(seconds)
 
     def vm_crashed(self, reason: str) -> None:
         self.vm_crashes.labels(crash_cause(reason)).inc()

@@ -444,14 +444,25 @@ class PodSandbox:
         self, container_id: str, spec: ContainerSpec, image: RootfsImage | None = None
     ) -> ContainerInfo:
         """Create a container; with ``image``, its rootfs is that shared image plus a
-        private writable layer."""
+        private writable layer. Its ``timings``: the guest's steps, plus image_attach
+        and agent_create (the agent call, round trip)."""
+        t0 = time.monotonic()
         if image is not None:
             await self.attach_image(image)
             spec.image_id = image.image_id
-        return await self.agent.create_container(container_id, spec)
+        t1 = time.monotonic()
+        info = await self.agent.create_container(container_id, spec)
+        info.timings = {"image_attach": t1 - t0, **info.timings}
+        info.timings["agent_create"] = time.monotonic() - t1
+        return info
 
     async def start_container(self, container_id: str) -> ContainerInfo:
-        return await self.agent.start_container(container_id)
+        """Start a created container. Its ``timings``: the guest's crun_start, plus
+        agent_start (the agent call, round trip)."""
+        t0 = time.monotonic()
+        info = await self.agent.start_container(container_id)
+        info.timings["agent_start"] = time.monotonic() - t0
+        return info
 
     async def exec(self, container_id: str, spec: ExecSpec) -> ExecSession:
         return await self.agent.exec(container_id, spec)

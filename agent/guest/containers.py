@@ -126,6 +126,8 @@ class Container(_Process):
         self.created_at_ns = time.time_ns()
         self.started_at_ns = 0
         self.exit_status: ExitStatus | None = None
+        #: seconds each step of the last create or start took (ContainerInfo.timings)
+        self.timings: dict[str, float] = {}
         #: cgroup v2 directory (None without cgroups or with cgroup v1)
         self.cgroup_dir: str | None = None
         #: the cgroup path (in every v1 hierarchy, or below the v2 root)
@@ -143,6 +145,7 @@ class Container(_Process):
             image_id=self.spec.image_id,
             created_at_ns=self.created_at_ns,
             exit_status=self.exit_status,
+            timings=dict(self.timings),
         )
 
 
@@ -314,10 +317,14 @@ class ContainerManager:
             # lack some; crun's capset would fail on those)
             spec.capabilities = oci.capabilities_in(_own_bounding_set())
         bundle = container.bundle
+        timings = container.timings
+        t0 = time.monotonic()
         if os.path.exists(bundle):
             self._remove_tree(bundle)
         os.makedirs(container.rootfs, exist_ok=True)
         self._mount_layer(container)
+        t1 = time.monotonic()
+        timings["layer"] = t1 - t0
         userns = self._pod_user_namespace(spec) if spec.uid_mappings else None
         if userns is not None:
             lower = self._idmapped_lower(container, lower, userns)
@@ -328,6 +335,8 @@ class ContainerManager:
             0,
             f"lowerdir={lower},upperdir={container.upper},workdir={container.layer}/work",
         )
+        t2 = time.monotonic()
+        timings["overlay"] = t2 - t1
         if self.settings.host_mntns_fd is not None:
             spec = self._stage_host_mounts(container, userns)
         elif any(share.names_share(m.source) for m in spec.mounts):
@@ -337,6 +346,8 @@ class ContainerManager:
             if mount.type == "bind" and not os.path.lexists(mount.source):
                 raise invalid(f"mount {mount.destination}: {mount.source} does not exist")
         pidns = self._pod_pid_namespace() if spec.pid_namespace == "pod" else None
+        t3 = time.monotonic()
+        timings["mounts"] = t3 - t2
         cgroup_path: str | None = None
         if self.settings.cgroup_mode != "disabled":
             cgroup_path = self.settings.container_cgroup(container.id)
@@ -363,6 +374,8 @@ class ContainerManager:
             raise invalid(str(exc)) from exc
         with open(f"{bundle}/config.json", "w") as f:
             json.dump(config, f)
+        t4 = time.monotonic()
+        timings["config"] = t4 - t3
 
         console: ConsoleReceiver | None = None
         child_fds: list[int] = []
@@ -403,6 +416,7 @@ class ContainerManager:
                 console = None
             with open(f"{bundle}/pid") as f:
                 container.pid = int(f.read().strip())
+            timings["crun_create"] = time.monotonic() - t4
         except BaseException:
             for fd in child_fds + out_r + ([stdin_w] if stdin_w is not None else []):
                 try:
@@ -514,7 +528,9 @@ class ContainerManager:
                 raise precondition(f"container {container_id!r} is {container.state}, not created")
             # Set before crun start: a short-lived process may exit before crun returns.
             container.started_at_ns = time.time_ns()
+            t0 = time.monotonic()
             code, output = self._crun("start", container.id)
+            container.timings = {"crun_start": time.monotonic() - t0}
             if code != 0:
                 container.started_at_ns = 0
                 raise internal(f"crun start failed: {output}")

@@ -186,7 +186,7 @@ class ContainerOps(RuntimeCore):
         try:
             for key, mount in zip(volume_keys, config.mounts, strict=True):
                 spec.mounts.append(await self._guest_mount(sandbox, key, mount, spec))
-            await sandbox.create_container(cid, spec, image)
+            created = await sandbox.create_container(cid, spec, image)
         except CodedError as exc:
             await self._drop_volumes(sandbox, volume_keys)
             if isinstance(exc, CriError):  # a mount refused, already saying which
@@ -222,7 +222,15 @@ class ContainerOps(RuntimeCore):
             await self._drop_volumes(sandbox, volume_keys)
             raise
         self._open_io(ctr, sandbox)
-        log.info("pod=%s container=%s name=%s created", pod.id[:12], cid[:12], meta.name)
+        if self.metrics is not None:
+            self.metrics.container_phases(created.timings)
+        log.info(
+            "pod=%s container=%s name=%s created %s",
+            pod.id[:12],
+            cid[:12],
+            meta.name,
+            _phases(created.timings),
+        )
         self.publish(api_pb2.CONTAINER_CREATED_EVENT, cid, pod)
         return cid
 
@@ -350,7 +358,7 @@ class ContainerOps(RuntimeCore):
         started = time.monotonic()
         self._open_io(ctr, sandbox)
         try:
-            await sandbox.start_container(ctr.id)
+            started_info = await sandbox.start_container(ctr.id)
         except CodedError as exc:
             self._mark_failed_start(ctr, str(exc))
             raise in_context(exc, f"start container {ctr.name}") from exc
@@ -360,7 +368,8 @@ class ContainerOps(RuntimeCore):
         self._watch_exit(ctr, sandbox)
         if self.metrics is not None:
             self.metrics.container_started(ctr.pod_id, time.monotonic() - started)
-        log.info("container=%s started", ctr.id[:12])
+            self.metrics.container_phases(started_info.timings)
+        log.info("container=%s started %s", ctr.id[:12], _phases(started_info.timings))
         self.publish(api_pb2.CONTAINER_STARTED_EVENT, ctr.id, self.state.pods.get(ctr.pod_id))
 
     def _mark_failed_start(self, ctr: ContainerRecord, message: str) -> None:
@@ -639,3 +648,8 @@ class ContainerOps(RuntimeCore):
                     ctr.started_at_ns = ctr.started_at_ns or now
                     self.state.save_container(ctr)
                 self._watch_exit(ctr, sandbox)
+
+
+def _phases(timings: dict[str, float]) -> str:
+    """``step=0.123s ...`` for a log line."""
+    return " ".join(f"{step}={seconds:.3f}s" for step, seconds in timings.items())

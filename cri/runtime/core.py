@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +34,7 @@ class MetricsSink(Protocol):
 
     def sandbox_started(self, pod_id: str, boot: BootTimes, seconds: float) -> None: ...
     def container_started(self, pod_id: str, seconds: float) -> None: ...
+    def container_phases(self, timings: Mapping[str, float]) -> None: ...
     def vm_crashed(self, reason: str) -> None: ...
 
 

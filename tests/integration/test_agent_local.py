@@ -251,8 +251,13 @@ async def test_hello_reports_guest_facts(client: AgentClient) -> None:
 async def test_echo_hello_streams_output(client: AgentClient) -> None:
     info = await client.create_container("c1", spec("echo", "hello"))
     assert info.state == "created"
+    # the agent says where its time went
+    assert set(info.timings) == {"layer", "overlay", "mounts", "config", "crun_create"}
+    assert all(seconds >= 0 for seconds in info.timings.values())
+    assert info.timings["crun_create"] > 0
     output = client.subscribe_output("c1")
-    await client.start_container("c1")
+    started = await client.start_container("c1")
+    assert set(started.timings) == {"crun_start"}
     chunks = await asyncio.wait_for(collect(output), 20)
     status = await client.wait_container("c1")
     assert chunks[STDOUT] == b"hello\n"

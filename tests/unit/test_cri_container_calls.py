@@ -5,7 +5,7 @@ that otherwise need a VM to fail, in milliseconds."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -47,11 +47,33 @@ class FakeImages:
 Scenario = Callable[[RuntimeService, Runtime, FakeSandbox, str], Awaitable[None]]
 
 
-def run(tmp_path: Path, scenario: Scenario) -> FakeSandbox:
+class PhaseSink:
+    """A metrics sink that keeps the container phases it is given."""
+
+    def __init__(self, phases: list[dict[str, float]]) -> None:
+        self.phases = phases
+
+    def sandbox_started(self, pod_id: str, boot: Any, seconds: float) -> None:
+        pass
+
+    def container_started(self, pod_id: str, seconds: float) -> None:
+        pass
+
+    def container_phases(self, timings: Mapping[str, float]) -> None:
+        self.phases.append(dict(timings))
+
+    def vm_crashed(self, reason: str) -> None:
+        pass
+
+
+def run(
+    tmp_path: Path, scenario: Scenario, phases: list[dict[str, float]] | None = None
+) -> FakeSandbox:
     """Start a pod on a fake sandbox, then play ``scenario`` in the same event loop."""
     provider = FakeProvider()
     service, runtime = _service(tmp_path, provider)
     runtime.images = FakeImages()  # type: ignore[assignment]
+    runtime.metrics = PhaseSink(phases if phases is not None else [])
 
     async def play() -> None:
         pod = api_pb2.RunPodSandboxRequest(
@@ -106,7 +128,10 @@ def test_a_container_is_made_started_stopped_and_removed(tmp_path: Path) -> None
         await call(service, "RemoveContainer", remove)  # idempotent
         assert runtime.state.containers == {}
 
-    sandbox = run(tmp_path, scenario)
+    phases: list[dict[str, float]] = []
+    sandbox = run(tmp_path, scenario, phases)
+    # each call's steps reach the metrics
+    assert phases == [{"image_attach": 0.25, "crun_create": 0.5}, {"crun_start": 0.125}]
     assert sandbox.calls[1:] == [
         "create_container img-busybox",
         "start_container",

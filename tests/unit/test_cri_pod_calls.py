@@ -117,11 +117,15 @@ class FakeSandbox:
 
     async def create_container(self, container_id: str, spec: Any, image: Any = None) -> Any:
         self._op("create_container", image.image_id if image is not None else "")
-        return ContainerInfo(id=container_id, state="created")
+        return ContainerInfo(
+            id=container_id,
+            state="created",
+            timings={"image_attach": 0.25, "crun_create": 0.5},
+        )
 
     async def start_container(self, container_id: str) -> Any:
         self._op("start_container")
-        return ContainerInfo(id=container_id, state="running")
+        return ContainerInfo(id=container_id, state="running", timings={"crun_start": 0.125})
 
     async def signal_container(
         self, container_id: str, signal: int, *, all_processes: bool = False, **_: Any
