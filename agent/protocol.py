@@ -548,7 +548,8 @@ class ContainerInfo(Record):
     created_at_ns: int = 0
     exit_status: ExitStatus | None = None
     #: How long the guest took for each step of the call that answered (seconds):
-    #: create: layer, overlay, mounts, config, crun_create; start: crun_start.
+    #: create: layer, overlay, mounts, config, crun_create; start: release (the
+    #: container's init let go by the agent itself) or crun_start.
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -690,6 +691,9 @@ class StatsReport(Record):
 class ExecStarted(Record):
     stream: int
     pid: int = 0
+    #: How long the guest took for each step (seconds): process (writing the exec's
+    #: process.json), crun_exec (crun until the process runs).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class PortForwardStarted(Record):

@@ -139,6 +139,8 @@ class ExecSession:
         self.container_id = container_id
         self.stream = started.stream
         self.pid = started.pid
+        #: the guest's steps of starting it (ExecStarted.timings)
+        self.timings = dict(started.timings)
         self.queue = OutputQueue(streams.peer.output_buffer_bytes)
         self._exit: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
 

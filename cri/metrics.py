@@ -112,7 +112,7 @@ class RuntimeMetrics:
             "clearcri_container_phase_seconds",
             "Where CreateContainer and StartContainer spend their time, by step: "
             "image_attach (hot-plug and mount of the image on first use in the pod), "
-            "layer, overlay, mounts, config, crun_create and crun_start (in the guest), "
+            "layer, overlay, mounts, config, crun_create, release or crun_start (in the guest), "
             "agent_create and agent_start (each agent call, round trip).",
             ["phase"],
             buckets=BOOT_BUCKETS,

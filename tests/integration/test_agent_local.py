@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from agent.client import AgentClient
 from agent.errors import (
+    AgentError,
     AgentUnavailable,
     AlreadyExists,
     FailedPrecondition,
@@ -161,6 +163,15 @@ class LocalAgent:
         with open(f"/proc/{self.process.pid}/mounts") as f:
             return [line.split()[1] for line in f]
 
+    def crun_state(self, container_id: str) -> str:
+        """What crun itself says of a container's status."""
+        out = subprocess.run(
+            [CRUN or "crun", f"--root={self.run_dir}/crun", "state", container_id],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return str(json.loads(out)["status"]) if out else ""
+
     def crun_list(self) -> str:
         return subprocess.run(
             [CRUN or "crun", f"--root={self.run_dir}/crun", "list", "-q"],
@@ -257,7 +268,8 @@ async def test_echo_hello_streams_output(client: AgentClient) -> None:
     assert info.timings["crun_create"] > 0
     output = client.subscribe_output("c1")
     started = await client.start_container("c1")
-    assert set(started.timings) == {"crun_start"}
+    # started without running crun again: the agent lets the init go itself
+    assert set(started.timings) == {"release"}
     chunks = await asyncio.wait_for(collect(output), 20)
     status = await client.wait_container("c1")
     assert chunks[STDOUT] == b"hello\n"
@@ -293,6 +305,34 @@ async def test_sigterm_stops_sleep(client: AgentClient) -> None:
     assert status.exit_code == 128 + signal.SIGTERM
     assert status.reason == "Error"
     await client.delete_container("s1")
+
+
+async def test_a_started_container_is_running_for_crun_too(
+    client: AgentClient, local_agent: LocalAgent
+) -> None:
+    """The agent starts a created container without crun (it lets the init go through
+    crun's exec fifo); crun's own view must follow: created, then running, then
+    stopped, and its kill and delete still work."""
+    await client.create_container("r0", spec("sleep", "1000"))
+    assert local_agent.crun_state("r0") == "created"
+    await client.start_container("r0")
+    assert local_agent.crun_state("r0") == "running"
+    await client.signal_container("r0", signal.SIGKILL)
+    await client.wait_container("r0", timeout=20)
+    assert local_agent.crun_state("r0") == "stopped"
+    await client.delete_container("r0")
+    assert "r0" not in local_agent.crun_list()
+
+
+async def test_a_container_whose_init_died_before_start_fails_to_start(
+    client: AgentClient, local_agent: LocalAgent
+) -> None:
+    info = await client.create_container("r1", spec("sleep", "1000"))
+    os.kill(info.pid, signal.SIGKILL)  # the init, waiting on its fifo
+    await asyncio.sleep(0.5)
+    with pytest.raises(AgentError):
+        await asyncio.wait_for(client.start_container("r1"), 20)
+    await client.delete_container("r1", force=True)
 
 
 async def test_sigkill_stops_init_sleep(client: AgentClient) -> None:
