@@ -578,6 +578,8 @@ class ContainerManager:
         if container.state == "exited" or container.exited.is_set():
             return
         if all_processes and self.settings.cgroup_mode != "disabled":
+            if self._signal_cgroup(container, signal):
+                return
             code, output = self._crun("kill", "--all", container.id, str(signal))
             if code != 0 and not container.exited.is_set():
                 raise internal(f"crun kill failed: {output}")
@@ -586,6 +588,51 @@ class ContainerManager:
             os.kill(container.pid, signal)
         except ProcessLookupError:
             pass
+
+    def _container_cgroups(self, container: Container) -> list[str]:
+        """The container's cgroup directories that exist: its v2 directory, or its
+        directory in each v1 hierarchy."""
+        if container.cgroup_dir is not None:
+            return [container.cgroup_dir] if os.path.isdir(container.cgroup_dir) else []
+        if container.cgroup_path is None:
+            return []
+        root = self.settings.cgroup_root
+        try:
+            controllers = sorted(os.listdir(root))
+        except OSError:
+            return []
+        found = [f"{root}/{c}{container.cgroup_path}" for c in controllers]
+        return [d for d in found if os.path.isfile(f"{d}/cgroup.procs")]
+
+    def _signal_cgroup(self, container: Container, signal: int) -> bool:
+        """Send ``signal`` to every process in the container's cgroup (and the cgroups
+        below it), as ``crun kill --all`` does, without running crun (a whole process
+        start under TCG). SIGKILL on cgroup v2 is one write to ``cgroup.kill``. False
+        when the container has no cgroup to read (crun does it then)."""
+        directories = self._container_cgroups(container)
+        if not directories:
+            return False
+        if signal == 9 and container.cgroup_dir is not None:
+            try:
+                with open(f"{container.cgroup_dir}/cgroup.kill", "w") as f:
+                    f.write("1")
+                return True
+            except OSError:
+                pass  # a kernel before 5.14: signal each process
+        pids: set[int] = set()
+        # one hierarchy lists every process of the container (each v1 one does)
+        for dirpath, _dirs, _files in os.walk(directories[0]):
+            try:
+                with open(f"{dirpath}/cgroup.procs") as f:
+                    pids.update(int(line) for line in f if line.strip())
+            except (OSError, ValueError):
+                continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal)
+            except ProcessLookupError:
+                pass
+        return True
 
     def wait(self, container_id: str, timeout: float | None = None) -> ExitStatus:
         container = self.get(container_id)
@@ -957,7 +1004,10 @@ class ContainerManager:
             if target.generation and target.generation != generation and target.stdin:
                 target.stdin.close()
 
-    def stop_all(self, grace: float) -> None:
+    def stop_all(self, grace: float, *, release: bool = True) -> None:
+        """Stop every container (SIGTERM, ``grace``, SIGKILL). With ``release``, also
+        delete them and what the pod holds; a pod VM about to power off skips that (its
+        host kills the VM right after: nothing in it outlives it)."""
         running = [c for c in list(self.containers.values()) if c.pid and not c.exited.is_set()]
         for container in running:
             try:
@@ -970,6 +1020,8 @@ class ContainerManager:
         for container in running:
             if not container.exited.is_set():
                 self._kill_and_wait(container, 2.0)
+        if not release:
+            return
         for container in list(self.containers.values()):
             try:
                 self.delete(container.id, force=True)

@@ -486,7 +486,7 @@ class Server:
     def op_shutdown(self, args: dict[str, Any], generation: int) -> None:
         grace = float(args.get("grace", 10.0))
         if self._manager is not None:
-            self._manager.stop_all(grace)
+            self._manager.stop_all(grace, release=not self.settings.power_off)
         os.sync()
         threading.Thread(target=self._power_off, name="power-off", daemon=True).start()
 
