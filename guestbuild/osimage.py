@@ -220,6 +220,15 @@ def install_agent(root: Path, source: Path, launcher: str) -> None:
     launcher_path = dest / "clearcri-agent"
     launcher_path.write_text(launcher)
     launcher_path.chmod(0o755)
+    build_nsexec(source / "guest" / "nsexec.c", dest / "nsexec")
+
+
+def build_nsexec(source: Path, target: Path) -> None:
+    """The agent's exec helper (agent/guest/nsexec.c): static, so that a process start
+    under TCG maps one small file and no shared library."""
+    run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(target), str(source)])
+    run(["strip", str(target)])
+    target.chmod(0o755)
 
 
 def write_etc(root: Path) -> None:

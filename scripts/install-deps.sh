@@ -10,7 +10,7 @@ apt_packages=(
     containernetworking-plugins iproute2 util-linux procps
     docker-registry apache2-utils skopeo
     etcd-server
-    gcc make flex bison bc libelf-dev
+    gcc libc6-dev binutils make flex bison bc libelf-dev
 )
 scripts/apt-ensure.sh "${apt_packages[@]}"
 python3 -m pip install -q --disable-pip-version-check -e '.[dev]'

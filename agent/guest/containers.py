@@ -865,16 +865,24 @@ class ContainerManager:
         process_path = f"{bundle}/exec-{stream}.json"
         pid_path = f"{bundle}/exec-{stream}.pid"
         log_path = f"{bundle}/exec-{stream}.log"
-        with open(process_path, "w") as f:
-            json.dump(oci.build_exec_process(container.spec, spec), f)
-        argv = [
-            *self.settings.crun_global_args(),
-            f"--log={log_path}",
-            "exec",
-            f"--process={process_path}",
-            "--detach",
-            f"--pid-file={pid_path}",
-        ]
+        process_config = oci.build_exec_process(container.spec, spec)
+        helper = self._nsexec_spec(container, spec, process_config, pid_path)
+        if helper is not None:
+            # no crun: the small static helper joins the container (see nsexec.c)
+            with open(process_path, "wb") as f:
+                f.write(helper)
+            argv = [self.settings.nsexec, process_path]
+        else:
+            with open(process_path, "w") as f:
+                json.dump(process_config, f)
+            argv = [
+                *self.settings.crun_global_args(),
+                f"--log={log_path}",
+                "exec",
+                f"--process={process_path}",
+                "--detach",
+                f"--pid-file={pid_path}",
+            ]
         t1 = time.monotonic()
         console: ConsoleReceiver | None = None
         child_fds: list[int] = []
@@ -894,7 +902,8 @@ class ContainerManager:
                 r2, err_fd = os.pipe()
                 child_fds += [out_fd, err_fd]
                 parent_fds += [r1, r2]
-            argv.append(container.id)
+            if helper is None:
+                argv.append(container.id)
             crun_pid = self.spawner.spawn(argv, stdin=stdin_fd, stdout=out_fd, stderr=err_fd)
             for fd in child_fds:
                 os.close(fd)
@@ -907,7 +916,8 @@ class ContainerManager:
                         message = f.read().strip()[-2000:]
                 except OSError:
                     message = f"exit {code}"
-                raise internal(f"crun exec failed: {message}")
+                starter = "crun exec" if helper is None else "nsexec"
+                raise internal(f"{starter} failed: {message}")
             if console is not None:
                 process.tty_fd = console.result()
                 console = None
@@ -953,8 +963,56 @@ class ContainerManager:
                 timer.start()
             self.spawner.reaper.watch(process.pid, lambda st: self._on_exec_exit(process, st))
 
-        timings = {"process": t1 - t0, "crun_exec": time.monotonic() - t1}
+        step = "nsexec" if helper is not None else "crun_exec"
+        timings = {"process": t1 - t0, step: time.monotonic() - t1}
         return ExecStarted(stream=stream, pid=process.pid, timings=timings), activate
+
+    def _nsexec_spec(
+        self, container: Container, spec: ExecSpec, process: dict[str, Any], pid_path: str
+    ) -> bytes | None:
+        """The helper's spec for an exec it can start (nsexec.c), or None: crun starts
+        it (a terminal, a seccomp profile, a user namespace, no helper, no cgroup)."""
+        cspec = container.spec
+        if (
+            not self.settings.nsexec
+            or spec.tty
+            or cspec.seccomp not in (None, "unconfined")
+            or cspec.uid_mappings
+            or not os.path.isfile(self.settings.nsexec)
+        ):
+            return None
+        cgroups: list[str] = []
+        if self.settings.cgroup_mode != "disabled":
+            cgroups = [f"{d}/cgroup.procs" for d in self._container_cgroups(container)]
+            if not cgroups:
+                return None
+        log_path = pid_path.removesuffix(".pid") + ".log"
+        records = [f"pid={container.pid}", f"pidfile={pid_path}", f"log={log_path}"]
+        for name in ("ipc", "uts", "net", "cgroup", "pid", "mnt"):
+            try:
+                theirs = os.stat(f"/proc/{container.pid}/ns/{name}").st_ino
+                ours = os.stat(f"/proc/self/ns/{name}").st_ino
+            except OSError:
+                return None
+            if theirs != ours:
+                records.append(f"ns={name}")
+        records += [f"cgroup={path}" for path in cgroups]
+        user = process["user"]
+        records += [f"uid={int(user['uid'])}", f"gid={int(user['gid'])}"]
+        records += [f"group={int(g)}" for g in user.get("additionalGids", [])]
+        names = process["capabilities"]["bounding"]
+        records += [f"cap={oci.CAPABILITY_NUMBERS.index(n)}" for n in names]
+        if process.get("noNewPrivileges"):
+            records.append("nnp=1")
+        for limit in process.get("rlimits", []):
+            number = oci.rlimit_number(limit["type"])
+            if number is None:
+                return None
+            records.append(f"rlimit={number} {int(limit['soft'])} {int(limit['hard'])}")
+        records.append(f"cwd={process['cwd']}")
+        records += [f"env={item}" for item in process["env"]]
+        records += [f"arg={arg}" for arg in process["args"]]
+        return b"".join(record.encode() + b"\0" for record in records)
 
     def _exec_timeout(self, process: ExecProcess) -> None:
         if not process.exited.is_set():

@@ -107,6 +107,25 @@ CAPABILITY_NUMBERS = (
 )  # fmt: skip
 
 
+#: Linux's resource numbers (asm-generic/resource.h), for a process set up without crun.
+RLIMIT_NUMBERS = {
+    name: number
+    for number, name in enumerate(
+        (
+            "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE",
+            "RLIMIT_RSS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS",
+            "RLIMIT_LOCKS", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+            "RLIMIT_RTPRIO", "RLIMIT_RTTIME",
+        )
+    )
+}  # fmt: skip
+
+
+def rlimit_number(name: str) -> int | None:
+    """Linux's number of the resource ``name`` ("RLIMIT_NOFILE"), None if unknown."""
+    return RLIMIT_NUMBERS.get(name)
+
+
 def capabilities_in(mask: int) -> list[str]:
     """The names of the capabilities set in ``mask`` (e.g. a CapBnd value)."""
     return [name for bit, name in enumerate(CAPABILITY_NUMBERS) if mask >> bit & 1]

@@ -51,6 +51,7 @@ class Settings:
         pod_namespaces: tuple[str, ...] = POD_NAMESPACE_KINDS,
         host_mntns_fd: int | None = None,
         layer_fs: str = "tmpfs",
+        nsexec: str | None = None,
     ) -> None:
         if cgroup_mode not in ("v2", "v1", "disabled"):
             raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
@@ -63,6 +64,9 @@ class Settings:
         self.cgroup_mode = cgroup_mode
         self.cgroup_root = cgroup_root
         self.crun = crun
+        #: the exec helper (nsexec.c, built into the guest OS image beside the agent);
+        #: "" or a missing file: every exec goes through crun
+        self.nsexec = default_nsexec() if nsexec is None else nsexec
         self.busybox = busybox
         self.power_off = power_off
         self.port_name = port_name
@@ -126,7 +130,7 @@ class Settings:
         """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
         --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
         --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts --host-mntns-fd N
-        --layer-fs tmpfs|dir. Each has a
+        --layer-fs tmpfs|dir --nsexec PATH. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
@@ -165,6 +169,7 @@ class Settings:
             "pod-namespaces",
             "host-mntns-fd",
             "layer-fs",
+            "nsexec",
         }
         unknown = set(values) - known
         if unknown:
@@ -173,6 +178,7 @@ class Settings:
             run_dir=values.get("run-dir", "/run/clearcri"),
             cgroup_mode=values.get("cgroup", "v2"),
             crun=values.get("crun", "crun"),
+            nsexec=values.get("nsexec"),
             busybox=values.get("busybox", "busybox"),
             power_off=values.get("no-poweroff", "") not in ("1", "true", "yes"),
             port_name=values.get("port-name"),
@@ -189,3 +195,9 @@ class Settings:
             host_mntns_fd=int(values["host-mntns-fd"]) if "host-mntns-fd" in values else None,
             layer_fs=values.get("layer-fs", "tmpfs"),
         )
+
+
+def default_nsexec() -> str:
+    """Where the guest build puts the exec helper: beside the agent package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(package), "nsexec")

@@ -33,7 +33,7 @@ from agent.errors import (
     InvalidArgument,
     NotFound,
 )
-from agent.protocol import STDERR, STDOUT, ContainerSpec, ExecSpec, ImageSource
+from agent.protocol import STDERR, STDOUT, ContainerSpec, ExecSpec, ImageSource, Rlimit
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = shutil.which("busybox")
@@ -43,6 +43,16 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, crun)"),
     pytest.mark.skipif(CRUN is None, reason="crun is not installed"),
 ]
+
+
+@pytest.fixture(scope="module")
+def nsexec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exec helper, built as the guest build builds it."""
+    from guestbuild.osimage import build_nsexec
+
+    target = tmp_path_factory.mktemp("nsexec") / "nsexec"
+    build_nsexec(REPO / "agent" / "guest" / "nsexec.c", target)
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +126,9 @@ class Relay:
 
 
 class LocalAgent:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, nsexec: Path | None = None) -> None:
         self.tmp = tmp
+        self.nsexec = nsexec
         self.run_dir = tmp / "run"
         self.socket_path = tmp / "agent.sock"
         self.process: subprocess.Popen[bytes] | None = None
@@ -149,6 +160,7 @@ class LocalAgent:
                 "--no-poweroff",
                 "--pod-namespaces=",
                 f"--busybox={BUSYBOX}",
+                f"--nsexec={self.nsexec or ''}",
             ],
             pass_fds=(guest.fileno(),),
             env=env,
@@ -211,8 +223,8 @@ def descendants(root: int) -> list[int]:
 
 
 @pytest.fixture
-async def local_agent(tmp_path: Path) -> AsyncIterator[LocalAgent]:
-    agent = LocalAgent(tmp_path)
+async def local_agent(tmp_path: Path, nsexec: Path) -> AsyncIterator[LocalAgent]:
+    agent = LocalAgent(tmp_path, nsexec)
     await agent.start()
     try:
         yield agent
@@ -372,6 +384,56 @@ async def test_exec_with_pipes_and_stdin(client: AgentClient) -> None:
     assert timed.timed_out
     assert timed.exit_code == 128 + signal.SIGKILL
     await client.delete_container("e1", force=True)
+
+
+IDENTITY = (
+    "id -u; id -g; id -G; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status; "
+    "pwd; echo $A; ulimit -n; ulimit -Hn; umask; "
+    "[ $(readlink /proc/self/ns/pid) = $(readlink /proc/1/ns/pid) ] && echo same-pid-ns; "
+    "[ $(readlink /proc/self/ns/mnt) = $(readlink /proc/1/ns/mnt) ] && echo same-mnt-ns; "
+    "[ \"$(cat /proc/self/cgroup)\" = \"$(cat /proc/1/cgroup)\" ] && echo same-cgroups; "
+    "ls -1 /; echo done"
+)
+
+
+async def test_exec_without_crun_is_the_process_crun_would_start(client: AgentClient) -> None:
+    """An exec without a terminal is started by the static helper (nsexec.c), one with a
+    terminal by crun: the same command must see the same identity, capabilities, limits,
+    namespaces, cgroups and root either way."""
+    await client.create_container(
+        "id1",
+        spec(
+            "sleep",
+            "1000",
+            uid=1000,
+            gid=1000,
+            additional_gids=[2000, 3000],
+            capabilities=["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            no_new_privs=True,
+            cwd="/tmp",
+            env=["A=from-the-container"],
+            rlimits=[Rlimit(type="RLIMIT_NOFILE", soft=100, hard=200)],
+        ),
+    )
+    await client.start_container("id1")
+    session = await client.exec("id1", ExecSpec(args=["sh", "-c", IDENTITY]))
+    assert set(session.timings) == {"process", "nsexec"}
+    helper = await asyncio.wait_for(collect(session), 20)
+    assert await session.wait(10) == 0, helper
+    session = await client.exec("id1", ExecSpec(args=["sh", "-c", IDENTITY], tty=True))
+    assert set(session.timings) == {"process", "crun_exec"}
+    crun = await asyncio.wait_for(collect(session), 20)
+    assert await session.wait(10) == 0
+    assert helper[STDERR] == b""
+    lines = helper[STDOUT].decode().splitlines()
+    assert lines == crun[STDOUT].decode().replace("\r\n", "\n").splitlines()
+    assert lines[:3] == ["1000", "1000", "1000 2000 3000"]
+    assert "same-pid-ns" in lines and "same-mnt-ns" in lines and "same-cgroups" in lines
+    assert lines[-1] == "done" and "from-the-container" in lines
+    # a command that is not there: the exec fails, saying so, and nothing is left
+    with pytest.raises(AgentError, match="no-such-command"):
+        await client.exec("id1", ExecSpec(args=["no-such-command"]))
+    await client.delete_container("id1", force=True)
 
 
 async def test_exec_with_tty_and_resize(client: AgentClient) -> None:
