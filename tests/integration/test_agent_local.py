@@ -391,7 +391,7 @@ IDENTITY = (
     "pwd; echo $A; ulimit -n; ulimit -Hn; umask; "
     "[ $(readlink /proc/self/ns/pid) = $(readlink /proc/1/ns/pid) ] && echo same-pid-ns; "
     "[ $(readlink /proc/self/ns/mnt) = $(readlink /proc/1/ns/mnt) ] && echo same-mnt-ns; "
-    "[ \"$(cat /proc/self/cgroup)\" = \"$(cat /proc/1/cgroup)\" ] && echo same-cgroups; "
+    '[ "$(cat /proc/self/cgroup)" = "$(cat /proc/1/cgroup)" ] && echo same-cgroups; '
     "ls -1 /; echo done"
 )
 
