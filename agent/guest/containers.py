@@ -869,8 +869,8 @@ class ContainerManager:
         helper = self._nsexec_spec(container, spec, process_config, pid_path)
         if helper is not None:
             # no crun: the small static helper joins the container (see nsexec.c)
-            with open(process_path, "wb") as f:
-                f.write(helper)
+            with open(process_path, "wb") as spec_file:
+                spec_file.write(helper)
             argv = [self.settings.nsexec, process_path]
         else:
             with open(process_path, "w") as f:
