@@ -27,6 +27,7 @@ commands:
                 registry (offline demos and labs)
   demo          boot one pod VM, run a busybox container in it, print timings, remove it
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
+  bench container  a pod VM's container steps: create, start, output, exec, kill, stop
   bench density start idle pod VMs up to a count: start time, memory, CPU as they add up
   bench overhead
                 what a pod VM costs its pod cgroup beyond the guest's RAM (QEMU's
@@ -117,6 +118,15 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
         )
 
 
+def cmd_bench_container(args: argparse.Namespace) -> int:
+    from bench.container import run_container_bench
+
+    with _bench_work_dir(args.work_dir) as work:
+        return asyncio.run(
+            run_container_bench(guest_dir=Path(args.guest_dir), runs=args.runs, work_dir=work)
+        )
+
+
 def cmd_bench_density(args: argparse.Namespace) -> int:
     from bench.density import run_density_bench
 
@@ -198,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
     boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     boot.set_defaults(func=cmd_bench_boot)
+    container = bench_sub.add_parser(
+        "container",
+        help="a pod VM's container steps: create, start, first output, exec, kill, stop",
+    )
+    container.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    container.add_argument("--runs", type=int, default=5, help="pod VMs to time")
+    container.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    container.set_defaults(func=cmd_bench_container)
     density = bench_sub.add_parser(
         "density", help="idle pod VMs on one node: start time, memory and CPU as they add up"
     )
