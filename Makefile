@@ -1,7 +1,7 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools kubernetes run demo test lint bench conformance e2e node-conformance
+.PHONY: deps guest tools peers kubernetes run demo test lint bench conformance e2e node-conformance
 
 deps:
 	scripts/install-deps.sh
@@ -14,6 +14,11 @@ tools: deps
 
 kubernetes: deps
 	scripts/build-kubernetes.sh
+
+# The runtimes tests/bench/bench_peers.py compares clearcri with: containerd v2 with runc,
+# and with gVisor (runsc), built from the Go module proxy (docs/benchmarks.md).
+peers:
+	scripts/build-peers.sh
 
 run:
 	scripts/run-demo.sh

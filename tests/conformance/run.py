@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.mountapi import unmount_under as detach_all
@@ -45,6 +46,7 @@ from tests.conformance import check, images
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS_DIR = Path.home() / ".cache" / "clearcri" / "bin"
+PEERS_BIN_DIR = Path.home() / ".cache" / "clearcri" / "peers" / "bin"  # scripts/build-peers.sh
 GUEST_DIR = Path(os.environ.get("CLEARCRI_GUEST_DIR", "/var/lib/clearcri/guest"))
 MIRRORED = ("registry.k8s.io", "gcr.io", "k8s.gcr.io")
 SANDBOX_IMAGE = f"registry.k8s.io/{images.SANDBOX_IMAGE_PATH}"
@@ -215,24 +217,35 @@ def unmount_under(root: Path) -> None:
         detach_all(root)
 
 
-def write_cni_config(work: Path) -> Path:
-    """A CNI bridge network of this run's own (bridge, subnet and IPAM state nothing
-    else uses) with hostPort support; returns the config directory."""
-    cni_conf = work / "cni"
-    cni_conf.mkdir()
+@dataclass(frozen=True)
+class CniNetwork:
+    """A CNI bridge network of a run's own: a bridge and subnet nothing else uses."""
+
+    bridge: str
+    subnet: str
+
+
+CONFORMANCE_NETWORK = CniNetwork(BRIDGE, SUBNET)
+
+
+def write_cni_config(work: Path, network: CniNetwork = CONFORMANCE_NETWORK) -> Path:
+    """A CNI config directory of its own for ``network`` (IPAM state under ``work``)
+    with hostPort support; returns the directory."""
+    cni_conf = work / "cni" / network.bridge
+    cni_conf.mkdir(parents=True)
     conflist = {
         "cniVersion": "1.0.0",
-        "name": "clearcri-conformance",
+        "name": f"clearcri-{network.bridge}",
         "plugins": [
             {
                 "type": "bridge",
-                "bridge": BRIDGE,
+                "bridge": network.bridge,
                 "isGateway": True,
                 "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
+                    "ranges": [[{"subnet": network.subnet}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": str(work / "cni-ipam"),
                 },
@@ -244,15 +257,25 @@ def write_cni_config(work: Path) -> Path:
     return cni_conf
 
 
-def remove_bridge() -> None:
-    subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+def remove_bridge(bridge: str = BRIDGE) -> None:
+    subprocess.run(["ip", "link", "del", bridge], check=False, capture_output=True)
 
 
 class Clearcri(Runtime):
     name = "clearcri"
 
-    def __init__(self, work: Path, registry: str) -> None:
+    def __init__(
+        self,
+        work: Path,
+        registry: str,
+        *,
+        network: CniNetwork = CONFORMANCE_NETWORK,
+        metrics_port: int | None = None,
+    ) -> None:
+        """``metrics_port``: serve the Prometheus metrics on 127.0.0.1 at that port
+        (docs/metrics.md); off when None."""
         self.work = work
+        self.network = network
         self.socket = work / "run" / "clearcri.sock"
         lines = [
             "[daemon]",
@@ -264,13 +287,16 @@ class Clearcri(Runtime):
             "[vm]",
             f'guest_dir = "{GUEST_DIR}"',
             "[vm.network]",
-            f'conf_dirs = ["{write_cni_config(work)}"]',
+            f'conf_dirs = ["{write_cni_config(work, network)}"]',
             'bin_dirs = ["/usr/lib/cni"]',
             "[streaming]",
             'address = "127.0.0.1"',
             "[metrics]",
-            "enabled = false",
         ]
+        if metrics_port is None:
+            lines.append("enabled = false")
+        else:
+            lines += ['address = "127.0.0.1"', f"port = {metrics_port}"]
         for host in MIRRORED:
             lines += [f'[registry.mirrors."{host}"]', f'endpoints = ["http://{registry}"]']
         config = work / "clearcri.toml"
@@ -294,7 +320,18 @@ class Clearcri(Runtime):
             log(f"killing leftover VM process {pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        remove_bridge()
+        remove_bridge(self.network.bridge)
+
+
+def write_registry_hosts(certs: Path, registry: str) -> Path:
+    """A containerd certs.d directory sending the mirrored registries to ``registry``."""
+    for host in MIRRORED:
+        (certs / host).mkdir(parents=True)
+        (certs / host / "hosts.toml").write_text(
+            f'server = "https://{host}"\n\n[host."http://{registry}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+    return certs
 
 
 class Containerd(Runtime):
@@ -306,13 +343,7 @@ class Containerd(Runtime):
         self.work = work
         base = work / "containerd"
         self.socket = base / "containerd.sock"
-        certs = work / "certs.d"
-        for host in MIRRORED:
-            (certs / host).mkdir(parents=True)
-            (certs / host / "hosts.toml").write_text(
-                f'server = "https://{host}"\n\n[host."http://{registry}"]\n'
-                '  capabilities = ["pull", "resolve"]\n'
-            )
+        certs = write_registry_hosts(work / "certs.d", registry)
         cni_conf = write_cni_config(work)
         cri = '[plugins."io.containerd.grpc.v1.cri"]'
         config = work / "containerd.toml"
@@ -353,6 +384,127 @@ class Containerd(Runtime):
                 os.kill(pid, signal.SIGKILL)
         unmount_under(self.work)
         remove_bridge()
+
+
+class ContainerdV2(Runtime):
+    """containerd v2 with two runtime handlers, ``runc`` (Debian's runc) and ``runsc``
+    (gVisor, systrap platform), each with a CNI bridge network of its own: the peers of
+    tests/bench/bench_peers.py. containerd, its runc shim, runsc and the gVisor shim are
+    what scripts/build-peers.sh builds into ``bin_dir``."""
+
+    name = "containerd-v2"
+    handlers = ("runc", "runsc")
+
+    def __init__(
+        self,
+        work: Path,
+        registry: str,
+        *,
+        networks: dict[str, CniNetwork],
+        bin_dir: Path = PEERS_BIN_DIR,
+    ) -> None:
+        self.work = work
+        self.networks = networks
+        self.base = base = work / "containerd"
+        self.socket = base / "containerd.sock"
+        missing = [
+            name
+            for name in (
+                "containerd",
+                "containerd-shim-runc-v2",
+                "runsc",
+                "containerd-shim-runsc-v1",
+            )
+            if not (bin_dir / name).is_file()
+        ]
+        if missing:
+            raise SystemExit(f"{', '.join(missing)} missing in {bin_dir}: run `make peers`")
+        runc = shutil.which("runc") or "/usr/sbin/runc"
+        certs = write_registry_hosts(work / "certs.d", registry)
+        runsc_config = work / "runsc.toml"
+        runsc_config.write_text(
+            f'binary_name = "{bin_dir / "runsc"}"\n'
+            f'root = "{base / "runsc-root"}"\n'
+            "[runsc_config]\n"
+            '  platform = "systrap"\n'
+        )
+        images = "[plugins.'io.containerd.cri.v1.images'"
+        cri = "[plugins.'io.containerd.cri.v1.runtime'"
+        runtimes = f"{cri}.containerd.runtimes"
+        lines = [
+            "version = 3",
+            f"root = '{base / 'root'}'",
+            f"state = '{base / 'state'}'",
+            # NRI would listen on the host-wide /var/run/nri socket; the rest is unused
+            "disabled_plugins = ['io.containerd.nri.v1.nri',",
+            "  'io.containerd.snapshotter.v1.blockfile', 'io.containerd.snapshotter.v1.erofs',",
+            "  'io.containerd.differ.v1.erofs', 'io.containerd.tracing.processor.v1.otlp',",
+            "  'io.containerd.internal.v1.tracing']",
+            f"[grpc]\n  address = '{self.socket}'",
+            f"[ttrpc]\n  address = '{self.socket}.ttrpc'",
+            "[debug]\n  level = 'warn'",
+            # CRI needs the image verifier plugin; an empty directory holds no verifier
+            "[plugins.'io.containerd.image-verifier.v1.bindir']",
+            f"  bin_dir = '{base / 'image-verifiers'}'",
+            f"[plugins.'io.containerd.internal.v1.opt']\n  path = '{base / 'opt'}'",
+            f"{images}]\n  snapshotter = 'overlayfs'",
+            f"{images}.pinned_images]\n  sandbox = '{SANDBOX_IMAGE}'",
+            f"{images}.registry]\n  config_path = '{certs}'",
+            f"{cri}]",
+            "  restrict_oom_score_adj = true",
+            "  disable_apparmor = true",
+            "  enable_cdi = false",
+            "  netns_mounts_under_state_dir = true",
+            f"{cri}.containerd]\n  default_runtime_name = 'runc'",
+            f"{runtimes}.runc]",
+            "  runtime_type = 'io.containerd.runc.v2'",
+            f"  runtime_path = '{bin_dir / 'containerd-shim-runc-v2'}'",
+            f"  cni_conf_dir = '{write_cni_config(work, networks['runc'])}'",
+            "  cni_max_conf_num = 1",
+            f"{runtimes}.runc.options]",
+            f"  BinaryName = '{runc}'",
+            f"  Root = '{base / 'runc-root'}'",
+            "  SystemdCgroup = false",
+            f"{runtimes}.runsc]",
+            "  runtime_type = 'io.containerd.runsc.v1'",
+            f"  runtime_path = '{bin_dir / 'containerd-shim-runsc-v1'}'",
+            f"  cni_conf_dir = '{write_cni_config(work, networks['runsc'])}'",
+            "  cni_max_conf_num = 1",
+            f"{runtimes}.runsc.options]",
+            "  TypeUrl = 'io.containerd.runsc.v1.options'",
+            f"  ConfigPath = '{runsc_config}'",
+            f"{cri}.cni]",
+            "  bin_dirs = ['/usr/lib/cni']",
+            f"  conf_dir = '{work / 'cni' / networks['runc'].bridge}'",
+            "  max_conf_num = 1",
+            "[plugins.'io.containerd.grpc.v1.cri']",
+            "  disable_tcp_service = true",
+            "  stream_server_address = '127.0.0.1'",
+            "  stream_server_port = '0'",
+        ]
+        config = work / "containerd.toml"
+        config.write_text("\n".join(lines) + "\n")
+        self.process = Process(
+            "containerd v2",
+            [str(bin_dir / "containerd"), "--config", str(config)],
+            work / "runtime.log",
+        )
+        wait_for("containerd v2", self._serving, self.process.proc, 60)
+
+    def _serving(self) -> bool:
+        return self.socket.exists() and bool(crictl(self.work, self.endpoint(), "version"))
+
+    def stop(self) -> None:
+        remove_all_pods(self.work, self.endpoint())
+        self.process.stop()
+        # shims name the socket, gVisor's sandbox and gofer processes their root
+        for pid in processes_mentioning(str(self.base)):
+            log(f"stopping leftover process {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        unmount_under(self.work)
+        for network in self.networks.values():
+            remove_bridge(network.bridge)
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"clearcri": Clearcri, "containerd": Containerd}
