@@ -434,6 +434,9 @@ class VmBackend:
             "share": self.share is not None,
             # QEMU runs jailed as this uid (None: as root)
             "vmmId": self.machine.vmm_id,
+            # seconds of each step of the pod network's setup: prepare (netns, tap),
+            # cni_add and join (while the VM boots), guest (the agent configuring the NIC)
+            "networkSeconds": dict(self.network.timings) if self.network is not None else {},
         }
 
     def pod_usage(self, sandbox: PodSandbox) -> PodUsage | None:

@@ -101,7 +101,10 @@ CLEARCRI_PHASES = (
     ("agent_ready", "clearcri_sandbox_boot_seconds", "agent_ready", "boot: agent ready"),
     ("sandbox_start", "clearcri_sandbox_start_seconds", "", "RunPodSandbox in the daemon"),
     # derived: sandbox_start less the boot phases (see pod_phases)
-    ("boot_rest", "", "", "  of which not boot: network, guest setup"),
+    ("boot_rest", "", "", "  of which not boot"),
+    # from PodSandboxStatus verbose info (networkSeconds)
+    ("net_cni_add", "", "", "  network: CNI ADD (while the VM boots)"),
+    ("net_guest", "", "", "  network: guest NIC setup by the agent"),
     (
         "daemon_create",
         "clearcri_cri_request_duration_seconds",
@@ -189,7 +192,8 @@ def wait_for_line(path: Path, line: str, timeout: float) -> None:
 
 def one_pod(peer: Peer, rt: Any, name: str, logs: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """One whole pod; returns its figures in seconds, and for clearcri what its verbose
-    PodSandboxStatus says of the VM (accelerator, template clone, boot seconds)."""
+    PodSandboxStatus says of the VM (accelerator, template clone, boot and network
+    seconds)."""
     vm: dict[str, Any] = {}
     config = pod_config(peer, name, logs)
     Path(config.log_directory).mkdir(parents=True)
@@ -219,7 +223,8 @@ def one_pod(peer: Peer, rt: Any, name: str, logs: Path) -> tuple[dict[str, float
                 api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)
             )
             info = json.loads(status.info.get("info", "{}")).get("vm", {})
-            vm = {k: info.get(k) for k in ("accelerator", "fromTemplate", "bootSeconds")}
+            keys = ("accelerator", "fromTemplate", "bootSeconds", "networkSeconds")
+            vm = {k: info.get(k) for k in keys}
     except BaseException:
         with contextlib.suppress(grpc.RpcError):
             rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
@@ -286,6 +291,10 @@ def measured_pod(peer: Peer, rt: Any, name: str, logs: Path, counted: bool) -> N
         return
     if vm:
         peer.info.append(vm)
+        network = vm.get("networkSeconds") or {}
+        for key, step in (("net_cni_add", "cni_add"), ("net_guest", "guest")):
+            if step in network:
+                peer.phases.setdefault(key, []).append(float(network[step]))
     for key, value in figures.items():
         peer.samples.setdefault(key, []).append(value)
     if peer.metrics_url:
