@@ -92,44 +92,51 @@ FIGURES = (
 # how the first Create+Start splits, measured on every runtime
 SPLIT = (("create", "CreateContainer"), ("start", "StartContainer"))
 
-# clearcri's own account of a pod, from its metrics: (key, metric, label value, what)
-CLEARCRI_PHASES = (
-    ("vmm_spawn", "clearcri_sandbox_boot_seconds", "vmm_spawn", "boot: QEMU spawned to QMP"),
-    ("restore", "clearcri_sandbox_boot_seconds", "restore", "boot: template state restored"),
-    ("firmware", "clearcri_sandbox_boot_seconds", "firmware", "boot: firmware (cold boot)"),
-    ("kernel", "clearcri_sandbox_boot_seconds", "kernel", "boot: kernel (cold boot)"),
-    ("agent_ready", "clearcri_sandbox_boot_seconds", "agent_ready", "boot: agent ready"),
-    ("sandbox_start", "clearcri_sandbox_start_seconds", "", "RunPodSandbox in the daemon"),
-    # derived: sandbox_start less the boot phases (see pod_phases)
-    ("boot_rest", "", "", "  of which not boot"),
-    # from PodSandboxStatus verbose info (networkSeconds)
-    ("net_cni_add", "", "", "  network: CNI ADD (while the VM boots)"),
-    ("net_guest", "", "", "  network: guest NIC setup by the agent"),
-    (
-        "daemon_create",
-        "clearcri_cri_request_duration_seconds",
-        "CreateContainer",
-        "CreateContainer in the daemon",
-    ),
-    (
-        "daemon_start",
-        "clearcri_cri_request_duration_seconds",
-        "StartContainer",
-        "StartContainer in the daemon",
-    ),
-    ("daemon_exec", "clearcri_cri_request_duration_seconds", "ExecSync", "ExecSync in the daemon"),
-    (
-        "daemon_stop",
-        "clearcri_cri_request_duration_seconds",
-        "StopPodSandbox",
-        "StopPodSandbox in the daemon",
-    ),
-    (
-        "daemon_remove",
-        "clearcri_cri_request_duration_seconds",
-        "RemovePodSandbox",
-        "RemovePodSandbox in the daemon",
-    ),
+# clearcri's own account of a pod. From its metrics: {key: (histogram, label value)};
+# every step of clearcri_container_phase_seconds comes as ``container_<step>``.
+BOOT = "clearcri_sandbox_boot_seconds"
+REQUEST = "clearcri_cri_request_duration_seconds"
+CONTAINER_STEP = "clearcri_container_phase_seconds"
+METRICS = {
+    "vmm_spawn": (BOOT, "vmm_spawn"),
+    "restore": (BOOT, "restore"),
+    "firmware": (BOOT, "firmware"),
+    "kernel": (BOOT, "kernel"),
+    "agent_ready": (BOOT, "agent_ready"),
+    "sandbox_start": ("clearcri_sandbox_start_seconds", ""),
+    "daemon_create": (REQUEST, "CreateContainer"),
+    "daemon_start": (REQUEST, "StartContainer"),
+    "daemon_exec": (REQUEST, "ExecSync"),
+    "daemon_stop": (REQUEST, "StopPodSandbox"),
+    "daemon_remove": (REQUEST, "RemovePodSandbox"),
+}
+# (key, what) in the order printed; the steps are those of docs/metrics.md
+PHASES = (
+    ("vmm_spawn", "boot: QEMU spawned to QMP"),
+    ("restore", "boot: template state restored"),
+    ("firmware", "boot: firmware (cold boot)"),
+    ("kernel", "boot: kernel (cold boot)"),
+    ("agent_ready", "boot: agent ready"),
+    ("sandbox_start", "RunPodSandbox in the daemon"),
+    ("boot_rest", "  of which not boot"),  # sandbox_start less the boot phases
+    # from the verbose PodSandboxStatus (networkSeconds)
+    ("net_cni_add", "  network: CNI ADD (while the VM boots)"),
+    ("net_guest", "  network: guest NIC setup by the agent"),
+    ("daemon_create", "CreateContainer in the daemon"),
+    ("container_image_attach", "  image hot-plug and mount"),
+    ("container_agent_create", "  agent call create"),
+    ("container_layer", "    guest: layer"),
+    ("container_overlay", "    guest: overlay"),
+    ("container_mounts", "    guest: mounts"),
+    ("container_config", "    guest: config"),
+    ("container_crun_create", "    guest: crun create"),
+    ("daemon_start", "StartContainer in the daemon"),
+    ("container_agent_start", "  agent call start"),
+    ("container_release", "    guest: release the init"),
+    ("container_crun_start", "    guest: crun start"),
+    ("daemon_exec", "ExecSync in the daemon"),
+    ("daemon_stop", "StopPodSandbox in the daemon"),
+    ("daemon_remove", "RemovePodSandbox in the daemon"),
 )
 BOOT_PHASES = ("vmm_spawn", "restore", "firmware", "kernel", "agent_ready")
 
@@ -266,10 +273,12 @@ def pod_phases(
 ) -> dict[str, float]:
     """What the daemon observed for the one pod between two scrapes; ``boot_rest`` is
     the part of RunPodSandbox outside the boot phases."""
+    sources = dict(METRICS)
+    for name, label in after:
+        if name == f"{CONTAINER_STEP}_count":
+            sources[f"container_{label}"] = (CONTAINER_STEP, label)
     phases = {}
-    for key, metric, label, _ in CLEARCRI_PHASES:
-        if not metric:
-            continue
+    for key, (metric, label) in sources.items():
         count = after.get((f"{metric}_count", label), 0) - before.get((f"{metric}_count", label), 0)
         if count == 1:
             total = after[(f"{metric}_sum", label)] - before.get((f"{metric}_sum", label), 0)
@@ -396,6 +405,16 @@ def versions() -> dict[str, str]:
     }
 
 
+def guest_build() -> str:
+    """The guest assets' build (manifest version and agent hash): another build
+    installed during a run would make its figures a mix of two."""
+    try:
+        manifest = json.loads((GUEST_DIR / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return f"{manifest.get('version')} agent {str(manifest.get('agent_hash'))[:16]}"
+
+
 def summary(values: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values]
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
@@ -423,7 +442,9 @@ def print_table(peers: list[Peer], rounds: int, load: tuple[str, str]) -> None:
         print(row)
     if cc.phases:
         print("\nclearcri, where a pod's time goes (daemon metrics), ms: median (min-max)")
-        for key, _, _, what in CLEARCRI_PHASES:
+        known = {key for key, _ in PHASES}
+        more = [(key, f"  {key}") for key in sorted(cc.phases) if key not in known]
+        for key, what in (*PHASES, *more):
             if key in cc.phases:
                 print(f"  {what:<40}{cell(cc.phases[key]):>24}")
 
@@ -570,15 +591,19 @@ def main(argv: list[str] | None = None) -> int:
                 Peer("runsc", "containerd + gVisor", containerd, "runsc"),
                 Peer("runc", "containerd + runc", containerd, "runc"),
             ]
-            load_before = loadavg()
+            load_before, guest_before = loadavg(), guest_build()
             started_at = datetime.datetime.now(datetime.UTC)
             orders = run_rounds(peers, args.rounds, work / "logs")
-            load_after = loadavg()
+            load_after, guest_after = loadavg(), guest_build()
     finally:
         remove_cgroups(cgroups)
     print_table(peers, args.rounds, (load_before, load_after))
     accelerators = sorted({str(i.get("accelerator")) for i in peers[0].info})
-    extra = {
+    components = {**versions(), "guest": guest_before}
+    if guest_after != guest_before:
+        components["guest_after"] = guest_after
+        log(f"the guest assets changed during the run ({guest_before} -> {guest_after})")
+    extra: dict[str, Any] = {
         "date": started_at.isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
@@ -587,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             "clearcri_accelerator": accelerators,
         },
         "orders": orders,
-        "versions": versions(),
+        "versions": components,
     }
     out = args.out_dir / "peers.json"
     out.write_text(json.dumps(results_json(peers, args, extra), indent=1) + "\n")
