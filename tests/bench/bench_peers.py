@@ -19,9 +19,10 @@ its CRI socket:
 5. StopPodSandbox + RemovePodSandbox.
 
 Prints the median (min-max) of every figure per runtime and the clearcri / gVisor and
-clearcri / runc ratios, then where clearcri's time goes: its boot phases and the time
-the daemon spent in each call, from its Prometheus metrics (docs/metrics.md) read
-between pods. Writes ``peers.json`` (every sample, the medians, the versions of every
+clearcri / runc ratios, then where clearcri's time goes: its boot phases, the time the
+daemon spent in each call and the steps of the first container, from its Prometheus
+metrics (docs/metrics.md) read between pods, and its network setup's steps from the
+verbose PodSandboxStatus. Writes ``peers.json`` (every sample, the medians, the versions of every
 component, the load of the machine) and ``peers.png`` (a grouped bar chart with min-max
 error bars; needs matplotlib: ``pip install -e '.[bench]'``) to ``--out-dir``. Every pod,
 process, bridge, mount and cgroup the run made is removed at the end, also on Ctrl-C or
