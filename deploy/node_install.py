@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import DEFAULT_GUEST_DIR, MANIFEST_NAME, OUTPUT_FILES
+from sandbox.guest import DEFAULT_GUEST_DIR, MANIFEST_NAME, OUTPUT_FILES, sha256_file
 
 MANIFEST_FORMAT = 1
 UNIT_NAME = "clearcri.service"
@@ -106,14 +106,6 @@ def run_command(argv: Sequence[str]) -> None:
     if proc.returncode != 0:
         output = (proc.stderr or proc.stdout).strip()
         raise NodeInstallError(f"{' '.join(argv)} failed (exit {proc.returncode}): {output}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def relocate(text: str, prefix: Path) -> str:

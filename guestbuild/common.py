@@ -3,13 +3,13 @@ helpers that run host programs and handle files."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sandbox.guest import GuestError
+from sandbox.guest import sha256_file as sha256_file
 
 ProgressFn = Callable[[str], None]
 
@@ -37,14 +37,6 @@ def decompress_cli(argv: Sequence[str], data: bytes) -> bytes:
     if not proc.stdout:
         raise GuestBuildError(f"{argv[0]} failed: {proc.stderr.decode(errors='replace')}")
     return proc.stdout
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove(path: Path) -> None:

@@ -13,6 +13,7 @@ them against their manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,3 +99,12 @@ def locate_guest(guest_dir: Path = DEFAULT_GUEST_DIR) -> GuestAssets:
         version=str(manifest["version"]),
         kernel_flavor=str(manifest.get("kernel_flavor", "debian")),
     )
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's contents, read in 1 MiB chunks (assets are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
