@@ -61,3 +61,21 @@ def test_a_state_file_naming_no_state_is_not_adopted(tmp_path: Path) -> None:
     (run_dir / STATE_FILE).write_text(json.dumps(saved))
     with pytest.raises(SandboxNotFound, match="unknown handler"):
         asyncio.run(Sandboxes(host).adopt("pod1"))
+
+
+def test_a_pod_vm_s_status_tells_its_network_steps(tmp_path: Path) -> None:
+    """Verbose PodSandboxStatus shows where the pod network's setup spent its time."""
+    from sandbox.api import SandboxSpec
+    from sandbox.vm import MachineSpec
+    from sandbox.vmpod import VmBackend
+
+    machine = MachineSpec(
+        name="p1", kernel=tmp_path, initrd=tmp_path, os_image=tmp_path, run_dir=tmp_path
+    )
+    host: Any = SimpleNamespace(accel="tcg")
+    backend = VmBackend(host, machine, SandboxSpec("p1"))
+    assert backend.status_info()["networkSeconds"] == {}
+    backend.network = SimpleNamespace(timings={"prepare": 0.002, "cni_add": 0.019})  # type: ignore[assignment]
+    info = backend.status_info()
+    assert info["networkSeconds"] == {"prepare": 0.002, "cni_add": 0.019}
+    assert info["accelerator"] == "tcg" and info["vmmId"] is None
