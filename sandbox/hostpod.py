@@ -42,7 +42,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -373,7 +372,8 @@ class HostBackend:
         )
 
     async def abort_launch(self, sandbox: PodSandbox) -> None:
-        await self._kill_agent(sandbox.process)
+        if sandbox.process is not None:
+            await sandbox.process.kill_and_wait()
         await asyncio.to_thread(self._kill_leftovers)
 
     def _hostname(self) -> str:
@@ -500,15 +500,9 @@ class HostBackend:
         if process is not None and process.alive:
             with contextlib.suppress(asyncio.TimeoutError):
                 await process.wait(timeout=max(grace, 0.1) + 2)
-        await self._kill_agent(process)
+        if process is not None:
+            await process.kill_and_wait()
         await asyncio.to_thread(self._kill_leftovers)
-
-    @staticmethod
-    async def _kill_agent(process: VmProcess | None) -> None:
-        if process is not None and process.alive:
-            process.kill(signal.SIGKILL)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await process.wait(timeout=10.0)
 
     def _kill_leftovers(self) -> None:
         """Kill every process of the pod still in its cgroups (containers whose agent

@@ -296,10 +296,7 @@ class TemplateStore:
         finally:
             await qmp.quit()
             await qmp.close()
-            if process.alive:
-                process.kill()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await process.wait(10)
+            await process.kill_and_wait()
 
     def _prune(self, keep: str) -> None:
         """Keep the newest ``self.keep`` templates (a template costs its touched RAM)."""

@@ -349,6 +349,12 @@ class VmProcess:
             else:
                 os.kill(self.pid, sig)
 
+    async def kill_and_wait(self, timeout: float = 10.0) -> None:
+        """SIGKILL the process (if it still runs) and wait up to ``timeout`` for its end."""
+        self.kill(signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await self.wait(timeout)
+
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 

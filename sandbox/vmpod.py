@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -278,10 +277,7 @@ class VmBackend:
                 await asyncio.wait_for(self.qmp.quit(), timeout=2.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await process.wait(timeout=3.0)
-        if process.alive:
-            process.kill(signal.SIGKILL)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await process.wait(timeout=10.0)
+        await process.kill_and_wait()
 
     async def release(self, sandbox: PodSandbox) -> None:
         self.cgroup.remove()

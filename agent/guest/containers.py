@@ -775,22 +775,11 @@ class ContainerManager:
             except OSError:
                 system.umount(rootfs, detach=True)
         self._remove_tree(container.bundle)
-        if container.cgroup_dir is not None and os.path.isdir(container.cgroup_dir):
+        for directory in self._container_cgroups(container):
             try:
-                os.rmdir(container.cgroup_dir)
+                os.rmdir(directory)
             except OSError:
                 pass
-        if self.settings.cgroup_mode == "v1" and container.cgroup_path is not None:
-            root = self.settings.cgroup_root
-            try:
-                controllers = os.listdir(root)
-            except OSError:
-                controllers = []
-            for controller in controllers:
-                try:
-                    os.rmdir(f"{root}/{controller}{container.cgroup_path}")
-                except OSError:
-                    pass
         with self._lock:
             if self.containers.get(container.id) is container:
                 del self.containers[container.id]
@@ -866,7 +855,7 @@ class ContainerManager:
         pid_path = f"{bundle}/exec-{stream}.pid"
         log_path = f"{bundle}/exec-{stream}.log"
         process_config = oci.build_exec_process(container.spec, spec)
-        helper = self._nsexec_spec(container, spec, process_config, pid_path)
+        helper = self._nsexec_spec(container, spec, process_config, pid_path, log_path)
         if helper is not None:
             # no crun: the small static helper joins the container (see nsexec.c)
             with open(process_path, "wb") as spec_file:
@@ -968,7 +957,12 @@ class ContainerManager:
         return ExecStarted(stream=stream, pid=process.pid, timings=timings), activate
 
     def _nsexec_spec(
-        self, container: Container, spec: ExecSpec, process: dict[str, Any], pid_path: str
+        self,
+        container: Container,
+        spec: ExecSpec,
+        process: dict[str, Any],
+        pid_path: str,
+        log_path: str,
     ) -> bytes | None:
         """The helper's spec for an exec it can start (nsexec.c), or None: crun starts
         it (a terminal, a seccomp profile, a user namespace, no helper, no cgroup)."""
@@ -986,7 +980,6 @@ class ContainerManager:
             cgroups = [f"{d}/cgroup.procs" for d in self._container_cgroups(container)]
             if not cgroups:
                 return None
-        log_path = pid_path.removesuffix(".pid") + ".log"
         records = [f"pid={container.pid}", f"pidfile={pid_path}", f"log={log_path}"]
         for name in ("ipc", "uts", "net", "cgroup", "pid", "mnt"):
             try:
