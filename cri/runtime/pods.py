@@ -1,4 +1,4 @@
-"""RunSandbox, StopSandbox, RemoveSandbox, SandboxStatus, ListSandbox,
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox,
 and re-adoption of pods after a daemon restart."""
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ class PodOps(RuntimeCore):
                 await self._recover_pod(pod)
             except Exception:
                 log.exception("pod=%s: could not re-adopt it; it stays as it is", pod.id[:12])
-        # A VM whose pod never reached the database (daemon killed mid-RunSandbox).
+        # A VM whose pod never reached the database (daemon killed mid-RunPodSandbox).
         leftovers = [pod_id for pod_id in self.provider.sandbox_ids() if pod_id not in known]
         failed = await self._remove_leftovers(leftovers)
         if failed:
