@@ -1,7 +1,7 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools peers kubernetes run demo test lint bench conformance e2e node-conformance
+.PHONY: deps guest tools peers kubernetes node-image run demo test lint bench conformance e2e e2e-helm node-conformance
 
 deps:
 	scripts/install-deps.sh
@@ -50,6 +50,14 @@ E2E_REPORT ?= e2e-report.xml
 e2e: guest tools kubernetes
 	CLEARCRI_GUEST_DIR=$(GUEST_DIR) CLEARCRI_E2E=1 python3 -m pytest -v -rs -p no:cacheprovider \
 		tests/e2e --junitxml=$(E2E_REPORT) $(E2E_ARGS)
+
+# The Helm chart on a real cluster (docs/e2e.md, "The chart on a cluster"): the node image
+# built with buildah, two nodes on containerd switched to clearcri, upgrade, drain,
+# uninstall. JUnit report in $(E2E_HELM_REPORT).
+E2E_HELM_REPORT ?= e2e-helm-report.xml
+e2e-helm: guest tools kubernetes
+	CLEARCRI_GUEST_DIR=$(GUEST_DIR) CLEARCRI_E2E_HELM=1 python3 -m pytest -v -rs -p no:cacheprovider \
+		tests/e2e_helm --junitxml=$(E2E_HELM_REPORT) $(E2E_HELM_ARGS)
 
 # Upstream node conformance (test/e2e_node [NodeConformance], less what upstream CI skips)
 # against the same kind of node; fails when a spec of

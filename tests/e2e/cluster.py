@@ -30,6 +30,7 @@ from typing import Any
 
 from sandbox.cgroups import hierarchies, make_cgroup
 from tests.conformance.run import processes_mentioning, unmount_under
+from tests.e2e.node_host import NodeHost, wait_child
 from tests.e2e.pki import ClusterPki, KeyPair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,16 +63,22 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: flo
 
 
 class Process:
-    """One program of the cluster, its output in ``<logs>/<name>.log``."""
+    """One program of the cluster, its output in ``<logs>/<name>.log``. In a node of its
+    own (``node``), it runs below ``nsenter``, and ``pid`` is the program's own."""
 
-    def __init__(self, name: str, argv: Sequence[str], logs: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], logs: Path, node: NodeHost | None = None
+    ) -> None:
         self.name = name
         self.log = logs / f"{name}.log"
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                node.enter(argv) if node is not None else list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
-        self.pid = self.popen.pid
+        self.pid = wait_child(self.popen.pid) if node is not None else self.popen.pid
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -83,11 +90,13 @@ class Process:
 
     def stop(self, grace: float = 30.0) -> None:
         if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
                 self.popen.wait(10)
 
 
@@ -138,29 +147,60 @@ class ClusterConfig:
     # host:port of the plain-HTTP test registry, and registries it stands in for
     registry: str = ""
     mirrored: tuple[str, ...] = ()
+    # The node in PID and mount namespaces of its own (tests/e2e/node_host.py), so that
+    # what is installed on "the host" (PID 1's mount namespace) is the node's: for a node
+    # runtime installed by a DaemonSet, and for several nodes on one machine. Its CNI
+    # config is then /etc/cni/net.d of the node, as on a real node.
+    node_host: bool = False
 
 
 class Cluster:
     """Start with ``start()``; ``kubectl(...)`` drives it; ``stop()`` ends every process."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    # the control plane's, shared by the nodes that join it
+    apiserver_port: int
+    etcd_port: int
+    etcd_peer_port: int
+    kubeconfig: Path
+    admin_token: str
+    pki: ClusterPki
+
+    def __init__(self, config: ClusterConfig, control_plane: Cluster | None = None) -> None:
+        """With ``control_plane``, this is one more node joining that cluster: only the
+        node's runtime and kubelet are started."""
         self.config = config
         self.work = config.work
         self.logs = self.work / "logs"
         self.processes: list[Process] = []
+        self.control_plane = control_plane
         self.node_bridge = NodeBridge(f"{config.bridge_prefix}-node", config.node_address)
         self.pod_bridge = f"{config.bridge_prefix}-pods"
         self.node_ip = self.node_bridge.ip
-        self.apiserver_port = free_port()
         self.kubelet_port = free_port()
-        self.etcd_port = free_port()
-        self.etcd_peer_port = free_port()
-        self.runtime_socket = self.work / "runtime" / "run" / "runtime.sock"
+        self.node_root = self.work / "node-root"
+        self.node: NodeHost | None = None
+        if config.node_host:
+            self.node = NodeHost(self.node_root, self.logs / "node-init.log")
+        # the runtime's socket as seen from here, and the endpoint kubelet is given (they
+        # differ for a runtime installed in a node of its own: see switch_kubelet_runtime)
+        self.own_runtime_socket = self.work / "runtime" / "run" / "runtime.sock"
+        self.runtime_socket = self.own_runtime_socket
+        self.kubelet_endpoint = f"unix://{self.runtime_socket}"
         self.runtime_metrics_port = free_port()
-        self.kubeconfig = self.work / "admin.kubeconfig"
-        # a bearer token of the system:masters group, for clients that take no kubeconfig
-        # (upstream node conformance)
-        self.admin_token = secrets.token_hex(16)
+        if control_plane is not None:
+            self.apiserver_port = control_plane.apiserver_port
+            self.etcd_port = control_plane.etcd_port
+            self.etcd_peer_port = control_plane.etcd_peer_port
+            self.kubeconfig = control_plane.kubeconfig
+            self.admin_token = control_plane.admin_token
+        else:
+            self.apiserver_port = free_port()
+            self.etcd_port = free_port()
+            self.etcd_peer_port = free_port()
+            self.kubeconfig = self.work / "admin.kubeconfig"
+            # a bearer token of the system:masters group, for clients that take no
+            # kubeconfig (upstream node conformance)
+            self.admin_token = secrets.token_hex(16)
         self.apiserver_url = f"https://127.0.0.1:{self.apiserver_port}"
         self.kubelet_dir = self.work / "kubelet"
         self.pod_logs_dir = self.work / "pod-logs"
@@ -181,13 +221,20 @@ class Cluster:
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        self.made_kubelet_fixed_dir = not KUBELET_FIXED_DIR.exists()
+        # (a node of its own has a /var/lib/kubelet of its own)
+        self.made_kubelet_fixed_dir = self.node is None and not KUBELET_FIXED_DIR.exists()
         try:
             self.node_bridge.create()
-            self._pki()
-            self._start_etcd()
-            self._start_apiserver()
-            self._start_controllers()
+            if self.control_plane is None:
+                self._pki()
+                self._start_etcd()
+                self._start_apiserver()
+                self._start_controllers()
+            else:
+                self.pki = self.control_plane.pki
+            self._node_pki()
+            if self.node is not None:
+                self.node.start()
             self._start_runtime()
             self._start_kubelet()
             self.wait_node_ready()
@@ -218,26 +265,24 @@ class Cluster:
             organization="system:masters",
             client=True,
         )
-        self.kubelet_serving = pki.issue(
-            "kubelet-serving",
-            self.config.node_name,
-            server=True,
-            ips=(self.node_ip,),
-            dns=(self.config.node_name,),
-        )
         admin = pki.issue("admin", "admin", organization="system:masters", client=True)
         self._write_kubeconfig(self.kubeconfig, admin)
-        node = pki.issue(
-            "kubelet",
-            f"system:node:{self.config.node_name}",
-            organization="system:nodes",
-            client=True,
-        )
-        self.kubelet_kubeconfig = self.work / "kubelet.kubeconfig"
-        self._write_kubeconfig(self.kubelet_kubeconfig, node)
         for component in ("kube-controller-manager", "kube-scheduler"):
             pair = pki.issue(component, f"system:{component}", client=True)
             self._write_kubeconfig(self.work / f"{component}.kubeconfig", pair)
+
+    def _node_pki(self) -> None:
+        """The kubelet's serving certificate and its client identity, from the cluster's
+        CA (named by node, since nodes that join share the control plane's directory)."""
+        name = self.config.node_name
+        self.kubelet_serving = self.pki.issue(
+            f"kubelet-serving-{name}", name, server=True, ips=(self.node_ip,), dns=(name,)
+        )
+        node = self.pki.issue(
+            f"kubelet-{name}", f"system:node:{name}", organization="system:nodes", client=True
+        )
+        self.kubelet_kubeconfig = self.work / "kubelet.kubeconfig"
+        self._write_kubeconfig(self.kubelet_kubeconfig, node)
 
     def _write_kubeconfig(self, path: Path, pair: KeyPair) -> None:
         config = {
@@ -266,8 +311,8 @@ class Cluster:
         }
         path.write_text(json.dumps(config, indent=1))
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> Process:
-        process = Process(name, argv, self.logs)
+    def _spawn(self, name: str, argv: Sequence[str], in_node: bool = False) -> Process:
+        process = Process(name, argv, self.logs, self.node if in_node else None)
         self.processes.append(process)
         return process
 
@@ -419,7 +464,7 @@ class Cluster:
         ]
         lines = [
             "[daemon]",
-            f'socket = "{self.runtime_socket}"',
+            f'socket = "{self.own_runtime_socket}"',
             f'state_dir = "{root / "state"}"',
             f'run_dir = "{root / "run"}"',
             f'log_dir = "{root / "log"}"',
@@ -444,6 +489,12 @@ class Cluster:
     def _containerd_config(self) -> Path:
         root = self.work / "runtime"
         net_d = self._cni_config(root)
+        if self.node is not None:
+            # the node's own CNI config, where a runtime installed later finds it too
+            node_net_d = self.node_root / "etc/cni/net.d"
+            node_net_d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(net_d / "10-e2e.conflist", node_net_d / "10-e2e.conflist")
+            net_d = Path("/etc/cni/net.d")
         certs = root / "certs.d"
         for host in (self.config.registry, *self.config.mirrored):
             (certs / host).mkdir(parents=True, exist_ok=True)
@@ -458,8 +509,8 @@ class Cluster:
                 "version = 2",
                 f'root = "{root / "containerd-root"}"',
                 f'state = "{root / "containerd-state"}"',
-                f'[grpc]\n  address = "{self.runtime_socket}"',
-                f'[ttrpc]\n  address = "{self.runtime_socket}.ttrpc"',
+                f'[grpc]\n  address = "{self.own_runtime_socket}"',
+                f'[ttrpc]\n  address = "{self.own_runtime_socket}.ttrpc"',
                 f"[{cri}]",
                 '  sandbox_image = "registry.k8s.io/pause:3.10"',
                 # these hosts lack CAP_SYS_RESOURCE
@@ -479,11 +530,20 @@ class Cluster:
         path.write_text(text + "\n")
         return path
 
+    def start_own_runtime(self) -> None:
+        """Start the harness's runtime again (after ``stop_old_runtime``), and give
+        kubelet's endpoint back to it in what this object says."""
+        self.runtime_socket = self.own_runtime_socket
+        self.own_runtime_socket.unlink(missing_ok=True)
+        self._start_runtime()
+
     def _start_runtime(self) -> None:
         self.runtime_socket.parent.mkdir(parents=True, exist_ok=True)
         if self.config.runtime == "containerd":
             self.runtime = self._spawn(
-                "containerd", ["containerd", "--config", str(self._containerd_config())]
+                "containerd",
+                ["containerd", "--config", str(self._containerd_config())],
+                in_node=True,
             )
             containerd = self.runtime
 
@@ -497,6 +557,7 @@ class Cluster:
         self.runtime = self._spawn(
             "clearcri",
             [sys.executable, "-m", "cri.cli", "serve", "--config", str(config)],
+            in_node=True,
         )
         runtime = self.runtime
 
@@ -543,8 +604,8 @@ class Cluster:
             "cgroupRoot": self.cgroup_root,
             "failSwapOn": False,
             "failCgroupV1": False,
-            "containerRuntimeEndpoint": f"unix://{self.runtime_socket}",
-            "imageServiceEndpoint": f"unix://{self.runtime_socket}",
+            "containerRuntimeEndpoint": self.kubelet_endpoint,
+            "imageServiceEndpoint": self.kubelet_endpoint,
             "runtimeRequestTimeout": "4m",
             "clusterDNS": [CLUSTER_DNS],
             "clusterDomain": "cluster.local",
@@ -575,10 +636,12 @@ class Cluster:
         path.write_text(json.dumps(config, indent=1))
         return path
 
-    def _start_kubelet(self) -> None:
+    def _start_kubelet(self, keep_config: bool = False) -> None:
         self._prepare_cgroup_root()
         self.kubelet_dir.mkdir(exist_ok=True)
-        config = self._kubelet_config()
+        config = self.work / "kubelet-config.json"
+        if not (keep_config and config.exists()):
+            config = self._kubelet_config()
         self.kubelet = self._spawn(
             "kubelet",
             [
@@ -590,6 +653,7 @@ class Cluster:
                 f"--node-ip={self.node_ip}",
                 "--v=2",
             ],
+            in_node=True,
         )
 
     def restart_kubelet(self) -> None:
@@ -598,6 +662,62 @@ class Cluster:
         self.processes.remove(self.kubelet)
         self._start_kubelet()
         self.wait_node_ready()
+
+    def switch_kubelet_runtime(self, endpoint: str, socket: Path, edit: Sequence[str]) -> None:
+        """Move the node's kubelet to another runtime, as docs/install.md says to: drain
+        the node, stop kubelet, point its configuration file at ``endpoint`` with the
+        command ``edit`` (run in the node, given the file's path), start kubelet, and
+        uncordon. ``socket`` is that endpoint's socket as seen from here. The pods the
+        old runtime still runs (those of DaemonSets) are left to the caller."""
+        assert self.kubelet is not None
+        node = self.config.node_name
+        self.kubectl(
+            "drain",
+            node,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--force",
+            "--grace-period=10",
+            "--timeout=300s",
+            timeout=330,
+        )
+        self.kubelet.stop()
+        self.processes.remove(self.kubelet)
+        config = str(self.work / "kubelet-config.json")
+        argv = [*edit, "--config", config, "--endpoint", endpoint]
+        if self.node is not None:
+            self.node.run(argv)
+        else:
+            subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        self.runtime_socket = socket
+        self.kubelet_endpoint = endpoint
+        self._start_kubelet(keep_config=True)
+        self.wait_node_ready()
+        self.kubectl("uncordon", node)
+
+    def stop_old_runtime(self) -> None:
+        """After a switch: remove what the harness's own runtime still runs and stop it
+        (containerd's shims outlive it: they are ended too)."""
+        if self.runtime is None:
+            return
+        subprocess.run(
+            [
+                str(CRICTL),
+                "--runtime-endpoint",
+                f"unix://{self.own_runtime_socket}",
+                "rmp",
+                "-a",
+                "-f",
+            ],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        self.runtime.stop()
+        self.processes.remove(self.runtime)
+        self.runtime = None
+        if self.config.runtime == "containerd":
+            self._stop_containerd_leftovers()
 
     def wait_node_ready(self, timeout: float = 180) -> None:
         def ready() -> bool:
@@ -703,10 +823,38 @@ class Cluster:
                 1.0,
             )
 
+    def delete_node_pods(self, timeout: float = 240) -> None:
+        """Delete the pods bound to this node (a node that joined: the others' stay)."""
+        selector = f"spec.nodeName={self.config.node_name}"
+        self.kubectl(
+            "delete",
+            "pods",
+            "--all-namespaces",
+            f"--field-selector={selector}",
+            "--grace-period=5",
+            "--wait=false",
+            check=False,
+            timeout=60,
+        )
+        with contextlib.suppress(ClusterError):
+            wait_for(
+                f"the pods of {self.config.node_name} gone",
+                lambda: (
+                    not self.kubectl_json(
+                        "get", "pods", "--all-namespaces", f"--field-selector={selector}"
+                    )["items"]
+                ),
+                timeout,
+                1.0,
+            )
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             if self.kubelet is not None and self.kubelet.alive():
-                self.delete_workloads()
+                if self.control_plane is None:
+                    self.delete_workloads()
+                else:
+                    self.delete_node_pods()
         # kubelet first, then the runtime, then the control plane, each by its PID
         ordered = sorted(
             self.processes,
@@ -722,6 +870,10 @@ class Cluster:
         self.processes.clear()
         if self.config.runtime == "containerd":
             self._stop_containerd_leftovers()
+        if self.node is not None:
+            # whatever still runs in the node (a runtime installed there, its VMs) ends
+            # with the node's init
+            self.node.stop()
         self.node_bridge.remove()
         _ip("link", "del", self.pod_bridge)
         # kubelet bind-mounts its root dir onto itself (to make it shared): gone with it
@@ -746,7 +898,7 @@ class Cluster:
                 path.rmdir()
 
     def _remove_runtime_pods(self) -> None:
-        if self.runtime is None or not self.runtime.alive():
+        if not self.runtime_socket.exists():
             return
         subprocess.run(
             [str(CRICTL), "--runtime-endpoint", f"unix://{self.runtime_socket}", "rmp", "-a", "-f"],
@@ -758,7 +910,7 @@ class Cluster:
     def _stop_containerd_leftovers(self) -> None:
         """containerd's shims outlive it by design: end the ones of this cluster's
         containerd (their command line names its socket), then unmount its tree."""
-        for pid in processes_mentioning(str(self.runtime_socket)):
+        for pid in processes_mentioning(str(self.own_runtime_socket)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         unmount_under(self.work / "runtime")

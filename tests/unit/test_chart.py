@@ -36,6 +36,7 @@ CRD_KINDS = {"ServiceMonitor"}
 VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "metrics-off": {"metrics": {"enabled": False}},
+    "metrics-host-ip": {"metrics": {"address": "hostIP"}},
     "mirrors": {
         "registry": {
             "mirrors": {
@@ -246,6 +247,16 @@ def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
     assert container["lifecycle"]["preStop"]["exec"]["command"][-1] == "unlabel"
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+
+
+def test_install_script_enters_the_host_and_refuses_too_few_capabilities() -> None:
+    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    assert "nsenter --target 1 --mount --uts --ipc --net -- env" in script
+    # without systemd the supervisor starts from the pod: it needs every capability
+    check = script.index("test -d /run/systemd/system")
+    assert "CapBnd" in script[check:] and "privileged: true" in script[check:]
+    assert script.index("exit 1") < script.index("node_install upgrade")
 
 
 def test_installer_has_named_capabilities_not_privileged() -> None:
@@ -291,6 +302,20 @@ def test_metrics_service_and_scrape_annotations() -> None:
     assert pod["spec"]["hostNetwork"] is True
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert node_container(docs)["ports"][0]["containerPort"] == 9464
+
+
+def test_metrics_on_the_node_ip(tmp_path: Path) -> None:
+    docs = objects("metrics-host-ip")
+    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    assert 'address = "@HOST_IP@"' in text
+    # what install.sh does on each node with the pod's status.hostIP
+    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    assert 'sed "s/@HOST_IP@/$HOST_IP/g" /etc/clearcri-chart/config.toml' in script
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace("@HOST_IP@", "10.1.2.3"))
+    assert load_config(path).metrics.address == "10.1.2.3"
+    # the default render has nothing to replace
+    assert "@HOST_IP@" not in one(objects("defaults"), "ConfigMap")["data"]["config.toml"]
 
 
 def test_metrics_off(tmp_path: Path) -> None:

@@ -66,7 +66,12 @@ port = {{ .Values.config.streaming.port | int }}
 
 [metrics]
 enabled = {{ .Values.metrics.enabled }}
+{{- if eq .Values.metrics.address "hostIP" }}
+# the node's own IP, written in by the installer on each node
+address = "@HOST_IP@"
+{{- else }}
 address = {{ .Values.metrics.address | toJson }}
+{{- end }}
 port = {{ .Values.metrics.port | int }}
 {{- if or .Values.registry.mirrors .Values.registry.insecure }}
 
