@@ -29,6 +29,7 @@ commands:
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
   bench container  a pod VM's container steps: create, start, output, exec, kill, stop
   bench density start idle pod VMs up to a count: start time, memory, CPU as they add up
+  bench shapes  pods of five distinct limits: start time against the default shape's
   bench overhead
                 what a pod VM costs its pod cgroup beyond the guest's RAM (QEMU's
                 own memory), idle and with the guest full
@@ -138,6 +139,15 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
         )
 
 
+def cmd_bench_shapes(args: argparse.Namespace) -> int:
+    from bench.shapes import run_shapes_bench
+
+    with _bench_work_dir(args.work_dir) as work:
+        return asyncio.run(
+            run_shapes_bench(guest_dir=Path(args.guest_dir), rounds=args.rounds, work_dir=work)
+        )
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     from bench.overhead import run_overhead_bench
 
@@ -224,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument("--step", type=int, default=25, help="print figures every N pods")
     density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
     density.set_defaults(func=cmd_bench_density)
+    shapes = bench_sub.add_parser(
+        "shapes", help="pods of five distinct limits: start time against the default shape's"
+    )
+    shapes.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
+    shapes.add_argument("--rounds", type=int, default=3, help="rounds of the six pods")
+    shapes.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    shapes.set_defaults(func=cmd_bench_shapes)
     overhead = bench_sub.add_parser(
         "overhead", help="QEMU's own memory: what a pod VM costs its cgroup beyond guest RAM"
     )
