@@ -46,6 +46,7 @@ from agent.protocol import (
     ExecSpec,
     ExecStarted,
     ExitStatus,
+    HotplugResult,
     ImageSource,
     NetInterface,
     PortForwardStarted,
@@ -404,6 +405,26 @@ class AgentClient(AgentTransport):
     async def reseed(self, entropy: bytes) -> None:
         """Give the guest kernel fresh randomness (after a restore from a template)."""
         await self.request("reseed", {"entropy": base64.b64encode(entropy).decode()})
+
+    async def hotplug(
+        self, *, vcpus: int, mem_total_kib: int, template_mem_total_kib: int, timeout: float
+    ) -> HotplugResult:
+        """Wait until the guest has ``vcpus`` vCPUs online (it onlines hot-added ones)
+        and a MemTotal of at least ``mem_total_kib``, then raise what its kernel sized
+        from the template's memory (``template_mem_total_kib``) to what that MemTotal
+        gives: a VM the host hot-plugged into."""
+        result = await self.request(
+            "hotplug",
+            {
+                "vcpus": vcpus,
+                "mem_total_kib": mem_total_kib,
+                "template_mem_total_kib": template_mem_total_kib,
+                "timeout": timeout,
+            },
+            timeout=timeout + 10.0,
+        )
+        sized: HotplugResult = HotplugResult.from_dict(result)
+        return sized
 
     async def update_container(self, container_id: str, update: CgroupUpdate) -> None:
         """Write a running container's cgroup limits (translated where the guest runs

@@ -702,6 +702,19 @@ class PortForwardStarted(Record):
     address: str = ""
 
 
+class HotplugResult(Record):
+    """What a VM the host hot-plugged into has once the guest onlined it all."""
+
+    vcpus: int
+    mem_total_kib: int
+    #: guest seconds the ``hotplug`` request waited for the vCPUs and memory, and then
+    #: took to raise the limits
+    seconds: float = 0.0
+    limits_seconds: float = 0.0
+    #: what the guest raised to a VM of its new size's (sysctls, rlimits, huge pages)
+    raised: list[str] = field(default_factory=list)
+
+
 class NetRoute(Record):
     #: CIDR ("0.0.0.0/0", "fd00::/64"); gateway "" makes a device route.
     dst: str

@@ -155,6 +155,7 @@ class RuntimeMetrics:
             "firmware",
             "kernel",
             "agent_ready",
+            "hotplug",
             "first_container",
         ):
             self.boot_seconds.labels(phase)
@@ -172,11 +173,13 @@ class RuntimeMetrics:
     def sandbox_started(self, pod_id: str, boot: BootTimes, seconds: float) -> None:
         """A pod VM is ready: its boot phases and the whole RunPodSandbox."""
         # a VM cloned from a template restores instead of running firmware and kernel
-        phases = (
+        phases: tuple[str, ...] = (
             ("vmm_spawn", "restore", "agent_ready")
             if boot.restore > 0
             else ("vmm_spawn", "firmware", "kernel", "agent_ready")
         )
+        if boot.hotplug > 0:
+            phases += ("hotplug",)
         for phase in phases:
             self.boot_seconds.labels(phase).observe(getattr(boot, phase))
         self.sandbox_start_seconds.observe(seconds)

@@ -9,12 +9,13 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxRefused, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
+from sandbox.hotplug import HotplugRoom, room_for
 from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
 from sandbox.lifecycle import STATE_FILE
 from sandbox.network import NetworkConfig, NetworkManager
@@ -69,6 +70,10 @@ class SandboxConfig:
     templates: bool = True
     # Where templates live (their RAM files should be on tmpfs); default: beside run_root.
     template_dir: Path | None = None
+    # Size pod VMs at clone time (sandbox/hotplug.py): one template of the smallest shape
+    # serves every pod, a clone hot-plugs the vCPUs and memory its pod needs beyond it.
+    # False: one template per shape (vCPUs, memory), its first pod boots cold.
+    hotplug: bool = True
     # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
     os_image_mode: str = "pmem"
     # CNI: config and plugin directories, netns directory (sandbox/network.py).
@@ -159,12 +164,21 @@ class SandboxHost:
             for vmm_id in self._saved_vmm_ids():
                 self.vmm_ids.claim(vmm_id)
         self.templates: TemplateStore | None = None
+        # what every VM boots with and can grow to, when VMs are sized at clone time
+        self.room: HotplugRoom | None = None
         if config.templates and config.os_image_mode == "pmem":
             self.templates = TemplateStore(
                 config.template_dir or config.run_root.parent / "templates",
                 config.qemu,
                 vmm_ids=self.vmm_ids,
             )
+            if config.hotplug:
+                self.room = room_for(
+                    default_memory_mib=config.default_memory_mib,
+                    min_memory_mib=config.min_memory_mib,
+                    max_vcpus=config.max_vcpus or os.cpu_count() or 1,
+                    host_mib=host_memory_mib(),
+                )
 
     def _saved_vmm_ids(self) -> list[int]:
         """The VMM ids of the sandboxes earlier daemons made (running or not: an id
@@ -178,10 +192,17 @@ class SandboxHost:
         return ids
 
     def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
-        """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation)."""
+        """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation).
+        Sized at clone time where it can be: booted (cloned) with the node's base shape
+        and room, the rest hot-plugged."""
         vcpus, memory = size_vm(spec, self.config)
+        room = self.room if not spec.extra_args else None
+        if room is not None and room.fits(vcpus, room.memory_for(memory)):
+            memory = room.memory_for(memory)
+        else:
+            room = None  # outside the room: a template of its own shape
         cfg = self.config
-        return MachineSpec(
+        machine = MachineSpec(
             name=spec.sandbox_id,
             kernel=self.assets.kernel,
             initrd=self.assets.initrd,
@@ -197,6 +218,15 @@ class SandboxHost:
             os_image_mode=cfg.os_image_mode,
             extra_args=tuple(spec.extra_args),
             share=self.assets.share,
+        )
+        if room is None:
+            return machine
+        return replace(
+            machine,
+            base_vcpus=room.base_vcpus,
+            base_memory_mib=room.base_memory_mib,
+            max_vcpus=room.max_vcpus,
+            hotplug_memory_mib=room.region_mib,
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:

@@ -1,4 +1,5 @@
-"""QMP control of one pod VM: status, hot-plug of DAX images, quit, lifecycle events."""
+"""QMP control of one pod VM: status, hot-plug of DAX images, vCPUs and memory, template
+state save and restore, quit, lifecycle events."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, cast
 from qemu.qmp import EventListener, QMPClient, QMPError
 
 from agent.transport import socket_address
+from sandbox.hotplug import VIRTIO_MEM_ID, HotplugError, cpus_to_plug
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +143,10 @@ class QmpControl:
         await self.execute("migrate", {"uri": "fd:state"})
         await self._wait_migration(timeout)
 
-    async def restore_state(self, path: Path, *, timeout: float = 60.0) -> None:
+    async def restore_state(self, path: Path, *, timeout: float = 60.0, run: bool = True) -> None:
         """Load device state saved by ``save_state`` into a VM started with
-        ``-incoming defer`` whose RAM maps the template's file, then run it."""
+        ``-incoming defer`` whose RAM maps the template's file, then run it (unless
+        ``run`` is false: it stays paused until ``cont``)."""
         await self.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
@@ -155,7 +158,30 @@ class QmpControl:
             os.close(fd)
         await self.execute("migrate-incoming", {"uri": "fd:state"})
         await self._wait_migration(timeout)
-        await self.execute("cont")
+        if run:
+            await self.execute("cont")
+
+    async def plug(self, *, vcpus: int, memory_bytes: int) -> None:
+        """Hot-plug ``vcpus`` more vCPUs (into the free slots QEMU lists) and set the
+        virtio-mem device's plugged size to ``memory_bytes`` (sandbox/hotplug.py). Works
+        on a paused VM: the guest hears of both when it runs."""
+        if vcpus > 0:
+            slots = await self.execute("query-hotpluggable-cpus")
+            try:
+                plan = cpus_to_plug(list(slots), vcpus)
+            except HotplugError as exc:
+                raise QmpError(str(exc)) from exc
+            for args in plan:
+                await self.execute("device_add", args)
+        if memory_bytes > 0:
+            await self.execute(
+                "qom-set",
+                {
+                    "path": f"/machine/peripheral/{VIRTIO_MEM_ID}",
+                    "property": "requested-size",
+                    "value": memory_bytes,
+                },
+            )
 
     async def quit(self) -> None:
         with contextlib.suppress(QmpError, EOFError, ConnectionError):

@@ -8,6 +8,11 @@ them) and loads the saved device state instead of booting: no firmware, no kerne
 boot, no init, no Python start-up. The guest pages every clone only reads (kernel,
 agent, libraries) exist once on the host.
 
+Pod VMs are sized at clone time (sandbox/hotplug.py): the template has the node's
+smallest shape (1 vCPU, the smallest pod VM's memory) with room to grow (CPU slots, a
+virtio-mem device with nothing plugged), and a clone of a bigger pod hot-plugs the rest,
+so one template serves every pod of the node.
+
 Guest-visible devices must be identical between template and clones, so every
 template and clone carries a NIC; a pod without networking gets it with a backend that
 goes nowhere. After a restore the agent is handed fresh entropy (the
@@ -39,7 +44,7 @@ from sandbox.vm import MachineSpec, VmProcess, build_command, pid_alive, read_cm
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 2
+TEMPLATE_FORMAT = 3
 # The NIC every template and clone has; clones set their own MAC from the guest.
 TEMPLATE_MAC = "52:54:00:c1:cc:01"
 RAM_FILE = "ram"
@@ -86,7 +91,9 @@ def nic_args(netdev: str | None) -> list[str]:
 
 
 def template_key(machine: MachineSpec, qemu: str) -> str:
-    """What decides the guest-visible machine: a template serves only its own shape."""
+    """What decides the guest-visible machine. A template serves the VMs that boot with
+    its shape: a VM sized at clone time boots with the node's base shape and room (the
+    vCPUs and memory it grows to are not part of the key), any other VM with its own."""
     shape = {
         "format": TEMPLATE_FORMAT,
         "qemu": qemu,
@@ -97,8 +104,10 @@ def template_key(machine: MachineSpec, qemu: str) -> str:
         "os_image_mtime": machine.os_image.stat().st_mtime_ns,
         "kernel_mtime": machine.kernel.stat().st_mtime_ns,
         "initrd_mtime": machine.initrd.stat().st_mtime_ns,
-        "vcpus": machine.vcpus,
-        "memory_mib": machine.memory_mib,
+        "vcpus": machine.boot_vcpus,
+        "memory_mib": machine.boot_memory_mib,
+        "max_vcpus": machine.max_vcpus,
+        "hotplug_memory_mib": machine.hotplug_memory_mib,
         "accel": machine.accel,
         "tb": machine.tcg_tb_size_mib,
         "slots": machine.image_slots,
@@ -116,6 +125,8 @@ class VmTemplate:
     directory: Path
     boot_seconds: float
     created_at: float
+    #: the guest's MemTotal when it was saved (a clone's grows by what it plugs)
+    mem_total_kib: int = 0
 
     @property
     def ram_file(self) -> Path:
@@ -174,7 +185,13 @@ class TemplateStore:
             return None
         if not (directory / RAM_FILE).exists() or not (directory / STATE_FILE).exists():
             return None
-        return VmTemplate(key, directory, info["boot_seconds"], info["created_at"])
+        return VmTemplate(
+            key,
+            directory,
+            info["boot_seconds"],
+            info["created_at"],
+            int(info.get("mem_total_kib", 0)),
+        )
 
     def ensure(self, machine: MachineSpec) -> asyncio.Task[VmTemplate | None]:
         """Build the template for ``machine``'s shape in the background (once)."""
@@ -217,7 +234,7 @@ class TemplateStore:
                     vmm_id=vmm_id,
                 )
                 self._prepare(spec)
-                boot = await self._boot_and_save(spec)
+                boot, mem_total_kib = await self._boot_and_save(spec)
             except BaseException as exc:
                 shutil.rmtree(work, ignore_errors=True)
                 if isinstance(exc, (JailError, OSError)):
@@ -238,7 +255,12 @@ class TemplateStore:
             except OSError as exc:
                 shutil.rmtree(work, ignore_errors=True)
                 raise TemplateError(f"cannot allocate the template's RAM file: {exc}") from exc
-            info = {"key": key, "boot_seconds": boot, "created_at": time.time()}
+            info = {
+                "key": key,
+                "boot_seconds": boot,
+                "created_at": time.time(),
+                "mem_total_kib": mem_total_kib,
+            }
             (work / INFO_FILE).write_text(json.dumps(info))
             try:
                 work.rename(final)
@@ -270,7 +292,8 @@ class TemplateStore:
             # refuses to save a VM while a 9p share is attached)
             spec.share_dir.mkdir()
 
-    async def _boot_and_save(self, spec: MachineSpec) -> float:
+    async def _boot_and_save(self, spec: MachineSpec) -> tuple[float, int]:
+        """Boot the template VM, save it; its boot time and the guest's MemTotal."""
         cmd = build_command(spec, qemu=self.qemu)
         if spec.vmm_id is not None:
             cmd = jail_for(spec).command(cmd)
@@ -281,13 +304,14 @@ class TemplateStore:
             await qmp.connect(spec.qmp_socket, timeout=10.0)
             agent = await AgentClient.connect(spec.agent_socket, timeout=120.0)
             boot = time.monotonic() - started
+            mem_total_kib = agent.ready.mem_total_kib
             # Let the guest finish what boot started (module init, page cache) so the
             # saved state is quiet; then drop the connection: clones reconnect.
             await agent.ping()
             await agent.close()
             await asyncio.sleep(0.3)
             await qmp.save_state(spec.run_dir / STATE_FILE)
-            return boot
+            return boot, mem_total_kib
         except (QmpError, AgentError, OSError) as exc:
             tail = ""
             with contextlib.suppress(OSError):

@@ -14,11 +14,12 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.protocol import AGENT_PORT_NAME, SHARE_TAG
 from sandbox.api import align_up
+from sandbox.hotplug import VIRTIO_MEM_BLOCK_MIB, VIRTIO_MEM_ID
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
@@ -40,6 +41,8 @@ AGENT_SERIAL_ADDR = "0x04"
 SHARE_ADDR = "0x06"
 # Room in the guest-physical address space for hot-plugged persistent memory.
 HOTPLUG_ADDRESS_SPACE_MIB = 64 * 1024
+# The virtio-mem device of a VM sized at clone time (sandbox/hotplug.py).
+VIRTIO_MEM_ADDR = "0x07"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,33 @@ class MachineSpec:
     # The uid and gid of a jailed VMM (sandbox/jail.py); None: QEMU runs as the daemon
     # does, with its files directly in run_dir (VMs of daemons before the jail).
     vmm_id: int | None = None
+    # Sized at clone time (sandbox/hotplug.py): the VM boots, as its template did, with
+    # base_vcpus vCPUs and base_memory_mib of RAM, room for max_vcpus vCPUs and a
+    # virtio-mem device of hotplug_memory_mib; what vcpus and memory_mib ask beyond is
+    # hot-plugged. 0 (all four): the VM boots with all of vcpus and memory_mib.
+    base_vcpus: int = 0
+    base_memory_mib: int = 0
+    max_vcpus: int = 0
+    hotplug_memory_mib: int = 0
+
+    @property
+    def boot_vcpus(self) -> int:
+        """vCPUs on QEMU's command line."""
+        return self.base_vcpus or self.vcpus
+
+    @property
+    def boot_memory_mib(self) -> int:
+        """RAM on QEMU's command line (the template's RAM file, for a clone)."""
+        return self.base_memory_mib or self.memory_mib
+
+    @property
+    def sized_at_clone(self) -> bool:
+        return self.base_vcpus > 0 or self.base_memory_mib > 0
+
+    def booted_whole(self) -> MachineSpec:
+        """The same VM booting with all of its vCPUs and memory, no room for more (a
+        cold boot, when there is no template to clone)."""
+        return replace(self, base_vcpus=0, base_memory_mib=0, max_vcpus=0, hotplug_memory_mib=0)
 
     @property
     def vmm_dir(self) -> Path:
@@ -115,16 +145,41 @@ def slot_root_port(slot: int) -> tuple[str, str]:
     return f"slot{slot}", f"0000:00:{FIRST_HOTPLUG_DEVICE + dev:02x}.{fn}"
 
 
+def virtio_mem_args(region_mib: int) -> list[str]:
+    """The virtio-mem device of a VM sized at clone time, nothing plugged: its region is
+    QEMU's anonymous memory, private, so a clone's plugged memory is its own, costs
+    nothing until the guest touches it and then counts in its cgroup. (``reserve=off``
+    would keep the region out of the host's commit accounting, but QEMU then reads
+    /proc/sys, which the jail does not show; the region is never bigger than the host's
+    memory, which the kernel's default overcommit heuristic and kubelet's
+    ``vm.overcommit_memory = 1`` both allow.)"""
+    if region_mib == 0:
+        return []
+    return [
+        "-object",
+        f"memory-backend-ram,id={VIRTIO_MEM_ID}-mem,size={region_mib}M",
+        "-device",
+        f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,"
+        f"block-size={VIRTIO_MEM_BLOCK_MIB}M,requested-size=0,bus=pcie.0,addr={VIRTIO_MEM_ADDR}",
+    ]
+
+
 def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
     """The qemu command line for ``spec``."""
-    if spec.vcpus < 1:
+    vcpus, memory_mib = spec.boot_vcpus, spec.boot_memory_mib
+    if vcpus < 1:
         raise ValueError("a VM needs at least one vCPU")
-    if spec.memory_mib < 64:
+    if memory_mib < 64:
         raise ValueError("a VM needs at least 64 MiB of memory")
     if spec.accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {spec.accel!r}")
+    if spec.hotplug_memory_mib % VIRTIO_MEM_BLOCK_MIB:
+        raise ValueError(f"the virtio-mem region must be whole {VIRTIO_MEM_BLOCK_MIB} MiB blocks")
     os_size = align_up(spec.os_image.stat().st_size)
-    maxmem = spec.memory_mib + HOTPLUG_ADDRESS_SPACE_MIB
+    maxmem = memory_mib + spec.hotplug_memory_mib + HOTPLUG_ADDRESS_SPACE_MIB
+    smp = str(vcpus)
+    if spec.max_vcpus > vcpus:
+        smp += f",maxcpus={spec.max_vcpus}"
     machine = "q35,sata=off,smbus=off,usb=off,vmport=off,graphics=off"
     machine += f",mem-merge={'on' if spec.mem_merge else 'off'}"
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={spec.tcg_tb_size_mib}"
@@ -169,15 +224,18 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         "-display",
         "none",
         "-smp",
-        str(spec.vcpus),
+        smp,
         "-m",
-        f"{spec.memory_mib}M,slots=1,maxmem={maxmem}M",
+        f"{memory_mib}M,slots=1,maxmem={maxmem}M",
         "-kernel",
         str(spec.kernel),
         "-initrd",
         str(spec.initrd),
         "-append",
         cmdline,
+        # first in the device memory area, whose start is 1 GiB aligned: the region the
+        # guest adds memory blocks from starts on a block boundary
+        *virtio_mem_args(spec.hotplug_memory_mib),
         *os_device,
         "-device",
         f"virtio-serial-pci,id=vser0,bus=pcie.0,addr={AGENT_SERIAL_ADDR}",
@@ -217,7 +275,7 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         cmd += [
             "-object",
             f"memory-backend-file,id=ram0,mem-path={spec.memory_file},"
-            f"size={spec.memory_mib}M,share={'on' if spec.memory_shared else 'off'}",
+            f"size={memory_mib}M,share={'on' if spec.memory_shared else 'off'}",
             "-machine",
             "memory-backend=ram0",
         ]

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import ImageSource, Mount
+from agent.protocol import HotplugResult, ImageSource, Mount
 from sandbox import mounts
 from sandbox.api import (
     VM_HANDLER,
@@ -34,6 +34,7 @@ from sandbox.api import (
 )
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
+from sandbox.hotplug import PlugPlan, expected_mem_total_kib, plug_bytes
 from sandbox.jail import JailError, jail_for, prepare_vmm_dir
 from sandbox.lifecycle import PodSandbox, check_new
 from sandbox.network import NETDEV_ID, PodNetwork, TapDevice
@@ -141,6 +142,9 @@ class VmBackend:
             self.machine = replace(
                 self.machine, memory_file=template.ram_file, memory_shared=False, incoming=True
             )
+        elif self.machine.sized_at_clone:
+            # nothing to clone: boot with the whole size, as without templates
+            self.machine = self.machine.booted_whole()
         cmd = build_command(self.machine, qemu=self.host.config.qemu)
         if self.machine.vmm_id is not None:
             cmd = jail_for(self.machine).command(cmd)
@@ -181,13 +185,29 @@ class VmBackend:
         self.qmp = QmpControl(f"clearcri-{self.spec.sandbox_id}")
         await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
         t_spawned = time.monotonic()
+        sizing: asyncio.Future[HotplugResult] | None = None
         if template is not None:
-            await self.qmp.restore_state(template.state_file)
+            # the clone gets what its pod needs beyond the template before it runs
+            await self.qmp.restore_state(template.state_file, run=False)
+            plug = self._plug_plan(template)
+            if plug is not None:
+                await self.qmp.plug(vcpus=plug.vcpus, memory_bytes=plug.memory_bytes)
+            await self.qmp.execute("cont")
             t_restored = time.monotonic()
             agent = await sandbox.connect_agent("the VM exited during boot")
             # clones must not share the template's random state
             await agent.reseed(os.urandom(64))
             t_ready = time.monotonic()
+            if plug is not None:
+                # the guest onlines what was plugged while the pod's setup goes on
+                sizing = asyncio.ensure_future(
+                    agent.hotplug(
+                        vcpus=self.machine.vcpus,
+                        mem_total_kib=plug.mem_total_kib,
+                        template_mem_total_kib=template.mem_total_kib,
+                        timeout=self.host.config.boot_timeout_s,
+                    )
+                )
             boot = BootTimes(
                 vmm_spawn=t_spawned - t0,
                 restore=t_restored - t_spawned,
@@ -206,15 +226,48 @@ class VmBackend:
                 agent_ready=max(0.0, agent_uptime - init_start),
                 total=t_ready - t0,
             )
-        await agent.sync_clock(time.time_ns())
-        hostname = self.spec.hostname or self.spec.sandbox_id[:63]
-        resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
-        if self.network is not None:
-            await self.network.configure_guest(agent)
-            resolv_conf, hosts = self.network.etc_files(hostname, resolv_conf, hosts)
-        await agent.set_pod_config(hostname=hostname, resolv_conf=resolv_conf, hosts=hosts)
+        try:
+            await agent.sync_clock(time.time_ns())
+            hostname = self.spec.hostname or self.spec.sandbox_id[:63]
+            resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
+            if self.network is not None:
+                await self.network.configure_guest(agent)
+                resolv_conf, hosts = self.network.etc_files(hostname, resolv_conf, hosts)
+            await agent.set_pod_config(hostname=hostname, resolv_conf=resolv_conf, hosts=hosts)
+            if sizing is not None:
+                sized = await sizing
+                t_sized = time.monotonic()
+                boot = replace(
+                    boot, hotplug=t_sized - t_restored, total=max(boot.total, t_sized - t0)
+                )
+                log.info(
+                    "sandbox=%s sized at clone: %d vCPUs, MemTotal %d KiB (guest: %.3fs "
+                    "waiting, %.3fs raising %s)",
+                    self.spec.sandbox_id,
+                    sized.vcpus,
+                    sized.mem_total_kib,
+                    sized.seconds,
+                    sized.limits_seconds,
+                    ", ".join(sized.raised) or "nothing",
+                )
+        finally:
+            if sizing is not None and not sizing.done():
+                sizing.cancel()
+                with contextlib.suppress(BaseException):
+                    await sizing
         log.info("sandbox=%s booted accel=%s", self.spec.sandbox_id, self.machine.accel)
         return boot
+
+    def _plug_plan(self, template: VmTemplate) -> PlugPlan | None:
+        """What a clone of ``template`` plugs to reach its pod's size (None: nothing)."""
+        machine = self.machine
+        if not machine.sized_at_clone:
+            return None
+        vcpus = machine.vcpus - machine.boot_vcpus
+        memory = plug_bytes(machine.memory_mib, machine.boot_memory_mib)
+        if vcpus == 0 and memory == 0:
+            return None
+        return PlugPlan(vcpus, memory, expected_mem_total_kib(template.mem_total_kib, memory))
 
     async def abort_launch(self, sandbox: PodSandbox) -> None:
         await self._kill_vm(sandbox.process)

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from agent.guest.containers import ContainerManager
+    from agent.guest.hotplug import CpuWatcher
     from agent.guest.portforward import PortForwards
 
 _START_UPTIME: float | None = None
@@ -94,6 +95,7 @@ class Server:
         "resize",
         "shutdown",
         "reseed",
+        "hotplug",
         "update_container",
         "port_forward",
     )
@@ -108,6 +110,7 @@ class Server:
         self._manager: ContainerManager | None = None
         self._manager_lock = threading.Lock()
         self._forwards: PortForwards | None = None
+        self._cpu_watcher: CpuWatcher | None = None
         self._ops: dict[str, Callable[[dict[str, Any], int], Any]] = {
             name: getattr(self, f"op_{name}") for name in self.OPERATIONS
         }
@@ -294,6 +297,12 @@ class Server:
             pass
         if not getattr(self, "_warmed", False):
             self._warmed = True
+            if os.getpid() == 1:
+                # in a VM (a template's first hello): vCPUs hot-added to its clones go
+                # online as soon as the kernel adds them
+                from agent.guest import hotplug
+
+                self._cpu_watcher = hotplug.CpuWatcher()
             threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         return {
             "agent_version": AGENT_VERSION,
@@ -406,6 +415,22 @@ class Server:
         from agent.guest import system
 
         system.add_entropy(base64.b64decode(str(args["entropy"])))
+
+    def op_hotplug(self, args: dict[str, Any], generation: int) -> dict[str, Any]:
+        from agent.guest import hotplug
+
+        vcpus, mem_total = args["vcpus"], args["mem_total_kib"]
+        template_mem_total = args.get("template_mem_total_kib", 0)
+        if not all(isinstance(v, int) for v in (vcpus, mem_total, template_mem_total)):
+            raise OpError(INVALID_ARGUMENT, "vcpus and the MemTotal figures must be integers")
+        if vcpus < 1:
+            raise OpError(INVALID_ARGUMENT, "vcpus must be at least 1")
+        sized = hotplug.wait_for_size(vcpus, mem_total, float(args.get("timeout", 30)))
+        if template_mem_total:
+            started = time.monotonic()
+            sized.raised = hotplug.grow_boot_limits(template_mem_total, sized.mem_total_kib)
+            sized.limits_seconds = time.monotonic() - started
+        return sized.to_dict()
 
     def op_update_container(self, args: dict[str, Any], generation: int) -> None:
         from agent.guest import resources
