@@ -75,7 +75,8 @@ def _read(path: str) -> str | None:
 
 def _write(path: str, text: str) -> bool:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        # O_TRUNC as a shell's redirection: sysfs and procfs ignore it
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     except OSError:
         return False
     try:

@@ -1,0 +1,246 @@
+"""Sizing pod VMs at clone time, without booting: the room every VM boots with, what a
+clone plugs, the command line, the template key, the machine a pod gets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.api import SandboxSpec
+from sandbox.guest import GuestAssets
+from sandbox.hotplug import (
+    HotplugError,
+    HotplugRoom,
+    cpus_to_plug,
+    expected_mem_total_kib,
+    plug_bytes,
+    room_for,
+)
+from sandbox.node import SandboxConfig, SandboxHost, size_vm
+from sandbox.template import template_key
+from sandbox.vm import HOTPLUG_ADDRESS_SPACE_MIB, MachineSpec, build_command
+
+MIB = 1 << 20
+
+# What QEMU 7.2 answered query-hotpluggable-cpus with for -smp 1,maxcpus=2 (q35, TCG).
+QEMU_72_CPUS: list[dict[str, Any]] = [
+    {
+        "props": {"core-id": 1, "thread-id": 0, "node-id": 0, "socket-id": 0},
+        "vcpus-count": 1,
+        "type": "qemu64-x86_64-cpu",
+    },
+    {
+        "props": {"core-id": 0, "thread-id": 0, "node-id": 0, "socket-id": 0},
+        "vcpus-count": 1,
+        "qom-path": "/machine/unattached/device[0]",
+        "type": "qemu64-x86_64-cpu",
+    },
+]
+
+
+def _slots(count: int, used: int = 1) -> list[dict[str, Any]]:
+    slots: list[dict[str, Any]] = []
+    for core in reversed(range(count)):  # QEMU lists the highest first
+        slot: dict[str, Any] = {
+            "props": {"socket-id": 0, "core-id": core, "thread-id": 0},
+            "vcpus-count": 1,
+            "type": "host-x86_64-cpu",
+        }
+        if core < used:
+            slot["qom-path"] = f"/machine/unattached/device[{core}]"
+        slots.append(slot)
+    return slots
+
+
+def test_room_boots_one_vcpu_and_the_smallest_vm() -> None:
+    room = room_for(default_memory_mib=256, min_memory_mib=96, max_vcpus=8, host_mib=24105)
+    assert room == HotplugRoom(1, 96, 8, 24105)
+    # the virtio-mem region is whole guest memory blocks
+    assert room.region_mib == 24064 and room.region_mib % 128 == 0
+    # an odd smallest size rounds down to a whole virtio-mem block
+    odd = room_for(default_memory_mib=97, min_memory_mib=101, max_vcpus=2, host_mib=4096)
+    assert odd is not None and odd.base_memory_mib == 96
+    # nothing to grow into
+    assert room_for(default_memory_mib=96, min_memory_mib=96, max_vcpus=1, host_mib=0) is None
+
+
+def test_memory_rounds_down_to_whole_blocks_above_the_base() -> None:
+    room = HotplugRoom(1, 96, 2, 4096)
+    assert room.memory_for(256) == 256
+    assert room.memory_for(605) == 604  # a 500M limit: 477 MiB + 128
+    assert room.memory_for(96) == 96
+    assert room.fits(2, 604)
+    assert not room.fits(3, 604), "more vCPUs than the room"
+    assert not room.fits(1, 605), "not whole blocks"
+    assert not room.fits(1, 96 + room.region_mib + 2), "more memory than the room"
+
+
+def test_plug_bytes() -> None:
+    assert plug_bytes(256, 96) == 160 * MIB
+    assert plug_bytes(96, 96) == 0
+    with pytest.raises(HotplugError, match="whole"):
+        plug_bytes(257, 96)
+    with pytest.raises(HotplugError):
+        plug_bytes(64, 96)
+
+
+def test_cpus_to_plug_takes_free_slots_in_topology_order() -> None:
+    assert cpus_to_plug(QEMU_72_CPUS, 1) == [
+        {
+            "driver": "qemu64-x86_64-cpu",
+            "id": "cpu1",
+            "core-id": 1,
+            "thread-id": 0,
+            "node-id": 0,
+            "socket-id": 0,
+        }
+    ]
+    plan = cpus_to_plug(_slots(4), 3)
+    assert [args["core-id"] for args in plan] == [1, 2, 3]
+    assert [args["id"] for args in plan] == ["cpu1", "cpu2", "cpu3"]
+    assert cpus_to_plug(_slots(4), 0) == []
+    with pytest.raises(HotplugError, match="room for 3 more vCPUs, not 4"):
+        cpus_to_plug(_slots(4), 4)
+    # slots already used by an earlier plug are skipped
+    assert [args["core-id"] for args in cpus_to_plug(_slots(4, used=2), 2)] == [2, 3]
+
+
+def test_expected_mem_total_counts_every_plugged_page() -> None:
+    # measured: a 96 MiB template's guest had 79968 KiB, plugged to 256 MiB 243808 KiB
+    assert expected_mem_total_kib(79968, 160 * MIB) == 243808
+
+
+def _spec(tmp_path: Path, **kw: object) -> MachineSpec:
+    image = tmp_path / "os.img"
+    image.write_bytes(b"\0" * 3_000_000)
+    return MachineSpec(
+        name="pod1",
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd.img",
+        os_image=image,
+        run_dir=tmp_path / "run",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _opts(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, part in enumerate(cmd) if part == flag]
+
+
+def test_a_vm_sized_at_clone_boots_the_base_with_room(tmp_path: Path) -> None:
+    spec = _spec(
+        tmp_path,
+        vcpus=2,
+        memory_mib=1152,
+        base_vcpus=1,
+        base_memory_mib=96,
+        max_vcpus=4,
+        hotplug_memory_mib=4096,
+        memory_file=tmp_path / "ram",
+    )
+    cmd = build_command(spec)
+    assert _opts(cmd, "-smp") == ["1,maxcpus=4"]
+    assert _opts(cmd, "-m") == [f"96M,slots=1,maxmem={96 + 4096 + HOTPLUG_ADDRESS_SPACE_MIB}M"]
+    objects = _opts(cmd, "-object")
+    assert "memory-backend-ram,id=vmem0-mem,size=4096M" in objects
+    assert any(o.startswith("memory-backend-file,id=ram0,") and "size=96M" in o for o in objects)
+    devices = _opts(cmd, "-device")
+    vmem = next(i for i, d in enumerate(devices) if d.startswith("virtio-mem-pci"))
+    assert "requested-size=0" in devices[vmem] and "block-size=2M" in devices[vmem]
+    # first in the device memory area, before the OS image
+    assert vmem < next(i for i, d in enumerate(devices) if d.startswith("virtio-pmem-pci"))
+    # the same VM booted whole: no room, its whole size on the command line
+    whole = build_command(spec.booted_whole())
+    assert _opts(whole, "-smp") == ["2"]
+    assert _opts(whole, "-m")[0].startswith("1152M,")
+    assert not any(o.startswith("memory-backend-ram") for o in _opts(whole, "-object"))
+
+
+def test_a_vm_without_room_is_todays(tmp_path: Path) -> None:
+    cmd = build_command(_spec(tmp_path, vcpus=2, memory_mib=512))
+    assert _opts(cmd, "-smp") == ["2"]
+    assert _opts(cmd, "-m") == [f"512M,slots=1,maxmem={512 + HOTPLUG_ADDRESS_SPACE_MIB}M"]
+    assert not any(d.startswith("virtio-mem") for d in _opts(cmd, "-device"))
+
+
+def test_the_template_key_leaves_out_what_is_plugged(tmp_path: Path) -> None:
+    for name in ("vmlinux", "initrd.img"):
+        (tmp_path / name).write_bytes(b"x")
+    room = {"base_vcpus": 1, "base_memory_mib": 96, "max_vcpus": 2, "hotplug_memory_mib": 4096}
+    small = _spec(tmp_path, vcpus=1, memory_mib=192, **room)
+    big = replace(small, vcpus=2, memory_mib=1152)
+    assert template_key(small, "qemu") == template_key(big, "qemu")
+    assert template_key(small, "qemu") != template_key(replace(small, max_vcpus=4), "qemu")
+    assert template_key(small, "qemu") != template_key(
+        replace(small, hotplug_memory_mib=8192), "qemu"
+    )
+    # without room, a template per shape, as before
+    alone = small.booted_whole()
+    assert template_key(alone, "qemu") != template_key(replace(alone, memory_mib=256), "qemu")
+
+
+def _host(tmp_path: Path, **config: object) -> SandboxHost:
+    guest = tmp_path / "guest"
+    guest.mkdir(exist_ok=True)
+    for name in ("vmlinux", "initrd.img", "os.img", "floor-initrd.img"):
+        (guest / name).write_bytes(b"\0" * 4096)
+    assets = GuestAssets(
+        kernel=guest / "vmlinux",
+        initrd=guest / "initrd.img",
+        os_image=guest / "os.img",
+        floor_initrd=guest / "floor-initrd.img",
+        kernel_version="6.1",
+        version="v",
+    )
+    settings = SandboxConfig(
+        run_root=tmp_path / "run",
+        guest_dir=guest,
+        accel="tcg",
+        jail=False,
+        template_dir=tmp_path / "templates",
+        max_vcpus=4,
+    )
+    return SandboxHost(replace(settings, **config), assets)  # type: ignore[arg-type]
+
+
+def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
+    return SandboxSpec(
+        "p",
+        cpu_quota_us=vcpus * 100_000,
+        cpu_period_us=100_000,
+        memory_limit_bytes=limit_mib * MIB,
+        memory_budget_bytes=(limit_mib + 168) * MIB,
+    )
+
+
+def test_pods_of_every_shape_boot_the_one_base(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    assert host.room is not None
+    machines = [
+        host.machine_for(spec, tmp_path / "p")
+        for spec in (SandboxSpec("d"), _pod(1, 64), _pod(2, 128), _pod(4, 1024), _pod(3, 477))
+    ]
+    assert {(m.boot_vcpus, m.boot_memory_mib, m.max_vcpus) for m in machines} == {(1, 96, 4)}
+    assert {template_key(m, "qemu") for m in machines} == {template_key(machines[0], "qemu")}
+    # each gets what size_vm gives its limits (an odd size rounded down to a block)
+    assert [(m.vcpus, m.memory_mib) for m in machines] == [
+        (1, 256),
+        (1, 192),
+        (2, 256),
+        (4, 1152),
+        (3, 604),
+    ]
+    assert size_vm(_pod(3, 477), host.config) == (3, 605)
+
+
+def test_no_room_without_hotplug_templates_or_for_extra_args(tmp_path: Path) -> None:
+    assert _host(tmp_path, hotplug=False).room is None
+    assert _host(tmp_path, templates=False).room is None
+    host = _host(tmp_path)
+    odd = replace(_pod(2, 477), extra_args=["-S"])
+    machine = host.machine_for(odd, tmp_path / "p")
+    assert not machine.sized_at_clone
+    assert (machine.vcpus, machine.memory_mib) == (2, 605)
