@@ -95,6 +95,7 @@ async def _run(
         "vmm_spawn": [],
         "restore": [],
         "agent_ready": [],
+        "hotplug": [],
         "total": [],
     }
     unjailed_phases: dict[str, list[float]] = {name: [] for name in clone_phases}
@@ -123,7 +124,8 @@ async def _run(
     resident = template.ram_file.stat().st_blocks * 512
     print(
         f"  from a VM template (built once in {template.boot_seconds:.2f} s; its RAM file "
-        f"holds {resident / 2**20:.1f} MiB on tmpfs, paid once per node and VM shape):"
+        f"holds {resident / 2**20:.1f} MiB on tmpfs, paid once per node; the guest's size "
+        "hot-plugged where it is more than the template's):"
     )
     for name, values in clone_phases.items():
         print(f"    {name:<32} {_stats(values)}")

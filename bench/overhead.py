@@ -40,9 +40,10 @@ def cgroup_charge(path: Path) -> tuple[int, int]:
     return current, int((path / "memory.peak").read_text())
 
 
-def qemu_own_anon_kib(pid: int, guest_ram_bytes: int) -> int:
-    """Anonymous memory of a QEMU process outside the guest's RAM mapping (KiB): its
-    heap, TCG code buffer, device state and thread stacks."""
+def qemu_own_anon_kib(pid: int, guest_ram_bytes: set[int]) -> int:
+    """Anonymous memory of a QEMU process outside the guest's RAM mappings (KiB, those
+    of the sizes in ``guest_ram_bytes``: its boot RAM and a virtio-mem region): its heap,
+    TCG code buffer, device state and thread stacks."""
     total = 0
     size = 0
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
@@ -50,7 +51,7 @@ def qemu_own_anon_kib(pid: int, guest_ram_bytes: int) -> int:
         if "-" in head and not head.endswith(":"):
             start, _, end = head.partition("-")
             size = int(end, 16) - int(start, 16)
-        elif head == "Anonymous:" and size != guest_ram_bytes:
+        elif head == "Anonymous:" and size not in guest_ram_bytes:
             total += int(line.split()[1])
     return total
 
@@ -120,9 +121,11 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
                         break
                     last = current
                 _, peak = cgroup_charge(cgroup)
-                memory_mib = vm_backend(sandbox).machine.memory_mib
+                machine = vm_backend(sandbox).machine
+                memory_mib = machine.memory_mib
                 overhead = peak / MIB - memory_mib
-                own = qemu_own_anon_kib(sandbox.pid, memory_mib * MIB) / 1024
+                ram = {machine.boot_memory_mib * MIB, machine.hotplug_memory_mib * MIB}
+                own = qemu_own_anon_kib(sandbox.pid, ram) / 1024
                 overheads.append(own)
                 guest_floor.append(memory_mib - total)
                 print(

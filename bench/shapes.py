@@ -1,12 +1,21 @@
-"""`clearcri bench shapes`: how fast pods of distinct limits start, against the default
-shape's clone.
+"""`clearcri bench shapes`: pods of distinct limits against the default shape's clone.
 
-Every round starts one pod of the default shape (no limits) and one pod of each of five
-distinct limits, interleaved, each stopped before the next starts. The limits change a
-little every round (2 MiB more memory each time), as the limits of pods in a cluster do:
-no round meets a shape an earlier round saw. Timed: the whole ``PodSandbox.start`` (what
-the pod waits for, templates included). Then one pod of each shape runs at once, idle,
-and each one's host memory (PSS of its QEMU) is read.
+Three ways to start a pod of a size that is not the default's, interleaved in one run
+(the same machine, the same minute), each round in turn:
+
+* ``hot-plug``: sized at clone time (``[vm] hotplug = true``, the default): a clone of
+  the node's one template, its vCPUs and memory hot-plugged;
+* ``own template``: a clone of a template of its own shape, built before the timing
+  (``[vm] hotplug = false`` once its shape has been seen);
+* ``new shape``: ``[vm] hotplug = false`` meeting a shape for the first time (in a
+  cluster nearly every distinct limit is one): it waits for its template to be built
+  (a cold boot) and is then cloned from it. The limits change every round (2 MiB more),
+  so this path never finds a template.
+
+Beside them, pods of the default shape (no limits) from its own template, and the
+default shape sized at clone time. Timed: the whole ``PodSandbox.start`` (what the pod
+waits for, templates included). Then each shape's host memory, one idle VM at a time
+(the PSS of its QEMU), hot-plugged against its own template's clone.
 
 Medians with min and max; nothing here asserts a time.
 """
@@ -16,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.boot import pss_kib
@@ -24,7 +33,7 @@ from bench.common import bench_config, drop_templates
 from sandbox.api import SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
-from sandbox.node import SandboxHost
+from sandbox.node import SandboxConfig, SandboxHost
 from sandbox.vmpod import create_vm_pod, vm_backend
 
 MIB = 1 << 20
@@ -57,22 +66,24 @@ class Shape:
     def label(self) -> str:
         if self.memory_limit_mib == 0:
             return "default (no limits)"
-        return f"{self.vcpus} CPU, {self.memory_limit_mib} Mi limit"
+        return f"{self.vcpus} CPU, {self.memory_limit_mib} Mi"
 
 
 DEFAULT = Shape(0, 0)
 SHAPES = (Shape(1, 64), Shape(2, 128), Shape(1, 384), Shape(2, 640), Shape(2, 1024))
+WAYS = ("hot-plug", "own template", "new shape")
 
 
 def _stats(values: list[float]) -> str:
-    return (
-        f"median {statistics.median(values):6.3f}  min {min(values):6.3f}  max {max(values):6.3f}"
-    )
+    return f"{statistics.median(values):6.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def _templates(host: SandboxHost) -> list[Path]:
+def _templates(host: SandboxHost) -> tuple[int, float]:
+    """Templates in ``host``'s store and MiB their RAM files hold on tmpfs."""
     assert host.templates is not None
-    return [p for p in host.templates.root.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in host.templates.root.iterdir() if not p.name.startswith(".")]
+    ram = sum((p / "ram").stat().st_blocks * 512 for p in entries if (p / "ram").exists())
+    return len(entries), ram / MIB
 
 
 async def _start(host: SandboxHost, spec: SandboxSpec) -> tuple[PodSandbox, float]:
@@ -86,63 +97,112 @@ async def _start(host: SandboxHost, spec: SandboxSpec) -> tuple[PodSandbox, floa
     return sandbox, time.monotonic() - t0
 
 
+async def _time(host: SandboxHost, spec: SandboxSpec) -> tuple[float, tuple[int, int]]:
+    sandbox, seconds = await _start(host, spec)
+    machine = vm_backend(sandbox).machine
+    await sandbox.destroy()
+    return seconds, (machine.vcpus, machine.memory_mib)
+
+
 async def run_shapes_bench(*, guest_dir: Path, rounds: int, work_dir: Path) -> int:
     assets = locate_guest(guest_dir)
-    config = bench_config(guest_dir, work_dir, templates=True)
-    host = SandboxHost(config, assets)
+    base = bench_config(guest_dir, work_dir, templates=True)
+    configs = {
+        "hot-plug": base,
+        "own template": _other_store(base, "own", hotplug=False),
+        "new shape": _other_store(base, "new", hotplug=False),
+    }
     try:
-        return await _run(host, rounds)
+        hosts = {way: SandboxHost(config, assets) for way, config in configs.items()}
+        own = hosts["own template"].templates
+        assert own is not None
+        own.keep = len(SHAPES) + 1  # every shape's template stays
+        new = hosts["new shape"].templates
+        assert new is not None
+        new.keep = 1  # new shapes' templates are not met again
+        return await _run(hosts, rounds)
     finally:
-        drop_templates(config)
+        for config in configs.values():
+            drop_templates(config)
 
 
-async def _run(host: SandboxHost, rounds: int) -> int:
-    assert host.templates is not None
-    print(f"guest {host.assets.version}  accel {host.accel}")
-    warm = host.warm_up()
-    assert warm is not None
-    await warm
-    print(f"template of the default shape built; template dir: {len(_templates(host))} entry")
-    times: dict[Shape, list[float]] = {shape: [] for shape in (DEFAULT, *SHAPES)}
+def _other_store(config: SandboxConfig, name: str, *, hotplug: bool) -> SandboxConfig:
+    assert config.template_dir is not None
+    return replace(
+        config,
+        hotplug=hotplug,
+        template_dir=config.template_dir.with_name(f"{config.template_dir.name}-{name}"),
+    )
+
+
+async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
+    plug, own = hosts["hot-plug"], hosts["own template"]
+    print(f"guest {plug.assets.version}  accel {plug.accel}")
+    assert plug.room is not None
+    room = plug.room
+    print(
+        f"hot-plug room: template {room.base_vcpus} vCPU {room.base_memory_mib} MiB, up to "
+        f"{room.max_vcpus} vCPUs and {room.base_memory_mib + room.region_mib} MiB"
+    )
+    # the templates every timed start finds: the hot-plug one, each shape's own
+    started = time.monotonic()
+    for i, shape in enumerate((DEFAULT, *SHAPES)):
+        for host in (plug, own):
+            await _time(host, shape.spec(f"bench-warm-{i}"))
+    print(f"templates built ({time.monotonic() - started:.1f} s)", flush=True)
+
+    times: dict[tuple[Shape, str], list[float]] = {}
     sizes: dict[Shape, tuple[int, int]] = {}
     for r in range(rounds):
         line = [f"round {r + 1}:"]
         for i, shape in enumerate(SHAPES):
-            for current in (DEFAULT, shape):
-                name = f"bench-shape-{r}-{i}-{'d' if current is DEFAULT else 's'}"
-                sandbox, seconds = await _start(host, current.spec(name, extra_mib=2 * r))
-                machine = vm_backend(sandbox).machine
-                sizes[current] = (machine.vcpus, machine.memory_mib)
-                await sandbox.destroy()
-                times[current].append(seconds)
-                if current is not DEFAULT:
-                    line.append(f"{machine.vcpus}x{machine.memory_mib}M {seconds:.2f}s")
-        print("  ".join(line), flush=True)
-    print(f"\npod start, {rounds} rounds, seconds (the whole PodSandbox.start):")
-    for shape, values in times.items():
-        vcpus, memory = sizes[shape]
-        print(f"  {shape.label:<22} VM {vcpus} vCPU {memory:>5} MiB  {_stats(values)}")
-    entries = _templates(host)
-    ram = sum((p / "ram").stat().st_blocks * 512 for p in entries if (p / "ram").exists())
-    print(
-        f"template dir at the end: {len(entries)} entries, their RAM files "
-        f"{ram / MIB:.1f} MiB on tmpfs"
-    )
-
-    print("\nhost memory, one idle pod of each shape running at once (PSS of its QEMU, MiB):")
-    running: list[tuple[Shape, PodSandbox]] = []
-    try:
-        for i, shape in enumerate((DEFAULT, *SHAPES)):
-            sandbox, _ = await _start(host, shape.spec(f"bench-shape-mem-{i}"))
-            running.append((shape, sandbox))
-        await asyncio.sleep(5)
-        for shape, sandbox in running:
-            machine = vm_backend(sandbox).machine
-            print(
-                f"  {shape.label:<22} VM {machine.vcpus} vCPU {machine.memory_mib:>5} MiB  "
-                f"PSS {pss_kib(sandbox.pid) / 1024:7.1f}"
+            name = f"bench-shape-{r}-{i}"
+            seconds, _ = await _time(own, DEFAULT.spec(f"{name}-d"))
+            times.setdefault((DEFAULT, "own template"), []).append(seconds)
+            seconds, size = await _time(plug, DEFAULT.spec(f"{name}-dp"))
+            times.setdefault((DEFAULT, "hot-plug"), []).append(seconds)
+            sizes[DEFAULT] = size
+            for way in WAYS:
+                spec = shape.spec(f"{name}-{way[0]}", extra_mib=2 * r if way == "new shape" else 0)
+                seconds, size = await _time(hosts[way], spec)
+                times.setdefault((shape, way), []).append(seconds)
+                if way == "hot-plug":
+                    sizes[shape] = size
+            line.append(
+                "/".join(f"{times[(shape, way)][-1]:.2f}" for way in WAYS) + f" ({shape.label})"
             )
-    finally:
-        for _, sandbox in running:
-            await sandbox.destroy()
+        print("  ".join(line), flush=True)
+
+    print(f"\npod start, seconds, median (min-max) of {rounds} rounds (PodSandbox.start):")
+    header = f"  {'pod':<22} {'VM':<14}" + "".join(f"{way:>22}" for way in WAYS)
+    print(header)
+    reference = statistics.median(times[(DEFAULT, "own template")])
+    for shape in (DEFAULT, *SHAPES):
+        vcpus, memory = sizes[shape]
+        row = f"  {shape.label:<22} {vcpus} vCPU {memory:>5} MiB"
+        for way in WAYS:
+            values = times.get((shape, way))
+            row += f"{_stats(values) if values else '':>22}"
+        print(row)
+    print(f"  the default shape's clone (own template): {reference:.3f} s; each row against it:")
+    for shape in SHAPES:
+        ratios = "  ".join(
+            f"{way} {statistics.median(times[(shape, way)]) / reference:.2f}" for way in WAYS
+        )
+        print(f"    {shape.label:<22} {ratios}")
+    for way, host in hosts.items():
+        count, ram = _templates(host)
+        print(f"  templates ({way}): {count}, RAM files {ram:.1f} MiB on tmpfs")
+
+    print("\nhost memory of one idle VM at a time (PSS of its QEMU after 5 s, MiB):")
+    for i, shape in enumerate((DEFAULT, *SHAPES)):
+        row = f"  {shape.label:<22} {sizes[shape][0]} vCPU {sizes[shape][1]:>5} MiB"
+        for way, host in (("hot-plug", plug), ("own template", own)):
+            sandbox, _ = await _start(host, shape.spec(f"bench-mem-{way[0]}-{i}"))
+            try:
+                await asyncio.sleep(5)
+                row += f"   {way} {pss_kib(sandbox.pid) / 1024:6.1f}"
+            finally:
+                await sandbox.destroy()
+        print(row, flush=True)
     return 0
