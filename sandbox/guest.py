@@ -27,6 +27,8 @@ DEFAULT_GUEST_DIR = Path("/var/lib/clearcri/guest")
 #: its modules loaded by the initramfs (no 9p: pods cannot mount host paths).
 KERNEL_FLAVORS: tuple[str, ...] = ("clearcri", "debian")
 DEFAULT_KERNEL_FLAVOR = "clearcri"
+#: Each flavor's timer frequency (CONFIG_HZ): guestbuild/guest_kernel.config's, Debian's.
+KERNEL_HZ = {"clearcri": 100, "debian": 250}
 
 #: The components of a build and their files in the guest directory.
 COMPONENTS: tuple[str, ...] = ("kernel", "initrd", "floor_initrd", "os_image")
@@ -57,6 +59,10 @@ class GuestAssets:
     kernel_version: str
     version: str
     kernel_flavor: str = DEFAULT_KERNEL_FLAVOR
+
+    @property
+    def hz(self) -> int:
+        return KERNEL_HZ.get(self.kernel_flavor, 100)
 
     @property
     def share(self) -> bool:

@@ -94,6 +94,25 @@ def room_for(
     return HotplugRoom(base_vcpus, base_memory, max(max_vcpus, base_vcpus), max_memory)
 
 
+def guest_lpj(cpuinfo: str, guest_hz: int) -> int | None:
+    """The delay-loop calibration (``lpj=``) a guest's kernel computes on its boot vCPU,
+    from the host's: a vCPU hot-added to a clone calibrates its own delay loop when it
+    comes online, which under TCG takes a quarter of a second, unless the kernel was
+    given the value. The guest's TSC runs at the host's rate (TCG reads the host's TSC;
+    KVM gives guests the host's rate), the host's ``bogomips`` is that rate in units of
+    500 kHz, and the guest counts TSC cycles per jiffy. None where the host's
+    /proc/cpuinfo (``cpuinfo``) does not tell."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "bogomips":
+            try:
+                tsc_khz = float(value) * 500
+            except ValueError:
+                return None
+            return round(tsc_khz * 1000 / guest_hz) if tsc_khz > 0 else None
+    return None
+
+
 def plug_bytes(memory_mib: int, base_memory_mib: int) -> int:
     """The virtio-mem ``requested-size`` of a VM of ``memory_mib`` booted with
     ``base_memory_mib``."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxRefused, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
-from sandbox.hotplug import HotplugRoom, room_for
+from sandbox.hotplug import HotplugRoom, guest_lpj, room_for
 from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
 from sandbox.lifecycle import STATE_FILE
 from sandbox.network import NetworkConfig, NetworkManager
@@ -179,6 +179,12 @@ class SandboxHost:
                     max_vcpus=config.max_vcpus or os.cpu_count() or 1,
                     host_mib=host_memory_mib(),
                 )
+        # the boot vCPU's delay calibration, for the kernel of a VM whose vCPUs are
+        # hot-added (none: they calibrate their own)
+        self.lpj: int | None = None
+        if self.room is not None and self.room.max_vcpus > self.room.base_vcpus:
+            with contextlib.suppress(OSError):
+                self.lpj = guest_lpj(Path("/proc/cpuinfo").read_text(), self.assets.hz)
 
     def _saved_vmm_ids(self) -> list[int]:
         """The VMM ids of the sandboxes earlier daemons made (running or not: an id
@@ -227,6 +233,7 @@ class SandboxHost:
             base_memory_mib=room.base_memory_mib,
             max_vcpus=room.max_vcpus,
             hotplug_memory_mib=room.region_mib,
+            extra_cmdline=f"lpj={self.lpj}" if self.lpj else "",
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:

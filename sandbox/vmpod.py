@@ -195,9 +195,6 @@ class VmBackend:
             await self.qmp.execute("cont")
             t_restored = time.monotonic()
             agent = await sandbox.connect_agent("the VM exited during boot")
-            # clones must not share the template's random state
-            await agent.reseed(os.urandom(64))
-            t_ready = time.monotonic()
             if plug is not None:
                 # the guest onlines what was plugged while the pod's setup goes on
                 sizing = asyncio.ensure_future(
@@ -208,6 +205,13 @@ class VmBackend:
                         timeout=self.host.config.boot_timeout_s,
                     )
                 )
+            # clones must not share the template's random state
+            try:
+                await agent.reseed(os.urandom(64))
+            except BaseException:
+                await _cancelled(sizing)
+                raise
+            t_ready = time.monotonic()
             boot = BootTimes(
                 vmm_spawn=t_spawned - t0,
                 restore=t_restored - t_spawned,
@@ -251,10 +255,7 @@ class VmBackend:
                     ", ".join(sized.raised) or "nothing",
                 )
         finally:
-            if sizing is not None and not sizing.done():
-                sizing.cancel()
-                with contextlib.suppress(BaseException):
-                    await sizing
+            await _cancelled(sizing)
         log.info("sandbox=%s booted accel=%s", self.spec.sandbox_id, self.machine.accel)
         return boot
 
@@ -507,6 +508,14 @@ class VmBackend:
         return SharedFiles(
             os_image=self.machine.os_image, image_ids=tuple(sorted(set(self.slots.values())))
         )
+
+
+async def _cancelled(task: asyncio.Future[Any] | None) -> None:
+    """Cancel ``task`` if it is still pending and wait for it to end."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 def host_memory(sandbox: PodSandbox) -> ProcessMemory | None:

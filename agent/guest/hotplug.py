@@ -153,11 +153,11 @@ class CpuWatcher:
     def _run(self) -> None:
         while True:
             try:
-                message = self._sock.recv(8192)
+                message, (sender, _groups) = self._sock.recvfrom(8192)
             except OSError:
                 time.sleep(0.1)  # ENOBUFS after a burst: the hotplug request catches up
                 continue
-            cpu = cpu_added(message)
+            cpu = cpu_added(message) if sender == 0 else None  # the kernel's, no one else's
             if cpu is not None:
                 online_cpu(cpu, self.cpu_dir)
 

@@ -16,6 +16,7 @@ from sandbox.hotplug import (
     HotplugRoom,
     cpus_to_plug,
     expected_mem_total_kib,
+    guest_lpj,
     plug_bytes,
     room_for,
 )
@@ -244,3 +245,19 @@ def test_no_room_without_hotplug_templates_or_for_extra_args(tmp_path: Path) -> 
     machine = host.machine_for(odd, tmp_path / "p")
     assert not machine.sized_at_clone
     assert (machine.vcpus, machine.memory_mib) == (2, 605)
+
+
+def test_hot_added_vcpus_are_given_the_boot_vcpus_delay_calibration(tmp_path: Path) -> None:
+    cpuinfo = "processor\t: 0\ncpu MHz\t\t: 1996.249\nbogomips\t: 3992.49\nclflush size\t: 64\n"
+    # measured: the guest (100 Hz) calibrated lpj=19962490 on this host
+    assert guest_lpj(cpuinfo, 100) == 19962450
+    assert guest_lpj(cpuinfo, 250) == 7984980
+    assert guest_lpj("processor\t: 0\n", 100) is None
+    host = _host(tmp_path)
+    host.lpj = 19962450
+    assert host.machine_for(_pod(2, 128), tmp_path / "p").extra_cmdline == "lpj=19962450"
+    # a VM that boots whole calibrates as before
+    assert (
+        host.machine_for(replace(_pod(2, 128), extra_args=["-S"]), tmp_path / "q").extra_cmdline
+        == ""
+    )
