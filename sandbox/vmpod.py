@@ -195,6 +195,9 @@ class VmBackend:
             await self.qmp.execute("cont")
             t_restored = time.monotonic()
             agent = await sandbox.connect_agent("the VM exited during boot")
+            # clones must not share the template's random state
+            await agent.reseed(os.urandom(64))
+            t_ready = time.monotonic()
             if plug is not None:
                 # the guest onlines what was plugged while the pod's setup goes on
                 sizing = asyncio.ensure_future(
@@ -205,13 +208,6 @@ class VmBackend:
                         timeout=self.host.config.boot_timeout_s,
                     )
                 )
-            # clones must not share the template's random state
-            try:
-                await agent.reseed(os.urandom(64))
-            except BaseException:
-                await _cancelled(sizing)
-                raise
-            t_ready = time.monotonic()
             boot = BootTimes(
                 vmm_spawn=t_spawned - t0,
                 restore=t_restored - t_spawned,
