@@ -9,10 +9,10 @@ the MemTotal it was asked for, so no container starts in a VM smaller than its p
 
 What the kernel sized from the memory it booted with stays the template's unless
 someone raises it: the process and thread limits, file and watch limits, TCP and UDP
-memory, conntrack's table, transparent huge pages (off below 512 MiB). ``grown_limits``
+memory, conntrack's limit, transparent huge pages (off below 512 MiB). ``grown_limits``
 gives each the value the kernel's own boot-time formula gives for the memory the guest
 has now, so a clone sized at clone time gets the limits of a VM booted with that size.
-Hash tables the kernel allocated at boot keep their size.
+Hash tables the kernel allocated at boot (conntrack's too) keep their size.
 """
 
 from __future__ import annotations
@@ -250,16 +250,19 @@ def grown_limits(
     for name, divisor in (("net/ipv4/tcp_mem", 16), ("net/ipv4/udp_mem", 8)):
         limit = max(128, free_buffer_pages // divisor)
         wanted[name] = (limit // 4 * 3, limit, limit // 4 * 3 * 2)
-    if "net/netfilter/nf_conntrack_buckets" in current:
+    if "net/netfilter/nf_conntrack_max" in current:
+        # net/netfilter/nf_conntrack_core.c: as many connections as the table it sizes
+        # (an 8-byte bucket per 128 KiB of RAM, in whole pages of buckets). The table
+        # itself keeps the template's size (resizing it waits for an RCU grace period
+        # on every vCPU): longer chains, the same limit.
         pages = boot // 4
         if pages > 4 * 262144:
-            buckets = 262144
+            wanted["net/netfilter/nf_conntrack_max"] = 262144
         elif pages > 262144:
-            buckets = 65536
-        else:  # an 8-byte bucket per 128 KiB of RAM, in whole pages of buckets
-            buckets = max(1024, -(-(pages * 4096 // 16384 // 8) // 512) * 512)
-        wanted["net/netfilter/nf_conntrack_buckets"] = buckets
-        wanted["net/netfilter/nf_conntrack_max"] = buckets
+            wanted["net/netfilter/nf_conntrack_max"] = 65536
+        else:
+            buckets = pages * 4096 // 16384 // 8
+            wanted["net/netfilter/nf_conntrack_max"] = max(1024, -(-buckets // 512) * 512)
     raised: dict[str, str] = {}
     for name, value in wanted.items():
         have = current.get(name)
@@ -302,7 +305,6 @@ def grow_boot_limits(
         "vm/min_free_kbytes",
         "net/ipv4/tcp_mem",
         "net/ipv4/udp_mem",
-        "net/netfilter/nf_conntrack_buckets",
         "net/netfilter/nf_conntrack_max",
         *NAMESPACE_LIMITS,
     )
