@@ -26,6 +26,12 @@ VIRTIO_MEM_BLOCK_MIB = 2
 #: virtio-mem region is a whole number of them.
 GUEST_MEMORY_BLOCK_MIB = 128
 VIRTIO_MEM_ID = "vmem0"
+#: The most vCPUs the guest kernel brings up (guestbuild/guest_kernel.config's
+#: CONFIG_NR_CPUS): a slot beyond would be plugged but never come online.
+GUEST_MAX_VCPUS = 64
+#: The most memory a VM grows to: the region and the image slots' address space must
+#: fit the 40 physical address bits of TCG's qemu64 CPU (1 TiB).
+MAX_MEMORY_MIB = 512 * 1024
 
 
 class HotplugError(Exception):
@@ -84,14 +90,16 @@ def room_for(
 ) -> HotplugRoom | None:
     """The room a node's VMs boot with: 1 vCPU (every pod has at least one) and the
     smallest memory a pod VM gets (``min_memory_mib``, or the default size if that is
-    smaller), up to ``max_vcpus`` and the host's memory. None when there is nothing to
-    grow into (a one-CPU host whose memory is unknown)."""
+    smaller), up to ``max_vcpus`` and the host's memory (within what the guest can
+    use). None when there is nothing to grow into (a one-CPU host whose memory is
+    unknown). A VM bigger than the room gets a template of its own shape."""
     base_memory = align_down(min(min_memory_mib, default_memory_mib), VIRTIO_MEM_BLOCK_MIB)
     base_vcpus = 1
-    max_memory = max(host_mib, base_memory)
+    max_memory = min(max(host_mib, base_memory), MAX_MEMORY_MIB)
+    max_vcpus = max(min(max_vcpus, GUEST_MAX_VCPUS), base_vcpus)
     if max_vcpus <= base_vcpus and max_memory <= base_memory:
         return None
-    return HotplugRoom(base_vcpus, base_memory, max(max_vcpus, base_vcpus), max_memory)
+    return HotplugRoom(base_vcpus, base_memory, max_vcpus, max_memory)
 
 
 def guest_lpj(cpuinfo: str, guest_hz: int) -> int | None:

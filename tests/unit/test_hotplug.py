@@ -66,6 +66,9 @@ def test_room_boots_one_vcpu_and_the_smallest_vm() -> None:
     assert odd is not None and odd.base_memory_mib == 96
     # nothing to grow into
     assert room_for(default_memory_mib=96, min_memory_mib=96, max_vcpus=1, host_mib=0) is None
+    # no more than the guest kernel brings up, or than TCG's 40 address bits hold
+    big = room_for(default_memory_mib=256, min_memory_mib=96, max_vcpus=192, host_mib=2**21)
+    assert big is not None and (big.max_vcpus, big.max_memory_mib) == (64, 512 * 1024)
 
 
 def test_memory_rounds_down_to_whole_blocks_above_the_base() -> None:

@@ -292,6 +292,18 @@ def test_boot_phases_and_first_container() -> None:
     assert value(text, "clearcri_sandbox_start_seconds_bucket", le="30.0") == 2
 
 
+def test_a_clone_sized_at_clone_time_reports_its_hotplug_phase() -> None:
+    metrics = RuntimeMetrics()
+    plain = BootTimes(vmm_spawn=0.05, restore=0.02, agent_ready=0.4, total=0.5)
+    sized = BootTimes(vmm_spawn=0.05, restore=0.03, agent_ready=0.4, hotplug=0.9, total=1.0)
+    metrics.sandbox_started("p1", plain, 1.0)
+    metrics.sandbox_started("p2", sized, 1.5)
+    text = generate_latest(metrics.registry)
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="restore") == 2
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="hotplug") == 1
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="kernel") == 0
+
+
 def test_first_container_window_drops_stale_pods(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = RuntimeMetrics()
     metrics.sandbox_started("old", BootTimes(), 1.0)
