@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import subprocess
 import tomllib
 from functools import cache
@@ -36,6 +37,7 @@ CRD_KINDS = {"ServiceMonitor"}
 VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "metrics-off": {"metrics": {"enabled": False}},
+    "dashboard-off": {"dashboard": {"enabled": False}},
     "mirrors": {
         "registry": {
             "mirrors": {
@@ -66,6 +68,13 @@ VALUES: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "runtimeClass": {"overhead": {"memory": "96Mi", "cpu": "300m"}},
         "podAnnotations": {"example.com/team": "nodes"},
+        "dashboard": {
+            "label": "example.com/dashboard",
+            "labelValue": "clearcri",
+            "labels": {"team": "nodes"},
+            "annotations": {"grafana_folder": "clearcri"},
+            "namespace": "monitoring",
+        },
         "affinity": {
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -106,9 +115,24 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} objects {kind}/{name}"
+    return found[0]
+
+
+def chart_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap with the daemon's config and the install script."""
+    return named(docs, "ConfigMap", "clearcri")
+
+
+def dashboard_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(docs, "ConfigMap", "clearcri-dashboard")
+
+
 def rendered_config(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(one(docs, "ConfigMap")["data"]["config.toml"])
+    path.write_text(chart_config(docs)["data"]["config.toml"])
     return path
 
 
@@ -179,6 +203,9 @@ def test_servicemonitor_is_a_wellformed_monitoring_object() -> None:
         {"runtimeClass": {"overhead": {"memory": "lots"}}},
         {"metrics": {"port": 70000}},
         {"registry": {"mirrors": {"docker.io": "https://not-a-list"}}},
+        {"dashboard": {"label": "not a label"}},
+        {"dashboard": {"labelValue": 1}},
+        {"dashboard": {"namespace": "Not_A_Namespace"}},
         {"unknownKey": True},
     ],
 )
@@ -194,6 +221,7 @@ def test_default_objects() -> None:
     assert kinds(objects("defaults")) == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",
         "ConfigMap",
         "DaemonSet",
         "RuntimeClass",
@@ -303,6 +331,33 @@ def test_metrics_off(tmp_path: Path) -> None:
     assert not load_config(rendered_config(docs, tmp_path)).metrics.enabled
 
 
+def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
+    config_map = dashboard_config(objects("defaults"))
+    meta = config_map["metadata"]
+    assert meta["namespace"] == "kube-system"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "clearcri"
+    assert "annotations" not in meta
+    assert list(config_map["data"]) == ["clearcri.json"]
+    shipped = json.loads((CHART / "dashboards" / "clearcri.json").read_text())
+    assert json.loads(config_map["data"]["clearcri.json"]) == shipped
+
+
+def test_dashboard_label_annotations_and_namespace() -> None:
+    meta = dashboard_config(objects("everything"))["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["example.com/dashboard"] == "clearcri"
+    assert meta["labels"]["team"] == "nodes"
+    assert "grafana_dashboard" not in meta["labels"]
+    assert meta["annotations"] == {"grafana_folder": "clearcri"}
+
+
+@pytest.mark.parametrize("name", ["dashboard-off", "metrics-off"])
+def test_no_dashboard(name: str) -> None:
+    assert [d for d in objects(name) if d["metadata"]["name"].endswith("-dashboard")] == []
+    assert kinds(objects(name)).count("ConfigMap") == 1
+
+
 def test_registry_mirrors_reach_the_daemon_config(tmp_path: Path) -> None:
     config = load_config(rendered_config(objects("mirrors"), tmp_path))
     hosts = RegistryHosts.from_dict(config.registry)
@@ -346,7 +401,7 @@ def test_everything_set(tmp_path: Path) -> None:
     assert pod["metadata"]["annotations"]["example.com/team"] == "nodes"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "corp-pull"}]
     assert pod["spec"]["affinity"] == VALUES["everything"]["affinity"]
-    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    script = chart_config(docs)["data"]["install.sh"]
     assert "--cni --cni-subnet 10.244.0.0/16" in script
     assert '--require-runtime ""' in script
 
@@ -357,12 +412,12 @@ def test_everything_set(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_install_script_is_valid_sh(name: str, tmp_path: Path) -> None:
     script = tmp_path / "install.sh"
-    script.write_text(one(objects(name), "ConfigMap")["data"]["install.sh"])
+    script.write_text(chart_config(objects(name))["data"]["install.sh"])
     subprocess.run(["sh", "-n", str(script)], check=True)
 
 
 def test_install_script_runs_the_node_install_and_the_labeler() -> None:
-    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    script = chart_config(objects("defaults"))["data"]["install.sh"]
     assert "nsenter --target 1 --mount" in script
     assert "python3 -m deploy.node_install upgrade --install --release" in script
     assert "--update-config" in script
