@@ -104,9 +104,23 @@ def _bench_work_dir(given: str) -> Iterator[Path]:
         remove_tree(work)
 
 
+def _plot_path(given: str) -> Path | None:
+    """A benchmark's ``--plot PATH``, checked before the run: matplotlib must be there."""
+    if not given:
+        return None
+    from bench.plots import PlotError, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except PlotError as exc:
+        raise SystemExit(f"clearcri: {exc}") from None
+    return Path(given)
+
+
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from bench.boot import run_boot_bench
 
+    plot = _plot_path(args.plot)
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
             run_boot_bench(
@@ -114,6 +128,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
                 runs=args.runs,
                 memory_vms=args.memory_vms,
                 work_dir=work,
+                plot=plot,
             )
         )
 
@@ -130,10 +145,15 @@ def cmd_bench_container(args: argparse.Namespace) -> int:
 def cmd_bench_density(args: argparse.Namespace) -> int:
     from bench.density import run_density_bench
 
+    plot = _plot_path(args.plot)
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
             run_density_bench(
-                guest_dir=Path(args.guest_dir), pods=args.pods, step=args.step, work_dir=work
+                guest_dir=Path(args.guest_dir),
+                pods=args.pods,
+                step=args.step,
+                work_dir=work,
+                plot=plot,
             )
         )
 
@@ -207,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--runs", type=int, default=5, help="boots per configuration")
     boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
     boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    boot.add_argument(
+        "--plot",
+        default="",
+        metavar="PATH",
+        help="also write the boot phases of each kind of start as a PNG (needs matplotlib)",
+    )
     boot.set_defaults(func=cmd_bench_boot)
     container = bench_sub.add_parser(
         "container",
@@ -223,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument("--pods", type=int, default=200, help="pods to start at most")
     density.add_argument("--step", type=int, default=25, help="print figures every N pods")
     density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    density.add_argument(
+        "--plot",
+        default="",
+        metavar="PATH",
+        help="also write start time and memory per pod against the pod count as a PNG "
+        "(needs matplotlib)",
+    )
     density.set_defaults(func=cmd_bench_density)
     overhead = bench_sub.add_parser(
         "overhead", help="QEMU's own memory: what a pod VM costs its cgroup beyond guest RAM"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what clearcri needs on a Debian 12 host: QEMU, crun, erofs-utils, busybox,
 # CNI plugins, the test registry, the guest kernel's build tools, and the Python package
-# with its dev tools.
+# with its dev tools and the benchmarks' plotting library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 apt_packages=(
@@ -13,4 +13,4 @@ apt_packages=(
     gcc libc6-dev binutils make flex bison bc libelf-dev
 )
 scripts/apt-ensure.sh "${apt_packages[@]}"
-python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
+python3 -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

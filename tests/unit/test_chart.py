@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import subprocess
 import tomllib
 from functools import cache
@@ -37,6 +38,7 @@ VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "metrics-off": {"metrics": {"enabled": False}},
     "metrics-host-ip": {"metrics": {"address": "hostIP"}},
+    "dashboard-off": {"dashboard": {"enabled": False}},
     "mirrors": {
         "registry": {
             "mirrors": {
@@ -67,6 +69,13 @@ VALUES: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "runtimeClass": {"overhead": {"memory": "96Mi", "cpu": "300m"}},
         "podAnnotations": {"example.com/team": "nodes"},
+        "dashboard": {
+            "label": "example.com/dashboard",
+            "labelValue": "clearcri",
+            "labels": {"team": "nodes"},
+            "annotations": {"grafana_folder": "clearcri"},
+            "namespace": "monitoring",
+        },
         "affinity": {
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -107,9 +116,24 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} objects {kind}/{name}"
+    return found[0]
+
+
+def chart_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap with the daemon's config and the install script."""
+    return named(docs, "ConfigMap", "clearcri")
+
+
+def dashboard_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(docs, "ConfigMap", "clearcri-dashboard")
+
+
 def rendered_config(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(one(docs, "ConfigMap")["data"]["config.toml"])
+    path.write_text(chart_config(docs)["data"]["config.toml"])
     return path
 
 
@@ -180,6 +204,9 @@ def test_servicemonitor_is_a_wellformed_monitoring_object() -> None:
         {"runtimeClass": {"overhead": {"memory": "lots"}}},
         {"metrics": {"port": 70000}},
         {"registry": {"mirrors": {"docker.io": "https://not-a-list"}}},
+        {"dashboard": {"label": "not a label"}},
+        {"dashboard": {"labelValue": 1}},
+        {"dashboard": {"namespace": "Not_A_Namespace"}},
         {"unknownKey": True},
     ],
 )
@@ -195,6 +222,7 @@ def test_default_objects() -> None:
     assert kinds(objects("defaults")) == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",
         "ConfigMap",
         "DaemonSet",
         "RuntimeClass",
@@ -251,7 +279,7 @@ def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
 
 
 def test_install_script_enters_the_host_and_refuses_too_few_capabilities() -> None:
-    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    script = chart_config(objects("defaults"))["data"]["install.sh"]
     assert "nsenter --target 1 --mount --uts --ipc --net -- env" in script
     # without systemd the supervisor starts from the pod: it needs every capability
     check = script.index("test -d /run/systemd/system")
@@ -306,16 +334,16 @@ def test_metrics_service_and_scrape_annotations() -> None:
 
 def test_metrics_on_the_node_ip(tmp_path: Path) -> None:
     docs = objects("metrics-host-ip")
-    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    text = chart_config(docs)["data"]["config.toml"]
     assert 'address = "@HOST_IP@"' in text
     # what install.sh does on each node with the pod's status.hostIP
-    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    script = chart_config(docs)["data"]["install.sh"]
     assert 'sed "s/@HOST_IP@/$HOST_IP/g" /etc/clearcri-chart/config.toml' in script
     path = tmp_path / "config.toml"
     path.write_text(text.replace("@HOST_IP@", "10.1.2.3"))
     assert load_config(path).metrics.address == "10.1.2.3"
     # the default render has nothing to replace
-    assert "@HOST_IP@" not in one(objects("defaults"), "ConfigMap")["data"]["config.toml"]
+    assert "@HOST_IP@" not in chart_config(objects("defaults"))["data"]["config.toml"]
 
 
 def test_metrics_off(tmp_path: Path) -> None:
@@ -326,6 +354,33 @@ def test_metrics_off(tmp_path: Path) -> None:
     assert not any(k.startswith("prometheus.io/") for k in pod["metadata"]["annotations"])
     assert "ports" not in node_container(docs)
     assert not load_config(rendered_config(docs, tmp_path)).metrics.enabled
+
+
+def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
+    config_map = dashboard_config(objects("defaults"))
+    meta = config_map["metadata"]
+    assert meta["namespace"] == "kube-system"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "clearcri"
+    assert "annotations" not in meta
+    assert list(config_map["data"]) == ["clearcri.json"]
+    shipped = json.loads((CHART / "dashboards" / "clearcri.json").read_text())
+    assert json.loads(config_map["data"]["clearcri.json"]) == shipped
+
+
+def test_dashboard_label_annotations_and_namespace() -> None:
+    meta = dashboard_config(objects("everything"))["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["example.com/dashboard"] == "clearcri"
+    assert meta["labels"]["team"] == "nodes"
+    assert "grafana_dashboard" not in meta["labels"]
+    assert meta["annotations"] == {"grafana_folder": "clearcri"}
+
+
+@pytest.mark.parametrize("name", ["dashboard-off", "metrics-off"])
+def test_no_dashboard(name: str) -> None:
+    assert [d for d in objects(name) if d["metadata"]["name"].endswith("-dashboard")] == []
+    assert kinds(objects(name)).count("ConfigMap") == 1
 
 
 def test_registry_mirrors_reach_the_daemon_config(tmp_path: Path) -> None:
@@ -371,7 +426,7 @@ def test_everything_set(tmp_path: Path) -> None:
     assert pod["metadata"]["annotations"]["example.com/team"] == "nodes"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "corp-pull"}]
     assert pod["spec"]["affinity"] == VALUES["everything"]["affinity"]
-    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    script = chart_config(docs)["data"]["install.sh"]
     assert "--cni --cni-subnet 10.244.0.0/16" in script
     assert '--require-runtime ""' in script
 
@@ -382,12 +437,12 @@ def test_everything_set(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_install_script_is_valid_sh(name: str, tmp_path: Path) -> None:
     script = tmp_path / "install.sh"
-    script.write_text(one(objects(name), "ConfigMap")["data"]["install.sh"])
+    script.write_text(chart_config(objects(name))["data"]["install.sh"])
     subprocess.run(["sh", "-n", str(script)], check=True)
 
 
 def test_install_script_runs_the_node_install_and_the_labeler() -> None:
-    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    script = chart_config(objects("defaults"))["data"]["install.sh"]
     assert "nsenter --target 1 --mount" in script
     assert "python3 -m deploy.node_install upgrade --install --release" in script
     assert "--update-config" in script
