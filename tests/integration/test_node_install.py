@@ -77,7 +77,7 @@ def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
 
     out = node("install", *install_args(prefix, source, "--cni"))
     assert "--container-runtime-endpoint=unix://" in out
-    assert "serve --config" in out  # how to start it without systemd
+    assert "supervise --config" in out  # how to start it without systemd
 
     venv = prefix / VENV_LINK
     clearcri = venv / "bin/clearcri"
