@@ -21,6 +21,8 @@ minimal QEMU virtual machine.
 
 commands:
   serve         run the CRI daemon (kubelet, crictl and critest talk to its socket)
+  supervise     keep the daemon running where systemd does not: detached, in a cgroup
+                of its own, restarted when it exits (what clearcri.service does)
   guest build   build (or refresh) the guest kernel, initramfs and DAX OS image
   image push-busybox REF
                 push a busybox image built from the host's busybox-static to a
@@ -69,6 +71,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DaemonError as exc:
         print(f"clearcri: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from deploy.supervisor import RestartPolicy, Settings, supervise
+
+    if args.log == "-" and not args.foreground:
+        print("clearcri supervise: --log - needs --foreground", file=sys.stderr)
+        return 2
+    settings = Settings(
+        config=Path(args.config),
+        daemon=Path(args.daemon),
+        pidfile=Path(args.pidfile),
+        log=Path(args.log) if args.log else None,
+        cgroup=args.cgroup,
+        init_namespaces=args.init_namespaces,
+        foreground=args.foreground,
+        stop_timeout=args.stop_timeout,
+        policy=RestartPolicy(restart_sec=args.restart_sec),
+    )
+    return supervise(settings)
 
 
 def cmd_image_push_busybox(args: argparse.Namespace) -> int:
@@ -188,6 +210,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--socket", default="", help="override daemon.socket")
     serve.set_defaults(func=cmd_serve)
+
+    supervise = sub.add_parser(
+        "supervise",
+        help="keep the daemon running without systemd (detached, own cgroup, restarts)",
+    )
+    supervise.add_argument(
+        "--config", default="/etc/clearcri/config.toml", help="the daemon's config file"
+    )
+    supervise.add_argument(
+        "--daemon",
+        default="/opt/clearcri/venv/bin/clearcri",
+        help="the clearcri to run `serve` with (the venv symlink, so upgrades take effect)",
+    )
+    supervise.add_argument(
+        "--pidfile",
+        default="/run/clearcri/supervisor.pid",
+        help="the supervisor's pidfile, locked while it runs (one supervisor per pidfile)",
+    )
+    supervise.add_argument(
+        "--log",
+        default="",
+        help="the daemon's output (default <daemon.log_dir>/daemon.log; - with --foreground: "
+        "stdout/stderr as they are)",
+    )
+    supervise.add_argument(
+        "--cgroup",
+        default="clearcri.service",
+        help="cgroup made below the root of every hierarchy for the supervisor and the "
+        "daemon ('' stays in the current cgroups)",
+    )
+    supervise.add_argument(
+        "--init-namespaces",
+        action="store_true",
+        help="enter PID 1's cgroup, IPC, UTS and network namespaces first",
+    )
+    supervise.add_argument(
+        "--foreground", action="store_true", help="do not detach (under another init)"
+    )
+    supervise.add_argument(
+        "--restart-sec", type=float, default=2.0, help="wait before restarting the daemon"
+    )
+    supervise.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=90.0,
+        help="seconds from SIGTERM to SIGKILL when stopping the daemon",
+    )
+    supervise.set_defaults(func=cmd_supervise)
 
     guest = sub.add_parser("guest", help="guest assets (kernel, initramfs, OS image)")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
