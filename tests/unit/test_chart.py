@@ -39,6 +39,7 @@ VALUES: dict[str, dict[str, Any]] = {
     "metrics-off": {"metrics": {"enabled": False}},
     "metrics-host-ip": {"metrics": {"address": "hostIP"}},
     "dashboard-off": {"dashboard": {"enabled": False}},
+    "api-server": {"apiServer": {"host": "10.0.0.5", "port": 6443}},
     "mirrors": {
         "registry": {
             "mirrors": {
@@ -276,6 +277,14 @@ def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+
+
+def test_api_server_address_overrides_the_service_for_the_labeler() -> None:
+    env = {e["name"]: e for e in node_container(objects("api-server"))["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"]["value"] == "10.0.0.5"
+    assert env["KUBERNETES_SERVICE_PORT"]["value"] == "6443"
+    defaults = {e["name"] for e in node_container(objects("defaults"))["env"]}
+    assert "KUBERNETES_SERVICE_HOST" not in defaults
 
 
 def test_install_script_enters_the_host_and_refuses_too_few_capabilities() -> None:
