@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.supervisor import remove_cgroup
 from tests.e2e.cluster import Cluster, ClusterConfig, wait_for
 
 E2E_IMAGE_PATH = "e2e/busybox"
@@ -33,6 +34,8 @@ NODE_LABEL = "clearcri.io/runtime"
 VENV_PYTHON = "/opt/clearcri/venv/bin/python3"
 CLEARCRI = "/opt/clearcri/venv/bin/clearcri"
 SOCKET_IN_NODE = "/run/clearcri/clearcri.sock"
+#: The cgroup `clearcri supervise` runs in, for an install into a node's own root.
+SUPERVISOR_CGROUP = "clearcri.service"
 #: `python3 -m deploy.kubelet_runtime`, with the installed release's interpreter
 EDIT_KUBELET_CONFIG = [VENV_PYTHON, "-m", "deploy.kubelet_runtime"]
 
@@ -197,6 +200,8 @@ class HelmSuite:
             self.uninstall()
         for node in reversed(self.nodes):
             node.stop()
+        # a supervisor that ended with its node (not by an uninstall) left its cgroup
+        remove_cgroup(SUPERVISOR_CGROUP)
         self.helm.close()
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from sandbox.cgroups import hierarchies
 from tests.e2e.cluster import CRICTL, Cluster
 from tests.e2e_helm.nodes import (
     CLEARCRI,
@@ -23,6 +24,7 @@ from tests.e2e_helm.nodes import (
     EDIT_KUBELET_CONFIG,
     NAMESPACE,
     SOCKET_IN_NODE,
+    SUPERVISOR_CGROUP,
     HelmSuite,
     daemon_pids,
     installed_release,
@@ -287,3 +289,5 @@ def test_uninstall_leaves_what_the_docs_say(suite: HelmSuite) -> None:
         # the daemon's state and the staged release stay (docs/install.md)
         assert (root / "var/lib/clearcri").is_dir()
         assert (root / "var/lib/clearcri-deploy/release").is_dir()
+    # the supervisors' cgroup went with the last of them
+    assert not [h for h in hierarchies() if (h / SUPERVISOR_CGROUP).exists()]
