@@ -240,11 +240,13 @@ def daemon_pids(node: Cluster) -> list[int]:
 
 
 def qemu_pids(node: Cluster) -> list[int]:
+    """The node's pod VMs (not a template being built beside them)."""
     assert node.node is not None
     return sorted(
         pid
         for pid in node.node.pids()
         if os.path.basename(cmdline(pid).split(" ")[0]).startswith("qemu-system")
+        and "-name clearcri-template-" not in cmdline(pid)
     )
 
 

@@ -48,7 +48,9 @@ def vm_pod(suite: HelmSuite, name: str, node: Cluster | None = None) -> dict[str
                 "name": "main",
                 "image": f"{suite.registry}/{E2E_IMAGE_PATH}:1",
                 "command": ["sh", "-c", "uname -r; sleep 36000"],
-                "resources": {"limits": {"memory": "128Mi", "cpu": "1"}},
+                # a quarter CPU (one vCPU): with the overhead, three such pods fit
+                # a 2-CPU node, as the drain needs
+                "resources": {"limits": {"memory": "128Mi", "cpu": "250m"}},
             }
         ],
     }
