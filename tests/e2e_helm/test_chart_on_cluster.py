@@ -216,6 +216,8 @@ def test_runtimeclass_pods_spread_over_both_nodes(suite: HelmSuite) -> None:
                             "maxSkew": 1,
                             "topologyKey": "kubernetes.io/hostname",
                             "whenUnsatisfiable": "DoNotSchedule",
+                            # a cordoned (drained) node is no domain to spread over
+                            "nodeTaintsPolicy": "Honor",
                             "labelSelector": {"matchLabels": {"app": "spread"}},
                         }
                     ],
