@@ -264,7 +264,8 @@ def test_draining_one_node_leaves_the_other_nodes_vms(suite: HelmSuite) -> None:
 def test_uninstall_leaves_what_the_docs_say(suite: HelmSuite) -> None:
     suite.cluster.kubectl("delete", "namespace", APPS, "--timeout=300s", timeout=320)
     suite.uninstall()
-    assert not suite.ds_pods()
+    # the DaemonSet's pods end after their preStop hook and grace period
+    wait("the DaemonSet's pods gone", lambda: not suite.ds_pods(), 180, 2.0)
     assert suite.cluster.kubectl("get", "runtimeclass", "clearcri", check=False).returncode != 0
     for node in suite.nodes:
         # the preStop hook took the label away; clearcri still serves kubelet
