@@ -226,6 +226,7 @@ def test_default_objects() -> None:
         "ConfigMap",
         "ConfigMap",
         "DaemonSet",
+        "Job",
         "RuntimeClass",
         "Service",
         "ServiceAccount",
@@ -244,10 +245,12 @@ def test_runtimeclass_places_pods_on_labelled_nodes_and_counts_the_vm() -> None:
     }
 
 
-def test_rbac_is_get_and_patch_on_nodes_only() -> None:
+def test_rbac_is_get_list_and_patch_on_nodes_only() -> None:
     docs = objects("defaults")
     role = one(docs, "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]}
+    ]
     binding = one(docs, "ClusterRoleBinding")
     account = one(docs, "ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -256,6 +259,22 @@ def test_rbac_is_get_and_patch_on_nodes_only() -> None:
     ]
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_uninstall_hook_unlabels_every_node_before_the_rbac_goes() -> None:
+    job = one(objects("api-server"), "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-delete"
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    pod = job["spec"]["template"]["spec"]
+    assert (
+        pod["serviceAccountName"]
+        == one(objects("api-server"), "ServiceAccount")["metadata"]["name"]
+    )
+    container = pod["containers"][0]
+    assert container["command"] == ["python3", "-m", "deploy.node_label", "unlabel-all"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"KUBERNETES_SERVICE_HOST": "10.0.0.5", "KUBERNETES_SERVICE_PORT": "6443"}
 
 
 def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
