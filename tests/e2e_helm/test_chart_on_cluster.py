@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from sandbox.cgroups import hierarchies
-from tests.e2e.cluster import CRICTL, Cluster
+from tests.e2e.cluster import CRICTL, Cluster, ClusterError
 from tests.e2e_helm.nodes import (
     CLEARCRI,
     E2E_IMAGE_PATH,
@@ -166,7 +166,10 @@ def test_the_rolling_update_goes_node_by_node(suite: HelmSuite) -> None:
 
     def sample() -> None:
         while not done.is_set():
-            pods = suite.ds_pods()
+            try:
+                pods = suite.ds_pods()
+            except ClusterError:
+                continue  # one kubectl call that failed: the next sample
             state = {}
             for name in names:
                 pod = pods.get(name)
@@ -185,6 +188,7 @@ def test_the_rolling_update_goes_node_by_node(suite: HelmSuite) -> None:
         suite.upgrade(suite.images.first)
         for node in suite.nodes:
             suite.wait_ds_ready(node, suite.images.first)
+        time.sleep(1.5)  # a sample of the end state
     finally:
         done.set()
         watcher.join(30)

@@ -99,12 +99,21 @@ def _render(name: str) -> dict[str, str]:
     return rendered
 
 
-def objects(name: str) -> list[dict[str, Any]]:
+def all_objects(name: str) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for template, text in sorted(_render(name).items()):
         if template.endswith(".yaml"):
             docs.extend(d for d in yaml.safe_load_all(text) if d)
     return docs
+
+
+def is_hook(doc: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def objects(name: str) -> list[dict[str, Any]]:
+    """The release's objects (Helm's hooks are not: see ``all_objects``)."""
+    return [d for d in all_objects(name) if not is_hook(d)]
 
 
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -174,7 +183,7 @@ def test_the_validator_ships_every_kubernetes_version_we_target() -> None:
 
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_every_object_is_valid_for_kubernetes_1_30_to_1_37(name: str) -> None:
-    docs = objects(name)
+    docs = all_objects(name)
     assert docs
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
@@ -226,7 +235,6 @@ def test_default_objects() -> None:
         "ConfigMap",
         "ConfigMap",
         "DaemonSet",
-        "Job",
         "RuntimeClass",
         "Service",
         "ServiceAccount",
@@ -261,16 +269,27 @@ def test_rbac_is_get_list_and_patch_on_nodes_only() -> None:
     assert pod["serviceAccountName"] == account["metadata"]["name"]
 
 
-def test_uninstall_hook_unlabels_every_node_before_the_rbac_goes() -> None:
-    job = one(objects("api-server"), "Job")
-    annotations = job["metadata"]["annotations"]
-    assert annotations["helm.sh/hook"] == "pre-delete"
-    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+def test_uninstall_hook_unlabels_every_node_with_rbac_of_its_own() -> None:
+    hooks = [d for d in all_objects("api-server") if is_hook(d)]
+    assert sorted(d["kind"] for d in hooks) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Job",
+        "ServiceAccount",
+    ]
+    for hook in hooks:
+        annotations = hook["metadata"]["annotations"]
+        # after the release's own RBAC is gone, so no labeler can put the label back
+        assert annotations["helm.sh/hook"] == "post-delete"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
+    assert weight["ServiceAccount"] < weight["Job"] and weight["ClusterRoleBinding"] < weight["Job"]
+    job = next(d for d in hooks if d["kind"] == "Job")
+    account = next(d for d in hooks if d["kind"] == "ServiceAccount")["metadata"]["name"]
     pod = job["spec"]["template"]["spec"]
-    assert (
-        pod["serviceAccountName"]
-        == one(objects("api-server"), "ServiceAccount")["metadata"]["name"]
-    )
+    assert pod["serviceAccountName"] == account
+    binding = next(d for d in hooks if d["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == account
     container = pod["containers"][0]
     assert container["command"] == ["python3", "-m", "deploy.node_label", "unlabel-all"]
     env = {e["name"]: e["value"] for e in container["env"]}
