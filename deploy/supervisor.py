@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandbox.cgroups import hierarchies, make_cgroup
+from sandbox.procfs import pid_alive, read_cmdline
 
 DEFAULT_CONFIG = Path("/etc/clearcri/config.toml")
 DEFAULT_DAEMON = Path("/opt/clearcri/venv/bin/clearcri")
@@ -674,14 +675,6 @@ def _supervise(settings: Settings) -> int:
 # Looking at a supervisor from outside (clearcri node, the tests)
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
 def _stat(pid: int) -> list[str]:
     """The fields of /proc/<pid>/stat after the command name (state is the first)."""
     try:
@@ -691,15 +684,9 @@ def _stat(pid: int) -> list[str]:
     return text.rsplit(")", 1)[1].split()
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie counts as gone."""
-    fields = _stat(pid)
-    return bool(fields) and fields[0] not in ("Z", "X")
-
-
 def is_supervisor(pid: int, pidfile: Path) -> bool:
     """Whether ``pid`` is a ``clearcri supervise`` for ``pidfile``."""
-    argv = _cmdline(pid)
+    argv = read_cmdline(pid)
     if "supervise" not in argv:
         return False
     if "--pidfile" in argv:
@@ -719,7 +706,7 @@ def lock_holder(path: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() and alive(int(text)) else None
+            return int(text) if text.isdigit() and pid_alive(int(text)) else None
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -735,7 +722,7 @@ def supervisor_pid(pidfile: Path) -> int | None:
 
 def interpreter(pid: int) -> str:
     """argv[0] of ``pid``: for a supervisor, the python of the release it runs from."""
-    argv = _cmdline(pid)
+    argv = read_cmdline(pid)
     return argv[0] if argv else ""
 
 
@@ -752,7 +739,7 @@ def daemon_pid(supervisor: int) -> int | None:
 
 def wait_gone(pids: list[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while any(alive(pid) for pid in pids):
+    while any(pid_alive(pid) for pid in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

@@ -262,7 +262,7 @@ class InstalledDaemon:
 def test_upgrade_under_a_running_pod(prefix: Path, source: Path, tmp_path: Path) -> None:
     from cri_api.v1 import api_pb2
 
-    from sandbox.vm import pid_alive
+    from sandbox.procfs import pid_alive
 
     config = tmp_path / "config.toml"
     config.write_text(daemon_config())

@@ -18,7 +18,6 @@ import pytest
 
 from deploy.node_install import SUPERVISOR_PIDFILE, InstallManifest
 from deploy.supervisor import (
-    alive,
     cgroup_name,
     daemon_pid,
     interpreter,
@@ -26,6 +25,7 @@ from deploy.supervisor import (
     wait_gone,
 )
 from sandbox.cgroups import cgroups_of, hierarchies
+from sandbox.procfs import pid_alive
 from tests.integration.conftest import qemu_processes
 from tests.integration.installed import (
     CANNOT_BUILD_WHEELS,
@@ -160,12 +160,12 @@ def test_supervised_daemon_without_systemd(prefix: Path, source: Path, tmp_path:
     os.kill(daemon, signal.SIGKILL)
     wait_for(lambda: daemon_pid(sup) not in (None, daemon), 30, "a new daemon")
     restarted = daemon_pid(sup)
-    assert restarted is not None and not alive(daemon)
+    assert restarted is not None and not pid_alive(daemon)
     assert wait_serving(socket)
 
     pod_id = asyncio.run(run_pod(socket, "supervised"))
     vm_pid = vm_pids(prefix)[pod_id]
-    assert alive(vm_pid)
+    assert pid_alive(vm_pid)
 
     # A new release: the supervisor of the old one stops (its daemon gets SIGTERM alone),
     # one of the new release starts a daemon of the new release, which re-adopts the pod.
@@ -175,7 +175,7 @@ def test_supervised_daemon_without_systemd(prefix: Path, source: Path, tmp_path:
     second = InstallManifest.load(prefix)
     assert second is not None and second.release != manifest.release
     assert f"stopping the supervisor (pid {sup}) of the previous release" in out
-    assert not alive(sup) and not alive(restarted)
+    assert not pid_alive(sup) and not pid_alive(restarted)
     new_sup = supervisor_pid(pidfile)
     assert new_sup is not None and new_sup != sup
     assert interpreter(new_sup).startswith(f"{releases / second.release}/")
@@ -185,14 +185,14 @@ def test_supervised_daemon_without_systemd(prefix: Path, source: Path, tmp_path:
     assert new_daemon is not None
     assert interpreter(new_daemon).startswith(f"{releases / second.release}/")
     assert asyncio.run(pod_state(socket, pod_id)) == api_pb2.SANDBOX_READY
-    assert vm_pids(prefix)[pod_id] == vm_pid and alive(vm_pid)
+    assert vm_pids(prefix)[pod_id] == vm_pid and pid_alive(vm_pid)
 
     asyncio.run(remove_pods(socket))
-    assert not alive(vm_pid)
+    assert not pid_alive(vm_pid)
 
     out = node("uninstall", "--prefix", str(prefix))
     assert f"stopped the supervisor (pid {new_sup})" in out
-    assert not alive(new_sup) and not alive(new_daemon)
+    assert not pid_alive(new_sup) and not pid_alive(new_daemon)
     assert not pidfile.exists() and supervisor_pid(pidfile) is None
     assert not any((root / name).exists() for root in hierarchies())
     with pytest.raises(grpc.RpcError):

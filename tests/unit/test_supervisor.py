@@ -23,7 +23,6 @@ from deploy.supervisor import (
     DEFAULT_CGROUP,
     DaemonLog,
     RestartPolicy,
-    alive,
     cgroup_name,
     daemon_env,
     daemon_pid,
@@ -33,6 +32,7 @@ from deploy.supervisor import (
     supervisor_pid,
     wait_gone,
 )
+from sandbox.procfs import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -210,7 +210,7 @@ def run(tmp_path: Path) -> Iterator[Run]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for leftover in r.starts() + r.children():
-            if alive(leftover):
+            if pid_alive(leftover):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(leftover, signal.SIGKILL)
 
@@ -259,7 +259,7 @@ def test_supervisor_detaches_restarts_and_stops_the_daemon_alone(run: Run) -> No
     assert not run.pidfile.exists()
     assert supervisor_pid(run.pidfile) is None
     children = run.children()
-    assert len(children) == 3 and all(alive(c) for c in children)
+    assert len(children) == 3 and all(pid_alive(c) for c in children)
     log = run.log.read_text()
     assert "was killed by SIGKILL" in log and "starting it again in 0.2 s" in log
     assert "restart requested (SIGHUP)" in log and "stopping (SIGTERM)" in log
