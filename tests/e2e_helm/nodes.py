@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploy.supervisor import remove_cgroup
+from sandbox.procfs import read_cmdline
 from tests.e2e.cluster import Cluster, ClusterConfig, wait_for
 
 E2E_IMAGE_PATH = "e2e/busybox"
@@ -189,7 +189,7 @@ class HelmSuite:
 
     def wait_runtime(self, node: Cluster, prefix: str) -> None:
         """Until the node's status names the runtime (kubelet reports it every few s)."""
-        wait(
+        wait_for(
             f"{node.config.node_name} reporting {prefix}",
             lambda: self.runtime_version(node).startswith(prefix),
             60,
@@ -221,10 +221,7 @@ def installed_release(node: Cluster) -> str | None:
 
 
 def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    return " ".join(read_cmdline(pid))
 
 
 def node_processes(node: Cluster, needle: str) -> list[int]:
@@ -245,8 +242,9 @@ def qemu_pids(node: Cluster) -> list[int]:
     return sorted(
         pid
         for pid in node.node.pids()
-        if os.path.basename(cmdline(pid).split(" ")[0]).startswith("qemu-system")
-        and "-name clearcri-template-" not in cmdline(pid)
+        if (argv := read_cmdline(pid))
+        and os.path.basename(argv[0]).startswith("qemu-system")
+        and "-name clearcri-template-" not in " ".join(argv)
     )
 
 
@@ -257,12 +255,3 @@ def pod_ready(pod: dict[str, Any]) -> bool:
 
 def pod_image(pod: dict[str, Any]) -> str:
     return str(pod["spec"]["containers"][0]["image"])
-
-
-def wait(what: str, check: Any, timeout: float, interval: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout:.0f} s")

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from sandbox.cgroups import hierarchies
-from tests.e2e.cluster import CRICTL, Cluster, ClusterError
+from tests.e2e.cluster import CRICTL, Cluster, ClusterError, wait_for
 from tests.e2e_helm.nodes import (
     CLEARCRI,
     E2E_IMAGE_PATH,
@@ -33,7 +33,6 @@ from tests.e2e_helm.nodes import (
     pod_image,
     pod_ready,
     qemu_pids,
-    wait,
 )
 
 APPS = "helm-apps"
@@ -69,7 +68,7 @@ def get_pod(suite: HelmSuite, name: str) -> dict[str, Any]:
 
 
 def wait_running(suite: HelmSuite, name: str, timeout: float = 600) -> dict[str, Any]:
-    wait(f"pod {name} Ready", lambda: pod_ready(get_pod(suite, name)), timeout, 2.0)
+    wait_for(f"pod {name} Ready", lambda: pod_ready(get_pod(suite, name)), timeout, 2.0)
     return get_pod(suite, name)
 
 
@@ -109,7 +108,7 @@ def test_kubelet_switched_to_clearcri_gets_the_label(suite: HelmSuite) -> None:
     suite.wait_ds_ready(node, suite.images.first, timeout=600)
     pods = node.crictl_json("pods", "--label", "app.kubernetes.io/name=clearcri")["items"]
     assert pods and {p["runtimeHandler"] for p in pods} == {"host"}
-    wait("the node label", lambda: suite.label(node) == "true", 120)
+    wait_for("the node label", lambda: suite.label(node) == "true", 120)
 
 
 def test_runtimeclass_pods_run_in_vms_with_the_overhead(suite: HelmSuite) -> None:
@@ -131,8 +130,8 @@ def test_helm_upgrade_rolls_the_node_and_keeps_its_pod_vms(suite: HelmSuite) -> 
     release, daemons, vms = installed_release(node), daemon_pids(node), qemu_pids(node)
     suite.upgrade(suite.images.second)
     suite.wait_ds_ready(node, suite.images.second)
-    wait("the new release installed", lambda: installed_release(node) != release, 300)
-    wait("the new daemon", lambda: daemon_pids(node) not in ([], daemons), 120)
+    wait_for("the new release installed", lambda: installed_release(node) != release, 300)
+    wait_for("the new daemon", lambda: daemon_pids(node) not in ([], daemons), 120)
     after = get_pod(suite, "vm-1")
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert (
@@ -153,7 +152,7 @@ def test_a_second_node_joins_and_is_switched_the_same_way(suite: HelmSuite) -> N
     assert suite.label(second) is None
     suite.switch_to_clearcri(second)
     suite.wait_ds_ready(second, suite.images.second, timeout=600)
-    wait("the second node's label", lambda: suite.label(second) == "true", 120)
+    wait_for("the second node's label", lambda: suite.label(second) == "true", 120)
     # the first node's VM was not touched
     assert pod_ready(get_pod(suite, "vm-1"))
 
@@ -255,7 +254,7 @@ def test_draining_one_node_leaves_the_other_nodes_vms(suite: HelmSuite) -> None:
         "--timeout=300s",
         timeout=330,
     )
-    wait("the drained node's VMs gone", lambda: not qemu_pids(second), 300)
+    wait_for("the drained node's VMs gone", lambda: not qemu_pids(second), 300)
     # the evicted replica runs again, on the first node; nothing there was restarted
     suite.cluster.kubectl(
         "rollout", "status", "-n", APPS, "deployment/spread", "--timeout=600s", timeout=620
@@ -269,7 +268,7 @@ def test_uninstall_leaves_what_the_docs_say(suite: HelmSuite) -> None:
     suite.cluster.kubectl("delete", "namespace", APPS, "--timeout=300s", timeout=320)
     suite.uninstall()
     # the DaemonSet's pods end after their preStop hook and grace period
-    wait("the DaemonSet's pods gone", lambda: not suite.ds_pods(), 180, 2.0)
+    wait_for("the DaemonSet's pods gone", lambda: not suite.ds_pods(), 180, 2.0)
     assert suite.cluster.kubectl("get", "runtimeclass", "clearcri", check=False).returncode != 0
     for node in suite.nodes:
         # the preStop hook took the label away; clearcri still serves kubelet
