@@ -76,6 +76,17 @@ class DensityStep:
     cpu_busy: float  # the host's busy share, 0..1
 
 
+def _against_pod_count(ax: Any, ylabel: str, title: str, *, legend_at: str) -> None:
+    """Axes of a figure against the number of pod VMs running, from zero."""
+    ax.set_xlabel("pod VMs running")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_at)
+    ax.set_title(title, fontsize=10)
+
+
 def density_plot(
     steps: Sequence[DensityStep], starts: Sequence[float], path: Path, *, title: str
 ) -> None:
@@ -94,13 +105,12 @@ def density_plot(
         counts, [s.start_median for s in steps], "o-", color="#1f77b4", label="median of the step"
     )
     ax_start.plot(counts, [s.start_max for s in steps], "v--", color="#d62728", label="max")
-    ax_start.set_xlabel("pod VMs running")
-    ax_start.set_ylabel("start time (s): spawn until agent ready")
-    ax_start.set_ylim(bottom=0)
-    ax_start.set_xlim(left=0)
-    ax_start.grid(alpha=0.3)
-    ax_start.legend(fontsize=8, loc="upper left")
-    ax_start.set_title("start time of the next pod", fontsize=10)
+    _against_pod_count(
+        ax_start,
+        "start time (s): spawn until agent ready",
+        "start time of the next pod",
+        legend_at="upper left",
+    )
 
     ax_mem.plot(counts, [s.pss_per_pod_mib for s in steps], "o-", color="#2ca02c", label="qemu PSS")
     ax_mem.plot(
@@ -119,13 +129,7 @@ def density_plot(
             ha="center",
             fontsize=8,
         )
-    ax_mem.set_xlabel("pod VMs running")
-    ax_mem.set_ylabel("MiB per pod")
-    ax_mem.set_ylim(bottom=0)
-    ax_mem.set_xlim(left=0)
-    ax_mem.grid(alpha=0.3)
-    ax_mem.legend(fontsize=8, loc="lower right")
-    ax_mem.set_title("host memory per idle pod", fontsize=10)
+    _against_pod_count(ax_mem, "MiB per pod", "host memory per idle pod", legend_at="lower right")
 
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
