@@ -1,7 +1,8 @@
 # One command to set up and run the demo, one to run the tests.
 GUEST_DIR ?= /var/lib/clearcri/guest
 
-.PHONY: deps guest tools peers kubernetes node-image run demo test lint bench conformance e2e e2e-helm node-conformance
+.PHONY: deps guest tools peers kubernetes node-image run demo test lint bench conformance e2e e2e-helm \
+	node-conformance
 
 deps:
 	scripts/install-deps.sh
@@ -22,6 +23,13 @@ peers:
 
 run:
 	scripts/run-demo.sh
+
+# The Helm chart's node image, built with buildah (no Docker engine) with this guest and
+# pushed to $(REGISTRY) as clearcri/clearcri-node:<version>-<digest> (docs/install.md).
+# NODE_IMAGE_ARGS="--tag T", "--local-version LABEL" (a second release), "--verify".
+REGISTRY ?= 127.0.0.1:5000
+node-image: guest
+	scripts/build-node-image.sh --registry $(REGISTRY) --guest-dir $(GUEST_DIR) $(NODE_IMAGE_ARGS)
 
 demo: guest
 	clearcri demo --guest-dir $(GUEST_DIR)

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.common import bench_config, drop_templates, mem_available_kib, read_kib
+from bench.plots import BootBar, boot_phases_plot, medians, require_matplotlib
 from sandbox.api import SandboxSpec
 from sandbox.guest import GuestAssets, locate_guest
 from sandbox.lifecycle import PodSandbox
@@ -64,17 +65,28 @@ def _stats(values: list[float]) -> str:
     )
 
 
-async def run_boot_bench(*, guest_dir: Path, runs: int, memory_vms: int, work_dir: Path) -> int:
+async def run_boot_bench(
+    *, guest_dir: Path, runs: int, memory_vms: int, work_dir: Path, plot: Path | None = None
+) -> int:
+    """Print the boot figures; with ``plot``, also draw the median boot phases of each
+    kind of start as stacked bars into that PNG file."""
+    if plot is not None:
+        require_matplotlib()
     assets = locate_guest(guest_dir)
     config = bench_config(guest_dir, work_dir, templates=False)
     try:
-        return await _run(config, assets, runs, memory_vms, work_dir)
+        return await _run(config, assets, runs, memory_vms, work_dir, plot)
     finally:
         drop_templates(config)
 
 
 async def _run(
-    config: SandboxConfig, assets: GuestAssets, runs: int, memory_vms: int, work_dir: Path
+    config: SandboxConfig,
+    assets: GuestAssets,
+    runs: int,
+    memory_vms: int,
+    work_dir: Path,
+    plot: Path | None,
 ) -> int:
     host = SandboxHost(config, assets)
     clone_host = SandboxHost(replace(config, templates=True), assets)
@@ -142,6 +154,26 @@ async def _run(
         f"  ratio template / floor: {statistics.median(clone_phases['total']) / floor:.2f}"
         "  (target <= 1.15)"
     )
+    if plot is not None:
+
+        def bar(label: str, samples: dict[str, list[float]]) -> BootBar:
+            parts = medians({k: v for k, v in samples.items() if k != "total"})
+            return BootBar(label, parts, statistics.median(samples["total"]))
+
+        boot_phases_plot(
+            [
+                BootBar("floor\n(same kernel,\ntrivial /init)", {"floor": floor}, floor),
+                bar("cold boot\n(no template)", phases),
+                bar("template clone", clone_phases),
+                bar("template clone,\nQEMU not jailed", unjailed_phases),
+            ],
+            plot,
+            title=(
+                f"clearcri bench boot: spawn to agent ready, median of {runs} runs, "
+                f"{config.default_memory_mib} MiB guests, accel {host.accel}"
+            ),
+        )
+        print(f"  plot: {plot}")
 
     print(f"\nhost memory per idle VM ({config.default_memory_mib} MiB guests)")
     variants = {

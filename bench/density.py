@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import time
 from pathlib import Path
 
-from bench.common import bench_config, drop_templates, mem_available_kib
+from bench.common import bench_config, drop_templates, mem_available_kib, read_kib
+from bench.plots import DensityStep, density_plot, require_matplotlib
 from sandbox.api import SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
@@ -31,17 +33,34 @@ def cpu_busy_fraction(seconds: float) -> float:
     return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
 
 
-async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: Path) -> int:
+def pss_total_kib(sandboxes: list[PodSandbox]) -> int:
+    """PSS summed over the VMs' qemu processes (a VM gone meanwhile counts 0)."""
+    total = 0
+    for sandbox in sandboxes:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            total += read_kib(Path(f"/proc/{sandbox.pid}/smaps_rollup"), "Pss")
+    return total
+
+
+async def run_density_bench(
+    *, guest_dir: Path, pods: int, step: int, work_dir: Path, plot: Path | None = None
+) -> int:
     """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
     time, and print at every ``step`` pods: the start time of the last ones, the host
-    memory each pod costs, the host's CPU busy share and what memory is left. The
-    baseline is the first step, measured in the same run; the limit is where a start
-    fails or where the figures project that memory runs out."""
+    memory each pod costs (the qemu processes' PSS, and the drop of MemAvailable), the
+    host's CPU busy share and what memory is left. The baseline is the first step,
+    measured in the same run; the limit is where a start fails or where the figures
+    project that memory runs out. With ``plot``, start time and memory per pod against
+    the pod count go to that PNG file."""
+    if plot is not None:
+        require_matplotlib()
     assets = locate_guest(guest_dir)
     config = bench_config(guest_dir, work_dir, templates=True)
     host = SandboxHost(config, assets)
     assert host.templates is not None
     sandboxes: list[PodSandbox] = []
+    starts: list[float] = []
+    steps: list[DensityStep] = []
     try:
         await host.templates.build(
             host.machine_for(SandboxSpec("default"), config.run_root / "default")
@@ -51,10 +70,9 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
         print(f"guest {assets.version}  accel {host.accel}  {config.default_memory_mib} MiB guests")
         print(f"host before: MemAvailable {before / 1024:.0f} MiB, CPU busy {idle_cpu:.1%}")
         print(
-            f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'MiB/pod':>8} "
-            f"{'CPU busy':>9} {'MemAvailable MiB':>17}"
+            f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'PSS MiB/pod':>12} "
+            f"{'MiB/pod':>8} {'CPU busy':>9} {'MemAvailable MiB':>17}"
         )
-        starts: list[float] = []
         limit = ""
         first_median = 0.0
         per_pod_kib = 0.0
@@ -72,13 +90,25 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
                 await asyncio.sleep(3)
                 busy = await asyncio.to_thread(cpu_busy_fraction, 5.0)
                 available = mem_available_kib()
+                pss_per_pod_kib = pss_total_kib(sandboxes) / count
                 per_pod_kib = (before - available) / count
                 recent = starts[-step:]
                 median = statistics.median(recent)
                 first_median = first_median or median
+                steps.append(
+                    DensityStep(
+                        pods=count,
+                        start_median=median,
+                        start_max=max(recent),
+                        pss_per_pod_mib=pss_per_pod_kib / 1024,
+                        drop_per_pod_mib=per_pod_kib / 1024,
+                        cpu_busy=busy,
+                    )
+                )
                 print(
                     f"{count:>5} {median:>17.3f} {max(recent):>10.3f} "
-                    f"{per_pod_kib / 1024:>8.1f} {busy:>9.1%} {available / 1024:>17.0f}",
+                    f"{pss_per_pod_kib / 1024:>12.1f} {per_pod_kib / 1024:>8.1f} "
+                    f"{busy:>9.1%} {available / 1024:>17.0f}",
                     flush=True,
                 )
         if starts:
@@ -90,7 +120,8 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
             if per_pod_kib > 0:
                 left = mem_available_kib()
                 print(
-                    f"host memory per idle pod: {per_pod_kib / 1024:.1f} MiB (target <= 64); "
+                    f"host memory per idle pod: {per_pod_kib / 1024:.1f} MiB (target <= 64), "
+                    f"qemu PSS {steps[-1].pss_per_pod_mib if steps else 0.0:.1f} MiB; "
                     f"MemAvailable left for ~{left / per_pod_kib:.0f} more such pods"
                 )
         print(f"limit: {limit or f'none reached up to {pods} pods'}")
@@ -99,4 +130,16 @@ async def run_density_bench(*, guest_dir: Path, pods: int, step: int, work_dir: 
             with contextlib.suppress(Exception):
                 await sandbox.destroy()
         drop_templates(config)
+    if plot is not None and steps:
+        density_plot(
+            steps,
+            starts,
+            plot,
+            title=(
+                f"clearcri bench density: idle pod VMs (template clones, "
+                f"{config.default_memory_mib} MiB guests), accel {host.accel}, "
+                f"{os.cpu_count()} host CPUs"
+            ),
+        )
+        print(f"plot: {plot}")
     return 0

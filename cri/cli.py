@@ -21,6 +21,8 @@ minimal QEMU virtual machine.
 
 commands:
   serve         run the CRI daemon (kubelet, crictl and critest talk to its socket)
+  supervise     keep the daemon running where systemd does not: detached, in a cgroup
+                of its own, restarted when it exits (what clearcri.service does)
   guest build   build (or refresh) the guest kernel, initramfs and DAX OS image
   image push-busybox REF
                 push a busybox image built from the host's busybox-static to a
@@ -73,6 +75,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    from deploy.supervisor import RestartPolicy, Settings, supervise
+
+    if args.log == "-" and not args.foreground:
+        print("clearcri supervise: --log - needs --foreground", file=sys.stderr)
+        return 2
+    settings = Settings(
+        config=Path(args.config),
+        daemon=Path(args.daemon),
+        pidfile=Path(args.pidfile),
+        log=Path(args.log) if args.log else None,
+        cgroup=args.cgroup,
+        init_namespaces=args.init_namespaces,
+        foreground=args.foreground,
+        stop_timeout=args.stop_timeout,
+        policy=RestartPolicy(restart_sec=args.restart_sec),
+    )
+    return supervise(settings)
+
+
 def cmd_image_push_busybox(args: argparse.Namespace) -> int:
     from cri.images.local import push_tree
     from cri.images.rootfs import make_busybox_tree
@@ -106,9 +128,23 @@ def _bench_work_dir(given: str) -> Iterator[Path]:
         remove_tree(work)
 
 
+def _plot_path(given: str) -> Path | None:
+    """A benchmark's ``--plot PATH``, checked before the run: matplotlib must be there."""
+    if not given:
+        return None
+    from bench.plots import PlotError, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except PlotError as exc:
+        raise SystemExit(f"clearcri: {exc}") from None
+    return Path(given)
+
+
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from bench.boot import run_boot_bench
 
+    plot = _plot_path(args.plot)
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
             run_boot_bench(
@@ -116,6 +152,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
                 runs=args.runs,
                 memory_vms=args.memory_vms,
                 work_dir=work,
+                plot=plot,
             )
         )
 
@@ -132,10 +169,15 @@ def cmd_bench_container(args: argparse.Namespace) -> int:
 def cmd_bench_density(args: argparse.Namespace) -> int:
     from bench.density import run_density_bench
 
+    plot = _plot_path(args.plot)
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
             run_density_bench(
-                guest_dir=Path(args.guest_dir), pods=args.pods, step=args.step, work_dir=work
+                guest_dir=Path(args.guest_dir),
+                pods=args.pods,
+                step=args.step,
+                work_dir=work,
+                plot=plot,
             )
         )
 
@@ -180,6 +222,54 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", default="", help="override daemon.socket")
     serve.set_defaults(func=cmd_serve)
 
+    supervise = sub.add_parser(
+        "supervise",
+        help="keep the daemon running without systemd (detached, own cgroup, restarts)",
+    )
+    supervise.add_argument(
+        "--config", default="/etc/clearcri/config.toml", help="the daemon's config file"
+    )
+    supervise.add_argument(
+        "--daemon",
+        default="/opt/clearcri/venv/bin/clearcri",
+        help="the clearcri to run `serve` with (the venv symlink, so upgrades take effect)",
+    )
+    supervise.add_argument(
+        "--pidfile",
+        default="/run/clearcri/supervisor.pid",
+        help="the supervisor's pidfile, locked while it runs (one supervisor per pidfile)",
+    )
+    supervise.add_argument(
+        "--log",
+        default="",
+        help="the daemon's output (default <daemon.log_dir>/daemon.log; - with --foreground: "
+        "stdout/stderr as they are)",
+    )
+    supervise.add_argument(
+        "--cgroup",
+        default="clearcri.service",
+        help="cgroup made below the root of every hierarchy for the supervisor and the "
+        "daemon ('' stays in the current cgroups)",
+    )
+    supervise.add_argument(
+        "--init-namespaces",
+        action="store_true",
+        help="enter PID 1's cgroup, IPC, UTS and network namespaces first",
+    )
+    supervise.add_argument(
+        "--foreground", action="store_true", help="do not detach (under another init)"
+    )
+    supervise.add_argument(
+        "--restart-sec", type=float, default=2.0, help="wait before restarting the daemon"
+    )
+    supervise.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=90.0,
+        help="seconds from SIGTERM to SIGKILL when stopping the daemon",
+    )
+    supervise.set_defaults(func=cmd_supervise)
+
     guest = sub.add_parser("guest", help="guest assets (kernel, initramfs, OS image)")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     build = guest_sub.add_parser(
@@ -218,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--runs", type=int, default=5, help="boots per configuration")
     boot.add_argument("--memory-vms", type=int, default=8, help="VMs for the memory figure")
     boot.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    boot.add_argument(
+        "--plot",
+        default="",
+        metavar="PATH",
+        help="also write the boot phases of each kind of start as a PNG (needs matplotlib)",
+    )
     boot.set_defaults(func=cmd_bench_boot)
     container = bench_sub.add_parser(
         "container",
@@ -234,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument("--pods", type=int, default=200, help="pods to start at most")
     density.add_argument("--step", type=int, default=25, help="print figures every N pods")
     density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    density.add_argument(
+        "--plot",
+        default="",
+        metavar="PATH",
+        help="also write start time and memory per pod against the pod count as a PNG "
+        "(needs matplotlib)",
+    )
     density.set_defaults(func=cmd_bench_density)
     shapes = bench_sub.add_parser(
         "shapes",

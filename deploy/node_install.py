@@ -11,6 +11,12 @@
     etc/systemd/system/clearcri.service              KillMode=process, Delegate=yes
     etc/cni/net.d/10-clearcri.conflist               with --cni, only when no CNI config exists
 
+Where systemd runs, the unit runs the daemon. Where it does not (and always under a
+prefix other than ``/``), ``clearcri supervise`` does (deploy/supervisor.py): install
+starts the supervisor (once: a running one is found by its locked pidfile
+``run/clearcri/supervisor.pid``), upgrade replaces it with one from the new release,
+uninstall stops it and removes its cgroup.
+
 The manifest lists every directory the install created, every file it wrote with its
 SHA-256, and the release trees. Installing the same release again does nothing;
 ``upgrade`` builds the new release beside the running one, switches the symlinks, keeps
@@ -22,8 +28,9 @@ A new release never overwrites a file that running VMs map: the guest OS image o
 release is a new file (a hard link to the previous one when the content is the same, so
 old and new VMs still share one copy in the page cache).
 
-This module imports only the standard library (and ``sandbox.guest``'s constants), so a
-node can run it from the clearcri wheel itself before anything is installed::
+This module imports only the standard library (and ``sandbox.guest``'s constants and
+``deploy.supervisor``'s look-ups, which need nothing more), so a node can run it from
+the clearcri wheel itself before anything is installed::
 
     PYTHONPATH=clearcri-<v>-py3-none-any.whl python3 -m deploy.node_install install --release DIR
 """
@@ -38,6 +45,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy import supervisor
 from sandbox.guest import DEFAULT_GUEST_DIR, MANIFEST_NAME, OUTPUT_FILES, sha256_file
 
 MANIFEST_FORMAT = 1
@@ -69,6 +78,10 @@ CONFIG_PATH = "etc/clearcri/config.toml"
 UNIT_PATH = f"etc/systemd/system/{UNIT_NAME}"
 CNI_DIR = "etc/cni/net.d"
 CNI_PATH = f"{CNI_DIR}/10-clearcri.conflist"
+SUPERVISOR_PIDFILE = "run/clearcri/supervisor.pid"
+#: How long a stopped supervisor may take: its daemon's stop timeout (SIGTERM, then
+#: SIGKILL) and a margin.
+SUPERVISOR_STOP_WAIT = 120.0
 
 #: The guest files a release carries.
 GUEST_FILES: tuple[str, ...] = (*sorted(OUTPUT_FILES.values()), MANIFEST_NAME)
@@ -333,6 +346,9 @@ class InstallManifest:
     links: dict[str, str] = field(default_factory=dict)
     #: Whether a systemd unit was enabled (so uninstall disables it).
     service_enabled: bool = False
+    #: Whether the daemon was started under ``clearcri supervise`` (no systemd), so
+    #: uninstall stops the supervisor and removes its cgroup.
+    supervisor_enabled: bool = False
     installed_at: str = ""
     format: int = MANIFEST_FORMAT
 
@@ -398,13 +414,74 @@ class Systemd:
         self.run(["systemctl", "disable", "--now", UNIT_NAME])
 
 
+class SupervisorControl:
+    """The daemon's supervisor (``clearcri supervise``, deploy/supervisor.py) for one
+    prefix: where systemd does not run the daemon."""
+
+    def __init__(self, prefix: Path, run: Runner = run_command) -> None:
+        self.prefix = prefix
+        self.run = run
+        self.pidfile = prefix / SUPERVISOR_PIDFILE
+        self.cgroup = supervisor.cgroup_name(prefix)
+
+    def argv(self) -> list[str]:
+        """The command that starts it: from the venv symlink, as the daemon is run."""
+        exe = str(self.prefix / VENV_LINK / "bin/clearcri")
+        argv = [exe, "supervise", "--config", str(self.prefix / CONFIG_PATH), "--daemon", exe]
+        argv += ["--pidfile", str(self.pidfile), "--cgroup", self.cgroup]
+        if self.prefix == Path("/"):
+            # Started from the DaemonSet's `nsenter --target 1 --mount`: the rest of the
+            # host's namespaces too.
+            argv.append("--init-namespaces")
+        return argv
+
+    def log_path(self) -> Path:
+        return supervisor.log_dir_of(self.prefix / CONFIG_PATH) / supervisor.LOG_NAME
+
+    def running(self) -> int | None:
+        """The PID of the supervisor holding the pidfile, or None."""
+        return supervisor.supervisor_pid(self.pidfile)
+
+    def runs_from(self, pid: int, release_dir: Path) -> bool:
+        """Whether the supervisor ``pid`` runs the code of the release in ``release_dir``."""
+        return supervisor.interpreter(pid).startswith(f"{release_dir}/")
+
+    def context_problems(self) -> list[str]:
+        """What the supervisor would inherit from this process that an init would not
+        give (the namespaces it enters itself with --init-namespaces are not counted)."""
+        return supervisor.context_problems(namespaces="--init-namespaces" not in self.argv())
+
+    def start(self) -> None:
+        """Start it; returns once it runs (it detaches itself)."""
+        self.run(self.argv())
+
+    def restart_daemon(self, pid: int) -> None:
+        os.kill(pid, signal.SIGHUP)
+
+    def stop(self, pid: int) -> None:
+        """SIGTERM to the supervisor (which stops the daemon alone: pod VMs stay); wait
+        for both to be gone."""
+        daemon = supervisor.daemon_pid(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        pids = [pid] if daemon is None else [pid, daemon]
+        if not supervisor.wait_gone(pids, SUPERVISOR_STOP_WAIT):
+            raise NodeInstallError(
+                f"the supervisor (pid {pid}) or its daemon did not stop within "
+                f"{SUPERVISOR_STOP_WAIT:g} s; see {self.log_path()}"
+            )
+
+    def remove_cgroup(self) -> list[Path]:
+        """Remove the supervisor's cgroup; the directories that still hold processes."""
+        return supervisor.remove_cgroup(self.cgroup)
+
+
 def _start_hint(prefix: Path, why: str) -> str:
-    exe = prefix / VENV_LINK / "bin/clearcri"
-    config = prefix / CONFIG_PATH
+    supervise = " ".join(SupervisorControl(prefix).argv())
     return (
         f"{why}; the unit is at {prefix / UNIT_PATH}. Start the daemon with\n"
         f"  systemctl daemon-reload && systemctl enable --now {UNIT_NAME}\n"
-        f"or without systemd:\n  {exe} serve --config {config}"
+        f"or without systemd:\n  {supervise}"
     )
 
 
@@ -422,12 +499,14 @@ class NodeInstaller:
         report: Report = _print,
         run: Runner = run_command,
         systemd: Systemd | None = None,
+        supervisor: SupervisorControl | None = None,
     ) -> None:
         self.options = options
         self.prefix = options.prefix.resolve()
         self.report = report
         self.run = run
         self.systemd = systemd or Systemd(self.prefix, run)
+        self.supervisor = supervisor or SupervisorControl(self.prefix, run)
         if not self.prefix.is_dir():
             raise NodeInstallError(f"prefix {self.prefix} is not a directory")
 
@@ -761,13 +840,9 @@ class NodeInstaller:
             self.report(_start_hint(self.prefix, "not starting the daemon (--no-start)"))
             return
         if not self.systemd.usable:
-            why = (
-                "systemd does not manage this prefix"
-                if self.prefix != Path("/")
-                else "systemd is not running here"
-            )
-            self.report(_start_hint(self.prefix, why))
+            self._supervise(manifest, restart=False)
             return
+        self._stop_supervisor(manifest, "systemd runs the daemon from now on")
         if unit_changed:
             self.systemd.reload()
         self.systemd.enable_now()
@@ -826,7 +901,7 @@ class NodeInstaller:
             )
             return
         if not self.systemd.usable:
-            self.report(_start_hint(self.prefix, "systemd is not running here: restart the daemon"))
+            self._supervise(manifest, restart=True)
             return
         if unit_changed:
             self.systemd.reload()
@@ -835,6 +910,64 @@ class NodeInstaller:
             self.report(f"restarted {UNIT_NAME}; running pod VMs are re-adopted")
         else:
             self._start(manifest, unit_changed=False)
+
+    def _supervise(self, manifest: InstallManifest, *, restart: bool) -> None:
+        """Where systemd does not run (or under a prefix): the daemon under ``clearcri
+        supervise``. One supervisor per prefix: a running one of this release is kept
+        (and, with ``restart``, asked to restart the daemon: SIGHUP); one of another
+        release is replaced, so that the supervisor's own code is the new release's
+        too (its daemon stops as under KillMode=process: pod VMs keep running)."""
+        sup = self.supervisor
+        how = (
+            "systemd does not manage this prefix"
+            if self.prefix != Path("/")
+            else "systemd is not running here"
+        )
+        pid = sup.running()
+        if pid is not None and not sup.runs_from(pid, self.path(RELEASES_DIR) / manifest.release):
+            self.report(
+                f"stopping the supervisor (pid {pid}) of the previous release; "
+                "running pod VMs keep running"
+            )
+            sup.stop(pid)
+            pid = None
+        if pid is None:
+            for problem in sup.context_problems():
+                self.report(f"warning: {problem}")
+            sup.start()
+            started = sup.running()
+            self.report(
+                f"{how}: started the daemon under `clearcri supervise` (pid "
+                f"{started or '?'}; pidfile {sup.pidfile}, log {sup.log_path()}, cgroup "
+                f"/{sup.cgroup}); it restarts the daemon when it exits. Nothing starts it "
+                "after a reboot: run `clearcri node install` again, or start the "
+                "supervisor from the init system:\n  " + " ".join(sup.argv())
+            )
+        elif restart:
+            sup.restart_daemon(pid)
+            self.report(
+                f"asked the supervisor (pid {pid}) to restart the daemon; running pod VMs "
+                "are re-adopted"
+            )
+        else:
+            self.report(f"the daemon runs under its supervisor (pid {pid})")
+        if not manifest.supervisor_enabled:
+            manifest.supervisor_enabled = True
+            manifest.save(self.prefix)
+
+    def _stop_supervisor(self, manifest: InstallManifest, why: str) -> None:
+        """Stop this prefix's supervisor, if one runs, and remove its cgroup."""
+        pid = self.supervisor.running()
+        if pid is not None:
+            self.supervisor.stop(pid)
+            self.report(f"stopped the supervisor (pid {pid}) and its daemon ({why})")
+        if pid is not None or manifest.supervisor_enabled:
+            for path in self.supervisor.remove_cgroup():
+                self.report(f"keeping the cgroup {path}: processes are still in it")
+        if manifest.supervisor_enabled:
+            manifest.supervisor_enabled = False
+            if self.path(MANIFEST_PATH).is_file():
+                manifest.save(self.prefix)
 
     def running_pods(self) -> list[Path]:
         """Pod VM run directories left under the configured run root."""
@@ -869,6 +1002,8 @@ class NodeInstaller:
         if manifest.service_enabled and self.systemd.usable:
             self.systemd.disable_now()
             self.report(f"stopped and disabled {UNIT_NAME}")
+        # Before the releases go: the supervisor runs from one.
+        self._stop_supervisor(manifest, "uninstall")
         for rel, target in manifest.links.items():
             path = self.path(rel)
             if path.is_symlink() and os.readlink(path) == target:

@@ -95,6 +95,21 @@ def unlabel_node(api: NodeApi, name: str) -> bool:
     return True
 
 
+class NodeLister(NodeApi, Protocol):
+    """And listing nodes, for the chart's uninstall hook."""
+
+    def list_node(self, *, label_selector: str) -> Any: ...
+
+
+def unlabel_all(api: NodeLister) -> list[str]:
+    """Remove the label from every node that has it (the chart's pre-delete hook: once
+    the release's RBAC is deleted, the DaemonSet pods' preStop hooks no longer may)."""
+    names = [node.metadata.name for node in api.list_node(label_selector=LABEL).items]
+    for name in names:
+        _patch(api, name, None)
+    return names
+
+
 def _patch(api: NodeApi, name: str, value: str | None) -> None:
     # A strategic merge patch: null deletes the key, other labels are left alone.
     api.patch_node(name, {"metadata": {"labels": {LABEL: value}}})
@@ -162,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=["watch", "label", "unlabel", "probe"],
-        help="watch: label while ready (loop); label/unlabel once; probe: exit 0 when ready",
+        choices=["watch", "label", "unlabel", "unlabel-all", "probe"],
+        help="watch: label while ready (loop); label/unlabel once; unlabel-all: every "
+        "node; probe: exit 0 when ready",
     )
     parser.add_argument("--node", default=os.environ.get("NODE_NAME", ""), help="node name")
     parser.add_argument("--socket", default=str(DEFAULT_SOCKET), help="the CRI socket")
@@ -178,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     socket = Path(args.socket)
     if args.command == "probe":
         return 0 if cri_ready(socket) else 1
+    if args.command == "unlabel-all":
+        lister: NodeLister = in_cluster_api()  # type: ignore[assignment]
+        unlabel_all(lister)
+        return 0
     if not args.node:
         parser.error("--node (or NODE_NAME) is required")
     api = in_cluster_api()

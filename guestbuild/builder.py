@@ -77,6 +77,7 @@ from sandbox.guest import (
     MANIFEST_NAME,
     OUTPUT_FILES,
     GuestAssets,
+    agent_hash,
     load_manifest,
     locate_guest,
 )
@@ -153,17 +154,6 @@ def hash_inputs(*parts: object) -> str:
     """A stable hash of JSON-able parts (the input hash of one component)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def tree_hash(directory: Path, pattern: str = "*.py") -> str:
-    """Hash of every file matching ``pattern`` below ``directory`` (paths and contents)."""
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob(pattern)):
-        if "__pycache__" in path.parts or not path.is_file():
-            continue
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -548,7 +538,7 @@ def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLA
         busybox_package=base[BUSYBOX_PACKAGE],
         os_packages=os_packages,
         init_script=_read_init_script(),
-        agent_hash=tree_hash(agent_source_dir()) + tree_hash(agent_source_dir(), "*.c"),
+        agent_hash=agent_hash(agent_source_dir()),
         kernel_flavor=kernel_flavor,
         kernel_source=base[kernel_name] if own else None,
         kernel_config=guest_kernel.config_fragment() if own else b"",

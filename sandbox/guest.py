@@ -114,3 +114,20 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tree_hash(directory: Path, pattern: str = "*.py") -> str:
+    """Hash of every file matching ``pattern`` below ``directory`` (paths and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob(pattern)):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def agent_hash(agent_dir: Path) -> str:
+    """What a guest's manifest records (``agent_hash``) of the agent its OS image carries:
+    the hashes of the agent package's Python and C sources."""
+    return tree_hash(agent_dir) + tree_hash(agent_dir, "*.c")

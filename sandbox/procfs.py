@@ -1,6 +1,7 @@
 """What a process costs the node, read from /proc in one place: its memory (PSS, the
 RSS split, KSM-merged pages) and CPU time. A pod VM's cost is its QEMU process's; the
-sandboxes (``pod_usage``) and the metrics read it here (cri/ through sandbox/api.py)."""
+sandboxes (``pod_usage``) and the metrics read it here (cri/ through sandbox/api.py).
+Also whether a process still runs and its command line, for the VMs and the supervisor."""
 
 from __future__ import annotations
 
@@ -65,3 +66,21 @@ def process_cpu_ns(pid: int, proc: Path = PROC) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return ticks * 1_000_000_000 // CLOCK_TICKS
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie waiting for its reaper counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]

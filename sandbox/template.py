@@ -39,8 +39,9 @@ from agent.client import AgentClient
 from agent.errors import AgentError
 from sandbox.jail import JailError, VmmIds, jail_for, prepare_vmm_dir
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
+from sandbox.procfs import pid_alive, read_cmdline
 from sandbox.qmp import QmpControl, QmpError
-from sandbox.vm import MachineSpec, VmProcess, build_command, pid_alive, read_cmdline
+from sandbox.vm import MachineSpec, VmProcess, build_command
 
 log = logging.getLogger(__name__)
 

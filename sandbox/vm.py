@@ -20,6 +20,7 @@ from pathlib import Path
 from agent.protocol import AGENT_PORT_NAME, SHARE_TAG
 from sandbox.api import align_up
 from sandbox.hotplug import VIRTIO_MEM_BLOCK_MIB, VIRTIO_MEM_ID
+from sandbox.procfs import read_cmdline
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
@@ -288,24 +289,6 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]
     return cmd
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie waiting for its reaper counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # The state follows the command name, which is in parentheses and may hold spaces.
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def read_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 class VmProcess:

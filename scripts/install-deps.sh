@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what clearcri needs on a Debian 12 host: QEMU, crun, erofs-utils, busybox,
-# CNI plugins, the test registry, the guest kernel's build tools, and the Python package
-# with its dev tools.
+# CNI plugins, the test registry, the guest kernel's build tools, what builds the node
+# image without a Docker engine (buildah, mmdebstrap), and the Python package with its
+# dev tools and the benchmarks' plotting library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 apt_packages=(
@@ -9,8 +10,9 @@ apt_packages=(
     crun erofs-utils busybox-static cpio zstd xz-utils
     containernetworking-plugins iproute2 util-linux procps
     docker-registry apache2-utils skopeo
+    buildah mmdebstrap
     etcd-server
     gcc libc6-dev binutils make flex bison bc libelf-dev
 )
 scripts/apt-ensure.sh "${apt_packages[@]}"
-python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
+python3 -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

@@ -63,6 +63,8 @@ def manifest_files() -> dict[str, str]:
             line.strip() and not line.lstrip().startswith("#") for line in body.splitlines()
         ):
             continue  # disabled by default (e.g. the ServiceMonitor)
+        if "helm.sh/hook:" in body:
+            continue  # Helm's own (the uninstall hook): kubectl apply would run it now
         files[name] = header + "---\n" + body + "\n"
     return files
 

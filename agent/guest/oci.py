@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.protocol import DEFAULT_CAPABILITIES, ContainerSpec, ExecSpec, Resources
+
+#: Bit of CAP_SYS_RESOURCE in /proc/<pid>/status's capability masks.
+CAP_SYS_RESOURCE = 24
+
+
+def _own_oom_limits(proc: Path = Path("/proc/self")) -> tuple[int, bool]:
+    """This process's oom_score_adj, and whether it may set a lower one."""
+    own = int((proc / "oom_score_adj").read_text())
+    for line in (proc / "status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return own, bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return own, False
+
+
+def allowed_oom_score_adj(requested: int, proc: Path = Path("/proc/self")) -> int:
+    """The score a container may get from this process: ``requested``, or this
+    process's own where lowering it needs CAP_SYS_RESOURCE, which it lacks (a host
+    pod's agent under a daemon without it; crun would fail the whole container with
+    EPERM). kubelet asks -997 for node-critical pods such as a DaemonSet's."""
+    try:
+        own, may_lower = _own_oom_limits(proc)
+    except (OSError, ValueError):
+        return requested
+    return requested if may_lower or requested >= own else own
+
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -202,7 +229,7 @@ def process_config(spec: ContainerSpec) -> dict[str, Any]:
             {"type": r.type, "soft": r.soft, "hard": r.hard} for r in spec.rlimits
         ]
     if spec.oom_score_adj is not None:
-        process["oomScoreAdj"] = spec.oom_score_adj
+        process["oomScoreAdj"] = allowed_oom_score_adj(spec.oom_score_adj)
     return process
 
 

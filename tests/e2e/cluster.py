@@ -700,19 +700,7 @@ class Cluster:
         (containerd's shims outlive it: they are ended too)."""
         if self.runtime is None:
             return
-        subprocess.run(
-            [
-                str(CRICTL),
-                "--runtime-endpoint",
-                f"unix://{self.own_runtime_socket}",
-                "rmp",
-                "-a",
-                "-f",
-            ],
-            capture_output=True,
-            timeout=300,
-            check=False,
-        )
+        self._remove_runtime_pods(self.own_runtime_socket)
         self.runtime.stop()
         self.processes.remove(self.runtime)
         self.runtime = None
@@ -897,11 +885,13 @@ class Cluster:
             with contextlib.suppress(OSError):
                 path.rmdir()
 
-    def _remove_runtime_pods(self) -> None:
-        if not self.runtime_socket.exists():
+    def _remove_runtime_pods(self, socket: Path | None = None) -> None:
+        """Every pod the runtime on ``socket`` (kubelet's, by default) still has."""
+        socket = socket or self.runtime_socket
+        if not socket.exists():
             return
         subprocess.run(
-            [str(CRICTL), "--runtime-endpoint", f"unix://{self.runtime_socket}", "rmp", "-a", "-f"],
+            [str(CRICTL), "--runtime-endpoint", f"unix://{socket}", "rmp", "-a", "-f"],
             capture_output=True,
             timeout=300,
             check=False,

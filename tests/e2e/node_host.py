@@ -136,12 +136,16 @@ class NodeHost:
 
     def pids(self) -> list[int]:
         """Host PIDs of every process in the node but its init."""
-        found = []
+        found: list[int] = []
+        try:
+            node_ns = os.readlink(f"/proc/{self.init_pid}/ns/pid")
+        except OSError:
+            return found  # the node has ended
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == self.init_pid:
                 continue
             with contextlib.suppress(OSError):
-                if os.readlink(entry / "ns/pid") == os.readlink(f"/proc/{self.init_pid}/ns/pid"):
+                if os.readlink(entry / "ns/pid") == node_ns:
                     found.append(int(entry.name))
         return found
 

@@ -19,7 +19,7 @@ import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
 from sandbox.mounts import remove_tree
-from sandbox.vm import pid_alive
+from sandbox.procfs import pid_alive
 from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
 from tests.registry import RegistryServer, busybox_layer, push_image, registry  # noqa: F401

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from sandbox.vm import pid_alive
+from sandbox.procfs import pid_alive
 from tests.integration.conftest import GUEST_DIR
 from tests.integration.cri_daemon import CriDaemon
 from tests.integration.test_network import CNI_BIN_DIRS, CniLab

@@ -49,7 +49,7 @@ from sandbox.network import (
     run_in_thread,
 )
 from sandbox.node import SandboxConfig, SandboxHost
-from sandbox.vm import pid_alive
+from sandbox.procfs import pid_alive
 from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import GUEST_DIR
 

@@ -25,29 +25,24 @@ from deploy.node_install import (
     UNIT_PATH,
     VENV_LINK,
     InstallManifest,
-    _copy_project,
 )
 from sandbox.guest import locate_guest
 from tests.integration.conftest import GUEST_DIR
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _can_build_wheels() -> bool:
-    import importlib.metadata
-    import importlib.util
-
-    version = importlib.metadata.version("setuptools")
-    major, minor = (int(x) for x in version.split(".")[:2])
-    return importlib.util.find_spec("wheel") is not None or (major, minor) >= (70, 1)
-
-
-pytestmark = pytest.mark.skipif(
-    not _can_build_wheels(),
-    reason="building the clearcri wheel offline needs the `wheel` package or setuptools>=70.1",
+from tests.integration.installed import (
+    CANNOT_BUILD_WHEELS,
+    VENV_ENV,
+    can_build_wheels,
+    daemon_config,
+    frozen_source,
+    install_args,
+    node,
+    pod_state,
+    remove_pods,
+    run_pod,
+    temporary_prefix,
 )
-#: For programs of the installed venv: nothing of this checkout on their path.
-VENV_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+pytestmark = pytest.mark.skipif(not can_build_wheels(), reason=CANNOT_BUILD_WHEELS)
 
 
 def tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -64,49 +59,15 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
-def node(*args: str, env: dict[str, str] | None = None) -> str:
-    """Run `clearcri node ...` as a user would; its output."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "cri.cli", "node", *args],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A frozen copy of this project (the tree may change while the tests run)."""
-    src = tmp_path_factory.mktemp("source") / "clearcri"
-    _copy_project(REPO, src)
-    shutil.copytree(REPO / "packaging", src / "packaging")
-    return src
+    return frozen_source(tmp_path_factory.mktemp("source"))
 
 
 @pytest.fixture
 def prefix() -> Iterator[Path]:
-    # Short: the daemon's unix sockets live under it.
-    path = Path(f"/tmp/ccn-{os.urandom(3).hex()}")
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def install_args(prefix: Path, source: Path, *extra: str) -> list[str]:
-    return [
-        "--prefix",
-        str(prefix),
-        "--source",
-        str(source),
-        "--guest-from",
-        str(GUEST_DIR),
-        "--no-start",
-        *extra,
-    ]
+    with temporary_prefix() as path:
+        yield path
 
 
 def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
@@ -116,7 +77,7 @@ def test_install_reinstall_uninstall(prefix: Path, source: Path) -> None:
 
     out = node("install", *install_args(prefix, source, "--cni"))
     assert "--container-runtime-endpoint=unix://" in out
-    assert "serve --config" in out  # how to start it without systemd
+    assert "supervise --config" in out  # how to start it without systemd
 
     venv = prefix / VENV_LINK
     clearcri = venv / "bin/clearcri"
@@ -297,69 +258,14 @@ class InstalledDaemon:
         return Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
 
 
-def daemon_config(prefix: Path) -> str:
-    """The packaged config with the metrics port left free for a daemon already running,
-    and pod networking off (a test machine has no CNI config)."""
-    text = (REPO / "packaging/config.toml").read_text()
-    text = text.replace("[metrics]\nenabled = true", "[metrics]\nenabled = false")
-    # no CNI config on a test machine: the pod runs without a network
-    return text + "\n[vm.network]\nenabled = false\n"
-
-
-async def _run_pod(socket: Path, name: str) -> str:
-    import grpc
-    from cri_api.v1 import api_pb2, api_pb2_grpc
-
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        stub: Any = api_pb2_grpc.RuntimeServiceStub
-        rt = stub(channel)
-        response = await rt.RunPodSandbox(
-            api_pb2.RunPodSandboxRequest(
-                config=api_pb2.PodSandboxConfig(
-                    metadata=api_pb2.PodSandboxMetadata(
-                        name=name, namespace="default", uid=f"uid-{name}"
-                    ),
-                    hostname=name,
-                )
-            )
-        )
-        pod_id: str = response.pod_sandbox_id
-        return pod_id
-
-
-async def _pod_state(socket: Path, pod_id: str) -> int:
-    import grpc
-    from cri_api.v1 import api_pb2, api_pb2_grpc
-
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        stub: Any = api_pb2_grpc.RuntimeServiceStub
-        status = await stub(channel).PodSandboxStatus(
-            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
-        )
-        state: int = status.status.state
-        return state
-
-
-async def _remove_pods(socket: Path) -> None:
-    import grpc
-    from cri_api.v1 import api_pb2, api_pb2_grpc
-
-    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-        stub: Any = api_pb2_grpc.RuntimeServiceStub
-        rt = stub(channel)
-        pods = await rt.ListPodSandbox(api_pb2.ListPodSandboxRequest())
-        for pod in pods.items:
-            await rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
-
-
 @pytest.mark.vm
 def test_upgrade_under_a_running_pod(prefix: Path, source: Path, tmp_path: Path) -> None:
     from cri_api.v1 import api_pb2
 
-    from sandbox.vm import pid_alive
+    from sandbox.procfs import pid_alive
 
     config = tmp_path / "config.toml"
-    config.write_text(daemon_config(prefix))
+    config.write_text(daemon_config())
     node("install", *install_args(prefix, source, "--config-from", str(config)))
     first = InstallManifest.load(prefix)
     assert first is not None
@@ -370,7 +276,7 @@ def test_upgrade_under_a_running_pod(prefix: Path, source: Path, tmp_path: Path)
         assert daemon.interpreter() == str(
             prefix / "opt/clearcri/releases" / first.release / "venv/bin/python"
         )
-        pod_id = asyncio.run(_run_pod(daemon.socket, "survivor"))
+        pod_id = asyncio.run(run_pod(daemon.socket, "survivor"))
         state = prefix / "run/clearcri/sandboxes" / pod_id / "state.json"
         vm_pid = int(json.loads(state.read_text())["pid"])
         assert pid_alive(vm_pid)
@@ -395,16 +301,16 @@ def test_upgrade_under_a_running_pod(prefix: Path, source: Path, tmp_path: Path)
         assert daemon.interpreter() == str(
             prefix / "opt/clearcri/releases" / second.release / "venv/bin/python"
         )
-        assert asyncio.run(_pod_state(daemon.socket, pod_id)) == api_pb2.SANDBOX_READY
+        assert asyncio.run(pod_state(daemon.socket, pod_id)) == api_pb2.SANDBOX_READY
         assert int(json.loads(state.read_text())["pid"]) == vm_pid and pid_alive(vm_pid)
 
-        asyncio.run(_remove_pods(daemon.socket))
+        asyncio.run(remove_pods(daemon.socket))
         assert not pid_alive(vm_pid)
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             with_pods = list((prefix / "run/clearcri/sandboxes").glob("*/state.json"))
             if with_pods:
-                asyncio.run(_remove_pods(daemon.socket))
+                asyncio.run(remove_pods(daemon.socket))
         daemon.stop()
     node("uninstall", "--prefix", str(prefix))
     assert not (prefix / MANIFEST_PATH).exists()

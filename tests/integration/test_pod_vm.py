@@ -16,7 +16,7 @@ from sandbox.api import RootfsImage, SandboxError, SandboxSpec, SandboxState
 from sandbox.handlers import Sandboxes
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
-from sandbox.vm import pid_alive
+from sandbox.procfs import pid_alive
 from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import qemu_processes
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,23 @@ def test_settings_pod_namespaces() -> None:
     }
     with pytest.raises(ValueError, match="pod namespaces"):
         Settings.from_argv(["--pod-namespaces=pid"])
+
+
+def _proc(tmp_path: Path, own: int, cap_eff: int) -> Path:
+    (tmp_path / "oom_score_adj").write_text(f"{own}\n")
+    (tmp_path / "status").write_text(f"Name:\tx\nCapEff:\t{cap_eff:016x}\n")
+    return tmp_path
+
+
+def test_oom_score_adj_is_kept_at_the_agents_own_without_cap_sys_resource(tmp_path: Path) -> None:
+    from agent.guest.oci import CAP_SYS_RESOURCE, allowed_oom_score_adj
+
+    without = _proc(tmp_path, 0, (1 << 40) - 1 - (1 << CAP_SYS_RESOURCE))
+    # kubelet's -997 for node-critical pods would be EPERM for crun: kept at 0
+    assert allowed_oom_score_adj(-997, without) == 0
+    assert allowed_oom_score_adj(1000, without) == 1000
+    assert allowed_oom_score_adj(0, without) == 0
+    with_cap = _proc(tmp_path, 0, (1 << 40) - 1)
+    assert allowed_oom_score_adj(-997, with_cap) == -997
+    # unreadable: as asked
+    assert allowed_oom_score_adj(-997, tmp_path / "absent") == -997

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import subprocess
 import tomllib
 from functools import cache
@@ -37,6 +38,8 @@ VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "metrics-off": {"metrics": {"enabled": False}},
     "metrics-host-ip": {"metrics": {"address": "hostIP"}},
+    "dashboard-off": {"dashboard": {"enabled": False}},
+    "api-server": {"apiServer": {"host": "10.0.0.5", "port": 6443}},
     "mirrors": {
         "registry": {
             "mirrors": {
@@ -67,6 +70,13 @@ VALUES: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "runtimeClass": {"overhead": {"memory": "96Mi", "cpu": "300m"}},
         "podAnnotations": {"example.com/team": "nodes"},
+        "dashboard": {
+            "label": "example.com/dashboard",
+            "labelValue": "clearcri",
+            "labels": {"team": "nodes"},
+            "annotations": {"grafana_folder": "clearcri"},
+            "namespace": "monitoring",
+        },
         "affinity": {
             "nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -89,12 +99,21 @@ def _render(name: str) -> dict[str, str]:
     return rendered
 
 
-def objects(name: str) -> list[dict[str, Any]]:
+def all_objects(name: str) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for template, text in sorted(_render(name).items()):
         if template.endswith(".yaml"):
             docs.extend(d for d in yaml.safe_load_all(text) if d)
     return docs
+
+
+def is_hook(doc: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def objects(name: str) -> list[dict[str, Any]]:
+    """The release's objects (Helm's hooks are not: see ``all_objects``)."""
+    return [d for d in all_objects(name) if not is_hook(d)]
 
 
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -107,9 +126,24 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} objects {kind}/{name}"
+    return found[0]
+
+
+def chart_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap with the daemon's config and the install script."""
+    return named(docs, "ConfigMap", "clearcri")
+
+
+def dashboard_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(docs, "ConfigMap", "clearcri-dashboard")
+
+
 def rendered_config(docs: list[dict[str, Any]], tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(one(docs, "ConfigMap")["data"]["config.toml"])
+    path.write_text(chart_config(docs)["data"]["config.toml"])
     return path
 
 
@@ -149,7 +183,7 @@ def test_the_validator_ships_every_kubernetes_version_we_target() -> None:
 
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_every_object_is_valid_for_kubernetes_1_30_to_1_37(name: str) -> None:
-    docs = objects(name)
+    docs = all_objects(name)
     assert docs
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
@@ -180,6 +214,9 @@ def test_servicemonitor_is_a_wellformed_monitoring_object() -> None:
         {"runtimeClass": {"overhead": {"memory": "lots"}}},
         {"metrics": {"port": 70000}},
         {"registry": {"mirrors": {"docker.io": "https://not-a-list"}}},
+        {"dashboard": {"label": "not a label"}},
+        {"dashboard": {"labelValue": 1}},
+        {"dashboard": {"namespace": "Not_A_Namespace"}},
         {"unknownKey": True},
     ],
 )
@@ -195,6 +232,7 @@ def test_default_objects() -> None:
     assert kinds(objects("defaults")) == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",
         "ConfigMap",
         "DaemonSet",
         "RuntimeClass",
@@ -215,10 +253,12 @@ def test_runtimeclass_places_pods_on_labelled_nodes_and_counts_the_vm() -> None:
     }
 
 
-def test_rbac_is_get_and_patch_on_nodes_only() -> None:
+def test_rbac_is_get_list_and_patch_on_nodes_only() -> None:
     docs = objects("defaults")
     role = one(docs, "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]}
+    ]
     binding = one(docs, "ClusterRoleBinding")
     account = one(docs, "ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -227,6 +267,33 @@ def test_rbac_is_get_and_patch_on_nodes_only() -> None:
     ]
     pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_uninstall_hook_unlabels_every_node_with_rbac_of_its_own() -> None:
+    hooks = [d for d in all_objects("api-server") if is_hook(d)]
+    assert sorted(d["kind"] for d in hooks) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Job",
+        "ServiceAccount",
+    ]
+    for hook in hooks:
+        annotations = hook["metadata"]["annotations"]
+        # after the release's own RBAC is gone, so no labeler can put the label back
+        assert annotations["helm.sh/hook"] == "post-delete"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    weight = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
+    assert weight["ServiceAccount"] < weight["Job"] and weight["ClusterRoleBinding"] < weight["Job"]
+    job = next(d for d in hooks if d["kind"] == "Job")
+    account = next(d for d in hooks if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account
+    binding = next(d for d in hooks if d["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == account
+    container = pod["containers"][0]
+    assert container["command"] == ["python3", "-m", "deploy.node_label", "unlabel-all"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"KUBERNETES_SERVICE_HOST": "10.0.0.5", "KUBERNETES_SERVICE_PORT": "6443"}
 
 
 def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
@@ -250,8 +317,16 @@ def test_daemonset_is_node_critical_rolling_and_probes_the_cri_socket() -> None:
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
 
 
+def test_api_server_address_overrides_the_service_for_the_labeler() -> None:
+    env = {e["name"]: e for e in node_container(objects("api-server"))["env"]}
+    assert env["KUBERNETES_SERVICE_HOST"]["value"] == "10.0.0.5"
+    assert env["KUBERNETES_SERVICE_PORT"]["value"] == "6443"
+    defaults = {e["name"] for e in node_container(objects("defaults"))["env"]}
+    assert "KUBERNETES_SERVICE_HOST" not in defaults
+
+
 def test_install_script_enters_the_host_and_refuses_too_few_capabilities() -> None:
-    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    script = chart_config(objects("defaults"))["data"]["install.sh"]
     assert "nsenter --target 1 --mount --uts --ipc --net -- env" in script
     # without systemd the supervisor starts from the pod: it needs every capability
     check = script.index("test -d /run/systemd/system")
@@ -306,16 +381,16 @@ def test_metrics_service_and_scrape_annotations() -> None:
 
 def test_metrics_on_the_node_ip(tmp_path: Path) -> None:
     docs = objects("metrics-host-ip")
-    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    text = chart_config(docs)["data"]["config.toml"]
     assert 'address = "@HOST_IP@"' in text
     # what install.sh does on each node with the pod's status.hostIP
-    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    script = chart_config(docs)["data"]["install.sh"]
     assert 'sed "s/@HOST_IP@/$HOST_IP/g" /etc/clearcri-chart/config.toml' in script
     path = tmp_path / "config.toml"
     path.write_text(text.replace("@HOST_IP@", "10.1.2.3"))
     assert load_config(path).metrics.address == "10.1.2.3"
     # the default render has nothing to replace
-    assert "@HOST_IP@" not in one(objects("defaults"), "ConfigMap")["data"]["config.toml"]
+    assert "@HOST_IP@" not in chart_config(objects("defaults"))["data"]["config.toml"]
 
 
 def test_metrics_off(tmp_path: Path) -> None:
@@ -326,6 +401,33 @@ def test_metrics_off(tmp_path: Path) -> None:
     assert not any(k.startswith("prometheus.io/") for k in pod["metadata"]["annotations"])
     assert "ports" not in node_container(docs)
     assert not load_config(rendered_config(docs, tmp_path)).metrics.enabled
+
+
+def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
+    config_map = dashboard_config(objects("defaults"))
+    meta = config_map["metadata"]
+    assert meta["namespace"] == "kube-system"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "clearcri"
+    assert "annotations" not in meta
+    assert list(config_map["data"]) == ["clearcri.json"]
+    shipped = json.loads((CHART / "dashboards" / "clearcri.json").read_text())
+    assert json.loads(config_map["data"]["clearcri.json"]) == shipped
+
+
+def test_dashboard_label_annotations_and_namespace() -> None:
+    meta = dashboard_config(objects("everything"))["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["example.com/dashboard"] == "clearcri"
+    assert meta["labels"]["team"] == "nodes"
+    assert "grafana_dashboard" not in meta["labels"]
+    assert meta["annotations"] == {"grafana_folder": "clearcri"}
+
+
+@pytest.mark.parametrize("name", ["dashboard-off", "metrics-off"])
+def test_no_dashboard(name: str) -> None:
+    assert [d for d in objects(name) if d["metadata"]["name"].endswith("-dashboard")] == []
+    assert kinds(objects(name)).count("ConfigMap") == 1
 
 
 def test_registry_mirrors_reach_the_daemon_config(tmp_path: Path) -> None:
@@ -371,7 +473,7 @@ def test_everything_set(tmp_path: Path) -> None:
     assert pod["metadata"]["annotations"]["example.com/team"] == "nodes"
     assert pod["spec"]["imagePullSecrets"] == [{"name": "corp-pull"}]
     assert pod["spec"]["affinity"] == VALUES["everything"]["affinity"]
-    script = one(docs, "ConfigMap")["data"]["install.sh"]
+    script = chart_config(docs)["data"]["install.sh"]
     assert "--cni --cni-subnet 10.244.0.0/16" in script
     assert '--require-runtime ""' in script
 
@@ -382,12 +484,12 @@ def test_everything_set(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_install_script_is_valid_sh(name: str, tmp_path: Path) -> None:
     script = tmp_path / "install.sh"
-    script.write_text(one(objects(name), "ConfigMap")["data"]["install.sh"])
+    script.write_text(chart_config(objects(name))["data"]["install.sh"])
     subprocess.run(["sh", "-n", str(script)], check=True)
 
 
 def test_install_script_runs_the_node_install_and_the_labeler() -> None:
-    script = one(objects("defaults"), "ConfigMap")["data"]["install.sh"]
+    script = chart_config(objects("defaults"))["data"]["install.sh"]
     assert "nsenter --target 1 --mount" in script
     assert "python3 -m deploy.node_install upgrade --install --release" in script
     assert "--update-config" in script

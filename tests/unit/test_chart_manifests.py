@@ -54,6 +54,7 @@ def test_manifests_hold_the_objects_for_kubectl_apply() -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
+        "ConfigMap",
         "DaemonSet",
         "RuntimeClass",
         "Service",

@@ -9,7 +9,7 @@ from pathlib import Path
 from guestbuild import builder
 from guestbuild.apt import DebPackage
 from guestbuild.builder import BuildInputs
-from sandbox.guest import COMPONENTS, load_manifest
+from sandbox.guest import COMPONENTS, load_manifest, tree_hash
 from tests.guest_assets import build_inputs, fake_build
 
 
@@ -73,10 +73,10 @@ def test_plan_rebuild(tmp_path: Path) -> None:
 def test_tree_hash_sees_python_sources_only(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
-    first = builder.tree_hash(tmp_path)
+    first = tree_hash(tmp_path)
     (tmp_path / "pkg" / "__pycache__").mkdir()
     (tmp_path / "pkg" / "__pycache__" / "a.cpython-311.py").write_text("junk")
     (tmp_path / "notes.txt").write_text("ignored")
-    assert builder.tree_hash(tmp_path) == first
+    assert tree_hash(tmp_path) == first
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
-    assert builder.tree_hash(tmp_path) != first
+    assert tree_hash(tmp_path) != first

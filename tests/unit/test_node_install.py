@@ -29,10 +29,12 @@ from deploy.node_install import (
     NodeInstallError,
     Options,
     ReleaseSource,
+    SupervisorControl,
     Systemd,
     cni_conflist,
     relocate,
 )
+from deploy.supervisor import cgroup_name
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
@@ -75,6 +77,44 @@ class FakeSystemd(Systemd):
         self.usable = usable
 
 
+class FakeSupervisor(SupervisorControl):
+    """The supervisor without processes: its start command goes to the fake runner, the
+    rest (looking for it, signalling it, its cgroup) is recorded."""
+
+    def __init__(self, prefix: Path, run: FakeRunner) -> None:
+        super().__init__(prefix, run)
+        self.pid: int | None = None
+        self.release_dir = ""  # what the running supervisor runs from
+        self.events: list[str] = []
+
+    def running(self) -> int | None:
+        return self.pid
+
+    def runs_from(self, pid: int, release_dir: Path) -> bool:
+        return str(release_dir) == self.release_dir
+
+    def context_problems(self) -> list[str]:
+        return []
+
+    def start(self) -> None:
+        super().start()
+        self.pid = 1000 + len(self.events)
+        venv = self.prefix / VENV_LINK
+        self.release_dir = str((venv.parent / os.readlink(venv)).parent)
+        self.events.append(f"start {self.pid}")
+
+    def restart_daemon(self, pid: int) -> None:
+        self.events.append(f"hup {pid}")
+
+    def stop(self, pid: int) -> None:
+        self.events.append(f"stop {pid}")
+        self.pid = None
+
+    def remove_cgroup(self) -> list[Path]:
+        self.events.append("remove cgroup")
+        return []
+
+
 def make_wheel(path: Path, payload: str) -> Path:
     wheel = path / "clearcri-0.1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -111,14 +151,28 @@ def prefix(tmp_path: Path) -> Path:
 
 
 def installer(
-    prefix: Path, runner: FakeRunner, *, usable: bool = False, **options: object
+    prefix: Path,
+    runner: FakeRunner,
+    *,
+    usable: bool = False,
+    supervisor: FakeSupervisor | None = None,
+    **options: object,
 ) -> tuple[NodeInstaller, list[str]]:
     lines: list[str] = []
     opts = Options(prefix=prefix, **options)  # type: ignore[arg-type]
-    return (
-        NodeInstaller(opts, report=lines.append, run=runner, systemd=FakeSystemd(runner, usable)),
-        lines,
+    inst = NodeInstaller(
+        opts,
+        report=lines.append,
+        run=runner,
+        systemd=FakeSystemd(runner, usable),
+        supervisor=supervisor or FakeSupervisor(prefix.resolve(), runner),
     )
+    return inst, lines
+
+
+def fake_supervisor(inst: NodeInstaller) -> FakeSupervisor:
+    assert isinstance(inst.supervisor, FakeSupervisor)
+    return inst.supervisor
 
 
 # -- packaged files --------------------------------------------------------------------
@@ -428,16 +482,147 @@ def test_with_systemd_install_enables_upgrade_restarts_uninstall_disables(
     ]
 
 
-def test_without_systemd_the_unit_is_installed_and_the_start_explained(
+def test_no_start_installs_the_unit_and_explains_both_ways_to_start(
     prefix: Path, source: ReleaseSource
 ) -> None:
     runner = FakeRunner()
-    inst, lines = installer(prefix, runner, usable=False)
+    inst, lines = installer(prefix, runner, start=False)
     inst.install(source)
-    assert not [c for c in runner.calls if c[0] == "systemctl"]
+    assert not [c for c in runner.calls if c[0] == "systemctl" or "supervise" in c]
+    assert fake_supervisor(inst).events == []
     text = "\n".join(lines)
     assert "systemctl daemon-reload && systemctl enable --now clearcri.service" in text
-    assert f"{prefix}/opt/clearcri/venv/bin/clearcri serve --config" in text
+    assert f"{prefix}/opt/clearcri/venv/bin/clearcri supervise --config" in text
+
+
+def supervise_calls(runner: FakeRunner) -> list[list[str]]:
+    return [c for c in runner.calls if "supervise" in c]
+
+
+def test_without_systemd_install_starts_one_supervisor(prefix: Path, source: ReleaseSource) -> None:
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, usable=False)
+    manifest = inst.install(source)
+    assert not [c for c in runner.calls if c[0] == "systemctl"]
+    exe = str(prefix / VENV_LINK / "bin/clearcri")
+    assert supervise_calls(runner) == [
+        [
+            exe,
+            "supervise",
+            "--config",
+            str(prefix / CONFIG_PATH),
+            "--daemon",
+            exe,  # the symlink: a switched release takes effect when the daemon restarts
+            "--pidfile",
+            str(prefix / "run/clearcri/supervisor.pid"),
+            "--cgroup",
+            cgroup_name(prefix),
+        ]
+    ]
+    assert manifest.supervisor_enabled and not manifest.service_enabled
+    saved = InstallManifest.load(prefix)
+    assert saved is not None and saved.supervisor_enabled
+    text = "\n".join(lines)
+    assert "started the daemon under `clearcri supervise`" in text
+    assert f"log {prefix}/var/log/clearcri/daemon.log" in text
+    assert "after a reboot" in text
+
+    # Installed again (the DaemonSet's pod restarted): the running supervisor is kept.
+    runner.calls.clear()
+    lines.clear()
+    inst.install(source)
+    assert supervise_calls(runner) == []
+    assert fake_supervisor(inst).events == ["start 1000"]
+    assert any("the daemon runs under its supervisor (pid 1000)" in line for line in lines)
+
+    # Gone (a reboot, a kill): installing again starts it again.
+    fake_supervisor(inst).pid = None
+    inst.install(source)
+    assert len(supervise_calls(runner)) == 1
+
+
+def test_without_systemd_upgrade_replaces_the_supervisor_and_uninstall_stops_it(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, lines = installer(prefix, runner, usable=False)
+    first = inst.install(source)
+    sup = fake_supervisor(inst)
+    assert sup.release_dir == str(prefix / "opt/clearcri/releases" / first.release)
+
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    runner.calls.clear()
+    second = inst.upgrade(source)
+    # The old supervisor runs old code: stopped (its daemon gets SIGTERM alone, pod VMs
+    # stay), and a new one started from the new release.
+    assert sup.events == ["start 1000", "stop 1000", "start 1002"]
+    assert sup.release_dir == str(prefix / "opt/clearcri/releases" / second.release)
+    assert len(supervise_calls(runner)) == 1
+    assert any("supervisor (pid 1000) of the previous release" in line for line in lines)
+
+    runner.calls.clear()
+    inst.uninstall()
+    assert sup.events[-2:] == ["stop 1002", "remove cgroup"]
+    assert not [c for c in runner.calls if c[0] == "systemctl"]
+    assert not (prefix / MANIFEST_PATH).exists()
+
+
+def test_without_systemd_a_new_managed_config_restarts_the_daemon_through_the_supervisor(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    chart_config = tmp_path / "chart-config.toml"
+    chart_config.write_text('[daemon]\nlog_level = "info"\n')
+    source.config_file = chart_config
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, usable=False, update_config=True)
+    inst.install(source)
+    chart_config.write_text('[daemon]\nlog_level = "debug"\n')
+    inst.upgrade(source, install_missing=True)
+    # Same release, so the same supervisor: SIGHUP, the daemon restarts with the config.
+    assert fake_supervisor(inst).events == ["start 1000", "hup 1000"]
+
+
+def test_upgrade_starts_a_supervisor_when_none_runs(
+    prefix: Path, source: ReleaseSource, tmp_path: Path
+) -> None:
+    runner = FakeRunner()
+    inst, _ = installer(prefix, runner, start=False)
+    inst.install(source)
+    work = tmp_path / "v2"
+    work.mkdir()
+    source.source = make_wheel(work, "v2")
+    started, _ = installer(prefix, runner, usable=False)
+    manifest = started.upgrade(source)
+    assert fake_supervisor(started).events == ["start 1000"]
+    assert manifest.supervisor_enabled
+
+
+def test_with_systemd_no_supervisor_runs_and_one_left_over_is_stopped(
+    prefix: Path, source: ReleaseSource
+) -> None:
+    runner = FakeRunner()
+    sup = FakeSupervisor(prefix.resolve(), runner)
+    sup.pid = 77  # started before systemd ran here
+    inst, _ = installer(prefix, runner, usable=True, supervisor=sup)
+    manifest = inst.install(source)
+    assert supervise_calls(runner) == []
+    assert sup.events == ["stop 77", "remove cgroup"]
+    assert ["systemctl", "enable", "--now", UNIT_NAME] in runner.calls
+    assert manifest.service_enabled and not manifest.supervisor_enabled
+
+
+def test_supervisor_of_the_node_itself(tmp_path: Path) -> None:
+    argv = SupervisorControl(Path("/")).argv()
+    assert argv[:2] == ["/opt/clearcri/venv/bin/clearcri", "supervise"]
+    assert argv[argv.index("--pidfile") + 1] == "/run/clearcri/supervisor.pid"
+    assert argv[argv.index("--cgroup") + 1] == "clearcri.service"
+    # Started through `nsenter --target 1 --mount` by the DaemonSet: the other namespaces.
+    assert "--init-namespaces" in argv
+    other = SupervisorControl(tmp_path).argv()
+    assert "--init-namespaces" not in other
+    assert other[other.index("--cgroup") + 1] not in ("clearcri.service", "")
 
 
 def test_systemd_is_never_used_for_a_prefix(tmp_path: Path) -> None:

@@ -165,3 +165,45 @@ def test_probe_succeeds_when_a_cri_server_answers(tmp_path: Path) -> None:
         assert node_label.main(["probe", "--socket", str(socket)]) == 0
     finally:
         server.stop(None)
+
+
+class FakeCluster:
+    """Nodes by name, listed by label selector (an existence selector, as the hook's)."""
+
+    def __init__(self, labels: dict[str, dict[str, str]]) -> None:
+        self.labels = labels
+        self.patched: list[str] = []
+
+    def list_node(self, *, label_selector: str) -> Any:
+        items = [
+            SimpleNamespace(metadata=SimpleNamespace(name=name, labels=dict(labels)))
+            for name, labels in self.labels.items()
+            if label_selector in labels
+        ]
+        return SimpleNamespace(items=items)
+
+    def read_node(self, name: str) -> Any:
+        return SimpleNamespace(metadata=SimpleNamespace(name=name, labels=self.labels[name]))
+
+    def patch_node(self, name: str, body: Any) -> Any:
+        self.patched.append(name)
+        for key, value in body["metadata"]["labels"].items():
+            assert value is None
+            self.labels[name].pop(key, None)
+        return self.read_node(name)
+
+
+def test_unlabel_all_removes_the_label_from_every_node_that_has_it() -> None:
+    from deploy.node_label import unlabel_all
+
+    api = FakeCluster(
+        {
+            "n1": {LABEL: "true", "zone": "a"},
+            "n2": {"zone": "b"},
+            "n3": {LABEL: "true"},
+        }
+    )
+    assert unlabel_all(api) == ["n1", "n3"]
+    assert api.patched == ["n1", "n3"]
+    assert api.labels == {"n1": {"zone": "a"}, "n2": {"zone": "b"}, "n3": {}}
+    assert unlabel_all(api) == []

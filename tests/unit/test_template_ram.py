@@ -31,8 +31,8 @@ def test_abandoned_template_builds_lose_their_vm(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    from sandbox.procfs import pid_alive
     from sandbox.template import TemplateStore
-    from sandbox.vm import pid_alive
 
     gone = subprocess.Popen(["true"])
     gone.wait()

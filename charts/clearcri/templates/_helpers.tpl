@@ -88,3 +88,12 @@ endpoints = {{ $endpoints | toJson }}
 {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/* The labeler's way to the API server where the kubernetes Service does not answer:
+env entries of the pods that talk to it, for use under `if .Values.apiServer.host`. */}}
+{{- define "clearcri.apiServerEnv" -}}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.apiServer.host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.apiServer.port | default 443 | toString | quote }}
+{{- end -}}
