@@ -4,7 +4,8 @@ Three ways to start a pod of a size that is not the default's, interleaved in on
 (the same machine, the same minute), each round in turn:
 
 * ``hot-plug``: sized at clone time (``[vm] hotplug = true``, the default): a clone of
-  the node's one template, its vCPUs and memory hot-plugged;
+  one of the node's bases (the default shape's template, or the smallest VM's for
+  pods below the default), its vCPUs and memory hot-plugged;
 * ``own template``: a clone of a template of its own shape, built before the timing
   (``[vm] hotplug = false`` once its shape has been seen);
 * ``new shape``: ``[vm] hotplug = false`` meeting a shape for the first time (in a
@@ -12,8 +13,9 @@ Three ways to start a pod of a size that is not the default's, interleaved in on
   (a cold boot) and is then cloned from it. The limits change every round (2 MiB more),
   so this path never finds a template.
 
-Beside them, pods of the default shape (no limits) from its own template, and the
-default shape sized at clone time. Timed: the whole ``PodSandbox.start`` (what the pod
+Beside them, pods of the default shape (no limits) from its own template
+(``[vm] hotplug = false``), and from the default base with its room for hot-plug
+(nothing plugged). Timed: the whole ``PodSandbox.start`` (what the pod
 waits for, templates included). Then each shape's host memory, one idle VM at a time
 (the PSS of its QEMU), hot-plugged against its own template's clone.
 
@@ -138,11 +140,12 @@ def _other_store(config: SandboxConfig, name: str, *, hotplug: bool) -> SandboxC
 async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
     plug, own = hosts["hot-plug"], hosts["own template"]
     print(f"guest {plug.assets.version}  accel {plug.accel}")
-    assert plug.room is not None
-    room = plug.room
+    rooms = plug.rooms
+    assert rooms is not None
     print(
-        f"hot-plug room: template {room.base_vcpus} vCPU {room.base_memory_mib} MiB, up to "
-        f"{room.max_vcpus} vCPUs and {room.base_memory_mib + room.region_mib} MiB"
+        f"hot-plug bases: {', '.join(f'{v} vCPU' for v in rooms.base_vcpus)} x "
+        f"{', '.join(f'{m} MiB' for m in rooms.base_memory_mib)}, up to {rooms.max_vcpus} "
+        f"vCPUs and {rooms.max_memory_mib} MiB"
     )
     # the templates every timed start finds: the hot-plug one, each shape's own
     started = time.monotonic()

@@ -1,9 +1,11 @@
-"""Sizing pod VMs at clone time: one template of the smallest shape, the rest hot-plugged.
+"""Sizing pod VMs at clone time: a few templates (bases), the rest hot-plugged.
 
-Every VM that may be cloned boots (as its template did) with ``base_vcpus`` vCPUs and
-``base_memory_mib`` of RAM, with room for more: ``-smp base,maxcpus=max_vcpus`` (q35's
-ACPI CPU hot-plug) and a virtio-mem device whose region (``hotplug_memory_mib``) is
-anonymous memory of QEMU's, nothing of it plugged. A clone of a bigger pod adds the
+A node's templates have the default pod shape and the smallest pod VM's shape
+(``NodeRooms``). Every VM that may be cloned boots (as its template did) with its
+base's ``base_vcpus`` vCPUs and ``base_memory_mib`` of RAM, with room for more:
+``-smp base,maxcpus=max_vcpus`` (q35's ACPI CPU hot-plug) and a virtio-mem device
+whose region (``hotplug_memory_mib``) is anonymous memory of QEMU's, nothing of it
+plugged. A clone of a bigger pod adds the
 rest once its device state is restored and before it runs: one ``device_add`` per
 missing vCPU (ids from ``query-hotpluggable-cpus``) and the virtio-mem device's
 ``requested-size``. The guest kernel onlines the memory itself (its
@@ -81,25 +83,58 @@ class HotplugRoom:
         )
 
 
+@dataclass(frozen=True)
+class NodeRooms:
+    """The bases a node's VMs are cloned from, and how far each grows.
+
+    A base is a template's shape: a VM boots (is cloned) with the biggest base vCPU
+    count and the biggest base memory that do not exceed its own size, and hot-plugs the
+    rest. The default shape is a base, so the most common pod (no limits) is a clone of
+    a template of its own size and plugs nothing; the smallest pod VM's size is another,
+    so a pod below the default is a clone too and plugs what it needs above it."""
+
+    base_vcpus: tuple[int, ...]
+    base_memory_mib: tuple[int, ...]
+    max_vcpus: int
+    max_memory_mib: int
+
+    def room(self, vcpus: int, memory_mib: int) -> HotplugRoom | None:
+        """The room a VM of this size is cloned with (None: outside every base's room,
+        it gets a template of its own shape)."""
+        base_vcpus = max((b for b in self.base_vcpus if b <= vcpus), default=0)
+        base_memory = max((b for b in self.base_memory_mib if b <= memory_mib), default=0)
+        if not base_vcpus or not base_memory:
+            return None
+        room = HotplugRoom(
+            base_vcpus,
+            base_memory,
+            max(self.max_vcpus, base_vcpus),
+            max(self.max_memory_mib, base_memory),
+        )
+        return room if room.fits(vcpus, room.memory_for(memory_mib)) else None
+
+
 def room_for(
     *,
+    default_vcpus: int,
     default_memory_mib: int,
     min_memory_mib: int,
     max_vcpus: int,
     host_mib: int,
-) -> HotplugRoom | None:
-    """The room a node's VMs boot with: 1 vCPU (every pod has at least one) and the
-    smallest memory a pod VM gets (``min_memory_mib``, or the default size if that is
-    smaller), up to ``max_vcpus`` and the host's memory (within what the guest can
-    use). None when there is nothing to grow into (a one-CPU host whose memory is
-    unknown). A VM bigger than the room gets a template of its own shape."""
-    base_memory = align_down(min(min_memory_mib, default_memory_mib), VIRTIO_MEM_BLOCK_MIB)
-    base_vcpus = 1
-    max_memory = min(max(host_mib, base_memory), MAX_MEMORY_MIB)
-    max_vcpus = max(min(max_vcpus, GUEST_MAX_VCPUS), base_vcpus)
-    if max_vcpus <= base_vcpus and max_memory <= base_memory:
+) -> NodeRooms | None:
+    """The bases a node's VMs boot with: the default shape (``default_vcpus``,
+    ``default_memory_mib``) and the smallest pod VM (1 vCPU, ``min_memory_mib``), each
+    with room up to ``max_vcpus`` and the host's memory (within what the guest can use).
+    None when there is nothing to grow into (a one-CPU host whose memory is unknown)."""
+    max_vcpus = max(min(max_vcpus, GUEST_MAX_VCPUS), 1)
+    base_vcpus = tuple(sorted({1, min(max(default_vcpus, 1), max_vcpus)}))
+    default_memory = align_down(default_memory_mib, VIRTIO_MEM_BLOCK_MIB)
+    smallest = align_down(min(min_memory_mib, default_memory_mib), VIRTIO_MEM_BLOCK_MIB)
+    base_memory = tuple(sorted({smallest, default_memory}))
+    max_memory = min(max(host_mib, default_memory), MAX_MEMORY_MIB)
+    if max_vcpus <= base_vcpus[0] and max_memory <= base_memory[0]:
         return None
-    return HotplugRoom(base_vcpus, base_memory, max_vcpus, max_memory)
+    return NodeRooms(base_vcpus, base_memory, max_vcpus, max_memory)
 
 
 def guest_lpj(cpuinfo: str, guest_hz: int) -> int | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxRefused, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
-from sandbox.hotplug import HotplugRoom, guest_lpj, room_for
+from sandbox.hotplug import HotplugRoom, NodeRooms, guest_lpj, room_for
 from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
 from sandbox.lifecycle import STATE_FILE
 from sandbox.network import NetworkConfig, NetworkManager
@@ -70,8 +70,9 @@ class SandboxConfig:
     templates: bool = True
     # Where templates live (their RAM files should be on tmpfs); default: beside run_root.
     template_dir: Path | None = None
-    # Size pod VMs at clone time (sandbox/hotplug.py): one template of the smallest shape
-    # serves every pod, a clone hot-plugs the vCPUs and memory its pod needs beyond it.
+    # Size pod VMs at clone time (sandbox/hotplug.py): templates of the default shape and
+    # of the smallest VM (the bases) serve every pod; a clone of the base below its size
+    # hot-plugs the vCPUs and memory its pod needs beyond it.
     # False: one template per shape (vCPUs, memory), its first pod boots cold.
     hotplug: bool = True
     # "pmem" (DAX, the product) or "blk" (only for the memory benchmark's comparison).
@@ -164,8 +165,9 @@ class SandboxHost:
             for vmm_id in self._saved_vmm_ids():
                 self.vmm_ids.claim(vmm_id)
         self.templates: TemplateStore | None = None
-        # what every VM boots with and can grow to, when VMs are sized at clone time
-        self.room: HotplugRoom | None = None
+        # the shapes VMs are cloned from and how far they grow, when VMs are sized at
+        # clone time
+        self.rooms: NodeRooms | None = None
         if config.templates and config.os_image_mode == "pmem":
             self.templates = TemplateStore(
                 config.template_dir or config.run_root.parent / "templates",
@@ -173,7 +175,8 @@ class SandboxHost:
                 vmm_ids=self.vmm_ids,
             )
             if config.hotplug:
-                self.room = room_for(
+                self.rooms = room_for(
+                    default_vcpus=config.default_vcpus,
                     default_memory_mib=config.default_memory_mib,
                     min_memory_mib=config.min_memory_mib,
                     max_vcpus=config.max_vcpus or os.cpu_count() or 1,
@@ -182,7 +185,7 @@ class SandboxHost:
         # the boot vCPU's delay calibration, for the kernel of a VM whose vCPUs are
         # hot-added (none: they calibrate their own)
         self.lpj: int | None = None
-        if self.room is not None and self.room.max_vcpus > self.room.base_vcpus:
+        if self.rooms is not None and self.rooms.max_vcpus > min(self.rooms.base_vcpus):
             with contextlib.suppress(OSError):
                 self.lpj = guest_lpj(Path("/proc/cpuinfo").read_text(), self.assets.hz)
 
@@ -199,14 +202,24 @@ class SandboxHost:
 
     def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
         """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation).
-        Sized at clone time where it can be: booted (cloned) with the node's base shape
-        and room, the rest hot-plugged."""
+        Sized at clone time where it can be: booted (cloned) with the base shape below
+        its size and that base's room, the rest hot-plugged."""
         vcpus, memory = size_vm(spec, self.config)
-        room = self.room if not spec.extra_args else None
-        if room is not None and room.fits(vcpus, room.memory_for(memory)):
+        room = None
+        if self.rooms is not None and not spec.extra_args:
+            room = self.rooms.room(vcpus, memory)
+        if room is not None:
             memory = room.memory_for(memory)
-        else:
-            room = None  # outside the room: a template of its own shape
+        return self._machine(spec, run_dir, vcpus, memory, room)
+
+    def _machine(
+        self,
+        spec: SandboxSpec,
+        run_dir: Path,
+        vcpus: int,
+        memory: int,
+        room: HotplugRoom | None,
+    ) -> MachineSpec:
         cfg = self.config
         machine = MachineSpec(
             name=spec.sandbox_id,
@@ -237,13 +250,35 @@ class SandboxHost:
         )
 
     def warm_up(self) -> asyncio.Task[VmTemplate | None] | None:
-        """Build the template for pods of the default size in the background, so the
-        first pod starts fast too."""
+        """Build the templates in the background, so the first pods start fast too: the
+        default size's first (returned by the task), then the other bases' (pods below
+        the default size)."""
         if self.templates is None:
             return None
-        return self.templates.ensure(
-            self.machine_for(SandboxSpec("default"), self.config.run_root / "default")
-        )
+        return asyncio.ensure_future(self._build_bases(self.templates))
+
+    def base_machines(self) -> list[MachineSpec]:
+        """The VMs of the node's templates: the default size's first, then, when VMs are
+        sized at clone time, every other base (cloned by pods below the default)."""
+        run_dir = self.config.run_root / "default"
+        default = self.machine_for(SandboxSpec("default"), run_dir)
+        machines = [default]
+        if self.rooms is None or not default.sized_at_clone:
+            return machines
+        for vcpus in self.rooms.base_vcpus:
+            for memory in self.rooms.base_memory_mib:
+                room = self.rooms.room(vcpus, memory)
+                if room is None or (vcpus, memory) == (default.vcpus, default.memory_mib):
+                    continue
+                machines.append(self._machine(SandboxSpec("base"), run_dir, vcpus, memory, room))
+        return machines
+
+    async def _build_bases(self, templates: TemplateStore) -> VmTemplate | None:
+        default, *others = self.base_machines()
+        template = await templates.ensure(default)
+        for machine in others:
+            await templates.ensure(machine)
+        return template
 
     def sandbox_ids(self) -> list[str]:
         """Ids of every sandbox with a run directory (running or not)."""

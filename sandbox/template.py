@@ -8,10 +8,10 @@ them) and loads the saved device state instead of booting: no firmware, no kerne
 boot, no init, no Python start-up. The guest pages every clone only reads (kernel,
 agent, libraries) exist once on the host.
 
-Pod VMs are sized at clone time (sandbox/hotplug.py): the template has the node's
-smallest shape (1 vCPU, the smallest pod VM's memory) with room to grow (CPU slots, a
-virtio-mem device with nothing plugged), and a clone of a bigger pod hot-plugs the rest,
-so one template serves every pod of the node.
+Pod VMs are sized at clone time (sandbox/hotplug.py): the node's templates have the
+default pod shape and the smallest pod VM's (the bases), with room to grow (CPU slots, a
+virtio-mem device with nothing plugged), and a clone of a pod bigger than its base
+hot-plugs the rest, so two templates serve every pod of the node.
 
 Guest-visible devices must be identical between template and clones, so every
 template and clone carries a NIC; a pod without networking gets it with a backend that

@@ -1,5 +1,6 @@
-"""Pods of distinct sizes from one template: each a clone of the node's one template,
-its vCPUs and memory hot-plugged, its guest the size its limits give."""
+"""Pods of distinct sizes from the node's few templates: each a clone of the base below
+its size (the default shape's, or the smallest VM's), its vCPUs and memory hot-plugged,
+its guest the size its limits give; a pod of the default shape plugs nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from sandbox.guest import GuestAssets
 from sandbox.hotplug import expected_mem_total_kib
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxConfig, SandboxHost, size_vm
-from sandbox.template import INFO_FILE, RAM_FILE
+from sandbox.template import INFO_FILE, RAM_FILE, template_key
 from sandbox.vmpod import create_vm_pod, vm_backend
 from tests.integration.conftest import GUEST_DIR
 
@@ -82,13 +83,24 @@ async def _probe(pod: PodSandbox, image: RootfsImage) -> tuple[int, int, int, in
     return int(lines[0]), int(lines[1].split()[1]), int(lines[2]), int(lines[3])
 
 
-async def test_pods_of_five_sizes_are_clones_of_the_one_template(
+async def test_pods_of_five_sizes_are_clones_of_the_bases(
     host: SandboxHost,
     template_dir: Path,
     busybox_image: RootfsImage,
     running: list[PodSandbox],
 ) -> None:
-    assert host.room is not None and host.templates is not None
+    assert host.rooms is not None and host.templates is not None
+    bases = {template_key(m, host.config.qemu) for m in host.base_machines()}
+    assert len(bases) == 2
+    # the default shape: a clone of its own base, nothing plugged
+    default = create_vm_pod(host, SandboxSpec("default"))
+    running.append(default)
+    await default.start()
+    machine = vm_backend(default).machine
+    assert default.boot.restore > 0 and default.boot.kernel == 0
+    assert default.boot.hotplug == 0
+    assert (machine.vcpus, machine.memory_mib) == (machine.boot_vcpus, machine.boot_memory_mib)
+    assert template_key(machine, host.config.qemu) in bases
     seen = []
     for i, (vcpus, limit) in enumerate(SHAPES):
         spec = _pod(f"shape{i}", vcpus, limit)
@@ -96,31 +108,35 @@ async def test_pods_of_five_sizes_are_clones_of_the_one_template(
         running.append(pod)
         await pod.start()
         machine = vm_backend(pod).machine
-        # a clone: restored, not booted, of the one template
+        # a clone: restored, not booted, of a base
         assert pod.boot.restore > 0 and pod.boot.kernel == 0
         assert pod.status_info()["fromTemplate"] is True
-        templates = [p for p in template_dir.iterdir() if not p.name.startswith(".")]
-        assert len(templates) == 1, f"one template for every size, not {templates}"
-        assert machine.memory_file == templates[0] / RAM_FILE
         template = host.templates.get(machine)
-        assert template is not None and template.directory == templates[0]
+        assert template is not None and template.key in bases
+        assert machine.memory_file == template.directory / RAM_FILE
+        assert machine.boot_memory_mib <= machine.memory_mib
         # the size its limits give (memory down to a whole 2 MiB block above the base)
         want_vcpus, want_mib = size_vm(spec, host.config)
-        assert (machine.vcpus, machine.memory_mib) == (want_vcpus, host.room.memory_for(want_mib))
+        room = host.rooms.room(want_vcpus, want_mib)
+        assert room is not None
+        assert (machine.vcpus, machine.memory_mib) == (want_vcpus, room.memory_for(want_mib))
         assert machine.memory_mib >= want_mib - 1
         nproc, mem_total, threads, nproc_limit = await _probe(pod, busybox_image)
         assert nproc == want_vcpus
         plugged = (machine.memory_mib - machine.boot_memory_mib) * MIB
         assert mem_total == expected_mem_total_kib(template.mem_total_kib, plugged)
         # what the kernel sized at boot follows the memory the guest has now (a thread
-        # per 128 KiB, less what the kernel had in use; the template's was 1 per 138)
+        # per 128 KiB, less what the kernel had in use)
         assert mem_total // 128 * 94 // 100 < threads <= mem_total // 128
         assert nproc_limit == threads // 2
         seen.append((machine.vcpus, machine.memory_mib))
-        # only the one template's files, and nothing half-built, in the directory
-        assert sorted(p.name for p in template_dir.iterdir()) == [templates[0].name]
-        assert (templates[0] / INFO_FILE).exists()
+        # only the bases' templates, and nothing half-built, in the directory
+        names = sorted(p.name for p in template_dir.iterdir())
+        assert set(names) <= bases, names
+        assert all((template_dir / name / INFO_FILE).exists() for name in names)
     assert len(set(seen)) == len(SHAPES)
+    # both bases served these sizes
+    assert sorted(p.name for p in template_dir.iterdir()) == sorted(bases)
 
 
 async def test_a_clone_holds_what_a_vm_booted_that_big_holds(
@@ -163,7 +179,7 @@ async def test_plugged_memory_is_charged_to_the_pod_cgroup(
         assert cgroup is not None, "the host has no memory cgroup controller"
         before, _ = cgroup_charge(cgroup)
         # 480 MiB written to the container's layer (tmpfs in the guest, half its memory
-        # at most): far more than the template's 96 MiB base, so most of it lands in
+        # at most): far more than the template's 256 MiB base, so most of it lands in
         # hot-plugged memory
         fill = "dd if=/dev/zero of=/tmp/f bs=1M count=480 2>/dev/null; sleep 600"
         await pod.create_container("fill", ContainerSpec(args=["sh", "-c", fill]), busybox_image)

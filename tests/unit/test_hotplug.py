@@ -14,6 +14,7 @@ from sandbox.guest import GuestAssets
 from sandbox.hotplug import (
     HotplugError,
     HotplugRoom,
+    NodeRooms,
     cpus_to_plug,
     expected_mem_total_kib,
     guest_lpj,
@@ -56,18 +57,50 @@ def _slots(count: int, used: int = 1) -> list[dict[str, Any]]:
     return slots
 
 
-def test_room_boots_one_vcpu_and_the_smallest_vm() -> None:
-    room = room_for(default_memory_mib=256, min_memory_mib=96, max_vcpus=8, host_mib=24105)
-    assert room == HotplugRoom(1, 96, 8, 24105)
-    # the virtio-mem region is whole guest memory blocks
-    assert room.region_mib == 24064 and room.region_mib % 128 == 0
-    # an odd smallest size rounds down to a whole virtio-mem block
-    odd = room_for(default_memory_mib=97, min_memory_mib=101, max_vcpus=2, host_mib=4096)
-    assert odd is not None and odd.base_memory_mib == 96
+def test_bases_are_the_default_shape_and_the_smallest_vm() -> None:
+    rooms = room_for(
+        default_vcpus=1, default_memory_mib=256, min_memory_mib=96, max_vcpus=8, host_mib=24105
+    )
+    assert rooms == NodeRooms((1,), (96, 256), 8, 24105)
+    assert rooms is not None
+    # the default shape is a base of its own: it plugs nothing
+    assert rooms.room(1, 256) == HotplugRoom(1, 256, 8, 24105)
+    # below the default: the smallest VM's base, the rest plugged
+    assert rooms.room(1, 192) == HotplugRoom(1, 96, 8, 24105)
+    assert rooms.room(2, 96) == HotplugRoom(1, 96, 8, 24105)
+    # above: the default's base
+    assert rooms.room(4, 1152) == HotplugRoom(1, 256, 8, 24105)
+    # each base's virtio-mem region is whole guest memory blocks up to the host's memory
+    default, smallest = rooms.room(1, 256), rooms.room(1, 96)
+    assert default is not None and smallest is not None
+    assert default.region_mib == 23936 and default.region_mib % 128 == 0
+    assert smallest.region_mib == 24064
+    # beyond the room, or below the smallest VM: a template of its own shape
+    assert rooms.room(9, 256) is None
+    assert rooms.room(1, 30000) is None
+    assert rooms.room(1, 64) is None
+    # a default of 2 vCPUs is a base too, and 1-vCPU pods keep theirs
+    two = room_for(
+        default_vcpus=2, default_memory_mib=512, min_memory_mib=96, max_vcpus=4, host_mib=4096
+    )
+    assert two is not None and two.base_vcpus == (1, 2)
+    assert two.room(2, 512) == HotplugRoom(2, 512, 4, 4096)
+    assert two.room(1, 512) == HotplugRoom(1, 512, 4, 4096)
+    assert two.room(3, 200) == HotplugRoom(2, 96, 4, 4096)
+    # an odd size rounds down to a whole virtio-mem block
+    odd = room_for(
+        default_vcpus=1, default_memory_mib=97, min_memory_mib=101, max_vcpus=2, host_mib=4096
+    )
+    assert odd is not None and odd.base_memory_mib == (96,)
     # nothing to grow into
-    assert room_for(default_memory_mib=96, min_memory_mib=96, max_vcpus=1, host_mib=0) is None
+    assert (
+        room_for(default_vcpus=1, default_memory_mib=96, min_memory_mib=96, max_vcpus=1, host_mib=0)
+        is None
+    )
     # no more than the guest kernel brings up, or than TCG's 40 address bits hold
-    big = room_for(default_memory_mib=256, min_memory_mib=96, max_vcpus=192, host_mib=2**21)
+    big = room_for(
+        default_vcpus=1, default_memory_mib=256, min_memory_mib=96, max_vcpus=192, host_mib=2**21
+    )
     assert big is not None and (big.max_vcpus, big.max_memory_mib) == (64, 512 * 1024)
 
 
@@ -220,15 +253,24 @@ def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
     )
 
 
-def test_pods_of_every_shape_boot_the_one_base(tmp_path: Path) -> None:
+def test_pods_are_cloned_from_the_base_below_their_size(tmp_path: Path) -> None:
     host = _host(tmp_path)
-    assert host.room is not None
+    assert host.rooms is not None
     machines = [
         host.machine_for(spec, tmp_path / "p")
         for spec in (SandboxSpec("d"), _pod(1, 64), _pod(2, 128), _pod(4, 1024), _pod(3, 477))
     ]
-    assert {(m.boot_vcpus, m.boot_memory_mib, m.max_vcpus) for m in machines} == {(1, 96, 4)}
-    assert {template_key(m, "qemu") for m in machines} == {template_key(machines[0], "qemu")}
+    assert [(m.boot_vcpus, m.boot_memory_mib, m.max_vcpus) for m in machines] == [
+        (1, 256, 4),
+        (1, 96, 4),
+        (1, 256, 4),
+        (1, 256, 4),
+        (1, 256, 4),
+    ]
+    keys = [template_key(m, "qemu") for m in machines]
+    assert len(set(keys)) == 2
+    # the default pod's template is the default base: it plugs nothing
+    assert keys[0] == keys[2] == keys[3] == keys[4]
     # each gets what size_vm gives its limits (an odd size rounded down to a block)
     assert [(m.vcpus, m.memory_mib) for m in machines] == [
         (1, 256),
@@ -238,11 +280,17 @@ def test_pods_of_every_shape_boot_the_one_base(tmp_path: Path) -> None:
         (3, 604),
     ]
     assert size_vm(_pod(3, 477), host.config) == (3, 605)
+    # the templates warmed up at start: the default base's first, then the smallest's
+    bases = host.base_machines()
+    assert [template_key(m, "qemu") for m in bases] == [keys[0], keys[1]]
+    assert [(m.vcpus, m.memory_mib) for m in bases] == [(1, 256), (1, 96)]
+    assert _host(tmp_path, hotplug=False).base_machines()[0].sized_at_clone is False
+    assert len(_host(tmp_path, hotplug=False).base_machines()) == 1
 
 
 def test_no_room_without_hotplug_templates_or_for_extra_args(tmp_path: Path) -> None:
-    assert _host(tmp_path, hotplug=False).room is None
-    assert _host(tmp_path, templates=False).room is None
+    assert _host(tmp_path, hotplug=False).rooms is None
+    assert _host(tmp_path, templates=False).rooms is None
     host = _host(tmp_path)
     odd = replace(_pod(2, 477), extra_args=["-S"])
     machine = host.machine_for(odd, tmp_path / "p")
