@@ -226,14 +226,17 @@ class VmBackend:
                 agent_ready=max(0.0, agent_uptime - init_start),
                 total=t_ready - t0,
             )
+        # the clock goes out beside the network and /etc files: one round trip less to
+        # wait for
+        clock = asyncio.ensure_future(agent.sync_clock(time.time_ns()))
         try:
-            await agent.sync_clock(time.time_ns())
             hostname = self.spec.hostname or self.spec.sandbox_id[:63]
             resolv_conf, hosts = self.spec.resolv_conf, self.spec.hosts
             if self.network is not None:
                 await self.network.configure_guest(agent)
                 resolv_conf, hosts = self.network.etc_files(hostname, resolv_conf, hosts)
             await agent.set_pod_config(hostname=hostname, resolv_conf=resolv_conf, hosts=hosts)
+            await clock
             if sizing is not None:
                 sized = await sizing
                 t_sized = time.monotonic()
@@ -251,6 +254,7 @@ class VmBackend:
                     ", ".join(sized.raised) or "nothing",
                 )
         finally:
+            await _cancelled(clock)
             await _cancelled(sizing)
         log.info("sandbox=%s booted accel=%s", self.spec.sandbox_id, self.machine.accel)
         return boot
@@ -507,11 +511,14 @@ class VmBackend:
 
 
 async def _cancelled(task: asyncio.Future[Any] | None) -> None:
-    """Cancel ``task`` if it is still pending and wait for it to end."""
-    if task is not None and not task.done():
+    """Cancel ``task`` if it is still pending and wait for it to end (an error it ended
+    with is taken: what failed first is what the caller reports)."""
+    if task is None:
+        return
+    if not task.done():
         task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+    with contextlib.suppress(BaseException):
+        await task
 
 
 def host_memory(sandbox: PodSandbox) -> ProcessMemory | None:

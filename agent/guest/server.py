@@ -72,6 +72,12 @@ class AfterReply:
         self.callback = callback
 
 
+#: Operations answered on the reader thread itself: short, never blocking, and on a
+#: cloned pod's start path, where a thread of their own is a cost (the guest's first
+#: threads after a restore run cold code under TCG).
+INLINE_OPS = frozenset({"hello", "ping", "reseed", "sync_clock", "set_pod_config"})
+
+
 class Server:
     #: every operation the agent serves, each by its method ``op_<name>`` (PROTOCOL.md's
     #: table lists the same)
@@ -218,7 +224,7 @@ class Server:
         handler = self._ops.get(op)
         if handler is None:
             self._respond_error(request_id, UNKNOWN_OP, f"unknown operation {op!r}", generation)
-        elif op == "hello":
+        elif op in INLINE_OPS:
             self._run(handler, request_id, args, generation)
         else:
             threading.Thread(

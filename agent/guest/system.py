@@ -23,7 +23,6 @@ MS_REC = 16384
 MNT_DETACH = 2
 PR_SET_CHILD_SUBREAPER = 36
 RB_POWER_OFF = 0x4321FEDC
-CLOCK_REALTIME = 0
 
 
 def _check(result: int, what: str) -> None:
@@ -62,13 +61,7 @@ def sethostname(name: str) -> None:
 
 
 def set_clock(unix_ns: int) -> None:
-    import ctypes
-
-    class Timespec(ctypes.Structure):
-        _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-    ts = Timespec(unix_ns // 1_000_000_000, unix_ns % 1_000_000_000)
-    _check(libc().clock_settime(CLOCK_REALTIME, ctypes.byref(ts)), "clock_settime")
+    time.clock_settime_ns(time.CLOCK_REALTIME, unix_ns)
 
 
 def power_off() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,3 +223,40 @@ def test_protocol_md_lists_every_operation_the_agent_serves() -> None:
     assert len(documented) == len(set(documented))
     for name in Server.OPERATIONS:
         assert callable(getattr(Server, f"op_{name}")), name
+
+
+def test_short_ops_of_a_clones_start_are_answered_on_the_reader_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hello, ping, reseed, sync_clock and set_pod_config are answered before
+    handle_request returns, without a thread of their own (a thread is a cost on a cloned
+    pod's start); every other operation gets one."""
+    from agent.guest import server
+
+    started: list[str] = []
+
+    class RecordedThread:
+        def __init__(self, *, target: Any, args: tuple[Any, ...], name: str, daemon: bool) -> None:
+            self.name = name
+
+        def start(self) -> None:
+            started.append(self.name)
+
+    sent: list[bytes] = []
+
+    class Writer:
+        def send(self, data: bytes, generation: int = 0) -> None:
+            sent.append(data)
+
+    monkeypatch.setattr("agent.guest.server.threading.Thread", RecordedThread)
+    agent = server.Server.__new__(server.Server)
+    agent.generation = 1
+    agent.writer = Writer()  # type: ignore[assignment]
+    agent._ops = {name: (lambda args, generation: {}) for name in server.Server.OPERATIONS}
+    for number, op in enumerate(sorted(server.INLINE_OPS)):
+        agent.handle_request(json.dumps({"id": number, "op": op, "args": {}}).encode())
+        assert len(sent) == number + 1, f"{op} was not answered at once"
+    assert started == []
+    agent.handle_request(json.dumps({"id": 99, "op": "create_container", "args": {}}).encode())
+    assert started == ["op-create_container"]
+    assert {"hello", "ping", "reseed", "sync_clock", "set_pod_config"} == server.INLINE_OPS
