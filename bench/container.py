@@ -7,10 +7,15 @@ processes, stopping the pod and removing it. The guest reports its own steps
 (``ContainerInfo.timings``, ``ExecStarted.timings``). Medians with min and max over
 ``--runs``; run it against two guest directories to compare two builds of the agent.
 Nothing here asserts a time.
+
+``--standby``: every run starts two pods in turn, one cloned as above and one that takes
+over a standby VM (``[vm] standby``, sandbox/standby.py; the pool refills between runs),
+and the table has a column for each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import tempfile
 import time
@@ -23,6 +28,7 @@ from cri.images.rootfs import build_rootfs_image, make_busybox_tree
 from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
+from sandbox.standby import StandbyPool
 from sandbox.vmpod import create_vm_pod
 
 EXECS_PER_RUN = 5
@@ -49,6 +55,7 @@ async def one_run(
         add("pod start", time.monotonic() - t0)
         add("  of it: clone", boot.vmm_spawn + boot.restore)
         add("  of it: agent", boot.agent_ready)
+        add("  of it: standby take-over", boot.standby)
         t1 = time.monotonic()
         spec = ContainerSpec(args=["sh", "-c", "echo hi; exec sleep 3600"])
         created = await sandbox.create_container("c", spec, image)
@@ -93,21 +100,54 @@ async def one_run(
         add("remove pod", time.monotonic() - t11)
 
 
-async def run_container_bench(*, guest_dir: Path, runs: int, work_dir: Path) -> int:
+async def run_container_bench(
+    *, guest_dir: Path, runs: int, work_dir: Path, standby: bool = False
+) -> int:
     config = bench_config(guest_dir, work_dir, templates=True)
     host = SandboxHost(config)
     print(f"accelerator: {host.accel} ({host.accel_reason}); guest {host.assets.version}")
-    samples: dict[str, list[float]] = defaultdict(list)
+    ways = ("clone", "standby") if standby else ("clone",)
+    samples: dict[str, dict[str, list[float]]] = {way: defaultdict(list) for way in ways}
     image_dir = Path(tempfile.mkdtemp(prefix="image-", dir=work_dir))
+    pool = StandbyPool(host, 1) if standby else None
     try:
         await one_run(host, image_dir, 0, defaultdict(list))  # the template is built here
+        if pool is not None:
+            pool.start()
         for index in range(1, runs + 1):
-            await one_run(host, image_dir, index, samples)
+            for number, way in enumerate(ways):
+                host.standby = None
+                if way == "standby":
+                    assert pool is not None
+                    await _standby_ready(pool)
+                    host.standby = pool
+                await one_run(host, image_dir, index * len(ways) + number, samples[way])
     finally:
+        host.standby = None
+        if pool is not None:
+            await pool.close()
         drop_templates(config)
-    width = max(len(name) for name in samples)
-    print(f"\n{'ms, median (min-max)':<{width}}  over {runs} runs ({EXECS_PER_RUN} execs each)")
-    for name, values in samples.items():
-        ms = [v * 1000 for v in values]
-        print(f"{name:<{width}}  {statistics.median(ms):7.0f} ({min(ms):.0f}-{max(ms):.0f})")
+    names = list(dict.fromkeys(name for way in ways for name in samples[way]))
+    width = max(len(name) for name in names)
+    print(f"\nms, median (min-max) over {runs} runs ({EXECS_PER_RUN} execs each)")
+    print(f"{'':<{width}}  " + "".join(f"{way:>22}" for way in ways))
+    for name in names:
+        row = f"{name:<{width}}  "
+        for way in ways:
+            ms = [v * 1000 for v in samples[way].get(name, [])]
+            cell = f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})" if ms else ""
+            row += f"{cell:>22}"
+        if standby and samples["clone"].get(name) and samples["standby"].get(name):
+            clone = statistics.median(samples["clone"][name])
+            if clone > 0:
+                row += f"  {statistics.median(samples['standby'][name]) / clone:5.2f}"
+        print(row)
     return 0
+
+
+async def _standby_ready(pool: StandbyPool, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pool.ready:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no standby VM within {timeout:.0f} s")
+        await asyncio.sleep(0.1)

@@ -162,7 +162,12 @@ def cmd_bench_container(args: argparse.Namespace) -> int:
 
     with _bench_work_dir(args.work_dir) as work:
         return asyncio.run(
-            run_container_bench(guest_dir=Path(args.guest_dir), runs=args.runs, work_dir=work)
+            run_container_bench(
+                guest_dir=Path(args.guest_dir),
+                runs=args.runs,
+                work_dir=work,
+                standby=args.standby,
+            )
         )
 
 
@@ -322,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     container.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
     container.add_argument("--runs", type=int, default=5, help="pod VMs to time")
     container.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    container.add_argument(
+        "--standby",
+        action="store_true",
+        help="every run also a pod that takes over a standby VM, side by side",
+    )
     container.set_defaults(func=cmd_bench_container)
     density = bench_sub.add_parser(
         "density", help="idle pod VMs on one node: start time, memory and CPU as they add up"

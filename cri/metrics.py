@@ -156,6 +156,7 @@ class RuntimeMetrics:
             "kernel",
             "agent_ready",
             "hotplug",
+            "standby",
             "first_container",
         ):
             self.boot_seconds.labels(phase)
@@ -172,9 +173,12 @@ class RuntimeMetrics:
 
     def sandbox_started(self, pod_id: str, boot: BootTimes, seconds: float) -> None:
         """A pod VM is ready: its boot phases and the whole RunPodSandbox."""
-        # a VM cloned from a template restores instead of running firmware and kernel
+        # a VM cloned from a template restores instead of running firmware and kernel; a
+        # pod that took over a standby VM did neither (its VM had started before)
         phases: tuple[str, ...] = (
-            ("vmm_spawn", "restore", "agent_ready")
+            ("standby",)
+            if boot.standby > 0
+            else ("vmm_spawn", "restore", "agent_ready")
             if boot.restore > 0
             else ("vmm_spawn", "firmware", "kernel", "agent_ready")
         )

@@ -33,6 +33,7 @@ from cri.streaming.server import StreamingServer
 from sandbox.guest import GuestAssetsMissing
 from sandbox.handlers import Sandboxes
 from sandbox.node import SandboxHost
+from sandbox.standby import StandbyPool
 from sandbox.template import VmTemplate
 from sandbox.vm import configure_host_ksm
 
@@ -83,6 +84,7 @@ class Daemon:
         self.extras: list[Any] = []
         self.streaming: StreamingServer | None = None
         self.warm_up: asyncio.Task[VmTemplate | None] | None = None
+        self.standby: StandbyPool | None = None
         self.metrics = RuntimeMetrics()
         self.metrics_server: MetricsServer | None = None
         self._stop = asyncio.Event()
@@ -108,6 +110,11 @@ class Daemon:
             await self.runtime.recover()
             # the first pod of the default size should start from a template too
             self.warm_up = host.warm_up()
+            if host.templates is not None and cfg.vm.standby > 0:
+                # and new pods of the default size take over a VM already running
+                self.standby = StandbyPool(host, cfg.vm.standby)
+                host.standby = self.standby
+                self.standby.start()
             runtime = self.runtime
             self.streaming = StreamingServer(
                 AgentStreamingBackend(
@@ -187,6 +194,10 @@ class Daemon:
             self.warm_up.cancel()
             with contextlib.suppress(BaseException):
                 await self.warm_up
+        if self.standby is not None:
+            self.standby.host.standby = None
+            await self.standby.close()
+            self.standby = None
         for extra in self.extras:
             with contextlib.suppress(Exception):
                 await extra.stop()

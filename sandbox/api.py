@@ -291,6 +291,9 @@ class BootTimes:
     # a clone sized at clone time: from its restore until the guest has what was
     # hot-plugged (overlaps the pod's setup after agent_ready)
     hotplug: float = 0.0
+    # a pod that took over a standby VM (sandbox/standby.py), whose VM had started before
+    # the pod asked: from its launch until the VM was the pod's (cgroup, namespace)
+    standby: float = 0.0
     total: float = 0.0
 
 

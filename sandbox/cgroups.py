@@ -124,10 +124,13 @@ def place(
     driver: str,
     sandbox_id: str,
     roots: list[Path] | None = None,
+    move_charges: bool = False,
 ) -> VmCgroup:
     """Move every thread of ``pid`` into the pod's VM cgroup in every hierarchy. The
     levels of the pod's parent that did not exist are the VM's too (removed with it, once
-    empty): kubelet makes the parent first, a bare CRI client may not."""
+    empty): kubelet makes the parent first, a bare CRI client may not. ``move_charges``:
+    the memory ``pid`` already holds is charged to the pod from now on (cgroup v1
+    leaves it with the cgroup it was charged in unless asked; v2 never moves it)."""
     rel = relative_path(parent, driver, sandbox_id)
     made: list[Path] = []  # deepest first: the order they are removed in
     try:
@@ -136,6 +139,9 @@ def place(
             created = make_cgroup(root, rel)
             made[:0] = [path] + [p for p in reversed(created) if p != path]
             procs = path / "cgroup.procs"
+            if move_charges:
+                with contextlib.suppress(OSError):
+                    (path / "memory.move_charge_at_immigrate").write_text("3\n")
             try:
                 procs.write_text(f"{pid}\n")
             except OSError as exc:

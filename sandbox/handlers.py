@@ -91,8 +91,12 @@ class Sandboxes:
             sandbox = await self.adopt(sandbox_id)
         except SandboxError:
             # binds of host paths may be below it: detach them before deleting anything
+            # (a pod on a standby VM: the directory its link points to, then the link)
+            target = run_dir.resolve() if run_dir.is_symlink() else run_dir
             try:
-                await asyncio.to_thread(mounts.remove_tree, run_dir)
+                await asyncio.to_thread(mounts.remove_tree, target)
+                if run_dir.is_symlink():
+                    run_dir.unlink()
             except OSError as exc:
                 log.warning("sandbox=%s: cannot remove %s: %s", sandbox_id[:12], run_dir, exc)
             return

@@ -300,6 +300,22 @@ class PodSandbox:
         self.pid = process.pid
         process.on_exit(self._process_exited)
 
+    def adopt_agent(self, agent: AgentClient) -> None:
+        """The agent of a VM this sandbox took over, already connected."""
+        self._agent = agent
+
+    def hand_over(self) -> tuple[VmProcess, AgentClient]:
+        """Give this sandbox's running VM (its process and connected agent) to another
+        sandbox (a standby VM taken by its pod): nothing of it is this sandbox's to
+        watch, save or remove any more."""
+        process, agent = self.process, self._agent
+        if self.state != SandboxState.READY or process is None or agent is None:
+            raise SandboxError(f"sandbox {self.id} has no running VM to hand over")
+        self.state = SandboxState.REMOVED
+        self._agent = None
+        self.process = None
+        return process, agent
+
     async def connect_agent(self, gone: str) -> AgentClient:
         """Connect to the pod's agent, failing at once with ``gone`` if the pod's
         process exits first."""

@@ -1045,8 +1045,28 @@ class PodNetwork:
     async def _prepare(self) -> TapDevice:
         manager = self.manager
         t0 = time.monotonic()
-        conflist = manager.load()
         netns = manager.netns_path(self.sandbox_id)
+        self._begin(manager.load(), netns)
+        await asyncio.to_thread(create_netns, netns)
+        tap = await asyncio.to_thread(open_tap, netns)
+        self.boot_mac = tap.mac
+        self.timings = {"prepare": time.monotonic() - t0}
+        return tap
+
+    async def adopt(self, netns: Path) -> None:
+        """:meth:`prepare` for a VM that was started before its pod (a standby VM,
+        sandbox/standby.py): its namespace, with its tap inside, becomes the pod's."""
+        if not self.manager.config.enabled:
+            raise NetworkError("networking is disabled on this node")
+        async with self._lock:
+            if self.phase != "none":
+                raise NetworkError(f"the network of {self.sandbox_id} is already {self.phase}")
+            t0 = time.monotonic()
+            self._begin(self.manager.load(), netns)
+            self.timings = {"prepare": time.monotonic() - t0}
+
+    def _begin(self, conflist: CniConfList, netns: Path) -> None:
+        """Record the CNI invocation for ``netns`` before anything is attached."""
         self.invocation = CniInvocation(
             container_id=self.sandbox_id,
             netns=str(netns),
@@ -1058,11 +1078,6 @@ class PodNetwork:
         self.netns = netns
         self.phase = "attaching"
         self._save()
-        await asyncio.to_thread(create_netns, netns)
-        tap = await asyncio.to_thread(open_tap, netns)
-        self.boot_mac = tap.mac
-        self.timings = {"prepare": time.monotonic() - t0}
-        return tap
 
     def start_attach(self) -> None:
         """Start CNI ADD and the tap join in the background (after :meth:`prepare`)."""

@@ -11,13 +11,14 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxRefused, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
 from sandbox.hotplug import HotplugRoom, NodeRooms, guest_lpj, room_for
 from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
-from sandbox.lifecycle import STATE_FILE
+from sandbox.lifecycle import STATE_FILE, PodSandbox
 from sandbox.network import NetworkConfig, NetworkManager
 from sandbox.template import TemplateStore, VmTemplate
 from sandbox.vm import QEMU_BINARY, MachineSpec
@@ -70,6 +71,9 @@ class SandboxConfig:
     templates: bool = True
     # Where templates live (their RAM files should be on tmpfs); default: beside run_root.
     template_dir: Path | None = None
+    # VMs of the default shape kept running, cloned and warmed, for new pods to take
+    # over (sandbox/standby.py); 0: none, every pod VM starts when its pod does.
+    standby: int = 1
     # Size pod VMs at clone time (sandbox/hotplug.py): templates of the default shape and
     # of the smallest VM (the bases) serve every pod; a clone of the base below its size
     # hot-plugs the vCPUs and memory its pod needs beyond it.
@@ -79,6 +83,15 @@ class SandboxConfig:
     os_image_mode: str = "pmem"
     # CNI: config and plugin directories, netns directory (sandbox/network.py).
     network: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+class StandbySource(Protocol):
+    """Where a new pod VM finds a VM of its shape already running (sandbox/standby.py)."""
+
+    def take(self, machine: MachineSpec, *, networked: bool) -> PodSandbox | None:
+        """A running standby VM that can be ``machine`` (None: none is ready), with a
+        tap in a namespace of its own when ``networked``."""
+        ...
 
 
 def host_memory_mib() -> int:
@@ -165,6 +178,10 @@ class SandboxHost:
             for vmm_id in self._saved_vmm_ids():
                 self.vmm_ids.claim(vmm_id)
         self.templates: TemplateStore | None = None
+        # running VMs that new pods take over (set by the daemon, sandbox/standby.py)
+        self.standby: StandbySource | None = None
+        # pod VMs being launched right now
+        self.starting = 0
         # the shapes VMs are cloned from and how far they grow, when VMs are sized at
         # clone time
         self.rooms: NodeRooms | None = None
@@ -193,12 +210,22 @@ class SandboxHost:
         """The VMM ids of the sandboxes earlier daemons made (running or not: an id
         goes back to the range when its sandbox is removed)."""
         ids = []
-        for state_file in self.config.run_root.glob(f"*/{STATE_FILE}"):
+        state_files = [
+            *self.config.run_root.glob(f"*/{STATE_FILE}"),
+            *self.standby_dir.glob(f"*/{STATE_FILE}"),
+        ]
+        for state_file in state_files:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 vmm_id = json.loads(state_file.read_text())["machine"].get("vmm_id")
                 if vmm_id is not None:
                     ids.append(int(vmm_id))
         return ids
+
+    @property
+    def standby_dir(self) -> Path:
+        """Where standby VMs live (a pod that takes one over links its run directory
+        there)."""
+        return self.config.run_root.parent / "standby"
 
     def machine_for(self, spec: SandboxSpec, run_dir: Path) -> MachineSpec:
         """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation).
@@ -281,5 +308,11 @@ class SandboxHost:
         return template
 
     def sandbox_ids(self) -> list[str]:
-        """Ids of every sandbox with a run directory (running or not)."""
-        return sorted(p.name for p in self.config.run_root.iterdir() if (p / STATE_FILE).exists())
+        """Ids of every sandbox with a run directory (running or not), also one without
+        its state yet (a daemon killed between making the directory and saving into it)
+        or whose link leads nowhere: recovery removes what it finds no pod for."""
+        return sorted(
+            p.name
+            for p in self.config.run_root.iterdir()
+            if not p.name.startswith(".") and (p.is_dir() or p.is_symlink())
+        )

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from agent.client import AgentClient
 from agent.protocol import HotplugResult, ImageSource, Mount
 from sandbox import mounts
 from sandbox.api import (
@@ -37,7 +39,14 @@ from sandbox.cgroups import place as place_in_cgroup
 from sandbox.hotplug import PlugPlan, expected_mem_total_kib, plug_bytes
 from sandbox.jail import JailError, jail_for, prepare_vmm_dir
 from sandbox.lifecycle import PodSandbox, check_new
-from sandbox.network import NETDEV_ID, PodNetwork, TapDevice
+from sandbox.network import (
+    NETDEV_ID,
+    PodNetwork,
+    TapDevice,
+    create_netns,
+    open_tap,
+    remove_netns,
+)
 from sandbox.node import SandboxHost, host_memory_mib, memory_floor_bytes
 from sandbox.procfs import ProcessMemory, process_cpu_ns, read_process_memory
 from sandbox.qmp import QmpControl
@@ -89,6 +98,11 @@ class VmBackend:
         self.network: PodNetwork | None = None
         # the host paths the pod's containers mount (None: the guest kernel has no 9p)
         self.share = PodShare(machine.share_dir, machine.vmm_id) if machine.share else None
+        # a network namespace the VM's tap lives in that no PodNetwork owns (a standby
+        # VM's, sandbox/standby.py); removed with the VM
+        self.own_netns: Path | None = None
+        # a standby VM taken over at creation (its agent): launch starts no VM
+        self.taken_agent: AgentClient | None = None
 
     # the state file ------------------------------------------------------------------
 
@@ -99,6 +113,7 @@ class VmBackend:
             "machine": machine_to_state(self.machine),
             "slots": {str(k): v for k, v in self.slots.items()},
             "cgroups": [str(p) for p in self.cgroup.paths],
+            "own_netns": str(self.own_netns) if self.own_netns else "",
         }
 
     @classmethod
@@ -106,11 +121,13 @@ class VmBackend:
         backend = cls(host, machine_from_state(saved["machine"]), SandboxSpec(**saved["spec"]))
         backend.slots = {int(k): v for k, v in saved.get("slots", {}).items()}
         backend.cgroup = VmCgroup(tuple(Path(p) for p in saved.get("cgroups", [])))
+        backend.own_netns = Path(saved["own_netns"]) if saved.get("own_netns") else None
         return backend
 
     @property
     def process_marker(self) -> str:
-        return f"clearcri-{self.spec.sandbox_id},"
+        # the VM's own name: the pod's id, or the standby's the pod took over
+        return f"clearcri-{self.machine.name},"
 
     @property
     def agent_socket(self) -> Path:
@@ -136,7 +153,17 @@ class VmBackend:
 
     async def launch(self, sandbox: PodSandbox) -> BootTimes:
         """Boot the VM (a template clone where one is there) and wait until its agent is
-        ready; then the pod's clock, network and /etc files."""
+        ready, or take over the standby VM given at creation; then the pod's clock,
+        network and /etc files."""
+        self.host.starting += 1
+        try:
+            if self.taken_agent is not None:
+                return await self._take_over(sandbox, self.taken_agent)
+            return await self._boot(sandbox)
+        finally:
+            self.host.starting -= 1
+
+    async def _boot(self, sandbox: PodSandbox) -> BootTimes:
         template = await self._template()
         if template is not None:
             self.machine = replace(
@@ -153,6 +180,10 @@ class VmBackend:
             if self.network is not None:
                 # The namespace and tap now; CNI ADD runs while the guest boots.
                 tap = await self.network.prepare()
+            elif self.own_netns is not None:
+                # a standby VM's NIC: a tap in a namespace of its own, for its pod's CNI
+                await asyncio.to_thread(create_netns, self.own_netns)
+                tap = await asyncio.to_thread(open_tap, self.own_netns)
             if template is not None:
                 netdev = f"tap,id={NETDEV_ID},fd={tap.fd},vhost=off" if tap else None
                 cmd += nic_args(netdev)
@@ -173,14 +204,7 @@ class VmBackend:
         if self.network is not None:
             self.network.start_attach()
         sandbox.started(process)
-        if self.spec.cgroup_parent:
-            self._grow_small_pod_cgroup()
-            self.cgroup = place_in_cgroup(
-                process.pid,
-                parent=self.spec.cgroup_parent,
-                driver=self.spec.cgroup_driver,
-                sandbox_id=self.spec.sandbox_id,
-            )
+        self._join_pod_cgroup(process.pid)
         sandbox.save()
         self.qmp = QmpControl(f"clearcri-{self.spec.sandbox_id}")
         await self.qmp.connect(self.machine.qmp_socket, timeout=10.0)
@@ -226,6 +250,17 @@ class VmBackend:
                 agent_ready=max(0.0, agent_uptime - init_start),
                 total=t_ready - t0,
             )
+        return await self._configure(agent, boot, t0, sizing)
+
+    async def _configure(
+        self,
+        agent: AgentClient,
+        boot: BootTimes,
+        t0: float,
+        sizing: asyncio.Future[HotplugResult] | None = None,
+    ) -> BootTimes:
+        """The pod's clock, network and /etc files in a VM whose agent answers; with
+        ``sizing``, wait for the guest to have what was hot-plugged."""
         # the clock goes out beside the network and /etc files: one round trip less to
         # wait for
         clock = asyncio.ensure_future(agent.sync_clock(time.time_ns()))
@@ -241,7 +276,9 @@ class VmBackend:
                 sized = await sizing
                 t_sized = time.monotonic()
                 boot = replace(
-                    boot, hotplug=t_sized - t_restored, total=max(boot.total, t_sized - t0)
+                    boot,
+                    hotplug=t_sized - t0 - boot.vmm_spawn - boot.restore,
+                    total=max(boot.total, t_sized - t0),
                 )
                 log.info(
                     "sandbox=%s sized at clone: %d vCPUs, MemTotal %d KiB (guest: %.3fs "
@@ -258,6 +295,36 @@ class VmBackend:
             await _cancelled(sizing)
         log.info("sandbox=%s booted accel=%s", self.spec.sandbox_id, self.machine.accel)
         return boot
+
+    async def _take_over(self, sandbox: PodSandbox, agent: AgentClient) -> BootTimes:
+        """Launch a pod that took over a standby VM (sandbox/standby.py) at creation:
+        the VM joins the pod's cgroup with the memory it holds, its namespace becomes
+        the pod's network namespace, and the pod's setup goes on as after a boot."""
+        t0 = time.monotonic()
+        process = sandbox.process
+        if process is None or not process.alive:
+            raise SandboxError("the standby VM exited before its pod started")
+        sandbox.adopt_agent(agent)
+        self._join_pod_cgroup(process.pid, move_charges=True)
+        sandbox.save()
+        if self.network is not None:
+            assert self.own_netns is not None
+            await self.network.adopt(self.own_netns)
+            self.network.boot_mac = TEMPLATE_MAC
+            self.network.start_attach()
+        taken = time.monotonic() - t0
+        return await self._configure(agent, BootTimes(standby=taken, total=taken), t0)
+
+    def _join_pod_cgroup(self, pid: int, *, move_charges: bool = False) -> None:
+        if self.spec.cgroup_parent:
+            self._grow_small_pod_cgroup()
+            self.cgroup = place_in_cgroup(
+                pid,
+                parent=self.spec.cgroup_parent,
+                driver=self.spec.cgroup_driver,
+                sandbox_id=self.spec.sandbox_id,
+                move_charges=move_charges,
+            )
 
     def _plug_plan(self, template: VmTemplate) -> PlugPlan | None:
         """What a clone of ``template`` plugs to reach its pod's size (None: nothing)."""
@@ -335,9 +402,15 @@ class VmBackend:
 
     async def release(self, sandbox: PodSandbox) -> None:
         self.cgroup.remove()
+        if self.own_netns is not None:
+            try:
+                await asyncio.to_thread(remove_netns, self.own_netns)
+            except OSError as exc:
+                raise SandboxError(
+                    f"sandbox {self.spec.sandbox_id}: cannot remove its namespace: {exc}"
+                ) from exc
         try:
-            # the share's binds are detached first: host files below them must survive
-            await asyncio.to_thread(mounts.remove_tree, self.run_dir)
+            await asyncio.to_thread(remove_run_dir, self.host, self.spec.sandbox_id, self.run_dir)
         except OSError as exc:
             raise SandboxError(
                 f"sandbox {self.spec.sandbox_id}: cannot remove its run directory: {exc}"
@@ -480,6 +553,8 @@ class VmBackend:
             "memoryMiB": self.machine.memory_mib,
             # started as a copy-on-write clone of a template VM
             "fromTemplate": self.machine.incoming,
+            # the VM was a standby, started before the pod asked for it
+            "fromStandby": self.machine.name != self.spec.sandbox_id,
             # host paths are shared live (virtio-9p)
             "share": self.share is not None,
             # QEMU runs jailed as this uid (None: as root)
@@ -538,10 +613,46 @@ async def check_propagation(host_path: Path, propagation: str) -> None:
             raise SandboxError(problem)
 
 
+def remove_run_dir(host: SandboxHost, sandbox_id: str, run_dir: Path) -> None:
+    """Remove a pod VM's run directory (blocking): with the share's binds detached
+    first (host files below them must survive); a pod that took over a standby VM has
+    its run directory in the standby's place and a link to it in the run root."""
+    mounts.remove_tree(run_dir)
+    link = host.config.run_root / sandbox_id
+    if link.is_symlink():
+        link.unlink()
+
+
 def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
-    """A pod VM, made on the host (run directory, VMM id, share) but not started."""
+    """A pod VM, made on the host (run directory, VMM id, share) but not started; a
+    standby VM of its shape, where there is one, is taken over instead at its start."""
     run_dir = check_new(host.config.run_root, spec.sandbox_id)
     machine = host.machine_for(spec, run_dir)
+    networked = spec.network is not None and host.network.config.enabled
+    standby = host.standby.take(machine, networked=networked) if host.standby else None
+    if standby is not None:
+        return _take_standby(host, spec, standby, run_dir)
+    return _create(host, spec, run_dir, machine)
+
+
+def create_standby_vm(host: SandboxHost, name: str, *, networked: bool) -> PodSandbox:
+    """A standby VM (sandbox/standby.py), made but not started: a pod VM of the
+    default shape named ``name`` below the standby directory, with a tap in a network
+    namespace of its own when ``networked``."""
+    run_dir = check_new(host.standby_dir, name)
+    spec = SandboxSpec(name)
+    own_netns = host.network.netns_path(name) if networked else None
+    return _create(host, spec, run_dir, host.machine_for(spec, run_dir), own_netns=own_netns)
+
+
+def _create(
+    host: SandboxHost,
+    spec: SandboxSpec,
+    run_dir: Path,
+    machine: MachineSpec,
+    *,
+    own_netns: Path | None = None,
+) -> PodSandbox:
     host_mib = host_memory_mib()
     if host_mib and machine.memory_mib > host_mib:
         raise SandboxExhausted(
@@ -556,6 +667,7 @@ def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
             raise SandboxExhausted(str(exc)) from exc
     run_dir.mkdir(parents=True, mode=0o700)
     backend = VmBackend(host, machine, spec)
+    backend.own_netns = own_netns
     sandbox = _sandbox(host, backend)
     try:
         if machine.vmm_id is not None:
@@ -568,6 +680,37 @@ def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
         if host.vmm_ids is not None:
             host.vmm_ids.release(machine.vmm_id)
         raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc
+    return sandbox
+
+
+def _take_standby(
+    host: SandboxHost, spec: SandboxSpec, standby: PodSandbox, link: Path
+) -> PodSandbox:
+    """The pod's sandbox on ``standby``'s VM: its run directory, machine, share and
+    namespace; the run root links the pod's id to that directory."""
+    previous = vm_backend(standby)
+    process, agent = standby.hand_over()
+    backend = VmBackend(host, previous.machine, spec)
+    backend.own_netns = previous.own_netns
+    backend.qmp, previous.qmp = previous.qmp, None
+    backend.taken_agent = agent
+    sandbox = _sandbox(host, backend)
+    sandbox.started(process)
+    try:
+        sandbox.save()
+        link.symlink_to(previous.run_dir)
+    except OSError as exc:
+        # nothing refers to the VM now: it goes, with all it had
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            if backend.own_netns is not None:
+                remove_netns(backend.own_netns)
+            remove_run_dir(host, spec.sandbox_id, backend.run_dir)
+        if host.vmm_ids is not None:
+            host.vmm_ids.release(backend.machine.vmm_id)
+        raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc
+    log.info("sandbox=%s takes over the standby VM %s", spec.sandbox_id, previous.machine.name)
     return sandbox
 
 

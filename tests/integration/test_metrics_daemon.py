@@ -183,12 +183,21 @@ async def test_scrape_boot_memory_sharing_and_requests(
     first = await scrape_until(
         daemon, lambda s: bool(pick(s, "clearcri_sandbox_guest_memory_total_bytes", **labels_a))
     )
-    # a pod VM either boots (firmware, kernel) or is restored from a template
+    # a pod VM either boots (firmware, kernel), is restored from a template, or is a
+    # standby VM taken over
+    taken = one(first, "clearcri_sandbox_boot_seconds_count", phase="standby") == 1
     cloned = one(first, "clearcri_sandbox_boot_seconds_count", phase="restore") == 1
-    booted = ("firmware", "kernel")
-    for phase in ("vmm_spawn", "agent_ready", "first_container", *(() if cloned else booted)):
+    phases: tuple[str, ...] = (
+        ("standby",)
+        if taken
+        else ("vmm_spawn", "agent_ready", "restore")
+        if cloned
+        else ("vmm_spawn", "agent_ready", "firmware", "kernel")
+    )
+    for phase in (*phases, "first_container"):
         assert one(first, "clearcri_sandbox_boot_seconds_count", phase=phase) == 1, phase
-    main_phase = "restore" if cloned else "kernel"
+    assert not (taken and cloned)
+    main_phase = "standby" if taken else "restore" if cloned else "kernel"
     assert 0 < one(first, "clearcri_sandbox_boot_seconds_sum", phase=main_phase) < 30
     assert one(first, "clearcri_sandbox_start_seconds_count") == 1
     assert one(first, "clearcri_container_start_seconds_count") == 1
@@ -214,13 +223,14 @@ async def test_scrape_boot_memory_sharing_and_requests(
     resident = one(second, "clearcri_shared_image_resident_bytes", kind="os")
     assert resident > 0
     assert one(second, "clearcri_shared_image_saved_bytes", kind="os") == resident
-    for phase in ("agent_ready", "first_container"):
-        assert one(second, "clearcri_sandbox_boot_seconds_count", phase=phase) == 2
-    assert (
-        one(second, "clearcri_sandbox_boot_seconds_count", phase="kernel")
-        + one(second, "clearcri_sandbox_boot_seconds_count", phase="restore")
-        == 2
-    )
+    assert one(second, "clearcri_sandbox_boot_seconds_count", phase="first_container") == 2
+    # each pod booted, was cloned, or took over a standby VM (which has no agent phase)
+    started = {
+        phase: one(second, "clearcri_sandbox_boot_seconds_count", phase=phase)
+        for phase in ("kernel", "restore", "standby", "agent_ready")
+    }
+    assert started["kernel"] + started["restore"] + started["standby"] == 2, started
+    assert started["agent_ready"] == started["kernel"] + started["restore"], started
     assert one(second, "clearcri_cri_requests_total", method="RunPodSandbox", code="OK") == 2
     assert len(pick(second, "clearcri_sandbox_memory_pss_bytes")) == 2
 

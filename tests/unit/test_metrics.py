@@ -304,6 +304,17 @@ def test_a_clone_sized_at_clone_time_reports_its_hotplug_phase() -> None:
     assert value(text, "clearcri_sandbox_boot_seconds_count", phase="kernel") == 0
 
 
+def test_a_pod_on_a_standby_vm_reports_the_take_over_alone() -> None:
+    metrics = RuntimeMetrics()
+    metrics.sandbox_started("p1", BootTimes(standby=0.02, total=0.02), 0.3)
+    metrics.sandbox_started("p2", BootTimes(vmm_spawn=0.05, restore=0.02, total=0.5), 1.0)
+    text = generate_latest(metrics.registry)
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="standby") == 1
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="vmm_spawn") == 1
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="restore") == 1
+    assert value(text, "clearcri_sandbox_boot_seconds_count", phase="agent_ready") == 1
+
+
 def test_first_container_window_drops_stale_pods(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = RuntimeMetrics()
     metrics.sandbox_started("old", BootTimes(), 1.0)

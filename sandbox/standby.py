@@ -1,0 +1,215 @@
+"""Standby VMs: pod VMs of the default shape, started and warmed before a pod asks.
+
+Under TCG most of a clone's start is guest code running for the first time in its QEMU
+process (translated code is per process, and a clone starts with none): the restore,
+the agent's reconnect, its first requests on new threads, the clock and /etc files.
+A standby VM has been through all of that: a clone of the default base, its agent
+connected, reseeded and answering, its hostname and /etc files set once, with a tap in
+a network namespace of its own when the node has networking. A new pod of its shape
+takes it over at creation (sandbox/vmpod.py): the VM's run directory and namespace
+become the pod's (the run root links the pod's id to the directory), the VM joins the
+pod's cgroup with the memory it holds, and the pod's own setup (CNI, the guest's NIC,
+clock, hostname, /etc files) runs as after a boot.
+
+Standby VMs are sandboxes of their own (named ``standby-<hex>``, their run directories
+in the host's standby directory), made, watched and removed like pods. The pool makes
+the next one once no pod VM is starting (a standby's start would compete with theirs
+for the CPU), keeps ``[vm] standby`` of them, drops one whose VM died, and removes the
+ones no pod took when the daemon stops; a new daemon removes whatever standby VMs an
+earlier one left (those no pod's link points to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+from sandbox import mounts
+from sandbox.api import SandboxError, SandboxState
+from sandbox.lifecycle import PodSandbox, read_state
+from sandbox.network import remove_netns
+from sandbox.node import SandboxHost
+from sandbox.template import template_key
+from sandbox.vm import MachineSpec
+from sandbox.vmpod import create_standby_vm, restore_vm_pod, vm_backend
+
+log = logging.getLogger(__name__)
+
+#: How long no pod VM must have been starting before the pool starts one.
+QUIET_S = 1.0
+#: Retry delays after failed standby starts, doubling up to the last.
+RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+
+
+class StandbyPool:
+    """Keeps ``size`` standby VMs running for new pods to take over."""
+
+    def __init__(self, host: SandboxHost, size: int) -> None:
+        self.host = host
+        self.size = size
+        self.ready: list[PodSandbox] = []
+        self.taken = 0
+        self.started = 0
+        self.failed = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # taking --------------------------------------------------------------------------
+
+    def take(self, machine: MachineSpec, *, networked: bool) -> PodSandbox | None:
+        """A ready standby VM that can be ``machine`` (its shape and template, no
+        extra arguments), with a tap of its own when ``networked`` (a pod without a
+        network may have one: its tap stays in a namespace where it leads nowhere, as a
+        clone's NIC without a network does)."""
+        for standby in list(self.ready):
+            if not self._running(standby):
+                self._wake.set()  # the pool removes it and starts another
+                continue
+            if self._fits(standby, machine, networked):
+                self.ready.remove(standby)
+                self.taken += 1
+                self._wake.set()
+                return standby
+        return None
+
+    def _fits(self, standby: PodSandbox, machine: MachineSpec, networked: bool) -> bool:
+        backend = vm_backend(standby)
+        vm, qemu = backend.machine, self.host.config.qemu
+        if machine.extra_args or (networked and backend.own_netns is None):
+            return False
+        if (vm.vcpus, vm.memory_mib, vm.share) != (
+            machine.vcpus,
+            machine.memory_mib,
+            machine.share,
+        ):
+            return False
+        try:
+            return template_key(vm, qemu) == template_key(machine, qemu)
+        except OSError:  # the guest assets changed under the standby
+            return False
+
+    @staticmethod
+    def _running(standby: PodSandbox) -> bool:
+        process = standby.process
+        return standby.state == SandboxState.READY and process is not None and process.alive
+
+    # the pool's life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Remove what an earlier daemon left, then keep the pool full (background)."""
+        if self.size > 0 and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        """Stop filling the pool and remove the standby VMs no pod took."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        ready, self.ready = self.ready, []
+        for standby in ready:
+            await self._remove(standby)
+
+    async def _run(self) -> None:
+        await self.remove_abandoned()
+        failures = 0
+        while True:
+            for standby in [s for s in self.ready if not self._running(s)]:
+                self.ready.remove(standby)
+                await self._remove(standby)
+            if len(self.ready) >= self.size:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._quiet()
+            try:
+                standby = await self._make()
+            except (SandboxError, OSError) as exc:
+                self.failed += 1
+                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
+                log.warning("standby VM not started (next try in %.0f s): %s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.started += 1
+            self.ready.append(standby)
+
+    async def _quiet(self) -> None:
+        """Wait until no pod VM has been starting for QUIET_S."""
+        since = time.monotonic()
+        while True:
+            if self.host.starting:
+                since = time.monotonic()
+            elif time.monotonic() - since >= QUIET_S:
+                return
+            await asyncio.sleep(0.2)
+
+    async def _make(self) -> PodSandbox:
+        host = self.host
+        name = f"standby-{secrets.token_hex(6)}"
+        standby = create_standby_vm(host, name, networked=host.network.config.enabled)
+        try:
+            t0 = time.monotonic()
+            await standby.start()
+            # the first requests of a fresh clone run cold: once here, not in a pod
+            await standby.agent.ping()
+            await standby.agent.sync_clock()
+        except BaseException:
+            await self._remove(standby)
+            raise
+        log.info("standby VM %s ready (%.2fs)", name, time.monotonic() - t0)
+        return standby
+
+    async def _remove(self, standby: PodSandbox) -> None:
+        try:
+            await standby.destroy()
+        except SandboxError as exc:
+            log.warning("standby VM %s not removed: %s", standby.id, exc)
+
+    # what an earlier daemon left ------------------------------------------------------
+
+    async def remove_abandoned(self) -> int:
+        """Remove the standby VMs no pod took that an earlier daemon left (their VMs,
+        namespaces, run directories, VMM ids); returns how many."""
+        root = self.host.standby_dir
+        if not root.is_dir():
+            return 0
+        taken = {
+            os.path.realpath(link)
+            for link in self.host.config.run_root.iterdir()
+            if link.is_symlink()
+        }
+        ours = {vm_backend(s).run_dir for s in self.ready}
+        removed = 0
+        for run_dir in sorted(root.iterdir()):
+            if os.path.realpath(run_dir) in taken or run_dir in ours:
+                continue
+            await self._remove_left(run_dir)
+            removed += 1
+        return removed
+
+    async def _remove_left(self, run_dir: Path) -> None:
+        try:
+            standby = restore_vm_pod(self.host, read_state(run_dir))
+        except (SandboxError, KeyError, TypeError, ValueError) as exc:
+            # made but never saved: no VM, no namespace yet
+            log.warning("removing the unreadable standby directory %s: %s", run_dir, exc)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(mounts.remove_tree, run_dir)
+            return
+        try:
+            await standby.adopt_process()
+        except SandboxError as exc:
+            log.warning("standby VM %s left by an earlier daemon: %s", standby.id, exc)
+        await self._remove(standby)
+        own_netns = vm_backend(standby).own_netns
+        if own_netns is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(remove_netns, own_netns)

@@ -1,0 +1,178 @@
+"""Standby VMs (sandbox/standby.py): pods of the default shape take over a VM already
+running, with the real CNI plugins of a test lab; nothing of a standby VM, taken or not,
+stays behind, and a restarted daemon removes the standby VMs an earlier one left."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.api import RootfsImage, SandboxSpec
+from sandbox.cgroups import VmCgroup, hierarchies
+from sandbox.guest import GuestAssets
+from sandbox.handlers import Sandboxes
+from sandbox.node import SandboxConfig, SandboxHost
+from sandbox.procfs import pid_alive
+from sandbox.standby import StandbyPool
+from sandbox.vmpod import create_vm_pod, vm_backend
+from tests.integration.conftest import GUEST_DIR
+from tests.integration.test_network import CniLab, _http_get, _pod_spec, _serve, lab
+
+pytestmark = pytest.mark.vm
+
+__all__ = ["lab"]  # the CNI lab fixture, used here too
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def host(guest_assets: GuestAssets, run_root: Path, lab: CniLab) -> SandboxHost:
+    config = SandboxConfig(
+        run_root=run_root / "sandboxes",
+        guest_dir=GUEST_DIR,
+        accel="auto",
+        network=lab.network_config(),
+    )
+    return SandboxHost(config, guest_assets)
+
+
+@pytest.fixture
+async def pool(host: SandboxHost) -> AsyncIterator[StandbyPool]:
+    pool = StandbyPool(host, 1)
+    host.standby = pool
+    pool.start()
+    try:
+        yield pool
+    finally:
+        host.standby = None
+        await pool.close()
+
+
+async def _ready(pool: StandbyPool, timeout: float = 120.0) -> None:
+    for _ in range(int(timeout / 0.2)):
+        if pool.ready:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no standby VM within {timeout:.0f} s")
+
+
+def _standby_vms(host: SandboxHost) -> list[str]:
+    return sorted(p.name for p in host.standby_dir.iterdir()) if host.standby_dir.exists() else []
+
+
+async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
+    host: SandboxHost, pool: StandbyPool, lab: CniLab, busybox_image: RootfsImage
+) -> None:
+    await _ready(pool)
+    standby = pool.ready[0]
+    standby_name, standby_pid = vm_backend(standby).machine.name, standby.pid
+    parent = f"clearcri-test-standby-{os.urandom(3).hex()}"
+    spec = _pod_spec("taker")
+    spec = SandboxSpec(spec.sandbox_id, network=spec.network, cgroup_parent=parent)
+    pod = create_vm_pod(host, spec)
+    try:
+        assert pool.ready == [] and pool.taken == 1
+        await pod.start()
+        info = vm_backend(pod).status_info()
+        assert info["fromStandby"] is True and info["fromTemplate"] is True
+        assert pod.pid == standby_pid
+        # the run root links the pod's id to the standby's directory
+        link = host.config.run_root / spec.sandbox_id
+        assert link.is_symlink() and link.resolve().name == standby_name
+        # the pod's network: CNI's address, the guest NIC, the pod's hostname and hosts
+        result = pod.network_result
+        assert result is not None and result.ipv4.startswith(lab.prefix4 + ".")
+        await _serve(pod, busybox_image, "from-a-standby")
+        assert await _http_get(f"http://{result.ipv4}:8080/x") == b"from-a-standby\n"
+        shown = await pod.agent.exec_sync("web", ["sh", "-c", "hostname; cat /etc/hosts"])
+        assert shown.stdout.decode().startswith(spec.sandbox_id[:63] + "\n")
+        assert f"{result.ipv4}\t{spec.sandbox_id[:63]}" in shown.stdout.decode()
+        # the VM is in the pod's cgroup (what it held before stays charged where it was:
+        # kernels since 6.x no longer move charges, sandbox/standby.py)
+        cgroup = vm_backend(pod).cgroup
+        assert cgroup.paths and all(parent in str(p) for p in cgroup.paths)
+        for line in Path(f"/proc/{pod.pid}/cgroup").read_text().splitlines():
+            if line.split(":")[1] in ("memory", "cpu,cpuacct", "pids"):
+                assert parent in line, line
+        # the pool starts the next standby VM once no pod VM is starting
+        await _ready(pool)
+        assert pool.ready[0] is not standby
+    finally:
+        await pod.destroy()
+        VmCgroup(tuple(h / parent for h in hierarchies())).remove()
+    assert not pid_alive(standby_pid)
+    assert not (host.config.run_root / spec.sandbox_id).exists()
+    assert standby_name not in _standby_vms(host)
+    await pool.close()
+    assert _standby_vms(host) == [] and lab.leftovers([spec.sandbox_id]) == []
+
+
+async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_either(
+    host: SandboxHost, pool: StandbyPool
+) -> None:
+    await _ready(pool)
+    standby = pool.ready[0]
+    netns = vm_backend(standby).own_netns
+    assert netns is not None and netns.exists()
+    sized = _pod_spec("sized")
+    sized = SandboxSpec(
+        sized.sandbox_id,
+        network=sized.network,
+        cpu_quota_us=200_000,
+        cpu_period_us=100_000,
+        memory_limit_bytes=384 * MIB,
+    )
+    pod = create_vm_pod(host, sized)
+    try:
+        await pod.start()
+        assert vm_backend(pod).status_info()["fromStandby"] is False
+        assert pool.ready == [standby]
+    finally:
+        await pod.destroy()
+    # a pod without a network takes the standby with its tap, which leads nowhere
+    plain = create_vm_pod(host, SandboxSpec(f"nonet-{os.urandom(3).hex()}"))
+    try:
+        await plain.start()
+        assert vm_backend(plain).status_info()["fromStandby"] is True
+        assert plain.network_result is None
+        await plain.agent.ping()
+    finally:
+        await plain.destroy()
+    assert not netns.exists(), "the standby's namespace goes with the pod that took it"
+
+
+async def test_a_restarted_daemon_removes_the_standby_vms_no_pod_took(
+    guest_assets: GuestAssets, host: SandboxHost, pool: StandbyPool, lab: CniLab
+) -> None:
+    await _ready(pool)
+    spec = _pod_spec("kept")
+    pod = create_vm_pod(host, spec)
+    await pod.start()
+    await _ready(pool)
+    left = pool.ready[0]
+    left_pid, left_netns = left.pid, vm_backend(left).own_netns
+    assert left_netns is not None and left_netns.exists()
+    # the daemon goes away without a word: its VMs keep running, its connections go
+    pool.ready.clear()
+    await pool.close()
+    await left.close()
+    await pod.close()
+    assert pid_alive(left_pid)
+
+    again = SandboxHost(host.config, guest_assets)
+    removed = await StandbyPool(again, 1).remove_abandoned()
+    assert removed == 1
+    assert not pid_alive(left_pid) and not left_netns.exists()
+    assert _standby_vms(again) == [vm_backend(pod).machine.name]
+    adopted = await Sandboxes(again).adopt(spec.sandbox_id)
+    try:
+        assert adopted.state == "ready"
+        await adopted.agent.ping()
+    finally:
+        await adopted.destroy()
+    assert _standby_vms(again) == [] and lab.leftovers([spec.sandbox_id]) == []
+    assert not pid_alive(pod.pid)
