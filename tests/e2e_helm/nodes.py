@@ -237,15 +237,28 @@ def daemon_pids(node: Cluster) -> list[int]:
 
 
 def qemu_pids(node: Cluster) -> list[int]:
-    """The node's pod VMs (not a template being built beside them)."""
+    """The node's pod VMs: not a template being built beside them, nor a standby VM no
+    pod has taken over (sandbox/standby.py: a pod that took one links its run
+    directory to the standby's)."""
     assert node.node is not None
-    return sorted(
-        pid
-        for pid in node.node.pids()
-        if (argv := read_cmdline(pid))
-        and os.path.basename(argv[0]).startswith("qemu-system")
-        and "-name clearcri-template-" not in " ".join(argv)
-    )
+    sandboxes = node.node_root / "run/clearcri/sandboxes"
+    taken = {
+        os.path.basename(os.readlink(link))
+        for link in (sandboxes.iterdir() if sandboxes.is_dir() else [])
+        if link.is_symlink()
+    }
+    pids = []
+    for pid in node.node.pids():
+        argv = read_cmdline(pid)
+        if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+            continue
+        name = argv[argv.index("-name") + 1].split(",")[0] if "-name" in argv else ""
+        if name.startswith("clearcri-template-"):
+            continue
+        if name.startswith("clearcri-standby-") and name.removeprefix("clearcri-") not in taken:
+            continue
+        pids.append(pid)
+    return sorted(pids)
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:

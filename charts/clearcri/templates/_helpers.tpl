@@ -56,6 +56,7 @@ default_memory_mib = {{ .Values.config.vm.defaultMemoryMiB | int }}
 guest_overhead_mib = {{ .Values.config.vm.guestOverheadMiB | int }}
 max_vcpus = {{ .Values.config.vm.maxVcpus | int }}
 image_slots = {{ .Values.config.vm.imageSlots | int }}
+standby = {{ .Values.config.vm.standby | int }}
 mem_merge = {{ .Values.ksm.mergeGuestMemory }}
 host_ksm = {{ .Values.ksm.enableOnHost }}
 ksm_pages_to_scan = {{ .Values.ksm.pagesToScan | int }}
