@@ -15,40 +15,35 @@ from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import GuestAssets
 from sandbox.handlers import Sandboxes
-from sandbox.node import SandboxConfig, SandboxHost
+from sandbox.node import SandboxHost
 from sandbox.procfs import pid_alive
 from sandbox.standby import StandbyPool
 from sandbox.vmpod import create_vm_pod, vm_backend
-from tests.integration.conftest import GUEST_DIR
-from tests.integration.test_network import CniLab, _http_get, _pod_spec, _serve, lab
+from tests.integration.test_network import (
+    CniLab,
+    _http_get,
+    _pod_spec,
+    _serve,
+    lab,
+    net_host,
+)
 
 pytestmark = pytest.mark.vm
 
-__all__ = ["lab"]  # the CNI lab fixture, used here too
+__all__ = ["lab", "net_host"]  # the CNI lab and its host, used here too
 
 MIB = 1 << 20
 
 
 @pytest.fixture
-def host(guest_assets: GuestAssets, run_root: Path, lab: CniLab) -> SandboxHost:
-    config = SandboxConfig(
-        run_root=run_root / "sandboxes",
-        guest_dir=GUEST_DIR,
-        accel="auto",
-        network=lab.network_config(),
-    )
-    return SandboxHost(config, guest_assets)
-
-
-@pytest.fixture
-async def pool(host: SandboxHost) -> AsyncIterator[StandbyPool]:
-    pool = StandbyPool(host, 1)
-    host.standby = pool
+async def pool(net_host: SandboxHost) -> AsyncIterator[StandbyPool]:
+    pool = StandbyPool(net_host, 1)
+    net_host.standby = pool
     pool.start()
     try:
         yield pool
     finally:
-        host.standby = None
+        net_host.standby = None
         await pool.close()
 
 
@@ -60,12 +55,16 @@ async def _ready(pool: StandbyPool, timeout: float = 120.0) -> None:
     raise AssertionError(f"no standby VM within {timeout:.0f} s")
 
 
-def _standby_vms(host: SandboxHost) -> list[str]:
-    return sorted(p.name for p in host.standby_dir.iterdir()) if host.standby_dir.exists() else []
+def _standby_vms(net_host: SandboxHost) -> list[str]:
+    return (
+        sorted(p.name for p in net_host.standby_dir.iterdir())
+        if net_host.standby_dir.exists()
+        else []
+    )
 
 
 async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
-    host: SandboxHost, pool: StandbyPool, lab: CniLab, busybox_image: RootfsImage
+    net_host: SandboxHost, pool: StandbyPool, lab: CniLab, busybox_image: RootfsImage
 ) -> None:
     await _ready(pool)
     standby = pool.ready[0]
@@ -73,7 +72,7 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
     parent = f"clearcri-test-standby-{os.urandom(3).hex()}"
     spec = _pod_spec("taker")
     spec = SandboxSpec(spec.sandbox_id, network=spec.network, cgroup_parent=parent)
-    pod = create_vm_pod(host, spec)
+    pod = create_vm_pod(net_host, spec)
     try:
         assert pool.ready == [] and pool.taken == 1
         await pod.start()
@@ -81,7 +80,7 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
         assert info["fromStandby"] is True and info["fromTemplate"] is True
         assert pod.pid == standby_pid
         # the run root links the pod's id to the standby's directory
-        link = host.config.run_root / spec.sandbox_id
+        link = net_host.config.run_root / spec.sandbox_id
         assert link.is_symlink() and link.resolve().name == standby_name
         # the pod's network: CNI's address, the guest NIC, the pod's hostname and hosts
         result = pod.network_result
@@ -105,14 +104,14 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
         await pod.destroy()
         VmCgroup(tuple(h / parent for h in hierarchies())).remove()
     assert not pid_alive(standby_pid)
-    assert not (host.config.run_root / spec.sandbox_id).exists()
-    assert standby_name not in _standby_vms(host)
+    assert not (net_host.config.run_root / spec.sandbox_id).exists()
+    assert standby_name not in _standby_vms(net_host)
     await pool.close()
-    assert _standby_vms(host) == [] and lab.leftovers([spec.sandbox_id]) == []
+    assert _standby_vms(net_host) == [] and lab.leftovers([spec.sandbox_id]) == []
 
 
 async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_either(
-    host: SandboxHost, pool: StandbyPool
+    net_host: SandboxHost, pool: StandbyPool
 ) -> None:
     await _ready(pool)
     standby = pool.ready[0]
@@ -126,7 +125,7 @@ async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_eith
         cpu_period_us=100_000,
         memory_limit_bytes=384 * MIB,
     )
-    pod = create_vm_pod(host, sized)
+    pod = create_vm_pod(net_host, sized)
     try:
         await pod.start()
         assert vm_backend(pod).status_info()["fromStandby"] is False
@@ -134,7 +133,7 @@ async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_eith
     finally:
         await pod.destroy()
     # a pod without a network takes the standby with its tap, which leads nowhere
-    plain = create_vm_pod(host, SandboxSpec(f"nonet-{os.urandom(3).hex()}"))
+    plain = create_vm_pod(net_host, SandboxSpec(f"nonet-{os.urandom(3).hex()}"))
     try:
         await plain.start()
         assert vm_backend(plain).status_info()["fromStandby"] is True
@@ -146,11 +145,11 @@ async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_eith
 
 
 async def test_a_restarted_daemon_removes_the_standby_vms_no_pod_took(
-    guest_assets: GuestAssets, host: SandboxHost, pool: StandbyPool, lab: CniLab
+    guest_assets: GuestAssets, net_host: SandboxHost, pool: StandbyPool, lab: CniLab
 ) -> None:
     await _ready(pool)
     spec = _pod_spec("kept")
-    pod = create_vm_pod(host, spec)
+    pod = create_vm_pod(net_host, spec)
     await pod.start()
     await _ready(pool)
     left = pool.ready[0]
@@ -163,7 +162,7 @@ async def test_a_restarted_daemon_removes_the_standby_vms_no_pod_took(
     await pod.close()
     assert pid_alive(left_pid)
 
-    again = SandboxHost(host.config, guest_assets)
+    again = SandboxHost(net_host.config, guest_assets)
     removed = await StandbyPool(again, 1).remove_abandoned()
     assert removed == 1
     assert not pid_alive(left_pid) and not left_netns.exists()

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from sandbox.api import SandboxSpec
-from sandbox.guest import GuestAssets
 from sandbox.hotplug import (
     HotplugError,
     HotplugRoom,
@@ -21,9 +20,10 @@ from sandbox.hotplug import (
     plug_bytes,
     room_for,
 )
-from sandbox.node import SandboxConfig, SandboxHost, size_vm
+from sandbox.node import size_vm
 from sandbox.template import template_key
 from sandbox.vm import HOTPLUG_ADDRESS_SPACE_MIB, MachineSpec, build_command
+from tests.unit.fake_guest import fake_host
 
 MIB = 1 << 20
 
@@ -219,30 +219,6 @@ def test_the_template_key_leaves_out_what_is_plugged(tmp_path: Path) -> None:
     assert template_key(alone, "qemu") != template_key(replace(alone, memory_mib=256), "qemu")
 
 
-def _host(tmp_path: Path, **config: object) -> SandboxHost:
-    guest = tmp_path / "guest"
-    guest.mkdir(exist_ok=True)
-    for name in ("vmlinux", "initrd.img", "os.img", "floor-initrd.img"):
-        (guest / name).write_bytes(b"\0" * 4096)
-    assets = GuestAssets(
-        kernel=guest / "vmlinux",
-        initrd=guest / "initrd.img",
-        os_image=guest / "os.img",
-        floor_initrd=guest / "floor-initrd.img",
-        kernel_version="6.1",
-        version="v",
-    )
-    settings = SandboxConfig(
-        run_root=tmp_path / "run",
-        guest_dir=guest,
-        accel="tcg",
-        jail=False,
-        template_dir=tmp_path / "templates",
-        max_vcpus=4,
-    )
-    return SandboxHost(replace(settings, **config), assets)  # type: ignore[arg-type]
-
-
 def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
     return SandboxSpec(
         "p",
@@ -254,7 +230,7 @@ def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
 
 
 def test_pods_are_cloned_from_the_base_below_their_size(tmp_path: Path) -> None:
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     assert host.rooms is not None
     machines = [
         host.machine_for(spec, tmp_path / "p")
@@ -284,14 +260,14 @@ def test_pods_are_cloned_from_the_base_below_their_size(tmp_path: Path) -> None:
     bases = host.base_machines()
     assert [template_key(m, "qemu") for m in bases] == [keys[0], keys[1]]
     assert [(m.vcpus, m.memory_mib) for m in bases] == [(1, 256), (1, 96)]
-    assert _host(tmp_path, hotplug=False).base_machines()[0].sized_at_clone is False
-    assert len(_host(tmp_path, hotplug=False).base_machines()) == 1
+    assert fake_host(tmp_path, hotplug=False).base_machines()[0].sized_at_clone is False
+    assert len(fake_host(tmp_path, hotplug=False).base_machines()) == 1
 
 
 def test_no_room_without_hotplug_templates_or_for_extra_args(tmp_path: Path) -> None:
-    assert _host(tmp_path, hotplug=False).rooms is None
-    assert _host(tmp_path, templates=False).rooms is None
-    host = _host(tmp_path)
+    assert fake_host(tmp_path, hotplug=False).rooms is None
+    assert fake_host(tmp_path, templates=False).rooms is None
+    host = fake_host(tmp_path)
     odd = replace(_pod(2, 477), extra_args=["-S"])
     machine = host.machine_for(odd, tmp_path / "p")
     assert not machine.sized_at_clone
@@ -304,7 +280,7 @@ def test_hot_added_vcpus_are_given_the_boot_vcpus_delay_calibration(tmp_path: Pa
     assert guest_lpj(cpuinfo, 100) == 19962450
     assert guest_lpj(cpuinfo, 250) == 7984980
     assert guest_lpj("processor\t: 0\n", 100) is None
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     host.lpj = 19962450
     assert host.machine_for(_pod(2, 128), tmp_path / "p").extra_cmdline == "lpj=19962450"
     # a VM that boots whole calibrates as before

@@ -7,11 +7,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from sandbox.api import SandboxSpec, SandboxState
-from sandbox.guest import GuestAssets
 from sandbox.lifecycle import PodSandbox
-from sandbox.node import SandboxConfig, SandboxHost
+from sandbox.node import SandboxHost
 from sandbox.standby import StandbyPool
 from sandbox.vmpod import VmBackend
+from tests.unit.fake_guest import fake_host
 
 MIB = 1 << 20
 
@@ -20,30 +20,6 @@ class RunningProcess:
     def __init__(self, alive: bool = True) -> None:
         self.alive = alive
         self.pid = 4242
-
-
-def _host(tmp_path: Path) -> SandboxHost:
-    guest = tmp_path / "guest"
-    guest.mkdir()
-    for name in ("vmlinux", "initrd.img", "os.img", "floor-initrd.img"):
-        (guest / name).write_bytes(b"\0" * 4096)
-    assets = GuestAssets(
-        kernel=guest / "vmlinux",
-        initrd=guest / "initrd.img",
-        os_image=guest / "os.img",
-        floor_initrd=guest / "floor-initrd.img",
-        kernel_version="6.1",
-        version="v",
-    )
-    config = SandboxConfig(
-        run_root=tmp_path / "run",
-        guest_dir=guest,
-        accel="tcg",
-        jail=False,
-        template_dir=tmp_path / "templates",
-        max_vcpus=4,
-    )
-    return SandboxHost(config, assets)
 
 
 def _standby(host: SandboxHost, name: str, *, networked: bool, alive: bool = True) -> PodSandbox:
@@ -61,7 +37,7 @@ def _standby(host: SandboxHost, name: str, *, networked: bool, alive: bool = Tru
 def test_a_pod_of_the_default_shape_takes_a_standby_with_the_network_it_needs(
     tmp_path: Path,
 ) -> None:
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     pool = StandbyPool(host, 2)
     plain, networked = (
         _standby(host, "standby-a", networked=False),
@@ -80,7 +56,7 @@ def test_a_pod_of_the_default_shape_takes_a_standby_with_the_network_it_needs(
 
 
 def test_other_pods_leave_the_standby(tmp_path: Path) -> None:
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     pool = StandbyPool(host, 1)
     standby = _standby(host, "standby-a", networked=False)
     pool.ready = [standby]
@@ -101,7 +77,7 @@ def test_other_pods_leave_the_standby(tmp_path: Path) -> None:
 
 
 def test_a_standby_whose_vm_died_is_never_given(tmp_path: Path) -> None:
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     pool = StandbyPool(host, 2)
     dead = _standby(host, "standby-a", networked=False, alive=False)
     handed = _standby(host, "standby-b", networked=False)
@@ -121,7 +97,7 @@ def test_run_directories_without_state_or_target_are_listed_for_recovery(
 ) -> None:
     """A daemon killed between making a run directory and saving into it, or a pod's
     link whose standby directory is gone: recovery finds them to remove."""
-    host = _host(tmp_path)
+    host = fake_host(tmp_path)
     run_root = host.config.run_root
     (run_root / "saved").mkdir()
     (run_root / "saved" / "state.json").write_text("{}")
