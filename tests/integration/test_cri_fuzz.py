@@ -4,6 +4,7 @@ UNKNOWN, never a dead daemon, never a leftover VM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -217,6 +218,11 @@ def fuzz_daemon() -> Iterator[CriDaemon]:
         yield daemon
     finally:
         daemon.stop()
+        # a failed example leaves its pods' VMs running (a stopped daemon keeps them for
+        # the next): they go with the root
+        for pid, _ in _qemus_of(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         remove_tree(root)
 
 
