@@ -307,8 +307,9 @@ class VmBackend:
         sandbox.adopt_agent(agent)
         self._join_pod_cgroup(process.pid, move_charges=True)
         sandbox.save()
-        if self.network is not None:
-            assert self.own_netns is not None
+        if self.network is not None and self.network.manager.config.enabled:
+            if self.own_netns is None:
+                raise SandboxError("the standby VM has no network namespace for the pod")
             await self.network.adopt(self.own_netns)
             self.network.boot_mac = TEMPLATE_MAC
             self.network.start_attach()
