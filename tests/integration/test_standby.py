@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,30 @@ async def test_a_restarted_daemon_removes_the_standby_vms_no_pod_took(
         await adopted.destroy()
     assert _standby_vms(again) == [] and lab.leftovers([spec.sandbox_id]) == []
     assert not pid_alive(pod.pid)
+
+
+async def test_a_node_without_networking_serves_pods_with_a_network_spec(
+    guest_assets: GuestAssets, net_host: SandboxHost
+) -> None:
+    """Networking off: the standby has no tap of its own, and a pod that asks for a
+    network (a sandbox-layer caller; the CRI layer gives none then) takes it over as a
+    clone of it would start, without CNI."""
+    config = replace(net_host.config, network=replace(net_host.config.network, enabled=False))
+    host = SandboxHost(config, guest_assets)
+    pool = StandbyPool(host, 1)
+    host.standby = pool
+    pool.start()
+    try:
+        await _ready(pool)
+        assert vm_backend(pool.ready[0]).own_netns is None
+        pod = create_vm_pod(host, _pod_spec("offline"))
+        try:
+            await pod.start()
+            assert vm_backend(pod).status_info()["fromStandby"] is True
+            assert pod.network_result is None
+        finally:
+            await pod.destroy()
+    finally:
+        host.standby = None
+        await pool.close()
+    assert _standby_vms(host) == []
