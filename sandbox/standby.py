@@ -54,8 +54,6 @@ class StandbyPool:
         self.size = size
         self.ready: list[PodSandbox] = []
         self.taken = 0
-        self.started = 0
-        self.failed = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -131,14 +129,12 @@ class StandbyPool:
             try:
                 standby = await self._make()
             except (SandboxError, OSError) as exc:
-                self.failed += 1
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
                 log.warning("standby VM not started (next try in %.0f s): %s", delay, exc)
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            self.started += 1
             self.ready.append(standby)
 
     async def _quiet(self) -> None:
@@ -158,9 +154,9 @@ class StandbyPool:
         try:
             t0 = time.monotonic()
             await standby.start()
-            # the first requests of a fresh clone run cold: once here, not in a pod
+            # the first requests of a fresh clone run cold: once here, not in a pod (the
+            # start itself set the clock, hostname and /etc files)
             await standby.agent.ping()
-            await standby.agent.sync_clock()
         except BaseException:
             await self._remove(standby)
             raise
