@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
 from agent.guest import system
 from agent.guest.errors import invalid
@@ -12,6 +14,8 @@ from agent.protocol import ImageSource
 
 #: seconds to wait for a hot-plugged virtio-pmem device to show up
 PMEM_TIMEOUT = 5.0
+#: how often a mount of a device that has its node but no disk yet is tried again
+ENXIO_RETRY_S = 0.01
 
 
 def image_source(raw: object) -> ImageSource:
@@ -38,8 +42,9 @@ def mount(source: ImageSource, target: str) -> None:
     """Mount the image of ``source`` read-only at ``target`` (an existing directory)."""
     if source.pci_path:
         timeout = PMEM_TIMEOUT if source.timeout is None else float(source.timeout)
+        deadline = time.monotonic() + timeout
         device = system.find_pmem_device(source.pci_path, timeout=timeout)
-        system.mount(device, target, "erofs", system.MS_RDONLY, "dax=always")
+        _mount_new_device(device, target, deadline)
     elif source.device:
         fstype = source.fstype or "erofs"
         system.mount(source.device, target, fstype, system.MS_RDONLY, source.options)
@@ -48,3 +53,17 @@ def mount(source: ImageSource, target: str) -> None:
             raise invalid(f"{source.dir!r} is not a directory")
         system.mount(source.dir, target, None, system.MS_BIND | system.MS_REC)
         system.mount("none", target, None, system.MS_BIND | system.MS_REMOUNT | system.MS_RDONLY)
+
+
+def _mount_new_device(device: str, target: str, deadline: float) -> None:
+    """Mount a just hot-plugged pmem disk. Its /dev node appears as the kernel adds the
+    disk, a moment before the disk can be opened: until then a mount fails with ENXIO,
+    so that is tried again until ``deadline``."""
+    while True:
+        try:
+            system.mount(device, target, "erofs", system.MS_RDONLY, "dax=always")
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        time.sleep(ENXIO_RETRY_S)
