@@ -11,11 +11,17 @@ Nothing here asserts a time.
 ``--standby``: every run starts two pods in turn, one cloned as above and one that takes
 over a standby VM (``[vm] standby``, sandbox/standby.py; the pool refills between runs),
 and the table has a column for each.
+
+``--tb-sizes 16,32``: a column per TCG translation-cache size (``vm.tcg_tb_size_mib``),
+one node (config, templates, standby pool with ``--standby``) each, their pods started
+in turn every run; the QEMU's anonymous memory after the execs shows what each size
+keeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -32,6 +38,16 @@ from sandbox.standby import StandbyPool
 from sandbox.vmpod import create_vm_pod
 
 EXECS_PER_RUN = 5
+#: the one row in MiB, not seconds
+MEMORY_ROW = "QEMU anon memory after the execs (MiB)"
+
+
+def _anon_mib(pid: int) -> float:
+    """RssAnon of a process in MiB (guest pages it wrote, TCG code, heap)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def one_run(
@@ -86,6 +102,8 @@ async def one_run(
             for step, seconds in session.timings.items():
                 add(f"  exec (guest): {step}", seconds)
             add("  exec: run to exit", t7 - t6)
+        if sandbox.process is not None:
+            add(MEMORY_ROW, _anon_mib(sandbox.process.pid))
         t8 = time.monotonic()
         await sandbox.signal_container("c", 9, all_processes=True, timeout=30)
         await sandbox.wait_container("c", timeout=30)
@@ -101,48 +119,84 @@ async def one_run(
 
 
 async def run_container_bench(
-    *, guest_dir: Path, runs: int, work_dir: Path, standby: bool = False
+    *,
+    guest_dir: Path,
+    runs: int,
+    work_dir: Path,
+    standby: bool = False,
+    tb_sizes: tuple[int, ...] = (),
 ) -> int:
-    config = bench_config(guest_dir, work_dir, templates=True)
-    host = SandboxHost(config)
-    print(f"accelerator: {host.accel} ({host.accel_reason}); guest {host.assets.version}")
-    ways = ("clone", "standby") if standby else ("clone",)
+    base = bench_config(guest_dir, work_dir, templates=True)
+    # one node per column: (host, its standby pool or None, whether its pods take one)
+    nodes: dict[str, tuple[SandboxHost, StandbyPool | None, bool]] = {}
+    if tb_sizes:
+        for size in tb_sizes:
+            config = dataclasses.replace(
+                base, tcg_tb_size_mib=size, run_root=work_dir / f"tb{size}" / "run"
+            )
+            host = SandboxHost(config)
+            nodes[f"tb {size} MiB"] = (host, StandbyPool(host, 1) if standby else None, standby)
+    else:
+        host = SandboxHost(base)
+        pool = StandbyPool(host, 1) if standby else None
+        nodes["clone"] = (host, pool, False)
+        if standby:
+            nodes["standby"] = (host, pool, True)
+    first = next(iter(nodes.values()))[0]
+    print(f"accelerator: {first.accel} ({first.accel_reason}); guest {first.assets.version}")
+    ways = tuple(nodes)
     samples: dict[str, dict[str, list[float]]] = {way: defaultdict(list) for way in ways}
     image_dir = Path(tempfile.mkdtemp(prefix="image-", dir=work_dir))
-    pool = StandbyPool(host, 1) if standby else None
+    pools = {id(pool): pool for _host, pool, _take in nodes.values() if pool is not None}
     try:
-        await one_run(host, image_dir, 0, defaultdict(list))  # the template is built here
-        if pool is not None:
+        for host in {id(h): h for h, _pool, _take in nodes.values()}.values():
+            await one_run(host, image_dir, 0, defaultdict(list))  # its templates are built
+        for pool in pools.values():
             pool.start()
         for index in range(1, runs + 1):
             for number, way in enumerate(ways):
+                host, pool, take = nodes[way]
                 host.standby = None
-                if way == "standby":
+                if take:
                     assert pool is not None
                     await _standby_ready(pool)
                     host.standby = pool
                 await one_run(host, image_dir, index * len(ways) + number, samples[way])
     finally:
-        host.standby = None
-        if pool is not None:
+        for host, _pool, _take in nodes.values():
+            host.standby = None
+        for pool in pools.values():
             await pool.close()
-        drop_templates(config)
+        drop_templates(base)
+    _print_table(samples, ways, runs)
+    return 0
+
+
+def _print_table(
+    samples: dict[str, dict[str, list[float]]], ways: tuple[str, ...], runs: int
+) -> None:
     names = list(dict.fromkeys(name for way in ways for name in samples[way]))
     width = max(len(name) for name in names)
-    print(f"\nms, median (min-max) over {runs} runs ({EXECS_PER_RUN} execs each)")
+    print(
+        f"\nms (MiB where the row says), median (min-max) over {runs} runs "
+        f"({EXECS_PER_RUN} execs each); last column: last / first"
+    )
     print(f"{'':<{width}}  " + "".join(f"{way:>22}" for way in ways))
     for name in names:
+        scale = 1 if name == MEMORY_ROW else 1000
         row = f"{name:<{width}}  "
         for way in ways:
-            ms = [v * 1000 for v in samples[way].get(name, [])]
-            cell = f"{statistics.median(ms):.0f} ({min(ms):.0f}-{max(ms):.0f})" if ms else ""
+            values = [v * scale for v in samples[way].get(name, [])]
+            cell = (
+                f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+                if values
+                else ""
+            )
             row += f"{cell:>22}"
-        if standby and samples["clone"].get(name) and samples["standby"].get(name):
-            clone = statistics.median(samples["clone"][name])
-            if clone > 0:
-                row += f"  {statistics.median(samples['standby'][name]) / clone:5.2f}"
+        first, last = samples[ways[0]].get(name), samples[ways[-1]].get(name)
+        if len(ways) > 1 and first and last and statistics.median(first) > 0:
+            row += f"  {statistics.median(last) / statistics.median(first):5.2f}"
         print(row)
-    return 0
 
 
 async def _standby_ready(pool: StandbyPool, timeout: float = 120.0) -> None:

@@ -167,6 +167,7 @@ def cmd_bench_container(args: argparse.Namespace) -> int:
                 runs=args.runs,
                 work_dir=work,
                 standby=args.standby,
+                tb_sizes=tuple(int(size) for size in args.tb_sizes.split(",") if size),
             )
         )
 
@@ -331,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--standby",
         action="store_true",
         help="every run also a pod that takes over a standby VM, side by side",
+    )
+    container.add_argument(
+        "--tb-sizes",
+        default="",
+        metavar="MIB,MIB",
+        help="a column per TCG translation-cache size (vm.tcg_tb_size_mib), each its own "
+        "node; with --standby its pods take standby VMs",
     )
     container.set_defaults(func=cmd_bench_container)
     density = bench_sub.add_parser(

@@ -37,10 +37,11 @@ class SandboxConfig:
     default_memory_mib: int = 256
     # Memory the guest kernel, agent and page tables need on top of container limits.
     guest_overhead_mib: int = 128
-    # What QEMU itself costs the pod's cgroup beyond the guest's RAM (TCG code buffer,
-    # heap, device state), measured by `clearcri bench overhead`. A VM is sized so that
-    # its RAM plus this fits the pod's memory budget (its cgroup limit).
-    qemu_overhead_mib: int = 40
+    # What QEMU itself costs the pod's cgroup beyond the guest's RAM (heap, device
+    # state), measured by `clearcri bench overhead`; without KVM its TCG code buffer
+    # (tcg_tb_size_mib) comes on top (qemu_memory_mib). A VM is sized so that its RAM
+    # plus that fits the pod's memory budget (its cgroup limit).
+    qemu_overhead_mib: int = 32
     # The smallest pod VM that boots and runs a container.
     min_memory_mib: int = 96
     # A pod whose memory budget cannot hold the smallest VM plus QEMU (small limits, no
@@ -51,7 +52,9 @@ class SandboxConfig:
     small_pods: str = "grow"
     max_vcpus: int = 0  # 0: the host's CPU count
     image_slots: int = 4
-    tcg_tb_size_mib: int = 16
+    # TCG's translated-code cache per VM: too small and the guest's start, container
+    # creation and exec translate their code again and again (docs/benchmarks.md).
+    tcg_tb_size_mib: int = 32
     mem_merge: bool = True
     # Turn the host's KSM on at daemon start where /sys allows it (docs/metrics.md:
     # memory saved vs. side channels); 0 leaves ksmd's pages_to_scan as it is.
@@ -105,12 +108,18 @@ def host_memory_mib() -> int:
     return 0
 
 
-def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
+def qemu_memory_mib(config: SandboxConfig, accel: str) -> int:
+    """What one VM's QEMU costs beyond the guest's RAM with accelerator ``accel``."""
+    return config.qemu_overhead_mib + (0 if accel == "kvm" else config.tcg_tb_size_mib)
+
+
+def size_vm(spec: SandboxSpec, config: SandboxConfig, qemu_mib: int) -> tuple[int, int]:
     """vCPUs and memory (MiB) for a pod: from its limits, else the defaults.
 
     The guest gets the containers' limits plus ``guest_overhead_mib``, but never more
     than the pod's memory budget leaves once QEMU's own cost is paid: the host must
-    never OOM-kill a whole VM whose containers stay inside their limits. When the
+    never OOM-kill a whole VM whose containers stay inside their limits (``qemu_mib``:
+    qemu_memory_mib). When the
     budget is tighter (no or a small RuntimeClass overhead), the guest is smaller and
     a container that outgrows it is refused memory or OOM-killed inside the guest.
     """
@@ -126,7 +135,7 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
             math.ceil(spec.memory_limit_bytes / 2**20) + config.guest_overhead_mib,
         )
     if spec.memory_budget_bytes > 0:
-        fits = spec.memory_budget_bytes // 2**20 - config.qemu_overhead_mib
+        fits = spec.memory_budget_bytes // 2**20 - qemu_mib
         if fits < config.min_memory_mib and config.small_pods == "grow":
             # the VM a pod with a RuntimeClass overhead would get; its cgroup grows to
             # hold it (memory_floor_bytes)
@@ -136,7 +145,7 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
                 f"the pod's memory budget of {spec.memory_budget_bytes // 2**20} MiB "
                 "(its containers' limits plus its overhead) leaves "
                 f"{max(fits, 0)} MiB for the VM once QEMU's own "
-                f"{config.qemu_overhead_mib} MiB are paid; a pod VM needs at least "
+                f"{qemu_mib} MiB are paid; a pod VM needs at least "
                 f"{config.min_memory_mib} MiB: raise the memory limits or give the pod a "
                 "RuntimeClass with an overhead (docs/install.md)"
             )
@@ -144,10 +153,10 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig) -> tuple[int, int]:
     return vcpus, memory
 
 
-def memory_floor_bytes(spec: SandboxSpec, config: SandboxConfig, memory_mib: int) -> int:
+def memory_floor_bytes(spec: SandboxSpec, memory_mib: int, qemu_mib: int) -> int:
     """What the pod's cgroup must allow for its VM when its budget is smaller (a small
     pod, ``small_pods = "grow"``), else 0."""
-    needed = (memory_mib + config.qemu_overhead_mib) * 2**20
+    needed = (memory_mib + qemu_mib) * 2**20
     if spec.memory_budget_bytes > 0 and needed > spec.memory_budget_bytes:
         return needed
     return 0
@@ -167,6 +176,8 @@ class SandboxHost:
         )
         self.accel = choice.accel
         self.accel_reason = choice.reason
+        # what each VM's QEMU costs its pod's cgroup beyond the guest's RAM
+        self.qemu_mib = qemu_memory_mib(config, self.accel)
         self.network = NetworkManager(config.network)
         # traversable, not listable: a host pod's containers in a user namespace of
         # their own reach their rootfs below it as an unprivileged id
@@ -231,7 +242,7 @@ class SandboxHost:
         """The VM a pod with ``spec`` gets on this node (its VMM id is given at creation).
         Sized at clone time where it can be: booted (cloned) with the base shape below
         its size and that base's room, the rest hot-plugged."""
-        vcpus, memory = size_vm(spec, self.config)
+        vcpus, memory = size_vm(spec, self.config, self.qemu_mib)
         room = None
         if self.rooms is not None and not spec.extra_args:
             room = self.rooms.room(vcpus, memory)

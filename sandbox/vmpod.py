@@ -345,7 +345,7 @@ class VmBackend:
         """A small pod's cgroup gets room for its VM before QEMU joins it (or the host
         would OOM-kill the VM as a whole): the guest still holds each container to its
         own limit, the pod as a whole may use what the smallest VM costs."""
-        floor = memory_floor_bytes(self.spec, self.host.config, self.machine.memory_mib)
+        floor = memory_floor_bytes(self.spec, self.machine.memory_mib, self.host.qemu_mib)
         if floor == 0:
             return
         try:

@@ -40,8 +40,8 @@ def _pod(name: str, vcpus: int, limit_mib: int, cgroup_parent: str = "") -> Sand
         cpu_quota_us=vcpus * 100_000,
         cpu_period_us=100_000,
         memory_limit_bytes=limit_mib * MIB,
-        # the chart's RuntimeClass overhead (vm.guest_overhead_mib + QEMU's 40)
-        memory_budget_bytes=(limit_mib + 168) * MIB,
+        # the chart's RuntimeClass overhead (vm.guest_overhead_mib + QEMU's 64 under TCG)
+        memory_budget_bytes=(limit_mib + 192) * MIB,
         cgroup_parent=cgroup_parent,
     )
 
@@ -116,7 +116,7 @@ async def test_pods_of_five_sizes_are_clones_of_the_bases(
         assert machine.memory_file == template.directory / RAM_FILE
         assert machine.boot_memory_mib <= machine.memory_mib
         # the size its limits give (memory down to a whole 2 MiB block above the base)
-        want_vcpus, want_mib = size_vm(spec, host.config)
+        want_vcpus, want_mib = size_vm(spec, host.config, host.qemu_mib)
         room = host.rooms.room(want_vcpus, want_mib)
         assert room is not None
         assert (machine.vcpus, machine.memory_mib) == (want_vcpus, room.memory_for(want_mib))

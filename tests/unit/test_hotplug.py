@@ -225,7 +225,7 @@ def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
         cpu_quota_us=vcpus * 100_000,
         cpu_period_us=100_000,
         memory_limit_bytes=limit_mib * MIB,
-        memory_budget_bytes=(limit_mib + 168) * MIB,
+        memory_budget_bytes=(limit_mib + 192) * MIB,
     )
 
 
@@ -255,7 +255,7 @@ def test_pods_are_cloned_from_the_base_below_their_size(tmp_path: Path) -> None:
         (4, 1152),
         (3, 604),
     ]
-    assert size_vm(_pod(3, 477), host.config) == (3, 605)
+    assert size_vm(_pod(3, 477), host.config, host.qemu_mib) == (3, 605)
     # the templates warmed up at start: the default base's first, then the smallest's
     bases = host.base_machines()
     assert [template_key(m, "qemu") for m in bases] == [keys[0], keys[1]]

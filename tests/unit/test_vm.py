@@ -9,7 +9,7 @@ import pytest
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.api import SandboxError, SandboxSpec, align_up
 from sandbox.guest import GuestAssets
-from sandbox.node import SandboxConfig, memory_floor_bytes, size_vm
+from sandbox.node import SandboxConfig, memory_floor_bytes, qemu_memory_mib, size_vm
 from sandbox.vm import MachineSpec, build_command, slot_root_port
 
 
@@ -38,7 +38,7 @@ def test_command_is_stripped_q35_with_dax_os_image(tmp_path: Path) -> None:
     for part in ("q35", "sata=off", "smbus=off", "usb=off", "vmport=off", "graphics=off"):
         assert part in machine
     assert _opts(cmd, "-bios") == ["/usr/share/qemu/qboot.rom"]
-    assert _opts(cmd, "-accel") == ["tcg,tb-size=16"]
+    assert _opts(cmd, "-accel") == ["tcg,tb-size=32"]
     backend = next(o for o in _opts(cmd, "-object") if o.startswith("memory-backend-file"))
     assert "share=on" in backend and "readonly=on" in backend
     # the backing size is rounded up to the 2 MiB persistent-memory alignment
@@ -103,11 +103,11 @@ def test_align_up() -> None:
 
 def test_vm_size_follows_pod_limits() -> None:
     config = SandboxConfig(default_vcpus=1, default_memory_mib=256, max_vcpus=4)
-    assert size_vm(SandboxSpec("a"), config) == (1, 256)
+    assert size_vm(SandboxSpec("a"), config, 64) == (1, 256)
     spec = SandboxSpec("a", cpu_quota_us=250_000, cpu_period_us=100_000, memory_limit_bytes=2**30)
-    assert size_vm(spec, config) == (3, 1024 + config.guest_overhead_mib)
+    assert size_vm(spec, config, 64) == (3, 1024 + config.guest_overhead_mib)
     huge = SandboxSpec("a", cpu_quota_us=10**9, cpu_period_us=100_000)
-    assert size_vm(huge, config)[0] == 4
+    assert size_vm(huge, config, 64)[0] == 4
 
 
 def test_vm_and_qemu_fit_the_pod_memory_budget() -> None:
@@ -116,30 +116,39 @@ def test_vm_and_qemu_fit_the_pod_memory_budget() -> None:
     # 256Mi limit, no RuntimeClass overhead: kubelet's pod cgroup is 256 MiB, so the VM
     # gets 256 - 64, not 256 + 128 (which the host OOM-killed as a whole)
     tight = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=256 * mib)
-    assert size_vm(tight, config)[1] == 192
+    assert size_vm(tight, config, 64)[1] == 192
     # an overhead that covers the guest and QEMU: the guest gets the limit + its overhead
     roomy = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=448 * mib)
-    assert size_vm(roomy, config)[1] == 256 + 128
+    assert size_vm(roomy, config, 64)[1] == 256 + 128
     # a partial overhead: as much as fits
     partial = SandboxSpec("a", memory_limit_bytes=256 * mib, memory_budget_bytes=320 * mib)
-    assert size_vm(partial, config)[1] == 320 - 64
+    assert size_vm(partial, config, 64)[1] == 320 - 64
 
 
 def test_a_budget_too_small_for_any_vm_gets_the_smallest_vm_and_room_for_it() -> None:
     config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128)
     spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
     # the VM an overhead would have paid for: the limit and the guest's own needs
-    assert size_vm(spec, config)[1] == 64 + config.guest_overhead_mib
-    assert memory_floor_bytes(spec, config, 192) == (192 + 64) * 2**20
+    assert size_vm(spec, config, 64)[1] == 64 + config.guest_overhead_mib
+    assert memory_floor_bytes(spec, 192, 64) == (192 + 64) * 2**20
     roomy = SandboxSpec("a", memory_limit_bytes=512 * 2**20, memory_budget_bytes=512 * 2**20)
-    assert memory_floor_bytes(roomy, config, size_vm(roomy, config)[1]) == 0
+    assert memory_floor_bytes(roomy, size_vm(roomy, config, 64)[1], 64) == 0
+
+
+def test_qemu_pays_for_its_translation_cache_only_without_kvm() -> None:
+    config = SandboxConfig(qemu_overhead_mib=32, tcg_tb_size_mib=32)
+    assert qemu_memory_mib(config, "tcg") == 64
+    assert qemu_memory_mib(config, "kvm") == 32
+    # a 256Mi limit plus the chart's overhead (128 for the guest, 64 for QEMU under TCG)
+    spec = SandboxSpec("a", memory_limit_bytes=256 * 2**20, memory_budget_bytes=448 * 2**20)
+    assert size_vm(spec, config, qemu_memory_mib(config, "tcg"))[1] == 256 + 128
 
 
 def test_a_budget_too_small_for_any_vm_is_refused_when_configured_so() -> None:
     config = SandboxConfig(qemu_overhead_mib=64, min_memory_mib=128, small_pods="refuse")
     spec = SandboxSpec("a", memory_limit_bytes=64 * 2**20, memory_budget_bytes=64 * 2**20)
     with pytest.raises(SandboxError, match="RuntimeClass with an overhead"):
-        size_vm(spec, config)
+        size_vm(spec, config, 64)
 
 
 def test_kvm_static_verdict(tmp_path: Path) -> None:
