@@ -9,6 +9,9 @@
 #   clearcri.debug=1      print each step with its uptime
 #   clearcri.root=DEV     take the OS image from DEV instead (e.g. /dev/vda on virtio-blk,
 #                         for comparisons; no DAX there)
+#   clearcri.unrandomized_helpers=1
+#                         the agent starts its helpers at fixed addresses (a VM under TCG:
+#                         agent --unrandomized-helpers)
 # Silent otherwise, except one "clearcri-init: ready dax=<0|1>" line; on any failure it
 # prints one "clearcri-init: error: ..." line and powers the VM off (it never hangs).
 
@@ -35,6 +38,10 @@ read -r init_start _ </proc/uptime
 read -r cmdline </proc/cmdline
 case " $cmdline " in
 *" clearcri.debug=1 "*) debug=1 ;;
+esac
+agent_args=
+case " $cmdline " in
+*" clearcri.unrandomized_helpers=1 "*) agent_args=--unrandomized-helpers ;;
 esac
 root_dev=/dev/pmem0
 case " $cmdline " in
@@ -139,5 +146,6 @@ echo "clearcri-init: ready dax=$dax"
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 export PYTHONPATH=/usr/lib/clearcri PYTHONDONTWRITEBYTECODE=1
-exec switch_root /newroot /usr/bin/python3 -S -s -B /usr/lib/clearcri/clearcri-agent
+# shellcheck disable=SC2086 # agent_args: no option or one word
+exec switch_root /newroot /usr/bin/python3 -S -s -B /usr/lib/clearcri/clearcri-agent $agent_args
 fail "switch_root failed"

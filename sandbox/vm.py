@@ -185,6 +185,10 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
     machine += f",mem-merge={'on' if spec.mem_merge else 'off'}"
     accel = "kvm" if spec.accel == "kvm" else f"tcg,tb-size={spec.tcg_tb_size_mib}"
     cmdline = FAST_BOOT_CMDLINE
+    if spec.accel != "kvm":
+        # translated code is kept per guest address: helpers at fixed addresses are
+        # translated once per VM (agent/guest/system.py start_helpers_unrandomized)
+        cmdline += " clearcri.unrandomized_helpers=1"
     if spec.os_image_mode == "blk":
         cmdline += " clearcri.root=/dev/vda"
         os_device = [

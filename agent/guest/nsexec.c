@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -167,6 +168,10 @@ static void become(int report) {
         goto out;
     step = 5;
     umask(022);
+    /* the container's process is laid out at random even when its starter is not
+     * (the agent may start its helpers without, see agent/guest/system.py) */
+    if (personality(PER_LINUX) < 0)
+        goto out;
     clearenv();
     for (int i = 0; i < nenvs; i++)
         putenv(envs[i]);

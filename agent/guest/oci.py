@@ -432,6 +432,9 @@ def build_oci_config(
             linux["seccomp"] = spec.seccomp
         elif spec.seccomp != "unconfined":
             raise ValueError(f"unsupported seccomp profile {spec.seccomp!r}")
+    # plain Linux: the container is laid out at random even when the agent starts crun
+    # at fixed addresses (settings.unrandomized_helpers)
+    linux["personality"] = {"domain": "LINUX"}
 
     return {
         "ociVersion": "1.0.2",

@@ -592,6 +592,10 @@ def main(argv: list[str] | None = None) -> None:
         from agent.guest import system
 
         system.set_child_subreaper()
+    if settings.unrandomized_helpers:
+        from agent.guest import system
+
+        system.start_helpers_unrandomized()
     if settings.host_mntns_fd is not None:
         # the host's mount namespace: never inherited by crun or a container
         os.set_inheritable(settings.host_mntns_fd, False)

@@ -52,6 +52,7 @@ class Settings:
         host_mntns_fd: int | None = None,
         layer_fs: str = "tmpfs",
         nsexec: str | None = None,
+        unrandomized_helpers: bool = False,
     ) -> None:
         if cgroup_mode not in ("v2", "v1", "disabled"):
             raise ValueError(f"cgroup mode must be 'v2', 'v1' or 'disabled', not {cgroup_mode!r}")
@@ -83,6 +84,9 @@ class Settings:
             )
         self.pod_namespaces = tuple(k for k in POD_NAMESPACE_KINDS if k in pod_namespaces)
         self.host_mntns_fd = host_mntns_fd
+        #: start crun, nsexec and the other helpers at fixed addresses (a VM under TCG:
+        #: system.start_helpers_unrandomized); containers are laid out at random anyway
+        self.unrandomized_helpers = unrandomized_helpers
 
     def pod_namespace_paths(self) -> dict[str, str]:
         """OCI namespace type -> path of the agent's namespace, for those the pod owns."""
@@ -130,14 +134,14 @@ class Settings:
         """Options: --run-dir DIR --cgroup v2|v1|disabled --cgroup-parent PATH --crun PATH
         --busybox PATH --no-poweroff --port-name NAME --port PATH --port-fd N
         --listen PATH --shm-dir DIR --pod-namespaces ipc,net,uts --host-mntns-fd N
-        --layer-fs tmpfs|dir --nsexec PATH. Each has a
+        --layer-fs tmpfs|dir --nsexec PATH --unrandomized-helpers. Each has a
         CLEARCRI_AGENT_<NAME> environment twin (e.g. CLEARCRI_AGENT_RUN_DIR)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
         for key, value in env.items():
             if key.startswith("CLEARCRI_AGENT_"):
                 values[key[len("CLEARCRI_AGENT_") :].lower().replace("_", "-")] = value
-        flags = {"no-poweroff"}
+        flags = {"no-poweroff", "unrandomized-helpers"}
         i = 0
         while i < len(argv):
             arg = argv[i]
@@ -170,6 +174,7 @@ class Settings:
             "host-mntns-fd",
             "layer-fs",
             "nsexec",
+            "unrandomized-helpers",
         }
         unknown = set(values) - known
         if unknown:
@@ -194,6 +199,7 @@ class Settings:
             ),
             host_mntns_fd=int(values["host-mntns-fd"]) if "host-mntns-fd" in values else None,
             layer_fs=values.get("layer-fs", "tmpfs"),
+            unrandomized_helpers=values.get("unrandomized-helpers", "") in ("1", "true", "yes"),
         )
 
 

@@ -55,6 +55,37 @@ def set_child_subreaper() -> None:
     _check(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+#: personality(2) flag: programs started from now on are laid out at fixed addresses
+ADDR_NO_RANDOMIZE = 0x0040000
+#: personality(2) argument that only reads the current personality
+PERSONALITY_QUERY = 0xFFFFFFFF
+
+
+def start_helpers_unrandomized() -> None:
+    """Have every program this process starts from now on (crun, nsexec, busybox) laid
+    out at the same addresses each time, its own layout unchanged. Under TCG a VM's
+    QEMU keeps translated code per guest address: a helper laid out at random is
+    translated anew at each start (crun create ~50 ms more, docs/benchmarks.md).
+    Containers get the randomization back: crun applies the OCI personality the agent
+    gives every container, nsexec resets it before the program."""
+    _set_personality(personality() | ADDR_NO_RANDOMIZE)
+
+
+def personality() -> int:
+    """This process's personality(2) value."""
+    return _set_personality(PERSONALITY_QUERY)
+
+
+def _set_personality(value: int) -> int:
+    import ctypes
+
+    result: int = libc().personality(ctypes.c_ulong(value))
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"personality: {os.strerror(err)}")
+    return result
+
+
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(libc().sethostname(raw, len(raw)), "sethostname")

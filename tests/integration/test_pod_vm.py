@@ -122,6 +122,34 @@ async def test_exec_with_and_without_tty(pod: PodSandbox, busybox_image: RootfsI
     assert await session.wait(30) == 0
 
 
+async def test_containers_are_laid_out_at_random_while_the_helpers_are_not(
+    pod: PodSandbox, busybox_image: RootfsImage
+) -> None:
+    """Under TCG the agent starts crun and nsexec at fixed addresses (their translated
+    code is kept across starts); what they start, the container's processes, gets
+    address-space randomization back: the init crun starts, an exec through nsexec and
+    a terminal exec through crun."""
+    args = ["sh", "-c", "cat /proc/self/personality /proc/cmdline; exec sleep 1000"]
+    await pod.create_container("c1", ContainerSpec(args=args), busybox_image)
+    output = pod.subscribe_output("c1")
+    await pod.start_container("c1")
+    text = b""
+    async for _channel, data in output:
+        text += data
+        if b"\n" in text.partition(b"\n")[2]:
+            break
+    personality, cmdline = text.decode().splitlines()[:2]
+    if vm_backend(pod).machine.accel != "kvm":
+        assert "clearcri.unrandomized_helpers=1" in cmdline.split()
+    assert personality == "00000000", "ADDR_NO_RANDOMIZE (00040000) leaked into the container"
+    result = await pod.agent.exec_sync("c1", ["cat", "/proc/self/personality"])
+    assert result.stdout == b"00000000\n"
+    session = await pod.exec("c1", ExecSpec(args=["cat", "/proc/self/personality"], tty=True))
+    chunks = [data async for _channel, data in session]
+    assert await session.wait(30) == 0
+    assert b"".join(chunks) == b"00000000\r\n"
+
+
 async def test_signal_stops_container(pod: PodSandbox, busybox_image: RootfsImage) -> None:
     await pod.create_container("c1", ContainerSpec(args=["sleep", "1000"]), busybox_image)
     await pod.start_container("c1")
