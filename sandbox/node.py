@@ -54,7 +54,7 @@ class SandboxConfig:
     image_slots: int = 4
     # TCG's translated-code cache per VM: too small and the guest's start, container
     # creation and exec translate their code again and again (docs/benchmarks.md).
-    tcg_tb_size_mib: int = 32
+    tcg_tb_size_mib: int = 48
     mem_merge: bool = True
     # Turn the host's KSM on at daemon start where /sys allows it (docs/metrics.md:
     # memory saved vs. side channels); 0 leaves ksmd's pages_to_scan as it is.

@@ -5,11 +5,15 @@ process (translated code is per process, and a clone starts with none): the rest
 the agent's reconnect, its first requests on new threads, the clock and /etc files.
 A standby VM has been through all of that: a clone of the default base, its agent
 connected, reseeded and answering, its hostname and /etc files set once, with a tap in
-a network namespace of its own when the node has networking. A new pod of its shape
-takes it over at creation (sandbox/vmpod.py): the VM's run directory and namespace
-become the pod's (the run root links the pod's id to the directory), the VM joins the
-pod's cgroup with the memory it holds, and the pod's own setup (CNI, the guest's NIC,
-clock, hostname, /etc files) runs as after a boot.
+a network namespace of its own when the node has networking. It has also been once
+through a container's life (``warm_up_containers``): a throwaway container on the
+guest's own /usr, created with crun, started, exec'd into, killed and deleted, so that
+the code a pod's first container runs (the agent's, crun's and nsexec's, which the
+agent starts at fixed addresses, and the kernel's) is translated before the pod comes.
+A new pod of its shape takes it over at creation (sandbox/vmpod.py): the VM's run
+directory and namespace become the pod's (the run root links the pod's id to the
+directory), the VM joins the pod's cgroup with the memory it holds, and the pod's own
+setup (CNI, the guest's NIC, clock, hostname, /etc files) runs as after a boot.
 
 Standby VMs are sandboxes of their own (named ``standby-<hex>``, their run directories
 in the host's standby directory), made, watched and removed like pods. The pool makes
@@ -29,6 +33,8 @@ import secrets
 import time
 from pathlib import Path
 
+from agent.errors import AgentError
+from agent.protocol import ContainerSpec, ImageSource
 from sandbox import mounts
 from sandbox.api import SandboxError, SandboxState
 from sandbox.lifecycle import PodSandbox, read_state
@@ -44,6 +50,10 @@ log = logging.getLogger(__name__)
 QUIET_S = 1.0
 #: Retry delays after failed standby starts, doubling up to the last.
 RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+#: The throwaway container (and its image: the guest's own root) of a standby's warm-up.
+WARM_UP_ID = "standby-warm-up"
+#: Seconds each of the warm-up's agent calls may take.
+WARM_UP_TIMEOUT_S = 30.0
 
 
 class StandbyPool:
@@ -157,6 +167,7 @@ class StandbyPool:
             # the first requests of a fresh clone run cold: once here, not in a pod (the
             # start itself set the clock, hostname and /etc files)
             await standby.agent.ping()
+            await warm_up_containers(standby)
         except BaseException:
             await self._remove(standby)
             raise
@@ -209,3 +220,43 @@ class StandbyPool:
         if own_netns is not None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(remove_netns, own_netns)
+
+
+async def warm_up_containers(standby: PodSandbox) -> None:
+    """Take a throwaway container through the calls a pod's first container gets (image
+    mount, create, start, an exec, kill, delete), on the guest's own /usr bound
+    read-only as its image; the VM is left as it was, with no container and no image.
+    Raises SandboxError when a step fails (the pool then drops the VM)."""
+    agent = standby.agent
+    t = WARM_UP_TIMEOUT_S
+    try:
+        await agent.request(
+            "mount_image", {"image_id": WARM_UP_ID, "source": _GUEST_ROOT}, timeout=t
+        )
+        try:
+            spec = ContainerSpec(args=["/bin/busybox", "sleep", "600"], image_id=WARM_UP_ID)
+            await agent.request(
+                "create_container", {"container_id": WARM_UP_ID, "spec": spec.to_dict()}, timeout=t
+            )
+            try:
+                await agent.request("start_container", {"container_id": WARM_UP_ID}, timeout=t)
+                result = await agent.exec_sync(
+                    WARM_UP_ID, ["/bin/busybox", "true"], timeout=t, max_output=0
+                )
+                if result.exit_code != 0:
+                    raise SandboxError(f"an exec of busybox true exited {result.exit_code}")
+                await agent.signal_container(WARM_UP_ID, 9, all_processes=True, timeout=t)
+                await agent.wait_container(WARM_UP_ID, timeout=t)
+            finally:
+                await agent.request(
+                    "delete_container", {"container_id": WARM_UP_ID, "force": True}, timeout=t
+                )
+        finally:
+            await agent.request("unmount_image", {"image_id": WARM_UP_ID}, timeout=t)
+    except (TimeoutError, AgentError, ConnectionError) as exc:
+        raise SandboxError(f"standby VM {standby.id}: its warm-up container failed: {exc}") from exc
+
+
+#: The warm-up container's image: the guest's /usr, bound read-only (no mounts below
+#: it; busybox is its bin/busybox).
+_GUEST_ROOT = ImageSource(dir="/usr").to_dict()

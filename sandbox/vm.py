@@ -58,7 +58,7 @@ class MachineSpec:
     vcpus: int = 1
     memory_mib: int = 256
     accel: str = "tcg"
-    tcg_tb_size_mib: int = 32
+    tcg_tb_size_mib: int = 48
     image_slots: int = 4
     mem_merge: bool = True
     sandbox_filter: bool = True

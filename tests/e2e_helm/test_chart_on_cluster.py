@@ -116,7 +116,7 @@ def test_runtimeclass_pods_run_in_vms_with_the_overhead(suite: HelmSuite) -> Non
     apply(suite, vm_pod(suite, "vm-1"))
     pod = wait_running(suite, "vm-1")
     assert pod["spec"]["nodeName"] == node.config.node_name
-    assert pod["spec"]["overhead"] == {"cpu": "250m", "memory": "192Mi"}
+    assert pod["spec"]["overhead"] == {"cpu": "250m", "memory": "208Mi"}
     # the guest's kernel, not this machine's
     assert exec_in(suite, "vm-1", "uname", "-r").strip() != os.uname().release
     sandboxes = node.crictl_json("pods", "--name", "vm-1")["items"]

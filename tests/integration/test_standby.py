@@ -80,6 +80,8 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
         info = vm_backend(pod).status_info()
         assert info["fromStandby"] is True and info["fromTemplate"] is True
         assert pod.pid == standby_pid
+        # the standby's warm-up container is gone from the guest
+        assert await pod.agent.list_containers() == []
         # the run root links the pod's id to the standby's directory
         link = net_host.config.run_root / spec.sandbox_id
         assert link.is_symlink() and link.resolve().name == standby_name

@@ -40,8 +40,8 @@ def _pod(name: str, vcpus: int, limit_mib: int, cgroup_parent: str = "") -> Sand
         cpu_quota_us=vcpus * 100_000,
         cpu_period_us=100_000,
         memory_limit_bytes=limit_mib * MIB,
-        # the chart's RuntimeClass overhead (vm.guest_overhead_mib + QEMU's 64 under TCG)
-        memory_budget_bytes=(limit_mib + 192) * MIB,
+        # the chart's RuntimeClass overhead (vm.guest_overhead_mib + QEMU's 80 under TCG)
+        memory_budget_bytes=(limit_mib + 208) * MIB,
         cgroup_parent=cgroup_parent,
     )
 

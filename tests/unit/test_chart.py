@@ -246,7 +246,7 @@ def test_runtimeclass_places_pods_on_labelled_nodes_and_counts_the_vm() -> None:
     assert rc["metadata"]["name"] == "clearcri"
     assert rc["handler"] == "clearcri"
     assert rc["scheduling"]["nodeSelector"] == {LABEL: "true"}
-    assert rc["overhead"]["podFixed"] == {"memory": "192Mi", "cpu": "250m"}
+    assert rc["overhead"]["podFixed"] == {"memory": "208Mi", "cpu": "250m"}
     assert one(objects("everything"), "RuntimeClass")["overhead"]["podFixed"] == {
         "memory": "96Mi",
         "cpu": "300m",

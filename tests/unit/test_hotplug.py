@@ -225,7 +225,7 @@ def _pod(vcpus: int, limit_mib: int) -> SandboxSpec:
         cpu_quota_us=vcpus * 100_000,
         cpu_period_us=100_000,
         memory_limit_bytes=limit_mib * MIB,
-        memory_budget_bytes=(limit_mib + 192) * MIB,
+        memory_budget_bytes=(limit_mib + 208) * MIB,
     )
 
 

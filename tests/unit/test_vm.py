@@ -38,7 +38,7 @@ def test_command_is_stripped_q35_with_dax_os_image(tmp_path: Path) -> None:
     for part in ("q35", "sata=off", "smbus=off", "usb=off", "vmport=off", "graphics=off"):
         assert part in machine
     assert _opts(cmd, "-bios") == ["/usr/share/qemu/qboot.rom"]
-    assert _opts(cmd, "-accel") == ["tcg,tb-size=32"]
+    assert _opts(cmd, "-accel") == ["tcg,tb-size=48"]
     backend = next(o for o in _opts(cmd, "-object") if o.startswith("memory-backend-file"))
     assert "share=on" in backend and "readonly=on" in backend
     # the backing size is rounded up to the 2 MiB persistent-memory alignment
