@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what clearcri needs on a Debian 12 host: QEMU, crun, erofs-utils, busybox,
 # CNI plugins, the test registry, the guest kernel's build tools, what builds the node
-# image without a Docker engine (buildah, mmdebstrap), and the Python package with its
+# image without a Docker engine (buildah, mmdebstrap), containerd and runc (the node the
+# Helm suite and the conformance baselines start with), and the Python package with its
 # dev tools and the benchmarks' plotting library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ apt_packages=(
     containernetworking-plugins iproute2 util-linux procps
     docker-registry apache2-utils skopeo
     buildah mmdebstrap
+    containerd runc
     etcd-server
     gcc libc6-dev binutils make flex bison bc libelf-dev
 )

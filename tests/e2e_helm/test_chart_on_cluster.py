@@ -104,9 +104,18 @@ def test_kubelet_switched_to_clearcri_gets_the_label(suite: HelmSuite) -> None:
     node = suite.cluster
     suite.switch_to_clearcri(node)
     assert suite.runtime_version(node).startswith("clearcri://")
-    # the DaemonSet's pod runs again, now on clearcri (the host handler: hostPID)
+
+    # the DaemonSet's pod runs again, now on clearcri (the host handler: hostPID); the
+    # API may still show it Ready from containerd until kubelet has synced with clearcri
+    def ds_pods_on_clearcri() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = node.crictl_json(
+            "pods", "--label", "app.kubernetes.io/name=clearcri"
+        )["items"]
+        return items
+
+    wait_for("the DaemonSet's pod on clearcri", lambda: bool(ds_pods_on_clearcri()), 600, 2.0)
     suite.wait_ds_ready(node, suite.images.first, timeout=600)
-    pods = node.crictl_json("pods", "--label", "app.kubernetes.io/name=clearcri")["items"]
+    pods = ds_pods_on_clearcri()
     assert pods and {p["runtimeHandler"] for p in pods} == {"host"}
     wait_for("the node label", lambda: suite.label(node) == "true", 120)
 
