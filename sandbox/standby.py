@@ -138,7 +138,9 @@ class StandbyPool:
             await self._quiet()
             try:
                 standby = await self._make()
-            except (SandboxError, OSError) as exc:
+            except Exception as exc:
+                # one failed standby, not the pool's end (an agent gone during its ping
+                # or warm-up raises an AgentError, not a SandboxError)
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
                 log.warning("standby VM not started (next try in %.0f s): %s", delay, exc)

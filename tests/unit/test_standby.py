@@ -3,9 +3,14 @@ and sandboxes that never start."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from agent.errors import AgentUnavailable
+from sandbox import standby as standby_module
 from sandbox.api import SandboxSpec, SandboxState
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
@@ -105,3 +110,32 @@ def test_run_directories_without_state_or_target_are_listed_for_recovery(
     (run_root / "dangling").symlink_to(host.standby_dir / "standby-gone")
     (run_root / ".tmp").mkdir()
     assert host.sandbox_ids() == ["dangling", "saved", "unsaved"]
+
+
+async def test_a_standby_whose_agent_fails_is_retried_and_the_pool_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a standby's agent can go away while it is being made (its ping, its warm-up):
+    # that is one failed standby, not the end of the pool
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1)
+    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
+    monkeypatch.setattr(standby_module, "RETRY_S", (0.0,))
+    made = _standby(host, "standby-a", networked=False)
+    attempts: list[int] = []
+
+    async def make() -> PodSandbox:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise AgentUnavailable("agent closed the connection")
+        return made
+
+    monkeypatch.setattr(pool, "_make", make)
+    pool.start()
+    for _ in range(200):
+        if pool.ready:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.ready == [made] and len(attempts) == 2
+    pool.ready = []  # nothing real to remove
+    await pool.close()
