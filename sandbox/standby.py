@@ -31,7 +31,9 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from agent.errors import AgentError
 from agent.protocol import ContainerSpec, ImageSource
@@ -45,12 +47,13 @@ from sandbox.vm import MachineSpec
 from sandbox.vmpod import create_standby_vm, restore_vm_pod, vm_backend
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: How long no pod VM must have been starting before the pool starts one.
 QUIET_S = 1.0
 #: Retry delays after failed standby starts, doubling up to the last.
 RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-#: The throwaway container (and its image: the guest's own root) of a standby's warm-up.
+#: The throwaway container (and its image: the guest's /usr) of a standby's warm-up.
 WARM_UP_ID = "standby-warm-up"
 #: Seconds each of the warm-up's agent calls may take.
 WARM_UP_TIMEOUT_S = 30.0
@@ -231,17 +234,17 @@ async def warm_up_containers(standby: PodSandbox) -> None:
     Raises SandboxError when a step fails (the pool then drops the VM)."""
     agent = standby.agent
     t = WARM_UP_TIMEOUT_S
+
+    async def bounded(call: Awaitable[_T]) -> _T:
+        return await asyncio.wait_for(call, t)
+
     try:
-        await agent.request(
-            "mount_image", {"image_id": WARM_UP_ID, "source": _GUEST_ROOT}, timeout=t
-        )
+        await bounded(agent.mount_image(WARM_UP_ID, _GUEST_USR))
         try:
             spec = ContainerSpec(args=["/bin/busybox", "sleep", "600"], image_id=WARM_UP_ID)
-            await agent.request(
-                "create_container", {"container_id": WARM_UP_ID, "spec": spec.to_dict()}, timeout=t
-            )
+            await bounded(agent.create_container(WARM_UP_ID, spec))
             try:
-                await agent.request("start_container", {"container_id": WARM_UP_ID}, timeout=t)
+                await bounded(agent.start_container(WARM_UP_ID))
                 result = await agent.exec_sync(
                     WARM_UP_ID, ["/bin/busybox", "true"], timeout=t, max_output=0
                 )
@@ -250,15 +253,13 @@ async def warm_up_containers(standby: PodSandbox) -> None:
                 await agent.signal_container(WARM_UP_ID, 9, all_processes=True, timeout=t)
                 await agent.wait_container(WARM_UP_ID, timeout=t)
             finally:
-                await agent.request(
-                    "delete_container", {"container_id": WARM_UP_ID, "force": True}, timeout=t
-                )
+                await bounded(agent.delete_container(WARM_UP_ID, force=True))
         finally:
-            await agent.request("unmount_image", {"image_id": WARM_UP_ID}, timeout=t)
+            await bounded(agent.unmount_image(WARM_UP_ID))
     except (TimeoutError, AgentError, ConnectionError) as exc:
         raise SandboxError(f"standby VM {standby.id}: its warm-up container failed: {exc}") from exc
 
 
 #: The warm-up container's image: the guest's /usr, bound read-only (no mounts below
 #: it; busybox is its bin/busybox).
-_GUEST_ROOT = ImageSource(dir="/usr").to_dict()
+_GUEST_USR = ImageSource(dir="/usr")
