@@ -94,9 +94,7 @@ class Sandboxes:
             # (a pod on a standby VM: the directory its link points to, then the link)
             target = run_dir.resolve() if run_dir.is_symlink() else run_dir
             try:
-                await asyncio.to_thread(mounts.remove_tree, target)
-                if run_dir.is_symlink():
-                    run_dir.unlink()
+                await asyncio.to_thread(mounts.remove_tree_and_link, target, run_dir)
             except OSError as exc:
                 log.warning("sandbox=%s: cannot remove %s: %s", sandbox_id[:12], run_dir, exc)
             return

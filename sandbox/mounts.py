@@ -168,3 +168,11 @@ def remove_tree(path: Path) -> None:
     if left:
         raise OSError(errno.EBUSY, f"still mounted below {path}: {', '.join(left[:3])}")
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_tree_and_link(tree: Path, link: Path) -> None:
+    """:func:`remove_tree` of ``tree``, then ``link`` if it is a symbolic link (a run
+    root's entry for a pod on a standby VM, whose run directory is the standby's)."""
+    remove_tree(tree)
+    if link.is_symlink():
+        link.unlink()

@@ -411,7 +411,11 @@ class VmBackend:
                     f"sandbox {self.spec.sandbox_id}: cannot remove its namespace: {exc}"
                 ) from exc
         try:
-            await asyncio.to_thread(remove_run_dir, self.host, self.spec.sandbox_id, self.run_dir)
+            # the share's binds are detached first: host files below them must survive; a
+            # pod on a standby VM has its run directory in the standby's place and a link
+            # to it in the run root
+            link = self.host.config.run_root / self.spec.sandbox_id
+            await asyncio.to_thread(mounts.remove_tree_and_link, self.run_dir, link)
         except OSError as exc:
             raise SandboxError(
                 f"sandbox {self.spec.sandbox_id}: cannot remove its run directory: {exc}"
@@ -614,16 +618,6 @@ async def check_propagation(host_path: Path, propagation: str) -> None:
             raise SandboxError(problem)
 
 
-def remove_run_dir(host: SandboxHost, sandbox_id: str, run_dir: Path) -> None:
-    """Remove a pod VM's run directory (blocking): with the share's binds detached
-    first (host files below them must survive); a pod that took over a standby VM has
-    its run directory in the standby's place and a link to it in the run root."""
-    mounts.remove_tree(run_dir)
-    link = host.config.run_root / sandbox_id
-    if link.is_symlink():
-        link.unlink()
-
-
 def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
     """A pod VM, made on the host (run directory, VMM id, share) but not started; a
     standby VM of its shape, where there is one, is taken over instead at its start."""
@@ -707,7 +701,7 @@ def _take_standby(
         with contextlib.suppress(OSError):
             if backend.own_netns is not None:
                 remove_netns(backend.own_netns)
-            remove_run_dir(host, spec.sandbox_id, backend.run_dir)
+            mounts.remove_tree_and_link(backend.run_dir, link)
         if host.vmm_ids is not None:
             host.vmm_ids.release(backend.machine.vmm_id)
         raise SandboxError(f"sandbox {spec.sandbox_id}: {exc}") from exc

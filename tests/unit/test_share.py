@@ -158,3 +158,19 @@ def test_the_creators_mapping_is_added_beside_the_pods() -> None:
     assert with_creator([[0, 0, 10]]) == [[0, 0, 10]]
     jailed = 0x7000_0005
     assert with_creator([[0, 1000, 65536]], jailed) == [[0, 1000, 65536], [65536, jailed, 1]]
+
+
+def test_a_run_directory_goes_with_the_run_roots_link_to_it(tmp_path: Path) -> None:
+    # a pod on a standby VM: its run directory is the standby's, the run root links to it
+    standby_dir = tmp_path / "standby" / "standby-1"
+    (standby_dir / "vmm").mkdir(parents=True)
+    link = tmp_path / "run" / "pod-1"
+    link.parent.mkdir()
+    link.symlink_to(standby_dir)
+    mounts.remove_tree_and_link(standby_dir, link)
+    assert not standby_dir.exists() and not os.path.lexists(link)
+    # a pod of its own: its run directory is the run root's entry, no link to remove
+    own = tmp_path / "run" / "pod-2"
+    own.mkdir()
+    mounts.remove_tree_and_link(own, own)
+    assert not own.exists()
