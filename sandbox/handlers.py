@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ class Sandboxes:
 
     async def remove_leftover(self, sandbox_id: str) -> None:
         run_dir = self.host.config.run_root / sandbox_id
-        if not run_dir.exists():
+        if not os.path.lexists(run_dir):  # a link that leads nowhere is still removed
             return
         try:
             sandbox = await self.adopt(sandbox_id)

@@ -79,3 +79,14 @@ def test_a_pod_vm_s_status_tells_its_network_steps(tmp_path: Path) -> None:
     info = backend.status_info()
     assert info["networkSeconds"] == {"prepare": 0.002, "cni_add": 0.019}
     assert info["accelerator"] == "tcg" and info["vmmId"] is None
+
+
+def test_a_run_root_link_that_leads_nowhere_is_removed_as_a_leftover(tmp_path: Path) -> None:
+    """A pod that took over a standby VM is a link in the run root to the standby's
+    directory; with that directory gone (a daemon killed half-way through removing it),
+    recovery lists the link, and removing the leftover removes it."""
+    link = tmp_path / "pod1"
+    link.symlink_to(tmp_path / "standby" / "standby-gone")
+    host: Any = SimpleNamespace(config=SandboxConfig(run_root=tmp_path))
+    asyncio.run(Sandboxes(host).remove_leftover("pod1"))
+    assert not link.is_symlink()
