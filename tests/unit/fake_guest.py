@@ -10,14 +10,12 @@ from sandbox.guest import GuestAssets
 from sandbox.node import SandboxConfig, SandboxHost
 
 
-def fake_host(tmp_path: Path, **config: object) -> SandboxHost:
-    """A TCG host without a jail, 4 vCPUs at most, its guest assets empty files below
-    ``tmp_path``; ``config`` overrides SandboxConfig fields."""
-    guest = tmp_path / "guest"
+def fake_assets(guest: Path) -> GuestAssets:
+    """Guest assets that are empty files in ``guest`` (made if missing)."""
     guest.mkdir(exist_ok=True)
     for name in ("vmlinux", "initrd.img", "os.img", "floor-initrd.img"):
         (guest / name).write_bytes(b"\0" * 4096)
-    assets = GuestAssets(
+    return GuestAssets(
         kernel=guest / "vmlinux",
         initrd=guest / "initrd.img",
         os_image=guest / "os.img",
@@ -25,6 +23,13 @@ def fake_host(tmp_path: Path, **config: object) -> SandboxHost:
         kernel_version="6.1",
         version="v",
     )
+
+
+def fake_host(tmp_path: Path, **config: object) -> SandboxHost:
+    """A TCG host without a jail, 4 vCPUs at most, its guest assets empty files below
+    ``tmp_path``; ``config`` overrides SandboxConfig fields."""
+    guest = tmp_path / "guest"
+    assets = fake_assets(guest)
     settings = SandboxConfig(
         run_root=tmp_path / "run",
         guest_dir=guest,

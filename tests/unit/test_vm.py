@@ -8,9 +8,9 @@ import pytest
 
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.api import SandboxError, SandboxSpec, align_up
-from sandbox.guest import GuestAssets
 from sandbox.node import SandboxConfig, memory_floor_bytes, qemu_memory_mib, size_vm
 from sandbox.vm import MachineSpec, build_command, slot_root_port
+from tests.unit.fake_guest import fake_assets
 
 
 def _spec(tmp_path: Path, **kw: object) -> MachineSpec:
@@ -163,14 +163,7 @@ def test_kvm_static_verdict(tmp_path: Path) -> None:
 
 
 def test_choose_accel_honours_tcg_and_rejects_unknown(tmp_path: Path) -> None:
-    assets = GuestAssets(
-        kernel=tmp_path / "k",
-        initrd=tmp_path / "i",
-        os_image=tmp_path / "o",
-        floor_initrd=tmp_path / "f",
-        kernel_version="x",
-        version="v",
-    )
+    assets = fake_assets(tmp_path / "guest")
     assert choose_accel("tcg", qemu="qemu", assets=assets).accel == "tcg"
     with pytest.raises(ValueError, match="auto, kvm or tcg"):
         choose_accel("fast", qemu="qemu", assets=assets)
