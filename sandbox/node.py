@@ -117,11 +117,11 @@ def size_vm(spec: SandboxSpec, config: SandboxConfig, qemu_mib: int) -> tuple[in
     """vCPUs and memory (MiB) for a pod: from its limits, else the defaults.
 
     The guest gets the containers' limits plus ``guest_overhead_mib``, but never more
-    than the pod's memory budget leaves once QEMU's own cost is paid: the host must
-    never OOM-kill a whole VM whose containers stay inside their limits (``qemu_mib``:
-    qemu_memory_mib). When the
-    budget is tighter (no or a small RuntimeClass overhead), the guest is smaller and
-    a container that outgrows it is refused memory or OOM-killed inside the guest.
+    than the pod's memory budget leaves once QEMU's own cost (``qemu_mib``,
+    qemu_memory_mib) is paid: the host must never OOM-kill a whole VM whose containers
+    stay inside their limits. When the budget is tighter (no or a small RuntimeClass
+    overhead), the guest is smaller and a container that outgrows it is refused memory
+    or OOM-killed inside the guest.
     """
     max_vcpus = config.max_vcpus or os.cpu_count() or 1
     vcpus = config.default_vcpus
