@@ -6,10 +6,12 @@ the agent's reconnect, its first requests on new threads, the clock and /etc fil
 A standby VM has been through all of that: a clone of the default base, its agent
 connected, reseeded and answering, its hostname and /etc files set once, with a tap in
 a network namespace of its own when the node has networking. It has also been once
-through a container's life (``warm_up_containers``): a throwaway container on the
-guest's own /usr, created with crun, started, exec'd into, killed and deleted, so that
-the code a pod's first container runs (the agent's, crun's and nsexec's, which the
-agent starts at fixed addresses, and the kernel's) is translated before the pod comes.
+through a container's life (``warm_up_containers``): the guest OS image hot-plugged
+once more (into a root port no pod image uses) and mounted, a throwaway container on
+it created with crun, started, exec'd into, killed and deleted, so that the code a
+pod's first container runs (the kernel's hot-plug, probe and mount of an image; the
+agent's, crun's and nsexec's, which the agent starts at fixed addresses) is translated
+before the pod comes.
 A new pod of its shape takes it over at creation (sandbox/vmpod.py): the VM's run
 directory and namespace become the pod's (the run root links the pod's id to the
 directory), the VM joins the pod's cgroup with the memory it holds, and the pod's own
@@ -42,6 +44,7 @@ from sandbox.api import SandboxError, SandboxState
 from sandbox.lifecycle import PodSandbox, read_state
 from sandbox.network import remove_netns
 from sandbox.node import SandboxHost
+from sandbox.qmp import QmpError
 from sandbox.template import template_key
 from sandbox.vm import MachineSpec
 from sandbox.vmpod import create_standby_vm, restore_vm_pod, vm_backend
@@ -229,9 +232,11 @@ class StandbyPool:
 
 async def warm_up_containers(standby: PodSandbox) -> None:
     """Take a throwaway container through the calls a pod's first container gets (image
-    mount, create, start, an exec, kill, delete), on the guest's own /usr bound
-    read-only as its image; the VM is left as it was, with no container and no image.
-    Raises SandboxError when a step fails (the pool then drops the VM)."""
+    hot-plug and mount, create, start, an exec, kill, delete). Its image is the guest's
+    OS image, plugged once more into the port after the pod's image slots
+    (VmBackend.plug_warm_up_image); the VM is left with no container and no image
+    mounted, that device still plugged. Raises SandboxError when a step fails (the pool
+    then drops the VM)."""
     agent = standby.agent
     t = WARM_UP_TIMEOUT_S
 
@@ -239,7 +244,8 @@ async def warm_up_containers(standby: PodSandbox) -> None:
         return await asyncio.wait_for(call, t)
 
     try:
-        await bounded(agent.mount_image(WARM_UP_ID, _GUEST_USR))
+        pci = await vm_backend(standby).plug_warm_up_image()
+        await bounded(agent.mount_image(WARM_UP_ID, ImageSource(pci_path=pci)))
         try:
             spec = ContainerSpec(args=["/bin/busybox", "sleep", "600"], image_id=WARM_UP_ID)
             await bounded(agent.create_container(WARM_UP_ID, spec))
@@ -256,10 +262,5 @@ async def warm_up_containers(standby: PodSandbox) -> None:
                 await bounded(agent.delete_container(WARM_UP_ID, force=True))
         finally:
             await bounded(agent.unmount_image(WARM_UP_ID))
-    except (TimeoutError, AgentError, ConnectionError) as exc:
+    except (TimeoutError, AgentError, ConnectionError, QmpError) as exc:
         raise SandboxError(f"standby VM {standby.id}: its warm-up container failed: {exc}") from exc
-
-
-#: The warm-up container's image: the guest's /usr, bound read-only (no mounts below
-#: it; busybox is its bin/busybox).
-_GUEST_USR = ImageSource(dir="/usr")

@@ -146,6 +146,14 @@ def slot_root_port(slot: int) -> tuple[str, str]:
     return f"slot{slot}", f"0000:00:{FIRST_HOTPLUG_DEVICE + dev:02x}.{fn}"
 
 
+def warm_up_root_port(spec: MachineSpec) -> tuple[str, str]:
+    """The (device id, guest PCI address) of the root port after the image slots. A
+    standby VM hot-plugs the guest OS image there once (sandbox/standby.py), so that
+    the guest's hot-plug path runs before a pod's first image comes; pods' images never
+    go there."""
+    return slot_root_port(spec.image_slots)
+
+
 def virtio_mem_args(region_mib: int) -> list[str]:
     """The virtio-mem device of a VM sized at clone time, nothing plugged: its region is
     QEMU's anonymous memory, private, so a clone's plugged memory is its own, costs
@@ -259,7 +267,8 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         "-pidfile",
         str(spec.pidfile),
     ]
-    for slot in range(spec.image_slots):
+    # the image slots, and one more for a standby's warm-up (warm_up_root_port)
+    for slot in range(spec.image_slots + 1):
         dev_id, pci = slot_root_port(slot)
         dev, fn = pci.rsplit(":", 1)[1].split(".")
         multi = ",multifunction=on" if fn == "0" else ""

@@ -33,6 +33,7 @@ from sandbox.api import (
     SandboxRefused,
     SandboxSpec,
     SharedFiles,
+    align_up,
 )
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
@@ -52,9 +53,18 @@ from sandbox.procfs import ProcessMemory, process_cpu_ns, read_process_memory
 from sandbox.qmp import QmpControl
 from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, VmTemplate, nic_args
-from sandbox.vm import MachineSpec, VmProcess, build_command, slot_root_port
+from sandbox.vm import (
+    MachineSpec,
+    VmProcess,
+    build_command,
+    slot_root_port,
+    warm_up_root_port,
+)
 
 log = logging.getLogger(__name__)
+
+#: QEMU's id of the OS image a standby VM plugs for its warm-up (plug_warm_up_image).
+WARM_UP_DEVICE = "warm-up-img"
 
 
 def machine_to_state(machine: MachineSpec) -> dict[str, Any]:
@@ -471,6 +481,20 @@ class VmBackend:
         self.slots[slot] = image.image_id
         sandbox.save()
         return await agent.mount_image(image.image_id, ImageSource(pci_path=pci))
+
+    async def plug_warm_up_image(self) -> str:
+        """Hot-plug the guest OS image a second time, read-only, into the root port after
+        the image slots (warm_up_root_port); returns its guest PCI address. A standby
+        VM's warm-up runs its throwaway container on it, so that the guest's hot-plug,
+        probe and mount of an image are translated before a pod's first image comes.
+        The device stays (QEMU 7.2 cannot unplug virtio-pmem): the pod sees again what
+        it has as its root, and keeps all of its image slots."""
+        bus, pci = warm_up_root_port(self.machine)
+        assert self.qmp is not None
+        image = self.machine.os_image  # a jailed VMM sees it at this path (sandbox/jail.py)
+        size = align_up((await asyncio.to_thread(image.stat)).st_size)
+        await self.qmp.hotplug_pmem(dev_id=WARM_UP_DEVICE, bus=bus, path=image, size=size)
+        return pci
 
     @staticmethod
     def _bind_image(source: Path, target: Path) -> None:

@@ -19,7 +19,7 @@ from sandbox.handlers import Sandboxes
 from sandbox.node import SandboxHost
 from sandbox.procfs import pid_alive
 from sandbox.standby import StandbyPool
-from sandbox.vmpod import create_vm_pod, vm_backend
+from sandbox.vmpod import WARM_UP_DEVICE, create_vm_pod, vm_backend
 from tests.integration.test_network import (
     CniLab,
     _http_get,
@@ -80,8 +80,14 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
         info = vm_backend(pod).status_info()
         assert info["fromStandby"] is True and info["fromTemplate"] is True
         assert pod.pid == standby_pid
-        # the standby's warm-up container is gone from the guest
+        # the standby's warm-up container is gone from the guest; the OS image it ran on
+        # stays plugged in the port after the image slots, which are all the pod's
         assert await pod.agent.list_containers() == []
+        backend = vm_backend(pod)
+        assert backend.slots == {}
+        assert backend.qmp is not None
+        plugged = await backend.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+        assert WARM_UP_DEVICE in [p["name"] for p in plugged]
         # the run root links the pod's id to the standby's directory
         link = net_host.config.run_root / spec.sandbox_id
         assert link.is_symlink() and link.resolve().name == standby_name

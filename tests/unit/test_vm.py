@@ -9,7 +9,7 @@ import pytest
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.api import SandboxError, SandboxSpec, align_up
 from sandbox.node import SandboxConfig, memory_floor_bytes, qemu_memory_mib, size_vm
-from sandbox.vm import MachineSpec, build_command, slot_root_port
+from sandbox.vm import MachineSpec, build_command, slot_root_port, warm_up_root_port
 from tests.unit.fake_guest import fake_assets
 
 
@@ -46,7 +46,11 @@ def test_command_is_stripped_q35_with_dax_os_image(tmp_path: Path) -> None:
     devices = _opts(cmd, "-device")
     assert any(d.startswith("virtio-pmem-pci,memdev=osimg") for d in devices)
     assert any("name=org.clearcri.agent" in d for d in devices)
-    assert sum(d.startswith("pcie-root-port") for d in devices) == 4
+    # the four image slots, and the port a standby's warm-up plugs its image into
+    ports = [d for d in devices if d.startswith("pcie-root-port")]
+    assert len(ports) == 5
+    assert warm_up_root_port(_spec(tmp_path)) == ("slot4", "0000:00:08.4")
+    assert ports[-1].startswith("pcie-root-port,id=slot4,") and "addr=0x08.4" in ports[-1]
     assert _opts(cmd, "-sandbox")[0].startswith("on,")
     assert "swiotlb=noforce" in _opts(cmd, "-append")[0]
 
@@ -90,7 +94,7 @@ def test_slots_pack_eight_functions_per_device() -> None:
 def test_multifunction_set_on_function_zero_only(tmp_path: Path) -> None:
     cmd = build_command(_spec(tmp_path, image_slots=9))
     ports = [d for d in _opts(cmd, "-device") if d.startswith("pcie-root-port")]
-    assert len(ports) == 9
+    assert len(ports) == 10  # the nine slots and the warm-up port
     assert "multifunction=on" in ports[0] and "addr=0x08.0" in ports[0]
     assert "multifunction=on" not in ports[1]
     assert "multifunction=on" in ports[8] and "addr=0x09.0" in ports[8]
