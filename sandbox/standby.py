@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: How long no pod VM must have been starting before the pool starts one.
-QUIET_S = 1.0
+QUIET_S = 0.5
 #: Retry delays after failed standby starts, doubling up to the last.
 RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 #: The throwaway container (and its image: the guest's /usr) of a standby's warm-up.

@@ -231,7 +231,7 @@ def one_pod(peer: Peer, rt: Any, name: str, logs: Path) -> tuple[dict[str, float
                 api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)
             )
             info = json.loads(status.info.get("info", "{}")).get("vm", {})
-            keys = ("accelerator", "fromTemplate", "bootSeconds", "networkSeconds")
+            keys = ("accelerator", "fromTemplate", "fromStandby", "bootSeconds", "networkSeconds")
             vm = {k: info.get(k) for k in keys}
     except BaseException:
         with contextlib.suppress(grpc.RpcError):
@@ -451,6 +451,9 @@ def print_table(peers: list[Peer], rounds: int, load: tuple[str, str]) -> None:
         for key, what in (*PHASES, *more):
             if key in cc.phases:
                 print(f"  {what:<40}{cell(cc.phases[key]):>24}")
+    if cc.info:
+        taken = sum(1 for pod in cc.info if pod.get("fromStandby"))
+        print(f"\nclearcri pods that took over a standby VM: {taken} of {len(cc.info)}")
 
 
 def results_json(peers: list[Peer], args: argparse.Namespace, extra: dict[str, Any]) -> Any:
