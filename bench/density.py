@@ -33,6 +33,16 @@ def cpu_busy_fraction(seconds: float) -> float:
     return 1.0 - (idle1 - idle0) / total if total > 0 else 0.0
 
 
+def cpu_seconds(sandboxes: list[PodSandbox]) -> float:
+    """CPU time (user + system) the VMs' qemu processes have used, summed."""
+    ticks = 0
+    for sandbox in sandboxes:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{sandbox.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def pss_total_kib(sandboxes: list[PodSandbox]) -> int:
     """PSS summed over the VMs' qemu processes (a VM gone meanwhile counts 0)."""
     total = 0
@@ -47,10 +57,11 @@ async def run_density_bench(
 ) -> int:
     """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
     time, and print at every ``step`` pods: the start time of the last ones, the host
-    memory each pod costs (the qemu processes' PSS, and the drop of MemAvailable), the
-    host's CPU busy share and what memory is left. The baseline is the first step,
-    measured in the same run; the limit is where a start fails or where the figures
-    project that memory runs out. With ``plot``, start time and memory per pod against
+    memory each pod costs (the qemu processes' PSS, the drop of MemAvailable per pod and
+    per pod added since the step before), the host's CPU busy share, the CPU an idle
+    pod's QEMU uses (share of one core) and what memory is left. The baseline is the
+    first step, measured in the same run; the limit is where a start fails or where the
+    figures project that memory runs out. With ``plot``, start time and memory per pod against
     the pod count go to that PNG file."""
     if plot is not None:
         require_matplotlib()
@@ -71,11 +82,13 @@ async def run_density_bench(
         print(f"host before: MemAvailable {before / 1024:.0f} MiB, CPU busy {idle_cpu:.1%}")
         print(
             f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'PSS MiB/pod':>12} "
-            f"{'MiB/pod':>8} {'CPU busy':>9} {'MemAvailable MiB':>17}"
+            f"{'MiB/pod':>8} {'MiB/extra pod':>14} {'CPU busy':>9} {'qemu CPU/pod':>13} "
+            f"{'MemAvailable MiB':>17}"
         )
         limit = ""
         first_median = 0.0
         per_pod_kib = 0.0
+        last_available, last_count = before, 0
         for i in range(pods):
             try:
                 sandbox = create_vm_pod(host, SandboxSpec(f"bench-density-{i}"))
@@ -88,10 +101,16 @@ async def run_density_bench(
             count = len(starts)
             if count % step == 0 or count == pods:
                 await asyncio.sleep(3)
+                qemu_cpu0, t_cpu0 = cpu_seconds(sandboxes), time.monotonic()
                 busy = await asyncio.to_thread(cpu_busy_fraction, 5.0)
+                qemu_cpu = (cpu_seconds(sandboxes) - qemu_cpu0) / (time.monotonic() - t_cpu0)
                 available = mem_available_kib()
                 pss_per_pod_kib = pss_total_kib(sandboxes) / count
                 per_pod_kib = (before - available) / count
+                # the drop since the step before, per pod added since (the first step's
+                # pods against the host before any)
+                extra_kib = (last_available - available) / (count - last_count)
+                last_available, last_count = available, count
                 recent = starts[-step:]
                 median = statistics.median(recent)
                 first_median = first_median or median
@@ -108,7 +127,8 @@ async def run_density_bench(
                 print(
                     f"{count:>5} {median:>17.3f} {max(recent):>10.3f} "
                     f"{pss_per_pod_kib / 1024:>12.1f} {per_pod_kib / 1024:>8.1f} "
-                    f"{busy:>9.1%} {available / 1024:>17.0f}",
+                    f"{extra_kib / 1024:>14.1f} {busy:>9.1%} {qemu_cpu / count:>13.3%} "
+                    f"{available / 1024:>17.0f}",
                     flush=True,
                 )
         if starts:

@@ -130,6 +130,12 @@ step "cgroup controllers:$enable"
 # having the allocation refused by the guest's smaller total.
 echo 1 >/newroot/proc/sys/vm/overcommit_memory || fail "cannot set vm.overcommit_memory"
 
+# No proactive compaction: kcompactd would wake every 500 ms to score the memory's
+# fragmentation, and an idle guest's wake-ups cost the host CPU (under TCG they limit
+# how many idle pods a node holds). Compaction when an allocation needs it stays.
+echo 0 >/newroot/proc/sys/vm/compaction_proactiveness ||
+	fail "cannot set vm.compaction_proactiveness"
+
 # Containers share the VM's network namespace: its loopback must be up.
 ip link set lo up || fail "cannot bring up lo"
 

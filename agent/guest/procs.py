@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 # Python itself): children get the default actions back.
 _RESET_SIGNALS = (2, 13, 25)
 _MAX_UNCLAIMED = 4096
+# With no child, the reaper sleeps until the Spawner starts one; it looks again this
+# often for children started otherwise (a host mount's fork, which waits for its own).
+# Each look wakes the guest, and idle guests' wake-ups cost the host CPU under TCG.
+_NO_CHILD_CHECK_S = 60.0
 
 
 class Reaper:
@@ -70,7 +74,7 @@ class Reaper:
             try:
                 pid, status = os.waitpid(-1, 0)
             except ChildProcessError:
-                self._children.wait(1.0)
+                self._children.wait(_NO_CHILD_CHECK_S)
                 continue
             except InterruptedError:
                 continue

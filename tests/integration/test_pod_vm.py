@@ -150,6 +150,17 @@ async def test_containers_are_laid_out_at_random_while_the_helpers_are_not(
     assert b"".join(chunks) == b"00000000\r\n"
 
 
+async def test_an_idle_guest_does_no_proactive_compaction(
+    pod: PodSandbox, busybox_image: RootfsImage
+) -> None:
+    """kcompactd would wake an idle guest every 500 ms to score its memory's
+    fragmentation; the guest's init turns that off (compaction on demand stays)."""
+    await pod.create_container("c1", ContainerSpec(args=["sleep", "1000"]), busybox_image)
+    await pod.start_container("c1")
+    result = await pod.agent.exec_sync("c1", ["cat", "/proc/sys/vm/compaction_proactiveness"])
+    assert (result.exit_code, result.stdout) == (0, b"0\n")
+
+
 async def test_signal_stops_container(pod: PodSandbox, busybox_image: RootfsImage) -> None:
     await pod.create_container("c1", ContainerSpec(args=["sleep", "1000"]), busybox_image)
     await pod.start_container("c1")
