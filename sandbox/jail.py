@@ -71,6 +71,8 @@ class Jail:
     devices: tuple[str, ...] = DEVICES
     groups: tuple[int, ...] = ()
     capabilities: tuple[int, ...] = ()
+    #: all of the VMM's memory mergeable by KSM, not only guest RAM (Linux 6.4 or later)
+    merge_memory: bool = False
 
     def command(self, cmd: list[str]) -> list[str]:
         """``cmd`` run inside this jail."""
@@ -85,6 +87,7 @@ class Jail:
             *(f"device={path}" for path in self.devices),
             *(f"group={gid}" for gid in self.groups),
             *(f"capability={cap}" for cap in self.capabilities),
+            *(["merge=1"] if self.merge_memory else []),
         ]
         return [sys.executable, "-I", "-S", str(JAIL_EXEC), *args, "--", *cmd]
 
@@ -157,4 +160,5 @@ def jail_for(machine: MachineSpec) -> Jail:
         devices=devices,
         groups=groups,
         capabilities=SHARE_CAPABILITIES if machine.share else (),
+        merge_memory=machine.mem_merge,
     )

@@ -3,6 +3,7 @@ place of QEMU; and the range of VMM ids."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import time
@@ -13,6 +14,7 @@ import pytest
 from sandbox.jail import SHARE_CAPABILITIES, Jail, JailError, VmmIds
 
 VMM_ID = 0x7000_F001
+PR_GET_MEMORY_MERGE = 68
 
 
 def _jail(tmp_path: Path, **kwargs: object) -> Jail:
@@ -104,3 +106,20 @@ def test_vmm_ids_are_distinct_and_come_back() -> None:
         VmmIds(first=0, count=10)
     with pytest.raises(JailError):
         VmmIds(first=2**32 - 5, count=10)
+
+
+def _merge_any_supported() -> bool:
+    """Whether this kernel has PR_SET_MEMORY_MERGE (Linux 6.4)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)) >= 0
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_merge_makes_all_of_the_vmms_memory_mergeable(tmp_path: Path, merge: bool) -> None:
+    """With merge_memory (``[vm] mem_merge``) KSM may merge all of the VMM's memory, not
+    only the guest RAM QEMU marks; a kernel without PR_SET_MEMORY_MERGE runs it all the
+    same."""
+    done = _run(_jail(tmp_path, merge_memory=merge), "cat /proc/self/ksm_stat")
+    assert done.returncode == 0, done.stderr
+    if _merge_any_supported():
+        assert ("ksm_merge_any: yes" in done.stdout) is merge, done.stdout
