@@ -56,7 +56,7 @@ _T = TypeVar("_T")
 QUIET_S = 0.5
 #: Retry delays after failed standby starts, doubling up to the last.
 RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
-#: The throwaway container (and its image: the guest's /usr) of a standby's warm-up.
+#: The id of a standby's throwaway warm-up container and of its image.
 WARM_UP_ID = "standby-warm-up"
 #: Seconds each of the warm-up's agent calls may take.
 WARM_UP_TIMEOUT_S = 30.0
