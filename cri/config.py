@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.node import SandboxConfig
+from sandbox.vm import MAX_IMAGE_SLOTS
 
 DEFAULT_CONFIG_PATH = Path("/etc/clearcri/config.toml")
 
@@ -80,6 +81,8 @@ class Config:
             raise ConfigError("vm.jail_first_id and vm.jail_ids must be 1 or more")
         if self.vm.jail_first_id + self.vm.jail_ids > 2**32 - 1:
             raise ConfigError("vm.jail_first_id + vm.jail_ids must stay below 2^32 - 1")
+        if not 0 <= self.vm.image_slots <= MAX_IMAGE_SLOTS:
+            raise ConfigError(f"vm.image_slots must be 0 to {MAX_IMAGE_SLOTS}")
         if self.vm.ksm_pages_to_scan < 0:
             raise ConfigError("vm.ksm_pages_to_scan must be 0 (leave as is) or more")
         if not 0 <= self.metrics.port <= 65535:

@@ -35,6 +35,9 @@ FAST_BOOT_CMDLINE = (
 # Address of the first hot-plug root port on pcie.0; one root port per slot,
 # multifunction ports packed eight per PCI device.
 FIRST_HOTPLUG_DEVICE = 0x08
+# Image slots a VM can have: root ports fill devices 0x08-0x1e (q35's LPC bridge is
+# 0x1f), eight functions each, and the last port is a standby's warm-up's.
+MAX_IMAGE_SLOTS = (0x1F - FIRST_HOTPLUG_DEVICE) * 8 - 1
 # The guest OS image always sits at this address so it is /dev/pmem0.
 OS_IMAGE_ADDR = "0x03"
 AGENT_SERIAL_ADDR = "0x04"

@@ -42,6 +42,8 @@ def test_explicit_vm_dirs_win_even_when_equal_to_defaults(tmp_path: Path) -> Non
         ("[vm\n", "cannot read config"),
         ("[vm]\njail_first_id = 0\n", "jail_first_id"),
         ("[vm]\njail_first_id = 4294967000\njail_ids = 65536\n", "below 2"),
+        ("[vm]\nimage_slots = 184\n", r"image_slots must be 0 to 183"),
+        ("[vm]\nimage_slots = -1\n", r"image_slots must be 0 to 183"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,13 @@ import pytest
 from sandbox.accel import _kvm_static_verdict, choose_accel
 from sandbox.api import SandboxError, SandboxSpec, align_up
 from sandbox.node import SandboxConfig, memory_floor_bytes, qemu_memory_mib, size_vm
-from sandbox.vm import MachineSpec, build_command, slot_root_port, warm_up_root_port
+from sandbox.vm import (
+    MAX_IMAGE_SLOTS,
+    MachineSpec,
+    build_command,
+    slot_root_port,
+    warm_up_root_port,
+)
 from tests.unit.fake_guest import fake_assets
 
 
@@ -199,3 +206,18 @@ def test_loop_shutdown_with_a_running_vm_reports_no_error(tmp_path: Path) -> Non
             os.kill(pid, signal.SIGKILL)
     assert errors == []
     assert exited == []  # nothing exited: the process outlived the loop
+
+
+@pytest.mark.parametrize(("slots", "fits"), [(MAX_IMAGE_SLOTS, True), (MAX_IMAGE_SLOTS + 1, False)])
+def test_the_most_image_slots_fit_on_the_root_bus(tmp_path: Path, slots: int, fits: bool) -> None:
+    """QEMU itself takes the root ports of the most image slots the config allows (and
+    the warm-up's), and refuses one more: q35's LPC bridge holds the next address."""
+    devices = _opts(build_command(_spec(tmp_path, image_slots=slots)), "-device")
+    ports = [d for d in devices if d.startswith("pcie-root-port")]
+    machine = "q35,sata=off,smbus=off,usb=off,vmport=off,graphics=off"
+    cmd = ["qemu-system-x86_64", "-M", machine, "-nodefaults", "-display", "none", "-S"]
+    cmd += ["-accel", "tcg", "-monitor", "stdio"]
+    for port in ports:
+        cmd += ["-device", port]
+    done = subprocess.run(cmd, input="quit\n", capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) is fits, done.stderr
