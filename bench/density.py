@@ -15,6 +15,7 @@ from sandbox.api import SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
+from sandbox.procfs import process_cpu_ns
 from sandbox.vmpod import create_vm_pod
 
 
@@ -34,13 +35,9 @@ def cpu_busy_fraction(seconds: float) -> float:
 
 
 def cpu_seconds(sandboxes: list[PodSandbox]) -> float:
-    """CPU time (user + system) the VMs' qemu processes have used, summed."""
-    ticks = 0
-    for sandbox in sandboxes:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{sandbox.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) the VMs' qemu processes have used, summed (a VM gone
+    meanwhile counts 0)."""
+    return sum(process_cpu_ns(s.pid) or 0 for s in sandboxes if s.pid) / 1e9
 
 
 def pss_total_kib(sandboxes: list[PodSandbox]) -> int:

@@ -212,10 +212,10 @@ def test_loop_shutdown_with_a_running_vm_reports_no_error(tmp_path: Path) -> Non
 def test_the_most_image_slots_fit_on_the_root_bus(tmp_path: Path, slots: int, fits: bool) -> None:
     """QEMU itself takes the root ports of the most image slots the config allows (and
     the warm-up's), and refuses one more: q35's LPC bridge holds the next address."""
-    devices = _opts(build_command(_spec(tmp_path, image_slots=slots)), "-device")
-    ports = [d for d in devices if d.startswith("pcie-root-port")]
-    machine = "q35,sata=off,smbus=off,usb=off,vmport=off,graphics=off"
-    cmd = ["qemu-system-x86_64", "-M", machine, "-nodefaults", "-display", "none", "-S"]
+    vm = build_command(_spec(tmp_path, image_slots=slots))
+    ports = [d for d in _opts(vm, "-device") if d.startswith("pcie-root-port")]
+    cmd = ["qemu-system-x86_64", "-M", _opts(vm, "-M")[0], "-nodefaults", "-display", "none"]
+    cmd += ["-S"]
     cmd += ["-accel", "tcg", "-monitor", "stdio"]
     for port in ports:
         cmd += ["-device", port]
