@@ -149,6 +149,12 @@ def slot_root_port(slot: int) -> tuple[str, str]:
     return f"slot{slot}", f"0000:00:{FIRST_HOTPLUG_DEVICE + dev:02x}.{fn}"
 
 
+def os_image_backing_size(spec: MachineSpec) -> int:
+    """Bytes of the guest OS image's persistent-memory backing: the file rounded up to
+    the alignment virtio-pmem needs."""
+    return align_up(spec.os_image.stat().st_size)
+
+
 def warm_up_root_port(spec: MachineSpec) -> tuple[str, str]:
     """The (device id, guest PCI address) of the root port after the image slots. A
     standby VM hot-plugs the guest OS image there once (sandbox/standby.py), so that
@@ -187,7 +193,7 @@ def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:
         raise ValueError(f"accel must be kvm or tcg, not {spec.accel!r}")
     if spec.hotplug_memory_mib % VIRTIO_MEM_BLOCK_MIB:
         raise ValueError(f"the virtio-mem region must be whole {VIRTIO_MEM_BLOCK_MIB} MiB blocks")
-    os_size = align_up(spec.os_image.stat().st_size)
+    os_size = os_image_backing_size(spec)
     maxmem = memory_mib + spec.hotplug_memory_mib + HOTPLUG_ADDRESS_SPACE_MIB
     smp = str(vcpus)
     if spec.max_vcpus > vcpus:

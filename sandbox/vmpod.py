@@ -33,7 +33,6 @@ from sandbox.api import (
     SandboxRefused,
     SandboxSpec,
     SharedFiles,
-    align_up,
 )
 from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
@@ -57,6 +56,7 @@ from sandbox.vm import (
     MachineSpec,
     VmProcess,
     build_command,
+    os_image_backing_size,
     slot_root_port,
     warm_up_root_port,
 )
@@ -491,9 +491,11 @@ class VmBackend:
         it has as its root, and keeps all of its image slots."""
         bus, pci = warm_up_root_port(self.machine)
         assert self.qmp is not None
-        image = self.machine.os_image  # a jailed VMM sees it at this path (sandbox/jail.py)
-        size = align_up((await asyncio.to_thread(image.stat)).st_size)
-        await self.qmp.hotplug_pmem(dev_id=WARM_UP_DEVICE, bus=bus, path=image, size=size)
+        size = await asyncio.to_thread(os_image_backing_size, self.machine)
+        # a jailed VMM sees the image at this path (sandbox/jail.py)
+        await self.qmp.hotplug_pmem(
+            dev_id=WARM_UP_DEVICE, bus=bus, path=self.machine.os_image, size=size
+        )
         return pci
 
     @staticmethod
