@@ -112,7 +112,7 @@ class Daemon:
             self.warm_up = host.warm_up()
             if host.templates is not None and cfg.vm.standby > 0:
                 # and new pods of the default size take over a VM already running
-                self.standby = StandbyPool(host, cfg.vm.standby)
+                self.standby = StandbyPool(host, cfg.vm.standby, burst=cfg.vm.standby_burst)
                 host.standby = self.standby
                 self.standby.start()
             runtime = self.runtime

@@ -77,6 +77,10 @@ class SandboxConfig:
     # VMs of the default shape kept running, cloned and warmed, for new pods to take
     # over (sandbox/standby.py); 0: none, every pod VM starts when its pod does.
     standby: int = 1
+    # Up to this many standby VMs more while pods come faster than the pool makes them:
+    # one more after each pod of that shape that found none ready, one fewer after two
+    # minutes in which no pod took one; 0: always ``standby``.
+    standby_burst: int = 1
     # Size pod VMs at clone time (sandbox/hotplug.py): templates of the default shape and
     # of the smallest VM (the bases) serve every pod; a clone of the base below its size
     # hot-plugs the vCPUs and memory its pod needs beyond it.

@@ -23,6 +23,11 @@ the next one once no pod VM is starting (a standby's start would compete with th
 for the CPU), keeps ``[vm] standby`` of them, drops one whose VM died, and removes the
 ones no pod took when the daemon stops; a new daemon removes whatever standby VMs an
 earlier one left (those no pod's link points to).
+
+Pods that come faster than the pool makes standby VMs (one takes the last, the next
+finds none ready and starts as a clone) make it keep more: one more after each such
+pod, up to ``[vm] standby_burst`` more, and one fewer again after BURST_IDLE_S in
+which no pod took one (PoolTarget).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -56,22 +62,80 @@ _T = TypeVar("_T")
 QUIET_S = 0.5
 #: Retry delays after failed standby starts, doubling up to the last.
 RETRY_S = (2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+#: Seconds without a pod taking a standby VM after which a pool kept larger by pods
+#: that found none ready keeps one fewer again.
+BURST_IDLE_S = 120.0
 #: The id of a standby's throwaway warm-up container and of its image.
 WARM_UP_ID = "standby-warm-up"
 #: Seconds each of the warm-up's agent calls may take.
 WARM_UP_TIMEOUT_S = 30.0
 
 
-class StandbyPool:
-    """Keeps ``size`` standby VMs running for new pods to take over."""
+@dataclass
+class PoolTarget:
+    """How many standby VMs the pool keeps: ``base``, and up to ``burst`` more while
+    pods come faster than it makes them."""
 
-    def __init__(self, host: SandboxHost, size: int) -> None:
+    base: int
+    burst: int = 0
+    #: standby VMs kept beyond ``base`` now
+    extra: int = 0
+    #: when a pod last took a standby VM or found none ready (time.monotonic)
+    last_demand: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.base + self.extra
+
+    def took(self, now: float) -> None:
+        """A pod took a standby VM."""
+        self.last_demand = now
+
+    def missed(self, now: float) -> bool:
+        """A pod the pool's VMs fit found none ready: keep one more, up to the burst.
+        True when the target grew."""
+        self.last_demand = now
+        if self.extra >= self.burst:
+            return False
+        self.extra += 1
+        return True
+
+    def shrink(self, now: float) -> bool:
+        """Keep one fewer when BURST_IDLE_S passed since the last pod came for one (and
+        again BURST_IDLE_S later). True when the target shrank."""
+        if self.extra == 0 or now - self.last_demand < BURST_IDLE_S:
+            return False
+        self.extra -= 1
+        self.last_demand = now
+        return True
+
+    def next_shrink_s(self, now: float) -> float | None:
+        """Seconds until ``shrink`` is due (None: the target is at its base)."""
+        if self.extra == 0:
+            return None
+        return max(0.0, self.last_demand + BURST_IDLE_S - now)
+
+
+class StandbyPool:
+    """Keeps ``size`` standby VMs running for new pods to take over, and up to ``burst``
+    more while pods come faster than it makes them (PoolTarget)."""
+
+    def __init__(self, host: SandboxHost, size: int, *, burst: int = 0) -> None:
         self.host = host
-        self.size = size
+        self.target = PoolTarget(size, burst)
         self.ready: list[PodSandbox] = []
         self.taken = 0
+        self.missed = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: the machine of the last standby VM made: the shape a pod must have to count
+        #: as one the pool could have served (None until one is made)
+        self._shape: MachineSpec | None = None
+
+    @property
+    def size(self) -> int:
+        """How many standby VMs the pool keeps now."""
+        return self.target.size
 
     # taking --------------------------------------------------------------------------
 
@@ -87,14 +151,28 @@ class StandbyPool:
             if self._fits(standby, machine, networked):
                 self.ready.remove(standby)
                 self.taken += 1
+                self.target.took(time.monotonic())
                 self._wake.set()
                 return standby
+        if self._shape is not None and self._same_shape(self._shape, machine):
+            # a pod the pool's VMs fit came before the next was ready
+            self.missed += 1
+            if self.target.missed(time.monotonic()):
+                log.info("a pod found no standby VM ready: keeping %d from now on", self.size)
+            self._wake.set()
         return None
 
     def _fits(self, standby: PodSandbox, machine: MachineSpec, networked: bool) -> bool:
         backend = vm_backend(standby)
-        vm, qemu = backend.machine, self.host.config.qemu
-        if machine.extra_args or (networked and backend.own_netns is None):
+        if networked and backend.own_netns is None:
+            return False
+        return self._same_shape(backend.machine, machine)
+
+    def _same_shape(self, vm: MachineSpec, machine: MachineSpec) -> bool:
+        """Whether a pod VM ``machine`` can be the standby VM ``vm``: its shape and
+        template, no extra arguments."""
+        qemu = self.host.config.qemu
+        if machine.extra_args:
             return False
         if (vm.vcpus, vm.memory_mib, vm.share) != (
             machine.vcpus,
@@ -116,7 +194,7 @@ class StandbyPool:
 
     def start(self) -> None:
         """Remove what an earlier daemon left, then keep the pool full (background)."""
-        if self.size > 0 and self._task is None:
+        if self.target.base > 0 and self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
@@ -137,9 +215,14 @@ class StandbyPool:
             for standby in [s for s in self.ready if not self._running(s)]:
                 self.ready.remove(standby)
                 await self._remove(standby)
+            if await self._shrink():
+                continue
             if len(self.ready) >= self.size:
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), self.target.next_shrink_s(time.monotonic())
+                    )
                 continue
             await self._quiet()
             try:
@@ -153,7 +236,18 @@ class StandbyPool:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            self._shape = vm_backend(standby).machine
             self.ready.append(standby)
+
+    async def _shrink(self) -> bool:
+        """Keep one fewer standby VM when pods stopped coming for them (PoolTarget):
+        remove the newest beyond the target. True when the target shrank."""
+        if not self.target.shrink(time.monotonic()):
+            return False
+        log.info("no pod took a standby VM for %.0f s: keeping %d", BURST_IDLE_S, self.size)
+        if len(self.ready) > self.size:
+            await self._remove(self.ready.pop())
+        return True
 
     async def _quiet(self) -> None:
         """Wait until no pod VM has been starting for QUIET_S."""

@@ -211,3 +211,34 @@ async def test_a_node_without_networking_serves_pods_with_a_network_spec(
         host.standby = None
         await pool.close()
     assert _standby_vms(host) == []
+
+
+async def test_pods_that_find_no_standby_ready_make_the_pool_keep_two(
+    net_host: SandboxHost, lab: CniLab
+) -> None:
+    pool = StandbyPool(net_host, 1, burst=1)
+    net_host.standby = pool
+    pool.start()
+    pods = []
+    try:
+        await _ready(pool)
+        # two pods back to back: the first takes the standby, the second finds none
+        for name in ("first", "second"):
+            pod = create_vm_pod(net_host, _pod_spec(name))
+            pods.append(pod)
+            await pod.start()
+        taken = [vm_backend(p).status_info()["fromStandby"] for p in pods]
+        assert taken == [True, False] and pool.missed == 1 and pool.size == 2
+        for _ in range(int(240 / 0.2)):
+            if len(pool.ready) == 2:
+                break
+            await asyncio.sleep(0.2)
+        assert len(pool.ready) == 2, "the pool did not make two standby VMs"
+        assert len(_standby_vms(net_host)) == 3  # the first pod's and the two ready
+    finally:
+        for pod in pods:
+            await pod.destroy()
+        net_host.standby = None
+        await pool.close()
+    assert _standby_vms(net_host) == []
+    assert lab.leftovers([p.id for p in pods]) == []

@@ -4,6 +4,7 @@ and sandboxes that never start."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from sandbox import standby as standby_module
 from sandbox.api import SandboxSpec, SandboxState
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
-from sandbox.standby import StandbyPool
-from sandbox.vmpod import VmBackend
+from sandbox.standby import BURST_IDLE_S, PoolTarget, StandbyPool
+from sandbox.vmpod import VmBackend, vm_backend
 from tests.unit.fake_guest import fake_host
 
 MIB = 1 << 20
@@ -139,3 +140,85 @@ async def test_a_standby_whose_agent_fails_is_retried_and_the_pool_goes_on(
     assert pool.ready == [made] and len(attempts) == 2
     pool.ready = []  # nothing real to remove
     await pool.close()
+
+
+def test_the_target_grows_by_each_pod_that_found_none_and_shrinks_when_pods_stop() -> None:
+    target = PoolTarget(1, burst=2)
+    assert target.size == 1 and target.next_shrink_s(0.0) is None
+    assert target.missed(10.0) and target.size == 2
+    assert target.missed(11.0) and target.size == 3
+    assert not target.missed(12.0) and target.size == 3  # the burst's bound
+    # pods taking standby VMs keep it large
+    target.took(100.0)
+    assert not target.shrink(100.0 + BURST_IDLE_S - 1)
+    assert target.next_shrink_s(100.0 + BURST_IDLE_S - 1) == pytest.approx(1.0)
+    # then one fewer per quiet interval, down to the base
+    assert target.shrink(100.0 + BURST_IDLE_S) and target.size == 2
+    assert not target.shrink(100.0 + BURST_IDLE_S + 1)
+    assert target.shrink(100.0 + 2 * BURST_IDLE_S) and target.size == 1
+    assert not target.shrink(1e9) and target.next_shrink_s(1e9) is None
+    # no burst: always the base
+    fixed = PoolTarget(1)
+    assert not fixed.missed(0.0) and fixed.size == 1
+
+
+def test_a_pod_that_finds_no_standby_makes_the_pool_keep_one_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1, burst=1)
+    pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
+    made = _standby(host, "standby-a", networked=False)
+    # before the pool made a standby VM it does not know the shape it serves
+    assert pool.take(pod, networked=False) is None and pool.size == 1
+    pool._shape = vm_backend(made).machine
+    # a pod of another shape finding none ready does not count
+    other = SandboxSpec("mem", memory_limit_bytes=384 * MIB, memory_budget_bytes=552 * MIB)
+    assert pool.take(host.machine_for(other, host.config.run_root / "mem"), networked=False) is None
+    assert pool.size == 1 and pool.missed == 0
+    # one of the pool's shape does
+    assert pool.take(pod, networked=False) is None
+    assert pool.size == 2 and pool.missed == 1 and pool._wake.is_set()
+
+
+async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_coming(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1, burst=1)
+    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
+    monkeypatch.setattr(standby_module, "BURST_IDLE_S", 0.3)
+    made: list[PodSandbox] = []
+    removed: list[PodSandbox] = []
+
+    async def make() -> PodSandbox:
+        made.append(_standby(host, f"standby-{len(made)}", networked=False))
+        return made[-1]
+
+    async def remove(standby: PodSandbox) -> None:
+        removed.append(standby)
+
+    async def until(what: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if what():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the pool did not get there")
+
+    monkeypatch.setattr(pool, "_make", make)
+    monkeypatch.setattr(pool, "_remove", remove)
+    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
+    pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
+    pool.start()
+    try:
+        await until(lambda: len(pool.ready) == 1)
+        assert pool.take(pod, networked=False) is made[0]
+        assert pool.take(pod, networked=False) is None  # came before the next was ready
+        await until(lambda: len(pool.ready) == 2)
+        assert pool.size == 2 and removed == []
+        # no pod for BURST_IDLE_S: back to one, the newest removed
+        await until(lambda: len(pool.ready) == 1)
+        assert pool.size == 1 and removed == [made[-1]]
+    finally:
+        pool.ready = []
+        await pool.close()

@@ -57,6 +57,7 @@ guest_overhead_mib = {{ .Values.config.vm.guestOverheadMiB | int }}
 max_vcpus = {{ .Values.config.vm.maxVcpus | int }}
 image_slots = {{ .Values.config.vm.imageSlots | int }}
 standby = {{ .Values.config.vm.standby | int }}
+standby_burst = {{ .Values.config.vm.standbyBurst | int }}
 mem_merge = {{ .Values.ksm.mergeGuestMemory }}
 host_ksm = {{ .Values.ksm.enableOnHost }}
 ksm_pages_to_scan = {{ .Values.ksm.pagesToScan | int }}
