@@ -73,6 +73,9 @@ class Jail:
     capabilities: tuple[int, ...] = ()
     #: all of the VMM's memory mergeable by KSM, not only guest RAM (Linux 6.4 or later)
     merge_memory: bool = False
+    #: transparent huge pages for the VMM's memory (QEMU asks for them on guest RAM and
+    #: its translation buffers); jail_for turns them off under TCG
+    huge_pages: bool = True
 
     def command(self, cmd: list[str]) -> list[str]:
         """``cmd`` run inside this jail."""
@@ -88,6 +91,7 @@ class Jail:
             *(f"group={gid}" for gid in self.groups),
             *(f"capability={cap}" for cap in self.capabilities),
             *(["merge=1"] if self.merge_memory else []),
+            *([] if self.huge_pages else ["thp=off"]),
         ]
         return [sys.executable, "-I", "-S", str(JAIL_EXEC), *args, "--", *cmd]
 
@@ -161,4 +165,9 @@ def jail_for(machine: MachineSpec) -> Jail:
         groups=groups,
         capabilities=SHARE_CAPABILITIES if machine.share else (),
         merge_memory=machine.mem_merge,
+        # Under TCG huge pages buy nothing (QEMU's own TLB maps 4 KiB pages) and cost a
+        # whole 2 MiB page wherever the guest touches a hot-plugged region or QEMU a
+        # buffer: 8-9 MiB per clone sized at clone time, 2 MiB per other clone
+        # (docs/benchmarks.md). Under KVM they map guest RAM with fewer EPT entries.
+        huge_pages=machine.accel == "kvm",
     )

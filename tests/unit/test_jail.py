@@ -7,11 +7,13 @@ import ctypes
 import os
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sandbox.jail import SHARE_CAPABILITIES, Jail, JailError, VmmIds
+from sandbox.jail import SHARE_CAPABILITIES, Jail, JailError, VmmIds, jail_for
+from sandbox.vm import MachineSpec
 
 VMM_ID = 0x7000_F001
 PR_GET_MEMORY_MERGE = 68
@@ -112,6 +114,24 @@ def _merge_any_supported() -> bool:
     """Whether this kernel has PR_SET_MEMORY_MERGE (Linux 6.4)."""
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)) >= 0
+
+
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_huge_pages_can_be_turned_off_for_the_vmm(tmp_path: Path, huge_pages: bool) -> None:
+    """Without huge_pages (every VMM under TCG) no memory of the VMM gets transparent
+    huge pages, even where QEMU asks for them (MADV_HUGEPAGE)."""
+    done = _run(_jail(tmp_path, huge_pages=huge_pages), "grep THP_enabled /proc/self/status")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["THP_enabled:", "1" if huge_pages else "0"]
+
+
+def test_vmms_under_tcg_get_no_huge_pages(tmp_path: Path) -> None:
+    kernel, initrd, os_image = (tmp_path / n for n in ("vmlinux", "initrd.img", "os.img"))
+    for path in (kernel, initrd, os_image):
+        path.write_text("")
+    machine = MachineSpec("p", kernel, initrd, os_image, run_dir=tmp_path, vmm_id=VMM_ID)
+    assert not jail_for(replace(machine, accel="tcg")).huge_pages
+    assert jail_for(replace(machine, accel="kvm")).huge_pages
 
 
 @pytest.mark.parametrize("merge", [False, True])
