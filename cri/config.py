@@ -83,6 +83,8 @@ class Config:
             raise ConfigError("vm.jail_first_id + vm.jail_ids must stay below 2^32 - 1")
         if not 0 <= self.vm.image_slots <= MAX_IMAGE_SLOTS:
             raise ConfigError(f"vm.image_slots must be 0 to {MAX_IMAGE_SLOTS}")
+        if self.vm.max_clone_memory_mib < 0:
+            raise ConfigError("vm.max_clone_memory_mib must be 0 (automatic) or more")
         if self.vm.standby < 0 or self.vm.standby_burst < 0:
             raise ConfigError("vm.standby and vm.standby_burst must be 0 or more")
         if self.vm.ksm_pages_to_scan < 0:

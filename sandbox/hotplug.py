@@ -34,6 +34,13 @@ GUEST_MAX_VCPUS = 64
 #: The most memory a VM grows to: the region and the image slots' address space must
 #: fit the 40 physical address bits of TCG's qemu64 CPU (1 TiB).
 MAX_MEMORY_MIB = 512 * 1024
+#: How far VMs grow by default ([vm] max_clone_memory_mib = 0): the host's memory, but no
+#: more than this. Every GiB of a base's region costs each of its VMs ~94 KiB of QEMU's
+#: memory (the dirty-page bitmaps QEMU 7.2 keeps and fills for every RAM block), so a
+#: region as large as a 512 GiB host's would cost each pod ~47 MiB; pods above the
+#: room boot with their whole size instead (no template: one would hold their whole
+#: memory on tmpfs).
+DEFAULT_MAX_CLONE_MEMORY_MIB = 16 * 1024
 
 
 class HotplugError(Exception):
@@ -120,18 +127,19 @@ def room_for(
     default_memory_mib: int,
     min_memory_mib: int,
     max_vcpus: int,
-    host_mib: int,
+    max_memory_mib: int,
 ) -> NodeRooms | None:
     """The bases a node's VMs boot with: the default shape (``default_vcpus``,
     ``default_memory_mib``) and the smallest pod VM (1 vCPU, ``min_memory_mib``), each
-    with room up to ``max_vcpus`` and the host's memory (within what the guest can use).
-    None when there is nothing to grow into (a one-CPU host whose memory is unknown)."""
+    with room up to ``max_vcpus`` and ``max_memory_mib`` (within what the guest can
+    use). None when there is nothing to grow into (a one-CPU host whose memory is
+    unknown)."""
     max_vcpus = max(min(max_vcpus, GUEST_MAX_VCPUS), 1)
     base_vcpus = tuple(sorted({1, min(max(default_vcpus, 1), max_vcpus)}))
     default_memory = align_down(default_memory_mib, VIRTIO_MEM_BLOCK_MIB)
     smallest = align_down(min(min_memory_mib, default_memory_mib), VIRTIO_MEM_BLOCK_MIB)
     base_memory = tuple(sorted({smallest, default_memory}))
-    max_memory = min(max(host_mib, default_memory), MAX_MEMORY_MIB)
+    max_memory = min(max(max_memory_mib, default_memory), MAX_MEMORY_MIB)
     if max_vcpus <= base_vcpus[0] and max_memory <= base_memory[0]:
         return None
     return NodeRooms(base_vcpus, base_memory, max_vcpus, max_memory)

@@ -16,7 +16,13 @@ from typing import Protocol
 from sandbox.accel import choose_accel
 from sandbox.api import SandboxRefused, SandboxSpec
 from sandbox.guest import DEFAULT_GUEST_DIR, GuestAssets, locate_guest
-from sandbox.hotplug import HotplugRoom, NodeRooms, guest_lpj, room_for
+from sandbox.hotplug import (
+    DEFAULT_MAX_CLONE_MEMORY_MIB,
+    HotplugRoom,
+    NodeRooms,
+    guest_lpj,
+    room_for,
+)
 from sandbox.jail import DEFAULT_FIRST_ID, DEFAULT_ID_COUNT, VmmIds
 from sandbox.lifecycle import STATE_FILE, PodSandbox
 from sandbox.network import NetworkConfig, NetworkManager
@@ -51,6 +57,11 @@ class SandboxConfig:
     # answers INVALID_ARGUMENT.
     small_pods: str = "grow"
     max_vcpus: int = 0  # 0: the host's CPU count
+    # With hotplug: the most memory a pod VM cloned from a base grows to (its base's
+    # virtio-mem region reaches that far, each GiB of it ~94 KiB of every VM's QEMU
+    # memory); a pod VM above it boots with its whole size, no template.
+    # 0: the host's memory, at most DEFAULT_MAX_CLONE_MEMORY_MIB.
+    max_clone_memory_mib: int = 0
     image_slots: int = 4
     # TCG's translated-code cache per VM: too small and the guest's start, container
     # creation and exec translate their code again and again (docs/benchmarks.md).
@@ -212,7 +223,8 @@ class SandboxHost:
                     default_memory_mib=config.default_memory_mib,
                     min_memory_mib=config.min_memory_mib,
                     max_vcpus=config.max_vcpus or os.cpu_count() or 1,
-                    host_mib=host_memory_mib(),
+                    max_memory_mib=config.max_clone_memory_mib
+                    or min(host_memory_mib(), DEFAULT_MAX_CLONE_MEMORY_MIB),
                 )
         # the boot vCPU's delay calibration, for the kernel of a VM whose vCPUs are
         # hot-added (none: they calibrate their own)

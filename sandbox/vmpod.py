@@ -152,6 +152,10 @@ class VmBackend:
         templates = self.host.templates
         if templates is None or self.machine.extra_args:
             return None
+        if self.host.rooms is not None and not self.machine.sized_at_clone:
+            # above every base's room (vm.max_clone_memory_mib): a template of its own
+            # would hold its whole memory on tmpfs
+            return None
         template = templates.get(self.machine)
         if template is None:
             with contextlib.suppress(asyncio.TimeoutError):

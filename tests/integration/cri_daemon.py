@@ -26,11 +26,12 @@ class CriDaemon:
         template_dir: Path = TEMPLATE_DIR,
         network: str = "enabled = false",
         standby: int = 0,
+        standby_burst: int = 0,
     ) -> None:
         """``network`` is the body of the ``[vm.network]`` table (CNI is off unless a
-        test brings its own CNI config). ``standby``: standby VMs (none, so that what a
-        test's pods leave is all there is; tests/integration/test_standby.py and the
-        fuzz tests run with them)."""
+        test brings its own CNI config). ``standby``, ``standby_burst``: standby VMs
+        (none, so that what a test's pods leave is all there is;
+        tests/integration/test_standby.py and the fuzz tests run with them)."""
         self.root = root
         self.socket = root / "run" / "clearcri.sock"
         self.config_path = root / "config.toml"
@@ -44,6 +45,7 @@ class CriDaemon:
             f'guest_dir = "{guest_dir}"',
             f'template_dir = "{template_dir}"',
             f"standby = {standby}",
+            f"standby_burst = {standby_burst}",
             "[streaming]",
             'address = "127.0.0.1"',
             "[metrics]",

@@ -196,3 +196,29 @@ async def test_plugged_memory_is_charged_to_the_pod_cgroup(
             await pod.destroy()
         running.clear()
         VmCgroup(tuple(h / parent for h in hierarchies())).remove()
+
+
+async def test_a_pod_above_the_room_boots_whole_without_a_template(
+    host: SandboxHost,
+    template_dir: Path,
+    busybox_image: RootfsImage,
+    running: list[PodSandbox],
+) -> None:
+    """Bases grow no further than vm.max_clone_memory_mib: a bigger pod boots cold with
+    its whole size, and no template of its shape (which would hold its whole memory on
+    tmpfs) is made."""
+    capped = SandboxHost(replace(host.config, max_clone_memory_mib=512), host.assets)
+    assert capped.rooms is not None and capped.rooms.max_memory_mib == 512
+    spec = _pod("above", 2, 640)
+    pod = create_vm_pod(capped, spec)
+    running.append(pod)
+    await pod.start()
+    machine = vm_backend(pod).machine
+    assert not machine.sized_at_clone
+    assert pod.boot.restore == 0 and pod.boot.kernel > 0
+    assert pod.status_info()["fromTemplate"] is False
+    want_vcpus, want_mib = size_vm(spec, capped.config, capped.qemu_mib)
+    assert (machine.vcpus, machine.memory_mib) == (want_vcpus, want_mib)
+    nproc, mem_total, _, _ = await _probe(pod, busybox_image)
+    assert nproc == 2 and mem_total > (want_mib - 128) * 1024
+    assert not template_dir.exists() or list(template_dir.iterdir()) == []

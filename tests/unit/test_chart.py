@@ -358,6 +358,7 @@ def test_default_config_is_a_valid_daemon_config(tmp_path: Path) -> None:
     assert config.vm.guest_dir == Path("/opt/clearcri/guest")
     assert config.vm.default_memory_mib == 256 and config.vm.mem_merge
     assert config.vm.standby == 1 and config.vm.standby_burst == 1
+    assert config.vm.max_clone_memory_mib == 0
     assert not config.vm.host_ksm and config.vm.ksm_pages_to_scan == 0
     assert config.metrics.enabled and config.metrics.address == "0.0.0.0"
     assert config.metrics.port == 9464

@@ -45,6 +45,7 @@ def test_explicit_vm_dirs_win_even_when_equal_to_defaults(tmp_path: Path) -> Non
         ("[vm]\nimage_slots = 184\n", r"image_slots must be 0 to 183"),
         ("[vm]\nimage_slots = -1\n", r"image_slots must be 0 to 183"),
         ("[vm]\nstandby_burst = -1\n", r"standby_burst must be 0 or more"),
+        ("[vm]\nmax_clone_memory_mib = -1\n", r"max_clone_memory_mib must be 0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from sandbox import node as node_module
 from sandbox.api import SandboxSpec
 from sandbox.hotplug import (
+    DEFAULT_MAX_CLONE_MEMORY_MIB,
     HotplugError,
     HotplugRoom,
     NodeRooms,
@@ -23,6 +25,7 @@ from sandbox.hotplug import (
 from sandbox.node import size_vm
 from sandbox.template import template_key
 from sandbox.vm import HOTPLUG_ADDRESS_SPACE_MIB, MachineSpec, build_command
+from sandbox.vmpod import VmBackend
 from tests.unit.fake_guest import fake_host
 
 MIB = 1 << 20
@@ -59,7 +62,11 @@ def _slots(count: int, used: int = 1) -> list[dict[str, Any]]:
 
 def test_bases_are_the_default_shape_and_the_smallest_vm() -> None:
     rooms = room_for(
-        default_vcpus=1, default_memory_mib=256, min_memory_mib=96, max_vcpus=8, host_mib=24105
+        default_vcpus=1,
+        default_memory_mib=256,
+        min_memory_mib=96,
+        max_vcpus=8,
+        max_memory_mib=24105,
     )
     assert rooms == NodeRooms((1,), (96, 256), 8, 24105)
     assert rooms is not None
@@ -81,7 +88,7 @@ def test_bases_are_the_default_shape_and_the_smallest_vm() -> None:
     assert rooms.room(1, 64) is None
     # a default of 2 vCPUs is a base too, and 1-vCPU pods keep theirs
     two = room_for(
-        default_vcpus=2, default_memory_mib=512, min_memory_mib=96, max_vcpus=4, host_mib=4096
+        default_vcpus=2, default_memory_mib=512, min_memory_mib=96, max_vcpus=4, max_memory_mib=4096
     )
     assert two is not None and two.base_vcpus == (1, 2)
     assert two.room(2, 512) == HotplugRoom(2, 512, 4, 4096)
@@ -89,17 +96,23 @@ def test_bases_are_the_default_shape_and_the_smallest_vm() -> None:
     assert two.room(3, 200) == HotplugRoom(2, 96, 4, 4096)
     # an odd size rounds down to a whole virtio-mem block
     odd = room_for(
-        default_vcpus=1, default_memory_mib=97, min_memory_mib=101, max_vcpus=2, host_mib=4096
+        default_vcpus=1, default_memory_mib=97, min_memory_mib=101, max_vcpus=2, max_memory_mib=4096
     )
     assert odd is not None and odd.base_memory_mib == (96,)
     # nothing to grow into
     assert (
-        room_for(default_vcpus=1, default_memory_mib=96, min_memory_mib=96, max_vcpus=1, host_mib=0)
+        room_for(
+            default_vcpus=1, default_memory_mib=96, min_memory_mib=96, max_vcpus=1, max_memory_mib=0
+        )
         is None
     )
     # no more than the guest kernel brings up, or than TCG's 40 address bits hold
     big = room_for(
-        default_vcpus=1, default_memory_mib=256, min_memory_mib=96, max_vcpus=192, host_mib=2**21
+        default_vcpus=1,
+        default_memory_mib=256,
+        min_memory_mib=96,
+        max_vcpus=192,
+        max_memory_mib=2**21,
     )
     assert big is not None and (big.max_vcpus, big.max_memory_mib) == (64, 512 * 1024)
 
@@ -288,3 +301,31 @@ def test_hot_added_vcpus_are_given_the_boot_vcpus_delay_calibration(tmp_path: Pa
         host.machine_for(replace(_pod(2, 128), extra_args=["-S"]), tmp_path / "q").extra_cmdline
         == ""
     )
+
+
+def test_vms_grow_to_the_hosts_memory_within_a_cap_and_bigger_pods_boot_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each GiB of room costs every VM of a base QEMU memory: by default no more than
+    # DEFAULT_MAX_CLONE_MEMORY_MIB, whatever the host has
+    monkeypatch.setattr(node_module, "host_memory_mib", lambda: 512 * 1024)
+    host = fake_host(tmp_path)
+    assert host.rooms is not None and host.rooms.max_memory_mib == DEFAULT_MAX_CLONE_MEMORY_MIB
+    monkeypatch.setattr(node_module, "host_memory_mib", lambda: 4096)
+    assert fake_host(tmp_path).rooms.max_memory_mib == 4096  # type: ignore[union-attr]
+    capped = fake_host(tmp_path, max_clone_memory_mib=1024)
+    assert capped.rooms is not None and capped.rooms.max_memory_mib == 1024
+    inside = capped.machine_for(_pod(1, 512), tmp_path / "in")
+    above = capped.machine_for(_pod(1, 2048), tmp_path / "out")
+    assert inside.sized_at_clone and not above.sized_at_clone
+    assert above.memory_mib == 2048 + capped.config.guest_overhead_mib
+
+
+async def test_a_pod_above_the_room_boots_without_a_template(tmp_path: Path) -> None:
+    """A template of its own shape would hold the pod's whole memory on tmpfs (the RAM
+    file is allocated whole), so a pod above every base's room boots cold."""
+    host = fake_host(tmp_path, max_clone_memory_mib=1024)
+    assert host.templates is not None
+    above = VmBackend(host, host.machine_for(_pod(1, 2048), tmp_path / "p"), _pod(1, 2048))
+    assert await above._template() is None
+    assert host.templates._building == {}

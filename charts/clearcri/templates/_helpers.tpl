@@ -55,6 +55,7 @@ default_vcpus = {{ .Values.config.vm.defaultVcpus | int }}
 default_memory_mib = {{ .Values.config.vm.defaultMemoryMiB | int }}
 guest_overhead_mib = {{ .Values.config.vm.guestOverheadMiB | int }}
 max_vcpus = {{ .Values.config.vm.maxVcpus | int }}
+max_clone_memory_mib = {{ .Values.config.vm.maxCloneMemoryMiB | int }}
 image_slots = {{ .Values.config.vm.imageSlots | int }}
 standby = {{ .Values.config.vm.standby | int }}
 standby_burst = {{ .Values.config.vm.standbyBurst | int }}
