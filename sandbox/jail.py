@@ -167,7 +167,7 @@ def jail_for(machine: MachineSpec) -> Jail:
         merge_memory=machine.mem_merge,
         # Under TCG huge pages buy nothing (QEMU's own TLB maps 4 KiB pages) and cost a
         # whole 2 MiB page wherever the guest touches a hot-plugged region or QEMU a
-        # buffer: 8-9 MiB per clone sized at clone time, 2 MiB per other clone
+        # buffer: 7-8 MiB per clone sized at clone time, 2 MiB per other clone
         # (docs/benchmarks.md). Under KVM they map guest RAM with fewer EPT entries.
         huge_pages=machine.accel == "kvm",
     )
