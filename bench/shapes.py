@@ -1,8 +1,12 @@
 """`clearcri bench shapes`: pods of distinct limits against the default shape's clone.
 
-Three ways to start a pod of a size that is not the default's, interleaved in one run
+Four ways to start a pod of a size that is not the default's, interleaved in one run
 (the same machine, the same minute), each round in turn:
 
+* ``standby``: sized at clone time, a pod that takes over a standby VM of its base (the
+  default shape's; sandbox/standby.py), what it needs beyond it hot-plugged into the
+  running VM; the pool has its next standby ready before each such start, and pods
+  below the default's memory (the smallest VM's base) have no standby to take;
 * ``hot-plug``: sized at clone time (``[vm] hotplug = true``, the default): a clone of
   one of the node's bases (the default shape's template, or the smallest VM's for
   pods below the default), its vCPUs and memory hot-plugged;
@@ -36,6 +40,7 @@ from sandbox.api import SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxConfig, SandboxHost
+from sandbox.standby import StandbyPool
 from sandbox.vmpod import create_vm_pod, vm_backend
 
 MIB = 1 << 20
@@ -73,7 +78,9 @@ class Shape:
 
 DEFAULT = Shape(0, 0)
 SHAPES = (Shape(1, 64), Shape(2, 128), Shape(1, 384), Shape(2, 640), Shape(2, 1024))
-WAYS = ("hot-plug", "own template", "new shape")
+WAYS = ("standby", "hot-plug", "own template", "new shape")
+#: Seconds the pool may take to have its next standby VM ready.
+STANDBY_READY_S = 120.0
 
 
 def _stats(values: list[float]) -> str:
@@ -104,6 +111,27 @@ async def _time(host: SandboxHost, spec: SandboxSpec) -> tuple[float, tuple[int,
     machine = vm_backend(sandbox).machine
     await sandbox.destroy()
     return seconds, (machine.vcpus, machine.memory_mib)
+
+
+async def _time_standby(
+    host: SandboxHost, pool: StandbyPool, spec: SandboxSpec
+) -> tuple[float, tuple[int, int]] | None:
+    """A start that may take over the pool's standby VM, once one is ready (None: the
+    pod took none, being of another base)."""
+    deadline = time.monotonic() + STANDBY_READY_S
+    while not pool.ready:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no standby VM ready within {STANDBY_READY_S:.0f} s")
+        await asyncio.sleep(0.1)
+    taken = pool.taken
+    host.standby = pool
+    try:
+        sandbox, seconds = await _start(host, spec)
+    finally:
+        host.standby = None
+    machine = vm_backend(sandbox).machine
+    await sandbox.destroy()
+    return (seconds, (machine.vcpus, machine.memory_mib)) if pool.taken > taken else None
 
 
 async def run_shapes_bench(*, guest_dir: Path, rounds: int, work_dir: Path) -> int:
@@ -156,25 +184,45 @@ async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
 
     times: dict[tuple[Shape, str], list[float]] = {}
     sizes: dict[Shape, tuple[int, int]] = {}
-    for r in range(rounds):
-        line = [f"round {r + 1}:"]
-        for i, shape in enumerate(SHAPES):
-            name = f"bench-shape-{r}-{i}"
-            seconds, _ = await _time(own, DEFAULT.spec(f"{name}-d"))
-            times.setdefault((DEFAULT, "own template"), []).append(seconds)
-            seconds, size = await _time(plug, DEFAULT.spec(f"{name}-dp"))
-            times.setdefault((DEFAULT, "hot-plug"), []).append(seconds)
-            sizes[DEFAULT] = size
-            for way in WAYS:
-                spec = shape.spec(f"{name}-{way[0]}", extra_mib=2 * r if way == "new shape" else 0)
-                seconds, size = await _time(hosts[way], spec)
-                times.setdefault((shape, way), []).append(seconds)
-                if way == "hot-plug":
-                    sizes[shape] = size
-            line.append(
-                "/".join(f"{times[(shape, way)][-1]:.2f}" for way in WAYS) + f" ({shape.label})"
-            )
-        print("  ".join(line), flush=True)
+    # the hot-plug host's standby pool, given to the host for the standby starts only
+    pool = StandbyPool(plug, 1)
+    pool.start()
+    try:
+        for r in range(rounds):
+            line = [f"round {r + 1}:"]
+            for i, shape in enumerate(SHAPES):
+                name = f"bench-shape-{r}-{i}"
+                seconds, _ = await _time(own, DEFAULT.spec(f"{name}-d"))
+                times.setdefault((DEFAULT, "own template"), []).append(seconds)
+                seconds, size = await _time(plug, DEFAULT.spec(f"{name}-dp"))
+                times.setdefault((DEFAULT, "hot-plug"), []).append(seconds)
+                sizes[DEFAULT] = size
+                took = await _time_standby(plug, pool, DEFAULT.spec(f"{name}-ds"))
+                if took is not None:
+                    times.setdefault((DEFAULT, "standby"), []).append(took[0])
+                for way in WAYS:
+                    spec = shape.spec(
+                        f"{name}-{way[0]}", extra_mib=2 * r if way == "new shape" else 0
+                    )
+                    if way == "standby":
+                        took = await _time_standby(plug, pool, spec)
+                        if took is not None:
+                            times.setdefault((shape, way), []).append(took[0])
+                        continue
+                    seconds, size = await _time(hosts[way], spec)
+                    times.setdefault((shape, way), []).append(seconds)
+                    if way == "hot-plug":
+                        sizes[shape] = size
+                line.append(
+                    "/".join(
+                        f"{times[(shape, way)][-1]:.2f}" if (shape, way) in times else "-"
+                        for way in WAYS
+                    )
+                    + f" ({shape.label})"
+                )
+            print("  ".join(line), flush=True)
+    finally:
+        await pool.close()
 
     print(f"\npod start, seconds, median (min-max) of {rounds} rounds (PodSandbox.start):")
     header = f"  {'pod':<22} {'VM':<14}" + "".join(f"{way:>22}" for way in WAYS)
@@ -190,7 +238,9 @@ async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
     print(f"  the default shape's clone (own template): {reference:.3f} s; each row against it:")
     for shape in SHAPES:
         ratios = "  ".join(
-            f"{way} {statistics.median(times[(shape, way)]) / reference:.2f}" for way in WAYS
+            f"{way} {statistics.median(times[(shape, way)]) / reference:.2f}"
+            for way in WAYS
+            if (shape, way) in times
         )
         print(f"    {shape.label:<22} {ratios}")
     for way, host in hosts.items():

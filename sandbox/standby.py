@@ -169,15 +169,16 @@ class StandbyPool:
         return self._same_shape(backend.machine, machine)
 
     def _same_shape(self, vm: MachineSpec, machine: MachineSpec) -> bool:
-        """Whether a pod VM ``machine`` can be the standby VM ``vm``: its shape and
-        template, no extra arguments."""
+        """Whether a pod VM ``machine`` can be the standby VM ``vm``: a clone of the same
+        template (base and room), no smaller (what it needs beyond is hot-plugged into
+        the running VM when it launches, sandbox/vmpod.py), no extra arguments."""
         qemu = self.host.config.qemu
-        if machine.extra_args:
+        if machine.extra_args or machine.share != vm.share:
             return False
-        if (vm.vcpus, vm.memory_mib, vm.share) != (
-            machine.vcpus,
-            machine.memory_mib,
-            machine.share,
+        if machine.vcpus < vm.vcpus or machine.memory_mib < vm.memory_mib:
+            return False
+        if (machine.vcpus, machine.memory_mib) != (vm.vcpus, vm.memory_mib) and not (
+            machine.sized_at_clone and vm.sized_at_clone
         ):
             return False
         try:

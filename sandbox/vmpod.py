@@ -49,7 +49,7 @@ from sandbox.network import (
 )
 from sandbox.node import SandboxHost, host_memory_mib, memory_floor_bytes
 from sandbox.procfs import ProcessMemory, process_cpu_ns, read_process_memory
-from sandbox.qmp import QmpControl
+from sandbox.qmp import QmpControl, QmpError
 from sandbox.share import IdMappings, PodShare, ShareError
 from sandbox.template import TEMPLATE_MAC, VmTemplate, nic_args
 from sandbox.vm import (
@@ -113,6 +113,9 @@ class VmBackend:
         self.own_netns: Path | None = None
         # a standby VM taken over at creation (its agent): launch starts no VM
         self.taken_agent: AgentClient | None = None
+        # the vCPUs of that standby VM (the pod's machine is the pod's size: the launch
+        # plugs the difference)
+        self.standby_vcpus = 0
 
     # the state file ------------------------------------------------------------------
 
@@ -313,7 +316,9 @@ class VmBackend:
     async def _take_over(self, sandbox: PodSandbox, agent: AgentClient) -> BootTimes:
         """Launch a pod that took over a standby VM (sandbox/standby.py) at creation:
         the VM joins the pod's cgroup with the memory it holds, its namespace becomes
-        the pod's network namespace, and the pod's setup goes on as after a boot."""
+        the pod's network namespace, a pod bigger than the standby has the difference
+        hot-plugged into the running VM (as a clone of the same base would before it
+        runs), and the pod's setup goes on as after a boot."""
         t0 = time.monotonic()
         process = sandbox.process
         if process is None or not process.alive:
@@ -321,6 +326,7 @@ class VmBackend:
         sandbox.adopt_agent(agent)
         self._join_pod_cgroup(process.pid, move_charges=True)
         sandbox.save()
+        sizing = await self._grow_standby(agent)
         if self.network is not None and self.network.manager.config.enabled:
             if self.own_netns is None:
                 raise SandboxError("the standby VM has no network namespace for the pod")
@@ -328,7 +334,34 @@ class VmBackend:
             self.network.boot_mac = TEMPLATE_MAC
             self.network.start_attach()
         taken = time.monotonic() - t0
-        return await self._configure(agent, BootTimes(standby=taken, total=taken), t0)
+        return await self._configure(agent, BootTimes(standby=taken, total=taken), t0, sizing)
+
+    async def _grow_standby(self, agent: AgentClient) -> asyncio.Future[HotplugResult] | None:
+        """Plug what the pod needs beyond the standby VM it took (sandbox/standby.py
+        gives only a VM of the pod's base, no bigger than the pod), and have the guest
+        online it while the pod's setup goes on (None: the pod is the standby's size)."""
+        templates = self.host.templates
+        template = templates.get(self.machine) if templates is not None else None
+        plug = self._plug_plan(template) if template is not None else None
+        if plug is None:
+            return None
+        if self.qmp is None:
+            raise SandboxError("the standby VM has no QMP connection to grow it")
+        try:
+            await self.qmp.plug(
+                vcpus=self.machine.vcpus - self.standby_vcpus, memory_bytes=plug.memory_bytes
+            )
+        except QmpError as exc:
+            raise SandboxError(f"cannot grow the standby VM to the pod's size: {exc}") from exc
+        assert template is not None
+        return asyncio.ensure_future(
+            agent.hotplug(
+                vcpus=self.machine.vcpus,
+                mem_total_kib=plug.mem_total_kib,
+                template_mem_total_kib=template.mem_total_kib,
+                timeout=self.host.config.boot_timeout_s,
+            )
+        )
 
     def _join_pod_cgroup(self, pid: int, *, move_charges: bool = False) -> None:
         if self.spec.cgroup_parent:
@@ -656,7 +689,7 @@ def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
     networked = spec.network is not None and host.network.config.enabled
     standby = host.standby.take(machine, networked=networked) if host.standby else None
     if standby is not None:
-        return _take_standby(host, spec, standby, run_dir)
+        return _take_standby(host, spec, standby, run_dir, machine)
     return _create(host, spec, run_dir, machine)
 
 
@@ -709,13 +742,17 @@ def _create(
 
 
 def _take_standby(
-    host: SandboxHost, spec: SandboxSpec, standby: PodSandbox, link: Path
+    host: SandboxHost, spec: SandboxSpec, standby: PodSandbox, link: Path, machine: MachineSpec
 ) -> PodSandbox:
-    """The pod's sandbox on ``standby``'s VM: its run directory, machine, share and
+    """The pod's sandbox on ``standby``'s VM: its run directory, machine (grown to the
+    pod's vCPUs and memory, ``machine``'s: the launch plugs the difference), share and
     namespace; the run root links the pod's id to that directory."""
     previous = vm_backend(standby)
     process, agent = standby.hand_over()
-    backend = VmBackend(host, previous.machine, spec)
+    backend = VmBackend(
+        host, replace(previous.machine, vcpus=machine.vcpus, memory_mib=machine.memory_mib), spec
+    )
+    backend.standby_vcpus = previous.machine.vcpus
     backend.own_netns = previous.own_netns
     backend.qmp, previous.qmp = previous.qmp, None
     backend.taken_agent = agent

@@ -16,7 +16,8 @@ from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import GuestAssets
 from sandbox.handlers import Sandboxes
-from sandbox.node import SandboxHost
+from sandbox.hotplug import expected_mem_total_kib
+from sandbox.node import SandboxHost, size_vm
 from sandbox.procfs import pid_alive
 from sandbox.standby import StandbyPool
 from sandbox.vmpod import WARM_UP_DEVICE, create_vm_pod, vm_backend
@@ -28,6 +29,7 @@ from tests.integration.test_network import (
     lab,
     net_host,
 )
+from tests.integration.test_template_shapes import _probe
 
 pytestmark = pytest.mark.vm
 
@@ -119,13 +121,27 @@ async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
     assert _standby_vms(net_host) == [] and lab.leftovers([spec.sandbox_id]) == []
 
 
-async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_either(
-    net_host: SandboxHost, pool: StandbyPool
+async def test_a_bigger_pod_grows_the_standby_and_a_smaller_one_starts_its_own_vm(
+    net_host: SandboxHost, pool: StandbyPool, busybox_image: RootfsImage
 ) -> None:
     await _ready(pool)
     standby = pool.ready[0]
-    netns = vm_backend(standby).own_netns
-    assert netns is not None and netns.exists()
+    # below the standby's memory: the smallest VM's base, a VM of its own
+    small = _pod_spec("small")
+    small = SandboxSpec(
+        small.sandbox_id,
+        network=small.network,
+        memory_limit_bytes=64 * MIB,
+        memory_budget_bytes=232 * MIB,
+    )
+    pod = create_vm_pod(net_host, small)
+    try:
+        await pod.start()
+        assert vm_backend(pod).status_info()["fromStandby"] is False
+        assert pool.ready == [standby]
+    finally:
+        await pod.destroy()
+    # two vCPUs and more memory: the standby's base, the rest plugged into the running VM
     sized = _pod_spec("sized")
     sized = SandboxSpec(
         sized.sandbox_id,
@@ -133,14 +149,37 @@ async def test_other_sizes_start_their_own_vm_and_pods_without_network_take_eith
         cpu_quota_us=200_000,
         cpu_period_us=100_000,
         memory_limit_bytes=384 * MIB,
+        memory_budget_bytes=552 * MIB,
     )
     pod = create_vm_pod(net_host, sized)
     try:
+        assert pool.ready == [] and pool.taken == 1
         await pod.start()
-        assert vm_backend(pod).status_info()["fromStandby"] is False
-        assert pool.ready == [standby]
+        assert vm_backend(pod).status_info()["fromStandby"] is True
+        assert pod.pid == standby.pid and pod.boot.hotplug > 0
+        machine = vm_backend(pod).machine
+        want = size_vm(sized, net_host.config, net_host.qemu_mib)
+        assert (machine.vcpus, machine.memory_mib) == want and want[0] == 2 and want[1] > 256
+        assert net_host.templates is not None
+        template = net_host.templates.get(machine)
+        assert template is not None
+        nproc, mem_total, threads, _ = await _probe(pod, busybox_image)
+        assert nproc == 2
+        plugged = (machine.memory_mib - machine.boot_memory_mib) * MIB
+        assert mem_total == expected_mem_total_kib(template.mem_total_kib, plugged)
+        assert mem_total // 128 * 94 // 100 < threads <= mem_total // 128
     finally:
         await pod.destroy()
+    assert not pid_alive(standby.pid)
+
+
+async def test_pods_without_network_take_a_standby_with_its_tap(
+    net_host: SandboxHost, pool: StandbyPool
+) -> None:
+    await _ready(pool)
+    standby = pool.ready[0]
+    netns = vm_backend(standby).own_netns
+    assert netns is not None and netns.exists()
     # a pod without a network takes the standby with its tap, which leads nowhere
     plain = create_vm_pod(net_host, SandboxSpec(f"nonet-{os.urandom(3).hex()}"))
     try:

@@ -61,17 +61,27 @@ def test_a_pod_of_the_default_shape_takes_a_standby_with_the_network_it_needs(
     assert pool.take(pod, networked=False) is not None
 
 
-def test_other_pods_leave_the_standby(tmp_path: Path) -> None:
+def test_bigger_pods_of_its_base_take_the_standby_and_others_leave_it(tmp_path: Path) -> None:
     host = fake_host(tmp_path)
+    run_root = host.config.run_root
+    bigger = [
+        # two vCPUs: the default base with a vCPU plugged
+        SandboxSpec("cpu", cpu_quota_us=200_000, cpu_period_us=100_000),
+        # a memory limit above the default: the default base with memory plugged
+        SandboxSpec("mem", memory_limit_bytes=384 * MIB, memory_budget_bytes=552 * MIB),
+    ]
+    for spec in bigger:
+        pool = StandbyPool(host, 1)
+        standby = _standby(host, "standby-a", networked=False)
+        pool.ready = [standby]
+        machine = host.machine_for(spec, run_root / spec.sandbox_id)
+        assert pool.take(machine, networked=False) is standby, spec.sandbox_id
     pool = StandbyPool(host, 1)
     standby = _standby(host, "standby-a", networked=False)
     pool.ready = [standby]
-    run_root = host.config.run_root
     others = [
-        # two vCPUs: the default base with a vCPU plugged
-        SandboxSpec("cpu", cpu_quota_us=200_000, cpu_period_us=100_000),
-        # a memory limit: another size
-        SandboxSpec("mem", memory_limit_bytes=384 * MIB, memory_budget_bytes=552 * MIB),
+        # a memory limit below the default: the smallest VM's base
+        SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB),
         # extra QEMU arguments: a template of its own
         SandboxSpec("odd", extra_args=["-S"]),
     ]
@@ -80,6 +90,12 @@ def test_other_pods_leave_the_standby(tmp_path: Path) -> None:
             pool.take(host.machine_for(spec, run_root / spec.sandbox_id), networked=False) is None
         )
     assert pool.ready == [standby] and pool.taken == 0
+    # without sizing at clone time a template per shape: only the standby's own size
+    fixed = fake_host(tmp_path, hotplug=False)
+    pool = StandbyPool(fixed, 1)
+    pool.ready = [_standby(fixed, "standby-b", networked=False)]
+    cpu = fixed.machine_for(bigger[0], run_root / "cpu")
+    assert pool.take(cpu, networked=False) is None
 
 
 def test_a_standby_whose_vm_died_is_never_given(tmp_path: Path) -> None:
@@ -172,9 +188,10 @@ def test_a_pod_that_finds_no_standby_makes_the_pool_keep_one_more(
     # before the pool made a standby VM it does not know the shape it serves
     assert pool.take(pod, networked=False) is None and pool.size == 1
     pool._shape = vm_backend(made).machine
-    # a pod of another shape finding none ready does not count
-    other = SandboxSpec("mem", memory_limit_bytes=384 * MIB, memory_budget_bytes=552 * MIB)
-    assert pool.take(host.machine_for(other, host.config.run_root / "mem"), networked=False) is None
+    # a pod of another base finding none ready does not count
+    other = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
+    machine = host.machine_for(other, host.config.run_root / "small")
+    assert pool.take(machine, networked=False) is None
     assert pool.size == 1 and pool.missed == 0
     # one of the pool's shape does
     assert pool.take(pod, networked=False) is None
