@@ -12,10 +12,13 @@ it created with crun, started, exec'd into, killed and deleted, so that the code
 pod's first container runs (the kernel's hot-plug, probe and mount of an image; the
 agent's, crun's and nsexec's, which the agent starts at fixed addresses) is translated
 before the pod comes.
-A new pod of its shape takes it over at creation (sandbox/vmpod.py): the VM's run
-directory and namespace become the pod's (the run root links the pod's id to the
-directory), the VM joins the pod's cgroup with the memory it holds, and the pod's own
-setup (CNI, the guest's NIC, clock, hostname, /etc files) runs as after a boot.
+A new pod of its base and no smaller takes it over at creation (sandbox/vmpod.py): the
+VM's run directory and namespace become the pod's (the run root links the pod's id to
+the directory), the VM joins the pod's cgroup with the memory it holds, the vCPUs and
+memory the pod needs beyond the standby's are hot-plugged into the running VM (as a
+clone of that base gets them before it runs), and the pod's own setup (CNI, the
+guest's NIC, clock, hostname, /etc files) runs as after a boot. Pods below the default
+shape's memory are clones of the smallest VM's base and start as clones.
 
 Standby VMs are sandboxes of their own (named ``standby-<hex>``, their run directories
 in the host's standby directory), made, watched and removed like pods. The pool makes
