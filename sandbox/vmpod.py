@@ -113,9 +113,6 @@ class VmBackend:
         self.own_netns: Path | None = None
         # a standby VM taken over at creation (its agent): launch starts no VM
         self.taken_agent: AgentClient | None = None
-        # the vCPUs of that standby VM (the pod's machine is the pod's size: the launch
-        # plugs the difference)
-        self.standby_vcpus = 0
 
     # the state file ------------------------------------------------------------------
 
@@ -337,26 +334,29 @@ class VmBackend:
         return await self._configure(agent, BootTimes(standby=taken, total=taken), t0, sizing)
 
     async def _grow_standby(self, agent: AgentClient) -> asyncio.Future[HotplugResult] | None:
-        """Plug what the pod needs beyond the standby VM it took (sandbox/standby.py
-        gives only a VM of the pod's base, no bigger than the pod), and have the guest
-        online it while the pod's setup goes on (None: the pod is the standby's size)."""
-        templates = self.host.templates
-        template = templates.get(self.machine) if templates is not None else None
-        plug = self._plug_plan(template) if template is not None else None
-        if plug is None:
+        """Plug what the pod needs beyond the standby VM it took (a VM of the pod's base
+        at the base's size, sandbox/standby.py), and have the guest online it while the
+        pod's setup goes on (None: the pod is the base's size)."""
+        machine = self.machine
+        if not machine.sized_at_clone or (machine.vcpus, machine.memory_mib) == (
+            machine.boot_vcpus,
+            machine.boot_memory_mib,
+        ):
             return None
-        if self.qmp is None:
-            raise SandboxError("the standby VM has no QMP connection to grow it")
+        templates = self.host.templates
+        template = templates.get(machine) if templates is not None else None
+        if template is None or self.qmp is None:
+            # the MemTotal to wait for comes from the template
+            raise SandboxError("the standby VM cannot be grown: its template is gone")
+        plug = self._plug_plan(template)
+        assert plug is not None
         try:
-            await self.qmp.plug(
-                vcpus=self.machine.vcpus - self.standby_vcpus, memory_bytes=plug.memory_bytes
-            )
+            await self.qmp.plug(vcpus=plug.vcpus, memory_bytes=plug.memory_bytes)
         except QmpError as exc:
             raise SandboxError(f"cannot grow the standby VM to the pod's size: {exc}") from exc
-        assert template is not None
         return asyncio.ensure_future(
             agent.hotplug(
-                vcpus=self.machine.vcpus,
+                vcpus=machine.vcpus,
                 mem_total_kib=plug.mem_total_kib,
                 template_mem_total_kib=template.mem_total_kib,
                 timeout=self.host.config.boot_timeout_s,
@@ -752,7 +752,6 @@ def _take_standby(
     backend = VmBackend(
         host, replace(previous.machine, vcpus=machine.vcpus, memory_mib=machine.memory_mib), spec
     )
-    backend.standby_vcpus = previous.machine.vcpus
     backend.own_netns = previous.own_netns
     backend.qmp, previous.qmp = previous.qmp, None
     backend.taken_agent = agent

@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import AgentUnavailable
 from sandbox import standby as standby_module
-from sandbox.api import SandboxSpec, SandboxState
+from sandbox.api import SandboxError, SandboxSpec, SandboxState
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
 from sandbox.standby import BURST_IDLE_S, PoolTarget, StandbyPool
@@ -239,3 +239,18 @@ async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_comin
     finally:
         pool.ready = []
         await pool.close()
+
+
+async def test_a_standby_is_grown_only_from_its_template(tmp_path: Path) -> None:
+    """A pod bigger than the standby it took waits for the MemTotal its template gives
+    that size; with the template gone (pruned, rebuilt) the start fails rather than run
+    the pod in a VM smaller than it."""
+    host = fake_host(tmp_path)
+    run_root = host.config.run_root
+    default = SandboxSpec("d")
+    same = VmBackend(host, host.machine_for(default, run_root / "d"), default)
+    assert await same._grow_standby(None) is None  # type: ignore[arg-type]
+    bigger = SandboxSpec("cpu", cpu_quota_us=200_000, cpu_period_us=100_000)
+    grown = VmBackend(host, host.machine_for(bigger, run_root / "cpu"), bigger)
+    with pytest.raises(SandboxError, match="template is gone"):
+        await grown._grow_standby(None)  # type: ignore[arg-type]
