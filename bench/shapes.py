@@ -113,9 +113,7 @@ async def _time(host: SandboxHost, spec: SandboxSpec) -> tuple[float, tuple[int,
     return seconds, (machine.vcpus, machine.memory_mib)
 
 
-async def _time_standby(
-    host: SandboxHost, pool: StandbyPool, spec: SandboxSpec
-) -> tuple[float, tuple[int, int]] | None:
+async def _time_standby(host: SandboxHost, pool: StandbyPool, spec: SandboxSpec) -> float | None:
     """A start that may take over the pool's standby VM, once one is ready (None: the
     pod took none, being of another base)."""
     deadline = time.monotonic() + STANDBY_READY_S
@@ -129,9 +127,8 @@ async def _time_standby(
         sandbox, seconds = await _start(host, spec)
     finally:
         host.standby = None
-    machine = vm_backend(sandbox).machine
     await sandbox.destroy()
-    return (seconds, (machine.vcpus, machine.memory_mib)) if pool.taken > taken else None
+    return seconds if pool.taken > taken else None
 
 
 async def run_shapes_bench(*, guest_dir: Path, rounds: int, work_dir: Path) -> int:
@@ -199,7 +196,7 @@ async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
                 sizes[DEFAULT] = size
                 took = await _time_standby(plug, pool, DEFAULT.spec(f"{name}-ds"))
                 if took is not None:
-                    times.setdefault((DEFAULT, "standby"), []).append(took[0])
+                    times.setdefault((DEFAULT, "standby"), []).append(took)
                 for way in WAYS:
                     spec = shape.spec(
                         f"{name}-{way[0]}", extra_mib=2 * r if way == "new shape" else 0
@@ -207,7 +204,7 @@ async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
                     if way == "standby":
                         took = await _time_standby(plug, pool, spec)
                         if took is not None:
-                            times.setdefault((shape, way), []).append(took[0])
+                            times.setdefault((shape, way), []).append(took)
                         continue
                     seconds, size = await _time(hosts[way], spec)
                     times.setdefault((shape, way), []).append(seconds)

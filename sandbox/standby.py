@@ -176,13 +176,9 @@ class StandbyPool:
         template (base and room), no smaller (what it needs beyond is hot-plugged into
         the running VM when it launches, sandbox/vmpod.py), no extra arguments."""
         qemu = self.host.config.qemu
-        if machine.extra_args or machine.share != vm.share:
-            return False
-        if machine.vcpus < vm.vcpus or machine.memory_mib < vm.memory_mib:
-            return False
-        if (machine.vcpus, machine.memory_mib) != (vm.vcpus, vm.memory_mib) and not (
-            machine.sized_at_clone and vm.sized_at_clone
-        ):
+        # the key holds the boot shape, room and share: a VM not sized at clone time
+        # finds only a standby of its very size
+        if machine.extra_args or machine.vcpus < vm.vcpus or machine.memory_mib < vm.memory_mib:
             return False
         try:
             return template_key(vm, qemu) == template_key(machine, qemu)

@@ -237,15 +237,7 @@ class VmBackend:
             await agent.reseed(os.urandom(64))
             t_ready = time.monotonic()
             if plug is not None:
-                # the guest onlines what was plugged while the pod's setup goes on
-                sizing = asyncio.ensure_future(
-                    agent.hotplug(
-                        vcpus=self.machine.vcpus,
-                        mem_total_kib=plug.mem_total_kib,
-                        template_mem_total_kib=template.mem_total_kib,
-                        timeout=self.host.config.boot_timeout_s,
-                    )
-                )
+                sizing = self._onlined(agent, plug, template)
             boot = BootTimes(
                 vmm_spawn=t_spawned - t0,
                 restore=t_restored - t_spawned,
@@ -354,9 +346,16 @@ class VmBackend:
             await self.qmp.plug(vcpus=plug.vcpus, memory_bytes=plug.memory_bytes)
         except QmpError as exc:
             raise SandboxError(f"cannot grow the standby VM to the pod's size: {exc}") from exc
+        return self._onlined(agent, plug, template)
+
+    def _onlined(
+        self, agent: AgentClient, plug: PlugPlan, template: VmTemplate
+    ) -> asyncio.Future[HotplugResult]:
+        """The guest onlining what was plugged (``plug``) while the pod's setup goes on:
+        done once it has the pod's vCPUs and the MemTotal ``template`` gives its size."""
         return asyncio.ensure_future(
             agent.hotplug(
-                vcpus=machine.vcpus,
+                vcpus=self.machine.vcpus,
                 mem_total_kib=plug.mem_total_kib,
                 template_mem_total_kib=template.mem_total_kib,
                 timeout=self.host.config.boot_timeout_s,
