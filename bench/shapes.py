@@ -4,9 +4,10 @@ Four ways to start a pod of a size that is not the default's, interleaved in one
 (the same machine, the same minute), each round in turn:
 
 * ``standby``: sized at clone time, a pod that takes over a standby VM of its base (the
-  default shape's; sandbox/standby.py), what it needs beyond it hot-plugged into the
-  running VM; the pool has its next standby ready before each such start, and pods
-  below the default's memory (the smallest VM's base) have no standby to take;
+  default shape's, or the smallest VM's for pods below the default's memory;
+  sandbox/standby.py), what it needs beyond it hot-plugged into the running VM; the pool
+  has a standby of the pod's base ready before each such start (the first pod of the
+  smallest VM's base, untimed, finds none, which makes the pool keep one of it);
 * ``hot-plug``: sized at clone time (``[vm] hotplug = true``, the default): a clone of
   one of the node's bases (the default shape's template, or the smallest VM's for
   pods below the default), its vCPUs and memory hot-plugged;
@@ -114,16 +115,22 @@ async def _time(host: SandboxHost, spec: SandboxSpec) -> tuple[float, tuple[int,
 
 
 async def _time_standby(host: SandboxHost, pool: StandbyPool, spec: SandboxSpec) -> float | None:
-    """A start that may take over the pool's standby VM, once one is ready (None: the
-    pod took none, being of another base)."""
-    deadline = time.monotonic() + STANDBY_READY_S
-    while not pool.ready:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no standby VM ready within {STANDBY_READY_S:.0f} s")
-        await asyncio.sleep(0.1)
-    taken = pool.taken
+    """A start that takes over a standby VM of its base, once the pool has one ready
+    (None: no base's standby serves it). Its base's first pod found none (an untimed
+    start, as a clone), which made the pool keep one of that base."""
+    machine = host.machine_for(spec, host.config.run_root / spec.sandbox_id)
+    if pool.lane_for(machine) is None:
+        return None
     host.standby = pool
     try:
+        if not pool.has_ready(machine, networked=False):
+            await _time(host, replace(spec, sandbox_id=f"{spec.sandbox_id}-first"))
+        deadline = time.monotonic() + STANDBY_READY_S
+        while not pool.has_ready(machine, networked=False):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no standby VM ready within {STANDBY_READY_S:.0f} s")
+            await asyncio.sleep(0.1)
+        taken = pool.taken
         sandbox, seconds = await _start(host, spec)
     finally:
         host.standby = None
@@ -182,7 +189,7 @@ async def _run(hosts: dict[str, SandboxHost], rounds: int) -> int:
     times: dict[tuple[Shape, str], list[float]] = {}
     sizes: dict[Shape, tuple[int, int]] = {}
     # the hot-plug host's standby pool, given to the host for the standby starts only
-    pool = StandbyPool(plug, 1)
+    pool = StandbyPool(plug, 1, burst=1)
     pool.start()
     try:
         for r in range(rounds):

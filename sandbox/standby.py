@@ -1,36 +1,38 @@
-"""Standby VMs: pod VMs of the default shape, started and warmed before a pod asks.
+"""Standby VMs: pod VMs of the node's bases, started and warmed before a pod asks.
 
 Under TCG most of a clone's start is guest code running for the first time in its QEMU
 process (translated code is per process, and a clone starts with none): the restore,
 the agent's reconnect, its first requests on new threads, the clock and /etc files.
-A standby VM has been through all of that: a clone of the default base, its agent
-connected, reseeded and answering, its hostname and /etc files set once, with a tap in
-a network namespace of its own when the node has networking. It has also been once
-through a container's life (``warm_up_containers``): the guest OS image hot-plugged
-once more (into a root port no pod image uses) and mounted, a throwaway container on
-it created with crun, started, exec'd into, killed and deleted, so that the code a
-pod's first container runs (the kernel's hot-plug, probe and mount of an image; the
-agent's, crun's and nsexec's, which the agent starts at fixed addresses) is translated
-before the pod comes.
+A standby VM has been through all of that: a clone of one of the node's bases (the
+default shape's, or the smallest VM's that pods below the default's memory are cloned
+from), its agent connected, reseeded and answering, its hostname and /etc files set
+once, with a tap in a network namespace of its own when the node has networking. It has
+also been once through a container's life (``warm_up_containers``): the guest OS image
+hot-plugged once more (into a root port no pod image uses) and mounted, a throwaway
+container on it created with crun, started, exec'd into, killed and deleted, so that
+the code a pod's first container runs (the kernel's hot-plug, probe and mount of an
+image; the agent's, crun's and nsexec's, which the agent starts at fixed addresses) is
+translated before the pod comes.
 A new pod of its base and no smaller takes it over at creation (sandbox/vmpod.py): the
 VM's run directory and namespace become the pod's (the run root links the pod's id to
 the directory), the VM joins the pod's cgroup with the memory it holds, the vCPUs and
 memory the pod needs beyond the standby's are hot-plugged into the running VM (as a
 clone of that base gets them before it runs), and the pod's own setup (CNI, the
-guest's NIC, clock, hostname, /etc files) runs as after a boot. Pods below the default
-shape's memory are clones of the smallest VM's base and start as clones.
+guest's NIC, clock, hostname, /etc files) runs as after a boot.
 
 Standby VMs are sandboxes of their own (named ``standby-<hex>``, their run directories
 in the host's standby directory), made, watched and removed like pods. The pool makes
 the next one once no pod VM is starting (a standby's start would compete with theirs
-for the CPU), keeps ``[vm] standby`` of them, drops one whose VM died, and removes the
-ones no pod took when the daemon stops; a new daemon removes whatever standby VMs an
-earlier one left (those no pod's link points to).
+for the CPU), keeps ``[vm] standby`` of the default base's, drops one whose VM died,
+and removes the ones no pod took when the daemon stops; a new daemon removes whatever
+standby VMs an earlier one left (those no pod's link points to).
 
 Pods that come faster than the pool makes standby VMs (one takes the last, the next
-finds none ready and starts as a clone) make it keep more: one more after each such
-pod, up to ``[vm] standby_burst`` more, and one fewer again after BURST_IDLE_S in
-which no pod took one (PoolTarget).
+finds none ready and starts as a clone) make it keep more of their base's: one more
+after each such pod, up to ``[vm] standby_burst`` more per base, and one fewer again
+after BURST_IDLE_S in which no pod of that base came (PoolTarget). So the other bases
+have standby VMs only while their pods keep coming: the first pod below the default's
+memory starts as a clone, and the next finds a standby of its base.
 """
 
 from __future__ import annotations
@@ -119,34 +121,48 @@ class PoolTarget:
         return max(0.0, self.last_demand + BURST_IDLE_S - now)
 
 
+@dataclass
+class Lane:
+    """The standby VMs of one base: the VM they are (``machine``, the base's shape,
+    size and room) and how many of them the pool keeps (``target``)."""
+
+    machine: MachineSpec
+    target: PoolTarget
+
+
 class StandbyPool:
-    """Keeps ``size`` standby VMs running for new pods to take over, and up to ``burst``
-    more while pods come faster than it makes them (PoolTarget)."""
+    """Keeps ``size`` standby VMs of the default base running for new pods to take
+    over, and up to ``burst`` more of each base while its pods come faster than the
+    pool makes them (PoolTarget)."""
 
     def __init__(self, host: SandboxHost, size: int, *, burst: int = 0) -> None:
         self.host = host
-        self.target = PoolTarget(size, burst)
+        #: one per base, the default's first (which has ``size`` standby VMs at least)
+        self.lanes = [
+            Lane(machine, PoolTarget(size if i == 0 else 0, burst))
+            for i, machine in enumerate(host.base_machines())
+        ]
         self.ready: list[PodSandbox] = []
         self.taken = 0
         self.missed = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        #: the machine of the last standby VM made: the shape a pod must have to count
-        #: as one the pool could have served (None until one is made)
-        self._shape: MachineSpec | None = None
+        #: the lane each standby VM the pool made belongs to, by sandbox id
+        self._lane_of: dict[str, Lane] = {}
 
     @property
     def size(self) -> int:
-        """How many standby VMs the pool keeps now."""
-        return self.target.size
+        """How many standby VMs the pool keeps now, of every base."""
+        return sum(lane.target.size for lane in self.lanes)
 
     # taking --------------------------------------------------------------------------
 
     def take(self, machine: MachineSpec, *, networked: bool) -> PodSandbox | None:
-        """A ready standby VM that can be ``machine`` (its shape and template, no
-        extra arguments), with a tap of its own when ``networked`` (a pod without a
-        network may have one: its tap stays in a namespace where it leads nowhere, as a
-        clone's NIC without a network does)."""
+        """A ready standby VM that can be ``machine`` (its base, no smaller, no extra
+        arguments), with a tap of its own when ``networked`` (a pod without a network
+        may have one: its tap stays in a namespace where it leads nowhere, as a clone's
+        NIC without a network does)."""
+        now = time.monotonic()
         for standby in list(self.ready):
             if not self._running(standby):
                 self._wake.set()  # the pool removes it and starts another
@@ -154,16 +170,33 @@ class StandbyPool:
             if self._fits(standby, machine, networked):
                 self.ready.remove(standby)
                 self.taken += 1
-                self.target.took(time.monotonic())
+                lane = self._lane_of.pop(standby.id, None)
+                if lane is not None:
+                    lane.target.took(now)
                 self._wake.set()
                 return standby
-        if self._shape is not None and self._same_shape(self._shape, machine):
-            # a pod the pool's VMs fit came before the next was ready
+        lane = self.lane_for(machine)
+        if lane is not None:
+            # a pod one of the pool's bases serves came before a standby of it was ready
             self.missed += 1
-            if self.target.missed(time.monotonic()):
-                log.info("a pod found no standby VM ready: keeping %d from now on", self.size)
+            if lane.target.missed(now):
+                log.info(
+                    "a pod found no standby VM of its base (%d vCPU, %d MiB) ready: "
+                    "keeping %d of it from now on",
+                    lane.machine.vcpus,
+                    lane.machine.memory_mib,
+                    lane.target.size,
+                )
             self._wake.set()
         return None
+
+    def has_ready(self, machine: MachineSpec, *, networked: bool) -> bool:
+        """Whether a standby VM that can be ``machine`` is ready."""
+        return any(self._running(s) and self._fits(s, machine, networked) for s in self.ready)
+
+    def lane_for(self, machine: MachineSpec) -> Lane | None:
+        """The lane whose standby VMs could be ``machine`` (None: no base serves it)."""
+        return next((lane for lane in self.lanes if self._same_shape(lane.machine, machine)), None)
 
     def _fits(self, standby: PodSandbox, machine: MachineSpec, networked: bool) -> bool:
         backend = vm_backend(standby)
@@ -194,7 +227,7 @@ class StandbyPool:
 
     def start(self) -> None:
         """Remove what an earlier daemon left, then keep the pool full (background)."""
-        if self.target.base > 0 and self._task is None:
+        if self.lanes[0].target.base > 0 and self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
@@ -205,8 +238,21 @@ class StandbyPool:
                 await self._task
             self._task = None
         ready, self.ready = self.ready, []
+        self._lane_of.clear()
         for standby in ready:
             await self._remove(standby)
+
+    def _ready_in(self, lane: Lane) -> list[PodSandbox]:
+        """The ready standby VMs of ``lane``, oldest first."""
+        default = self.lanes[0]
+        return [s for s in self.ready if self._lane_of.get(s.id, default) is lane]
+
+    def _short_lane(self) -> Lane | None:
+        """The first lane (the default base's first) with fewer ready standby VMs than
+        it keeps now (None: every lane is full)."""
+        return next(
+            (lane for lane in self.lanes if len(self._ready_in(lane)) < lane.target.size), None
+        )
 
     async def _run(self) -> None:
         await self.remove_abandoned()
@@ -214,19 +260,23 @@ class StandbyPool:
         while True:
             for standby in [s for s in self.ready if not self._running(s)]:
                 self.ready.remove(standby)
+                self._lane_of.pop(standby.id, None)
                 await self._remove(standby)
             if await self._shrink():
                 continue
-            if len(self.ready) >= self.size:
+            lane = self._short_lane()
+            if lane is None:
                 self._wake.clear()
+                now = time.monotonic()
+                due = [
+                    t for t in (ln.target.next_shrink_s(now) for ln in self.lanes) if t is not None
+                ]
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._wake.wait(), self.target.next_shrink_s(time.monotonic())
-                    )
+                    await asyncio.wait_for(self._wake.wait(), min(due, default=None))
                 continue
             await self._quiet()
             try:
-                standby = await self._make()
+                standby = await self._make(lane)
             except Exception as exc:
                 # one failed standby, not the pool's end (an agent gone during its ping
                 # or warm-up raises an AgentError, not a SandboxError)
@@ -236,18 +286,32 @@ class StandbyPool:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            self._shape = vm_backend(standby).machine
+            self._lane_of[standby.id] = lane
             self.ready.append(standby)
 
     async def _shrink(self) -> bool:
-        """Keep one fewer standby VM when pods stopped coming for them (PoolTarget):
-        remove the newest beyond the target. True when the target shrank."""
-        if not self.target.shrink(time.monotonic()):
-            return False
-        log.info("no pod took a standby VM for %.0f s: keeping %d", BURST_IDLE_S, self.size)
-        if len(self.ready) > self.size:
-            await self._remove(self.ready.pop())
-        return True
+        """Keep one fewer standby VM of a base whose pods stopped coming (PoolTarget):
+        remove its newest beyond its target. True when a target shrank."""
+        now = time.monotonic()
+        for lane in self.lanes:
+            if not lane.target.shrink(now):
+                continue
+            log.info(
+                "no pod came for a standby VM of its base (%d vCPU, %d MiB) for %.0f s: "
+                "keeping %d of it",
+                lane.machine.vcpus,
+                lane.machine.memory_mib,
+                BURST_IDLE_S,
+                lane.target.size,
+            )
+            ready = self._ready_in(lane)
+            if len(ready) > lane.target.size:
+                newest = ready[-1]
+                self.ready.remove(newest)
+                self._lane_of.pop(newest.id, None)
+                await self._remove(newest)
+            return True
+        return False
 
     async def _quiet(self) -> None:
         """Wait until no pod VM has been starting for QUIET_S."""
@@ -259,10 +323,11 @@ class StandbyPool:
                 return
             await asyncio.sleep(0.2)
 
-    async def _make(self) -> PodSandbox:
+    async def _make(self, lane: Lane) -> PodSandbox:
         host = self.host
         name = f"standby-{secrets.token_hex(6)}"
-        standby = create_standby_vm(host, name, networked=host.network.config.enabled)
+        networked = host.network.config.enabled
+        standby = create_standby_vm(host, name, lane.machine, networked=networked)
         try:
             t0 = time.monotonic()
             await standby.start()

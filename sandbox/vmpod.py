@@ -692,14 +692,16 @@ def create_vm_pod(host: SandboxHost, spec: SandboxSpec) -> PodSandbox:
     return _create(host, spec, run_dir, machine)
 
 
-def create_standby_vm(host: SandboxHost, name: str, *, networked: bool) -> PodSandbox:
-    """A standby VM (sandbox/standby.py), made but not started: a pod VM of the
-    default shape named ``name`` below the standby directory, with a tap in a network
-    namespace of its own when ``networked``."""
+def create_standby_vm(
+    host: SandboxHost, name: str, base: MachineSpec, *, networked: bool
+) -> PodSandbox:
+    """A standby VM (sandbox/standby.py), made but not started: a VM of ``base`` (one
+    of ``host.base_machines()``) named ``name`` below the standby directory, with a tap
+    in a network namespace of its own when ``networked``."""
     run_dir = check_new(host.standby_dir, name)
-    spec = SandboxSpec(name)
     own_netns = host.network.netns_path(name) if networked else None
-    return _create(host, spec, run_dir, host.machine_for(spec, run_dir), own_netns=own_netns)
+    machine = replace(base, name=name, run_dir=run_dir)
+    return _create(host, SandboxSpec(name), run_dir, machine, own_netns=own_netns)
 
 
 def _create(

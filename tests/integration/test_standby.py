@@ -173,6 +173,65 @@ async def test_a_bigger_pod_grows_the_standby_and_a_smaller_one_starts_its_own_v
     assert not pid_alive(standby.pid)
 
 
+async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came(
+    net_host: SandboxHost, lab: CniLab, busybox_image: RootfsImage
+) -> None:
+    pool = StandbyPool(net_host, 1, burst=1)
+    net_host.standby = pool
+    pool.start()
+    pods = []
+
+    def small(name: str) -> SandboxSpec:
+        spec = _pod_spec(name)
+        return SandboxSpec(
+            spec.sandbox_id,
+            network=spec.network,
+            memory_limit_bytes=64 * MIB,
+            memory_budget_bytes=232 * MIB,
+        )
+
+    try:
+        await _ready(pool)
+        # the first finds no standby of its base (the smallest VM's) and starts as a clone
+        first = create_vm_pod(net_host, small("first"))
+        pods.append(first)
+        await first.start()
+        assert vm_backend(first).status_info()["fromStandby"] is False
+        assert pool.missed == 1 and pool.size == 2
+        machine = vm_backend(first).machine
+        for _ in range(int(240 / 0.2)):
+            if pool.has_ready(machine, networked=True):
+                break
+            await asyncio.sleep(0.2)
+        assert pool.has_ready(machine, networked=True), "no standby VM of the smallest base"
+        # the next takes it, grown to its size in the running VM
+        second = create_vm_pod(net_host, small("second"))
+        pods.append(second)
+        await second.start()
+        assert vm_backend(second).status_info()["fromStandby"] is True
+        grown = vm_backend(second).machine
+        assert (grown.vcpus, grown.memory_mib) == (machine.vcpus, machine.memory_mib)
+        assert grown.boot_memory_mib < 256 and second.boot.hotplug > 0
+        assert net_host.templates is not None
+        template = net_host.templates.get(grown)
+        assert template is not None
+        nproc, mem_total, _, _ = await _probe(second, busybox_image)
+        plugged = (grown.memory_mib - grown.boot_memory_mib) * MIB
+        assert nproc == 1 and mem_total == expected_mem_total_kib(template.mem_total_kib, plugged)
+        # the pod's network works as after a boot
+        result = second.network_result
+        assert result is not None and result.ipv4.startswith(lab.prefix4 + ".")
+        await _serve(second, busybox_image, "from-a-small-standby")
+        assert await _http_get(f"http://{result.ipv4}:8080/x") == b"from-a-small-standby\n"
+    finally:
+        for pod in pods:
+            await pod.destroy()
+        net_host.standby = None
+        await pool.close()
+    assert _standby_vms(net_host) == []
+    assert lab.leftovers([p.id for p in pods]) == []
+
+
 async def test_pods_without_network_take_a_standby_with_its_tap(
     net_host: SandboxHost, pool: StandbyPool
 ) -> None:

@@ -15,7 +15,7 @@ from sandbox import standby as standby_module
 from sandbox.api import SandboxError, SandboxSpec, SandboxState
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
-from sandbox.standby import BURST_IDLE_S, PoolTarget, StandbyPool
+from sandbox.standby import BURST_IDLE_S, Lane, PoolTarget, StandbyPool
 from sandbox.vmpod import VmBackend, vm_backend
 from tests.unit.fake_guest import fake_host
 
@@ -141,7 +141,7 @@ async def test_a_standby_whose_agent_fails_is_retried_and_the_pool_goes_on(
     made = _standby(host, "standby-a", networked=False)
     attempts: list[int] = []
 
-    async def make() -> PodSandbox:
+    async def make(lane: Lane) -> PodSandbox:
         attempts.append(1)
         if len(attempts) == 1:
             raise AgentUnavailable("agent closed the connection")
@@ -178,24 +178,84 @@ def test_the_target_grows_by_each_pod_that_found_none_and_shrinks_when_pods_stop
     assert not fixed.missed(0.0) and fixed.size == 1
 
 
-def test_a_pod_that_finds_no_standby_makes_the_pool_keep_one_more(
+def test_a_pod_that_finds_no_standby_makes_the_pool_keep_one_more_of_its_base(
+    tmp_path: Path,
+) -> None:
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1, burst=1)
+    default, smallest = pool.lanes
+    assert (default.machine.memory_mib, default.target.size) == (256, 1)
+    assert (smallest.machine.memory_mib, smallest.target.size) == (96, 0)
+    pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
+    assert pool.take(pod, networked=False) is None
+    assert default.target.size == 2 and pool.missed == 1 and pool._wake.is_set()
+    assert not pool.take(pod, networked=False) and default.target.size == 2  # the burst's bound
+    # a pod below the default's memory: one of the smallest VM's base from now on
+    small = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
+    machine = host.machine_for(small, host.config.run_root / "small")
+    assert pool.take(machine, networked=False) is None
+    assert smallest.target.size == 1 and pool.size == 3 and pool.missed == 3
+    # a pod no base serves (a template of its own) counts for none
+    odd = SandboxSpec("odd", extra_args=["-S"])
+    assert pool.take(host.machine_for(odd, host.config.run_root / "odd"), networked=False) is None
+    assert pool.size == 3 and pool.missed == 3
+    # without sizing at clone time one base, the default's
+    assert len(StandbyPool(fake_host(tmp_path, hotplug=False), 1, burst=1).lanes) == 1
+
+
+async def test_pods_below_the_default_get_a_standby_of_their_base_while_they_come(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host = fake_host(tmp_path)
     pool = StandbyPool(host, 1, burst=1)
-    pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
-    made = _standby(host, "standby-a", networked=False)
-    # before the pool made a standby VM it does not know the shape it serves
-    assert pool.take(pod, networked=False) is None and pool.size == 1
-    pool._shape = vm_backend(made).machine
-    # a pod of another base finding none ready does not count
-    other = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
-    machine = host.machine_for(other, host.config.run_root / "small")
-    assert pool.take(machine, networked=False) is None
-    assert pool.size == 1 and pool.missed == 0
-    # one of the pool's shape does
-    assert pool.take(pod, networked=False) is None
-    assert pool.size == 2 and pool.missed == 1 and pool._wake.is_set()
+    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
+    monkeypatch.setattr(standby_module, "BURST_IDLE_S", 0.5)
+    made: list[PodSandbox] = []
+    removed: list[PodSandbox] = []
+
+    async def make(lane: Lane) -> PodSandbox:
+        name = f"standby-{len(made)}"
+        run_dir = host.standby_dir / name
+        spec = SandboxSpec(name)
+        backend = VmBackend(host, replace(lane.machine, name=name, run_dir=run_dir), spec)
+        sandbox = PodSandbox(backend, name, host.config)
+        sandbox.state = SandboxState.READY
+        sandbox.process = RunningProcess()  # type: ignore[assignment]
+        made.append(sandbox)
+        return sandbox
+
+    async def remove(standby: PodSandbox) -> None:
+        removed.append(standby)
+
+    monkeypatch.setattr(pool, "_make", make)
+    monkeypatch.setattr(pool, "_remove", remove)
+    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
+    small = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
+    machine = host.machine_for(small, host.config.run_root / "small")
+    pool.start()
+    try:
+        await _until(lambda: len(pool.ready) == 1)
+        assert vm_backend(made[0]).machine.memory_mib == 256
+        assert not pool.has_ready(machine, networked=False)
+        assert pool.take(machine, networked=False) is None  # starts as a clone
+        await _until(lambda: pool.has_ready(machine, networked=False))
+        taken = pool.take(machine, networked=False)
+        assert taken is made[1] and vm_backend(taken).machine.memory_mib == 96
+        await _until(lambda: len(made) == 3)  # its base's next
+        # no pod of that base for BURST_IDLE_S: its standby goes, the default's stays
+        await _until(lambda: removed == [made[2]])
+        assert pool.ready == [made[0]] and pool.size == 1
+    finally:
+        pool.ready = []
+        await pool.close()
+
+
+async def _until(what: Callable[[], bool]) -> None:
+    for _ in range(300):
+        if what():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the pool did not get there")
 
 
 async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_coming(
@@ -208,19 +268,12 @@ async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_comin
     made: list[PodSandbox] = []
     removed: list[PodSandbox] = []
 
-    async def make() -> PodSandbox:
+    async def make(lane: Lane) -> PodSandbox:
         made.append(_standby(host, f"standby-{len(made)}", networked=False))
         return made[-1]
 
     async def remove(standby: PodSandbox) -> None:
         removed.append(standby)
-
-    async def until(what: Callable[[], bool]) -> None:
-        for _ in range(300):
-            if what():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the pool did not get there")
 
     monkeypatch.setattr(pool, "_make", make)
     monkeypatch.setattr(pool, "_remove", remove)
@@ -228,13 +281,13 @@ async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_comin
     pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
     pool.start()
     try:
-        await until(lambda: len(pool.ready) == 1)
+        await _until(lambda: len(pool.ready) == 1)
         assert pool.take(pod, networked=False) is made[0]
         assert pool.take(pod, networked=False) is None  # came before the next was ready
-        await until(lambda: len(pool.ready) == 2)
+        await _until(lambda: len(pool.ready) == 2)
         assert pool.size == 2 and removed == []
         # no pod for BURST_IDLE_S: back to one, the newest removed
-        await until(lambda: len(pool.ready) == 1)
+        await _until(lambda: len(pool.ready) == 1)
         assert pool.size == 1 and removed == [made[-1]]
     finally:
         pool.ready = []
