@@ -290,28 +290,29 @@ class StandbyPool:
             self.ready.append(standby)
 
     async def _shrink(self) -> bool:
-        """Keep one fewer standby VM of a base whose pods stopped coming (PoolTarget):
-        remove its newest beyond its target. True when a target shrank."""
+        """Keep one fewer standby VM of a base whose pods stopped coming (PoolTarget),
+        and remove each lane's newest beyond its target (also one made while its target
+        shrank). True when a target shrank or a VM was removed."""
         now = time.monotonic()
+        changed = False
         for lane in self.lanes:
-            if not lane.target.shrink(now):
-                continue
-            log.info(
-                "no pod came for a standby VM of its base (%d vCPU, %d MiB) for %.0f s: "
-                "keeping %d of it",
-                lane.machine.vcpus,
-                lane.machine.memory_mib,
-                BURST_IDLE_S,
-                lane.target.size,
-            )
+            if lane.target.shrink(now):
+                changed = True
+                log.info(
+                    "no pod came for a standby VM of its base (%d vCPU, %d MiB) for %.0f s: "
+                    "keeping %d of it",
+                    lane.machine.vcpus,
+                    lane.machine.memory_mib,
+                    BURST_IDLE_S,
+                    lane.target.size,
+                )
             ready = self._ready_in(lane)
-            if len(ready) > lane.target.size:
-                newest = ready[-1]
-                self.ready.remove(newest)
-                self._lane_of.pop(newest.id, None)
-                await self._remove(newest)
-            return True
-        return False
+            for surplus in reversed(ready[lane.target.size :]):
+                changed = True
+                self.ready.remove(surplus)
+                self._lane_of.pop(surplus.id, None)
+                await self._remove(surplus)
+        return changed
 
     async def _quiet(self) -> None:
         """Wait until no pod VM has been starting for QUIET_S."""

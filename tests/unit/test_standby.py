@@ -4,6 +4,7 @@ and sandboxes that never start."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -307,3 +308,36 @@ async def test_a_standby_is_grown_only_from_its_template(tmp_path: Path) -> None
     grown = VmBackend(host, host.machine_for(bigger, run_root / "cpu"), bigger)
     with pytest.raises(SandboxError, match="template is gone"):
         await grown._grow_standby(None)  # type: ignore[arg-type]
+
+
+async def test_a_standby_made_while_its_base_stopped_wanting_it_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1, burst=1)
+    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
+    smallest = pool.lanes[1]
+    made: list[PodSandbox] = []
+    removed: list[PodSandbox] = []
+
+    async def make(lane: Lane) -> PodSandbox:
+        if lane is smallest:
+            lane.target.extra = 0  # its pods stopped coming while it started
+        made.append(_standby(host, f"standby-{len(made)}", networked=False))
+        return made[-1]
+
+    async def remove(standby: PodSandbox) -> None:
+        removed.append(standby)
+
+    monkeypatch.setattr(pool, "_make", make)
+    monkeypatch.setattr(pool, "_remove", remove)
+    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
+    assert smallest.target.missed(time.monotonic())  # a pod of its base found none
+    pool.start()
+    try:
+        await _until(lambda: len(made) == 2 and len(removed) == 1)
+        await asyncio.sleep(0.05)
+        assert removed == [made[1]] and pool.ready == [made[0]] and len(made) == 2
+    finally:
+        pool.ready = []
+        await pool.close()
