@@ -46,6 +46,7 @@ from cri.runtime.snapshot import (
     take_snapshot,
 )
 from sandbox.api import PROC, BootTimes, process_cpu_ns, read_process_memory
+from sandbox.standby import PoolReport
 
 log = logging.getLogger("clearcri.metrics")
 
@@ -326,6 +327,7 @@ class RuntimeCollector(Collector):
         yield from self._sandboxes(snap)
         yield from self._ksm()
         yield from self._shared_images(snap)
+        yield from self._standby(snap)
         pulled = CounterMetricFamily(
             "clearcri_image_pull_bytes", "Bytes of image blobs downloaded by pulls."
         )
@@ -404,6 +406,46 @@ class RuntimeCollector(Collector):
                 mem_total.add_metric(values, sample.guest.mem_total_kib * 1024)
                 mem_avail.add_metric(values, sample.guest.mem_available_kib * 1024)
         yield from (pss, rss, merged, cpu, mem_total, mem_avail)
+
+    def _standby(self, snap: Snapshot) -> Iterator[Metric]:
+        pool = snap.standby
+        if pool is None:
+            return
+        labels = ["vcpus", "memory_mib"]
+        vms = GaugeMetricFamily(
+            "clearcri_standby_vms",
+            "Standby VMs ready for new pods to take over, by base (vCPUs and MiB the VM "
+            "has before a pod grows it).",
+            labels=labels,
+        )
+        target = GaugeMetricFamily(
+            "clearcri_standby_target",
+            "Standby VMs the pool keeps of a base now ([vm] standby for the default base, "
+            "plus up to [vm] standby_burst while its pods come faster than it makes them).",
+            labels=labels,
+        )
+        pss = GaugeMetricFamily(
+            "clearcri_standby_memory_pss_bytes",
+            "PSS of the ready standby VMs' qemu processes, by base: host memory no pod's "
+            "cgroup is charged for until a pod takes one over.",
+            labels=labels,
+        )
+        for base in pool.bases:
+            values = [str(base.vcpus), str(base.memory_mib)]
+            vms.add_metric(values, len(base.pids))
+            target.add_metric(values, base.target)
+            held = (read_process_memory(pid, self.proc) for pid in base.pids)
+            pss.add_metric(values, sum(m.pss for m in held if m is not None))
+        yield from (vms, target, pss)
+        taken = CounterMetricFamily("clearcri_standby_taken", "Pods that took over a standby VM.")
+        taken.add_metric([], pool.taken)
+        missed = CounterMetricFamily(
+            "clearcri_standby_missed",
+            "Pods a base's standby VMs serve that found none of it ready (each started as "
+            "a clone).",
+        )
+        missed.add_metric([], pool.missed)
+        yield from (taken, missed)
 
     def _ksm(self) -> Iterator[Metric]:
         ksm = read_ksm(self.ksm_dir)
@@ -489,9 +531,13 @@ class MetricsExporter:
         metrics: RuntimeMetrics,
         runtime: RuntimeView,
         collector: RuntimeCollector | None = None,
+        *,
+        standby: Callable[[], PoolReport] | None = None,
     ) -> None:
         self.metrics = metrics
         self.runtime = runtime
+        #: the standby pool's report (StandbyPool.report), None without a pool
+        self.standby = standby
         self.collector = collector or RuntimeCollector()
         metrics.registry.register(self.collector)
         self._scrape = asyncio.Lock()
@@ -502,6 +548,8 @@ class MetricsExporter:
         """The exposition body and its content type (text or OpenMetrics by ``accept``)."""
         async with self._scrape:
             snap = await take_snapshot(self.runtime, cache=self._guests)
+            if self.standby is not None:
+                snap.standby = self.standby()
             return await asyncio.to_thread(self._render, snap, accept)
 
     def _render(self, snap: Snapshot, accept: str) -> tuple[bytes, str]:

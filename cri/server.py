@@ -135,7 +135,11 @@ class Daemon:
             service = RuntimeService(self.runtime, self.streaming)
             service.observe = self.metrics.observe_cri
             if cfg.metrics.enabled:
-                exporter = MetricsExporter(self.metrics, self.runtime)
+                exporter = MetricsExporter(
+                    self.metrics,
+                    self.runtime,
+                    standby=self.standby.report if self.standby is not None else None,
+                )
                 self.metrics_server = MetricsServer(exporter, cfg.metrics.address, cfg.metrics.port)
                 try:
                     await self.metrics_server.start()

@@ -130,6 +130,27 @@ class Lane:
     target: PoolTarget
 
 
+@dataclass(frozen=True)
+class BaseStandby:
+    """The standby VMs of one base at a moment: the base's shape, how many the pool
+    keeps now, and the QEMU processes of those ready."""
+
+    vcpus: int
+    memory_mib: int
+    target: int
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """What the pool holds (``bases``, the default's first), and how many pods took a
+    standby VM or found none of their base ready since the daemon started."""
+
+    bases: tuple[BaseStandby, ...]
+    taken: int
+    missed: int
+
+
 class StandbyPool:
     """Keeps ``size`` standby VMs of the default base running for new pods to take
     over, and up to ``burst`` more of each base while its pods come faster than the
@@ -154,6 +175,23 @@ class StandbyPool:
     def size(self) -> int:
         """How many standby VMs the pool keeps now, of every base."""
         return sum(lane.target.size for lane in self.lanes)
+
+    def report(self) -> PoolReport:
+        """The pool now, for metrics (cheap: no I/O)."""
+        bases = tuple(
+            BaseStandby(
+                vcpus=lane.machine.vcpus,
+                memory_mib=lane.machine.memory_mib,
+                target=lane.target.size,
+                pids=tuple(
+                    s.process.pid
+                    for s in self._ready_in(lane)
+                    if self._running(s) and s.process is not None
+                ),
+            )
+            for lane in self.lanes
+        )
+        return PoolReport(bases, self.taken, self.missed)
 
     # taking --------------------------------------------------------------------------
 

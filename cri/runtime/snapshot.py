@@ -20,6 +20,7 @@ from cri_api.v1 import api_pb2
 from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
 from cri.runtime.state import ContainerRecord, PodRecord
 from sandbox.api import HOST_HANDLER, SandboxState, SharedFiles
+from sandbox.standby import PoolReport
 
 log = logging.getLogger("clearcri.metrics")
 
@@ -134,6 +135,8 @@ class Snapshot:
     container_states: Tally[str] = field(default_factory=Tally)
     container_images: dict[str, SharedImage] = field(default_factory=dict)
     pulled_bytes: int = 0
+    #: the standby pool's VMs (None: the node keeps none)
+    standby: PoolReport | None = None
 
 
 async def take_snapshot(

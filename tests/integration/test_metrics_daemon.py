@@ -37,8 +37,10 @@ def free_port() -> int:
 class MetricsDaemon(CriDaemon):
     """A CriDaemon whose config serves metrics on a free port (and extra [vm] keys)."""
 
-    def __init__(self, root: Path, registry_host: str = "", vm: str = "") -> None:
-        super().__init__(root, GUEST_DIR, registry_host)
+    def __init__(
+        self, root: Path, registry_host: str = "", vm: str = "", *, standby: int = 0
+    ) -> None:
+        super().__init__(root, GUEST_DIR, registry_host, standby=standby)
         self.port = free_port()
         text = self.config_path.read_text()
         text = text.replace(
@@ -304,6 +306,38 @@ def host_ksm() -> Iterator[dict[str, str]]:
     finally:
         for key in ("pages_to_scan", "sleep_millisecs", "run"):
             (KSM / key).write_text(saved[key] + "\n")
+
+
+async def test_standby_vms_show_by_base_with_their_memory() -> None:
+    daemon = MetricsDaemon(new_root(), standby=1)
+    daemon.start()
+    default = {"vcpus": "1", "memory_mib": "256"}
+    try:
+        ready = await scrape_until(
+            daemon,
+            lambda s: (
+                bool(pick(s, "clearcri_standby_vms", **default))
+                and one(s, "clearcri_standby_vms", **default) == 1
+            ),
+            timeout=180,
+        )
+        assert one(ready, "clearcri_standby_vms", **default) == 1
+        assert one(ready, "clearcri_standby_target", **default) == 1
+        # an idle warmed VM's QEMU, charged to no pod
+        assert one(ready, "clearcri_standby_memory_pss_bytes", **default) > 16 << 20
+        # the smallest VM's base has none until one of its pods finds none ready
+        assert one(ready, "clearcri_standby_target", vcpus="1", memory_mib="96") == 0
+        assert one(ready, "clearcri_standby_taken_total") == 0
+        async with daemon.channel() as channel:
+            rt = api_pb2_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
+            await rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pod_config("sb")))
+        taken = await asyncio.to_thread(daemon.scrape)
+        assert one(taken, "clearcri_standby_taken_total") == 1
+        assert one(taken, "clearcri_standby_vms", **default) == 0
+        assert one(taken, "clearcri_sandboxes", state="ready") == 1
+        await remove_all(daemon)
+    finally:
+        cleanup(daemon)
 
 
 async def test_host_ksm_switch(host_ksm: dict[str, str], image_ref: str) -> None:

@@ -40,6 +40,7 @@ from cri.runtime.snapshot import take_snapshot
 from cri.runtime.state import CREATED, EXITED, POD_NOTREADY, RUNNING, ContainerRecord, PodRecord
 from sandbox.api import BootTimes, SharedFiles
 from sandbox.procfs import CLOCK_TICKS
+from sandbox.standby import BaseStandby, PoolReport
 from sandbox.vm import configure_host_ksm
 
 # -- fakes -------------------------------------------------------------------------------
@@ -391,6 +392,38 @@ async def test_collector_ksm(world: tuple[FakeRuntime, RuntimeCollector]) -> Non
     assert value(text, "clearcri_ksm_pages_unshared") == 40
     assert value(text, "clearcri_ksm_full_scans_total") == 7
     assert value(text, "clearcri_ksm_saved_bytes") == 300 * PAGE_SIZE
+
+
+async def test_collector_standby_vms_by_base(
+    world: tuple[FakeRuntime, RuntimeCollector], tmp_path: Path
+) -> None:
+    runtime, collector = world
+    fake_proc(tmp_path / "proc", 201, pss_kib=70_000, anon_kib=30_000, ticks=10)
+    fake_proc(tmp_path / "proc", 202, pss_kib=72_000, anon_kib=30_000, ticks=10)
+    report = PoolReport(
+        bases=(
+            BaseStandby(vcpus=1, memory_mib=256, target=2, pids=(201, 202)),
+            BaseStandby(vcpus=1, memory_mib=96, target=0, pids=()),
+        ),
+        taken=5,
+        missed=2,
+    )
+    body, _ = await MetricsExporter(
+        RuntimeMetrics(), runtime, collector, standby=lambda: report
+    ).render()
+    default = {"vcpus": "1", "memory_mib": "256"}
+    smallest = {"vcpus": "1", "memory_mib": "96"}
+    assert value(body, "clearcri_standby_vms", **default) == 2
+    assert value(body, "clearcri_standby_target", **default) == 2
+    assert value(body, "clearcri_standby_memory_pss_bytes", **default) == 142_000 * 1024
+    assert value(body, "clearcri_standby_vms", **smallest) == 0
+    assert value(body, "clearcri_standby_memory_pss_bytes", **smallest) == 0
+    assert value(body, "clearcri_standby_taken_total") == 5
+    assert value(body, "clearcri_standby_missed_total") == 2
+    # a node without a pool has no standby series
+    assert not any(
+        name.startswith("clearcri_standby") for name, _ in samples(await render(runtime, collector))
+    )
 
 
 async def test_collector_without_ksm(

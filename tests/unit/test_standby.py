@@ -341,3 +341,22 @@ async def test_a_standby_made_while_its_base_stopped_wanting_it_is_removed(
     finally:
         pool.ready = []
         await pool.close()
+
+
+def test_the_report_counts_ready_vms_and_targets_by_base(tmp_path: Path) -> None:
+    host = fake_host(tmp_path)
+    pool = StandbyPool(host, 1, burst=1)
+    pool.ready = [
+        _standby(host, "standby-a", networked=False),
+        _standby(host, "standby-b", networked=False, alive=False),  # dead: not counted
+    ]
+    small = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
+    assert (
+        pool.take(host.machine_for(small, host.config.run_root / "small"), networked=False) is None
+    )
+    report = pool.report()
+    assert [(b.vcpus, b.memory_mib, b.target, b.pids) for b in report.bases] == [
+        (1, 256, 1, (4242,)),
+        (1, 96, 1, ()),
+    ]
+    assert (report.taken, report.missed) == (0, 1)
