@@ -45,8 +45,7 @@ from cri.runtime.snapshot import (
     Snapshot,
     take_snapshot,
 )
-from sandbox.api import PROC, BootTimes, process_cpu_ns, read_process_memory
-from sandbox.standby import PoolReport
+from sandbox.api import PROC, BootTimes, PoolReport, process_cpu_ns, read_process_memory
 
 log = logging.getLogger("clearcri.metrics")
 

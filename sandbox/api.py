@@ -318,6 +318,27 @@ class SharedFiles:
 # ------------------------------------------------------------------------ the port
 
 
+@dataclass(frozen=True)
+class BaseStandby:
+    """The standby VMs of one base at a moment (sandbox/standby.py): the base's shape,
+    how many the pool keeps now, and the QEMU processes of those ready."""
+
+    vcpus: int
+    memory_mib: int
+    target: int
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """What the pool holds (``bases``, the default's first), and how many pods took a
+    standby VM or found none of their base ready since the daemon started."""
+
+    bases: tuple[BaseStandby, ...]
+    taken: int
+    missed: int
+
+
 class Sandbox(Protocol):
     """One pod sandbox: a VM, or a pod on the host. Its operations raise SandboxError
     (or an AgentError from its agent): each carries the ``ErrorCode`` cri/ answers."""

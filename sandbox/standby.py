@@ -51,7 +51,7 @@ from typing import TypeVar
 from agent.errors import AgentError
 from agent.protocol import ContainerSpec, ImageSource
 from sandbox import mounts
-from sandbox.api import SandboxError, SandboxState
+from sandbox.api import BaseStandby, PoolReport, SandboxError, SandboxState
 from sandbox.lifecycle import PodSandbox, read_state
 from sandbox.network import remove_netns
 from sandbox.node import SandboxHost
@@ -128,27 +128,6 @@ class Lane:
 
     machine: MachineSpec
     target: PoolTarget
-
-
-@dataclass(frozen=True)
-class BaseStandby:
-    """The standby VMs of one base at a moment: the base's shape, how many the pool
-    keeps now, and the QEMU processes of those ready."""
-
-    vcpus: int
-    memory_mib: int
-    target: int
-    pids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PoolReport:
-    """What the pool holds (``bases``, the default's first), and how many pods took a
-    standby VM or found none of their base ready since the daemon started."""
-
-    bases: tuple[BaseStandby, ...]
-    taken: int
-    missed: int
 
 
 class StandbyPool:

@@ -19,8 +19,7 @@ from cri_api.v1 import api_pb2
 
 from agent.protocol import ContainerStats, GuestStats, InterfaceStats, StatsReport
 from cri.runtime.state import ContainerRecord, PodRecord
-from sandbox.api import HOST_HANDLER, SandboxState, SharedFiles
-from sandbox.standby import PoolReport
+from sandbox.api import HOST_HANDLER, PoolReport, SandboxState, SharedFiles
 
 log = logging.getLogger("clearcri.metrics")
 

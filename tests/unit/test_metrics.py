@@ -38,9 +38,8 @@ from cri.runtime.pod_metrics import (
 )
 from cri.runtime.snapshot import take_snapshot
 from cri.runtime.state import CREATED, EXITED, POD_NOTREADY, RUNNING, ContainerRecord, PodRecord
-from sandbox.api import BootTimes, SharedFiles
+from sandbox.api import BaseStandby, BootTimes, PoolReport, SharedFiles
 from sandbox.procfs import CLOCK_TICKS
-from sandbox.standby import BaseStandby, PoolReport
 from sandbox.vm import configure_host_ksm
 
 # -- fakes -------------------------------------------------------------------------------
