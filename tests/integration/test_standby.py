@@ -5,6 +5,7 @@ stays behind, and a restarted daemon removes the standby VMs an earlier one left
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,6 +18,7 @@ from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import GuestAssets
 from sandbox.handlers import Sandboxes
 from sandbox.hotplug import expected_mem_total_kib
+from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost, size_vm
 from sandbox.procfs import pid_alive
 from sandbox.standby import StandbyPool
@@ -64,6 +66,27 @@ def _standby_vms(net_host: SandboxHost) -> list[str]:
         if net_host.standby_dir.exists()
         else []
     )
+
+
+@contextlib.asynccontextmanager
+async def _burst_pool(
+    net_host: SandboxHost, lab: CniLab
+) -> AsyncIterator[tuple[StandbyPool, list[PodSandbox]]]:
+    """A pool of one standby VM and one more of a base whose pod found none ready; the
+    pods a test starts go in the list. Nothing of them or of the pool stays after."""
+    pool = StandbyPool(net_host, 1, burst=1)
+    net_host.standby = pool
+    pool.start()
+    pods: list[PodSandbox] = []
+    try:
+        yield pool, pods
+    finally:
+        for pod in pods:
+            await pod.destroy()
+        net_host.standby = None
+        await pool.close()
+    assert _standby_vms(net_host) == []
+    assert lab.leftovers([p.id for p in pods]) == []
 
 
 async def test_a_pod_takes_over_a_standby_vm_with_its_network_and_cgroup(
@@ -176,11 +199,6 @@ async def test_a_bigger_pod_grows_the_standby_and_a_smaller_one_starts_its_own_v
 async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came(
     net_host: SandboxHost, lab: CniLab, busybox_image: RootfsImage
 ) -> None:
-    pool = StandbyPool(net_host, 1, burst=1)
-    net_host.standby = pool
-    pool.start()
-    pods = []
-
     def small(name: str) -> SandboxSpec:
         spec = _pod_spec(name)
         return SandboxSpec(
@@ -190,7 +208,7 @@ async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came
             memory_budget_bytes=232 * MIB,
         )
 
-    try:
+    async with _burst_pool(net_host, lab) as (pool, pods):
         await _ready(pool)
         # the first finds no standby of its base (the smallest VM's) and starts as a clone
         first = create_vm_pod(net_host, small("first"))
@@ -223,13 +241,6 @@ async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came
         assert result is not None and result.ipv4.startswith(lab.prefix4 + ".")
         await _serve(second, busybox_image, "from-a-small-standby")
         assert await _http_get(f"http://{result.ipv4}:8080/x") == b"from-a-small-standby\n"
-    finally:
-        for pod in pods:
-            await pod.destroy()
-        net_host.standby = None
-        await pool.close()
-    assert _standby_vms(net_host) == []
-    assert lab.leftovers([p.id for p in pods]) == []
 
 
 async def test_pods_without_network_take_a_standby_with_its_tap(
@@ -314,11 +325,7 @@ async def test_a_node_without_networking_serves_pods_with_a_network_spec(
 async def test_pods_that_find_no_standby_ready_make_the_pool_keep_two(
     net_host: SandboxHost, lab: CniLab
 ) -> None:
-    pool = StandbyPool(net_host, 1, burst=1)
-    net_host.standby = pool
-    pool.start()
-    pods = []
-    try:
+    async with _burst_pool(net_host, lab) as (pool, pods):
         await _ready(pool)
         # two pods back to back: the first takes the standby, the second finds none
         for name in ("first", "second"):
@@ -333,10 +340,3 @@ async def test_pods_that_find_no_standby_ready_make_the_pool_keep_two(
             await asyncio.sleep(0.2)
         assert len(pool.ready) == 2, "the pool did not make two standby VMs"
         assert len(_standby_vms(net_host)) == 3  # the first pod's and the two ready
-    finally:
-        for pod in pods:
-            await pod.destroy()
-        net_host.standby = None
-        await pool.close()
-    assert _standby_vms(net_host) == []
-    assert lab.leftovers([p.id for p in pods]) == []

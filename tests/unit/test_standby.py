@@ -17,6 +17,7 @@ from sandbox.api import SandboxError, SandboxSpec, SandboxState
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
 from sandbox.standby import BURST_IDLE_S, Lane, PoolTarget, StandbyPool
+from sandbox.vm import MachineSpec
 from sandbox.vmpod import VmBackend, vm_backend
 from tests.unit.fake_guest import fake_host
 
@@ -29,16 +30,66 @@ class RunningProcess:
         self.pid = 4242
 
 
-def _standby(host: SandboxHost, name: str, *, networked: bool, alive: bool = True) -> PodSandbox:
+def _standby(
+    host: SandboxHost,
+    name: str,
+    *,
+    networked: bool,
+    alive: bool = True,
+    base: MachineSpec | None = None,
+) -> PodSandbox:
+    """A standby VM that never started: of ``base`` (default: the default shape)."""
     run_dir = host.standby_dir / name
     spec = SandboxSpec(name)
-    backend = VmBackend(host, host.machine_for(spec, run_dir), spec)
+    machine = host.machine_for(spec, run_dir) if base is None else base
+    backend = VmBackend(host, replace(machine, name=name, run_dir=run_dir), spec)
     if networked:
         backend.own_netns = Path(f"/run/netns/clearcri-{name}")
     sandbox = PodSandbox(backend, name, host.config)
     sandbox.state = SandboxState.READY
     sandbox.process = RunningProcess(alive)  # type: ignore[assignment]
     return sandbox
+
+
+class FakeLoop:
+    """A pool (one standby VM, a burst of one) whose loop runs for real, inside ``async
+    with``, with standby VMs that never start: ``made`` and ``removed`` in order;
+    ``on_make`` runs as each is made."""
+
+    def __init__(
+        self,
+        host: SandboxHost,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        burst_idle_s: float = BURST_IDLE_S,
+        on_make: Callable[[Lane], None] = lambda lane: None,
+    ) -> None:
+        self.pool = pool = StandbyPool(host, 1, burst=1)
+        self.made: list[PodSandbox] = []
+        self.removed: list[PodSandbox] = []
+
+        async def make(lane: Lane) -> PodSandbox:
+            on_make(lane)
+            name = f"standby-{len(self.made)}"
+            self.made.append(_standby(host, name, networked=False, base=lane.machine))
+            return self.made[-1]
+
+        async def remove(standby: PodSandbox) -> None:
+            self.removed.append(standby)
+
+        monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
+        monkeypatch.setattr(standby_module, "BURST_IDLE_S", burst_idle_s)
+        monkeypatch.setattr(pool, "_make", make)
+        monkeypatch.setattr(pool, "_remove", remove)
+        monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
+
+    async def __aenter__(self) -> FakeLoop:
+        self.pool.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.pool.ready = []  # nothing real to remove
+        await self.pool.close()
 
 
 def test_a_pod_of_the_default_shape_takes_a_standby_with_the_network_it_needs(
@@ -208,33 +259,10 @@ async def test_pods_below_the_default_get_a_standby_of_their_base_while_they_com
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host = fake_host(tmp_path)
-    pool = StandbyPool(host, 1, burst=1)
-    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
-    monkeypatch.setattr(standby_module, "BURST_IDLE_S", 0.5)
-    made: list[PodSandbox] = []
-    removed: list[PodSandbox] = []
-
-    async def make(lane: Lane) -> PodSandbox:
-        name = f"standby-{len(made)}"
-        run_dir = host.standby_dir / name
-        spec = SandboxSpec(name)
-        backend = VmBackend(host, replace(lane.machine, name=name, run_dir=run_dir), spec)
-        sandbox = PodSandbox(backend, name, host.config)
-        sandbox.state = SandboxState.READY
-        sandbox.process = RunningProcess()  # type: ignore[assignment]
-        made.append(sandbox)
-        return sandbox
-
-    async def remove(standby: PodSandbox) -> None:
-        removed.append(standby)
-
-    monkeypatch.setattr(pool, "_make", make)
-    monkeypatch.setattr(pool, "_remove", remove)
-    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
     small = SandboxSpec("small", memory_limit_bytes=64 * MIB, memory_budget_bytes=232 * MIB)
     machine = host.machine_for(small, host.config.run_root / "small")
-    pool.start()
-    try:
+    async with FakeLoop(host, monkeypatch, burst_idle_s=0.5) as loop:
+        pool, made = loop.pool, loop.made
         await _until(lambda: len(pool.ready) == 1)
         assert vm_backend(made[0]).machine.memory_mib == 256
         assert not pool.has_ready(machine, networked=False)
@@ -244,11 +272,8 @@ async def test_pods_below_the_default_get_a_standby_of_their_base_while_they_com
         assert taken is made[1] and vm_backend(taken).machine.memory_mib == 96
         await _until(lambda: len(made) == 3)  # its base's next
         # no pod of that base for BURST_IDLE_S: its standby goes, the default's stays
-        await _until(lambda: removed == [made[2]])
+        await _until(lambda: loop.removed == [made[2]])
         assert pool.ready == [made[0]] and pool.size == 1
-    finally:
-        pool.ready = []
-        await pool.close()
 
 
 async def _until(what: Callable[[], bool]) -> None:
@@ -263,36 +288,17 @@ async def test_a_pool_kept_larger_removes_its_extra_standby_when_pods_stop_comin
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host = fake_host(tmp_path)
-    pool = StandbyPool(host, 1, burst=1)
-    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
-    monkeypatch.setattr(standby_module, "BURST_IDLE_S", 0.3)
-    made: list[PodSandbox] = []
-    removed: list[PodSandbox] = []
-
-    async def make(lane: Lane) -> PodSandbox:
-        made.append(_standby(host, f"standby-{len(made)}", networked=False))
-        return made[-1]
-
-    async def remove(standby: PodSandbox) -> None:
-        removed.append(standby)
-
-    monkeypatch.setattr(pool, "_make", make)
-    monkeypatch.setattr(pool, "_remove", remove)
-    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
     pod = host.machine_for(SandboxSpec("p"), host.config.run_root / "p")
-    pool.start()
-    try:
+    async with FakeLoop(host, monkeypatch, burst_idle_s=0.3) as loop:
+        pool, made = loop.pool, loop.made
         await _until(lambda: len(pool.ready) == 1)
         assert pool.take(pod, networked=False) is made[0]
         assert pool.take(pod, networked=False) is None  # came before the next was ready
         await _until(lambda: len(pool.ready) == 2)
-        assert pool.size == 2 and removed == []
+        assert pool.size == 2 and loop.removed == []
         # no pod for BURST_IDLE_S: back to one, the newest removed
         await _until(lambda: len(pool.ready) == 1)
-        assert pool.size == 1 and removed == [made[-1]]
-    finally:
-        pool.ready = []
-        await pool.close()
+        assert pool.size == 1 and loop.removed == [made[-1]]
 
 
 async def test_a_standby_is_grown_only_from_its_template(tmp_path: Path) -> None:
@@ -313,34 +319,17 @@ async def test_a_standby_is_grown_only_from_its_template(tmp_path: Path) -> None
 async def test_a_standby_made_while_its_base_stopped_wanting_it_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host = fake_host(tmp_path)
-    pool = StandbyPool(host, 1, burst=1)
-    monkeypatch.setattr(standby_module, "QUIET_S", 0.0)
-    smallest = pool.lanes[1]
-    made: list[PodSandbox] = []
-    removed: list[PodSandbox] = []
-
-    async def make(lane: Lane) -> PodSandbox:
-        if lane is smallest:
+    def shrink(lane: Lane) -> None:
+        if lane.target.base == 0:  # the smallest VM's base
             lane.target.extra = 0  # its pods stopped coming while it started
-        made.append(_standby(host, f"standby-{len(made)}", networked=False))
-        return made[-1]
 
-    async def remove(standby: PodSandbox) -> None:
-        removed.append(standby)
-
-    monkeypatch.setattr(pool, "_make", make)
-    monkeypatch.setattr(pool, "_remove", remove)
-    monkeypatch.setattr(pool, "remove_abandoned", lambda: asyncio.sleep(0, 0))
-    assert smallest.target.missed(time.monotonic())  # a pod of its base found none
-    pool.start()
-    try:
-        await _until(lambda: len(made) == 2 and len(removed) == 1)
+    loop = FakeLoop(fake_host(tmp_path), monkeypatch, on_make=shrink)
+    assert loop.pool.lanes[1].target.missed(time.monotonic())  # a pod of it found none
+    async with loop:
+        made = loop.made
+        await _until(lambda: len(made) == 2 and len(loop.removed) == 1)
         await asyncio.sleep(0.05)
-        assert removed == [made[1]] and pool.ready == [made[0]] and len(made) == 2
-    finally:
-        pool.ready = []
-        await pool.close()
+        assert loop.removed == [made[1]] and loop.pool.ready == [made[0]] and len(made) == 2
 
 
 def test_the_report_counts_ready_vms_and_targets_by_base(tmp_path: Path) -> None:
