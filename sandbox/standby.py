@@ -23,8 +23,9 @@ guest's NIC, clock, hostname, /etc files) runs as after a boot.
 Standby VMs are sandboxes of their own (named ``standby-<hex>``, their run directories
 in the host's standby directory), made, watched and removed like pods. The pool makes
 the next one once no pod VM is starting (a standby's start would compete with theirs
-for the CPU), keeps ``[vm] standby`` of the default base's, drops one whose VM died,
-and removes the ones no pod took when the daemon stops; a new daemon removes whatever
+for the CPU), keeps ``[vm] standby`` of the default base's, removes and replaces one
+as soon as its VM dies (killed, crashed), and removes the ones no pod took when the
+daemon stops; a new daemon removes whatever
 standby VMs an earlier one left (those no pod's link points to).
 
 Pods that come faster than the pool makes standby VMs (one takes the last, the next
@@ -305,6 +306,9 @@ class StandbyPool:
             failures = 0
             self._lane_of[standby.id] = lane
             self.ready.append(standby)
+            if standby.process is not None:
+                # a standby VM that dies is replaced now, not when a pod next asks
+                standby.process.on_exit(lambda _: self._wake.set())
 
     async def _shrink(self) -> bool:
         """Keep one fewer standby VM of a base whose pods stopped coming (PoolTarget),

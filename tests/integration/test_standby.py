@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -241,6 +242,23 @@ async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came
         assert result is not None and result.ipv4.startswith(lab.prefix4 + ".")
         await _serve(second, busybox_image, "from-a-small-standby")
         assert await _http_get(f"http://{result.ipv4}:8080/x") == b"from-a-small-standby\n"
+
+
+async def test_a_standby_vm_killed_is_replaced_and_leaves_nothing(
+    net_host: SandboxHost, pool: StandbyPool
+) -> None:
+    await _ready(pool)
+    dead = pool.ready[0]
+    netns = vm_backend(dead).own_netns
+    assert netns is not None and netns.exists()
+    os.kill(dead.pid, signal.SIGKILL)  # the host's OOM killer, a crash: no pod asked
+    for _ in range(int(120 / 0.2)):
+        if pool.ready and pool.ready[0] is not dead:
+            break
+        await asyncio.sleep(0.2)
+    assert pool.ready and pool.ready[0] is not dead, "the dead standby VM was not replaced"
+    assert _standby_vms(net_host) == [pool.ready[0].id]
+    assert not netns.exists()
 
 
 async def test_pods_without_network_take_a_standby_with_its_tap(

@@ -28,6 +28,15 @@ class RunningProcess:
     def __init__(self, alive: bool = True) -> None:
         self.alive = alive
         self.pid = 4242
+        self._on_exit: list[Callable[[RunningProcess], None]] = []
+
+    def on_exit(self, callback: Callable[[RunningProcess], None]) -> None:
+        self._on_exit.append(callback)
+
+    def exit(self) -> None:
+        self.alive = False
+        for callback in self._on_exit:
+            callback(self)
 
 
 def _standby(
@@ -349,3 +358,15 @@ def test_the_report_counts_ready_vms_and_targets_by_base(tmp_path: Path) -> None
         (1, 96, 1, ()),
     ]
     assert (report.taken, report.missed) == (0, 1)
+
+
+async def test_a_standby_vm_that_dies_is_replaced_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeLoop(fake_host(tmp_path), monkeypatch) as loop:
+        await _until(lambda: len(loop.pool.ready) == 1)
+        dead = loop.made[0]
+        assert isinstance(dead.process, RunningProcess)
+        dead.process.exit()  # killed, crashed: no pod asked
+        await _until(lambda: loop.removed == [dead] and len(loop.pool.ready) == 1)
+        assert loop.pool.ready == [loop.made[1]]
