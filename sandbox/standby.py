@@ -25,8 +25,8 @@ in the host's standby directory), made, watched and removed like pods. The pool 
 the next one once no pod VM is starting (a standby's start would compete with theirs
 for the CPU), keeps ``[vm] standby`` of the default base's, removes and replaces one
 as soon as its VM dies (killed, crashed), and removes the ones no pod took when the
-daemon stops; a new daemon removes whatever
-standby VMs an earlier one left (those no pod's link points to).
+daemon stops; a new daemon removes whatever standby VMs an earlier one left (those no
+pod's link points to).
 
 Pods that come faster than the pool makes standby VMs (one takes the last, the next
 finds none ready and starts as a clone) make it keep more of their base's: one more
