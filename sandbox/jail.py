@@ -43,8 +43,9 @@ CAP_FSETID = 4
 SHARE_CAPABILITIES = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 KVM_DEVICE = "/dev/kvm"
-#: The host's files every VMM needs, read-only.
-SYSTEM_PATHS = ("/usr", "/etc/ld.so.cache")
+#: The host's files every VMM needs, read-only (virtio-mem reads the host's huge page
+#: size, and warns on every start without it).
+SYSTEM_PATHS = ("/usr", "/etc/ld.so.cache", "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
 
 #: The first uid/gid of the range jailed VMMs use, and how many; kept above the ranges
 #: kubelet gives user-namespace pods by default (from 65536 up, 65536 per pod).

@@ -61,6 +61,8 @@ async def test_the_vmm_sees_only_its_own_files(sandbox_host: SandboxHost, pod: P
         machine.run_dir / "qemu.log",
     ):
         assert not (root / hidden.relative_to("/")).exists(), hidden
+    # what QEMU reads of the host's settings is there: it starts without a warning
+    assert machine.stderr_log.read_text().strip() == ""
     # of the run root, only the way to its own directory is there
     run_root = root / sandbox_host.config.run_root.relative_to("/")
     assert [p.name for p in run_root.iterdir()] == [pod.id]
