@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.jail import SHARE_CAPABILITIES, Jail, JailError, VmmIds, jail_for
+from sandbox.jail import SHARE_CAPABILITIES, SYSTEM_PATHS, Jail, JailError, VmmIds, jail_for
 from sandbox.vm import MachineSpec
 
 VMM_ID = 0x7000_F001
@@ -49,15 +49,25 @@ def test_the_jail_holds_only_what_it_names(tmp_path: Path) -> None:
     done = _run(
         _jail(tmp_path),
         f"id -u; id -g; pwd; cat {kernel}; ls /; cat {secret}; echo x > {kernel}; "
-        "echo made > here; ls /dev; ls /proc/1; mkdir /new",
+        "echo made > here; ls /dev; ls /proc/1; mkdir /new; ls /sys/kernel/mm/*",
     )
     out = done.stdout.split()
     assert out[:4] == [str(VMM_ID), str(VMM_ID), str(tmp_path / "vmm"), "kernel"]
     top = set(out[4 : out.index("null")])
-    assert top == {"bin", "dev", "lib", "lib64", "proc", "sbin", "tmp", "usr", "etc"} - {
-        name for name in ("lib64",) if not Path("/" + name).exists()
+    # /sys holds the one settings file QEMU reads (the host's huge page size)
+    assert top == {"bin", "dev", "lib", "lib64", "proc", "sbin", "tmp", "usr", "etc", "sys"} - {
+        name
+        for name, host in (("lib64", "/lib64"), ("sys", SYSTEM_PATHS[-1]))
+        if not Path(host).exists()
     }
-    assert set(out[out.index("null") :]) == {"null", "random", "urandom", "zero"}
+    assert set(out[out.index("null") : out.index("null") + 4]) == {
+        "null",
+        "random",
+        "urandom",
+        "zero",
+    }
+    if Path(SYSTEM_PATHS[-1]).exists():
+        assert out[out.index("null") + 4 :] == ["hpage_pmd_size"]
     assert "secret: No such file" in done.stderr
     assert "kernel: Read-only file system" in done.stderr
     assert "/proc/1" in done.stderr, "another user's process is invisible"
