@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.protocol import ContainerStats
 from cri.metrics import PAGE_SIZE, MetricsExporter, RuntimeCollector, RuntimeMetrics
 from cri.runtime.state import RUNNING
-from sandbox.api import BootTimes
+from sandbox.api import BaseStandby, BootTimes, PoolReport
 from tests.unit.test_metrics import (
     IMAGE_ID,
     FakeImage,
@@ -266,7 +266,11 @@ async def exported_families(tmp_path: Path) -> dict[str, set[str]]:
         proc=proc, ksm_dir=fake_ksm(tmp_path / "ksm"), resident=lambda p: 4 * PAGE_SIZE
     )
     metrics = RuntimeMetrics()
-    exporter = MetricsExporter(metrics, runtime, collector)  # registers the collector
+    standby = PoolReport(
+        (BaseStandby(vcpus=1, memory_mib=256, target=1, pids=(102,)),), taken=3, missed=1
+    )
+    # registers the collector
+    exporter = MetricsExporter(metrics, runtime, collector, standby=lambda: standby)
     metrics.observe_cri("RunPodSandbox", "OK", 0.5)
     metrics.observe_cri("ContainerStatus", "NOT_FOUND", 0.001)
     metrics.sandbox_started("p1", BootTimes(vmm_spawn=0.05, restore=0.02, agent_ready=0.4), 0.6)
