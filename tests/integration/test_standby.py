@@ -61,6 +61,15 @@ async def _ready(pool: StandbyPool, timeout: float = 120.0) -> None:
     raise AssertionError(f"no standby VM within {timeout:.0f} s")
 
 
+async def _ready_with_netns(pool: StandbyPool) -> tuple[PodSandbox, Path]:
+    """The pool's first ready standby VM and its network namespace (which exists)."""
+    await _ready(pool)
+    standby = pool.ready[0]
+    netns = vm_backend(standby).own_netns
+    assert netns is not None and netns.exists()
+    return standby, netns
+
+
 def _standby_vms(net_host: SandboxHost) -> list[str]:
     return (
         sorted(p.name for p in net_host.standby_dir.iterdir())
@@ -247,10 +256,7 @@ async def test_pods_below_the_default_take_a_standby_of_their_base_once_one_came
 async def test_a_standby_vm_killed_is_replaced_and_leaves_nothing(
     net_host: SandboxHost, pool: StandbyPool
 ) -> None:
-    await _ready(pool)
-    dead = pool.ready[0]
-    netns = vm_backend(dead).own_netns
-    assert netns is not None and netns.exists()
+    dead, netns = await _ready_with_netns(pool)
     os.kill(dead.pid, signal.SIGKILL)  # the host's OOM killer, a crash: no pod asked
     for _ in range(int(120 / 0.2)):
         if pool.ready and pool.ready[0] is not dead:
@@ -264,10 +270,7 @@ async def test_a_standby_vm_killed_is_replaced_and_leaves_nothing(
 async def test_pods_without_network_take_a_standby_with_its_tap(
     net_host: SandboxHost, pool: StandbyPool
 ) -> None:
-    await _ready(pool)
-    standby = pool.ready[0]
-    netns = vm_backend(standby).own_netns
-    assert netns is not None and netns.exists()
+    _, netns = await _ready_with_netns(pool)
     # a pod without a network takes the standby with its tap, which leads nowhere
     plain = create_vm_pod(net_host, SandboxSpec(f"nonet-{os.urandom(3).hex()}"))
     try:
