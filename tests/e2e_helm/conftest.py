@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.mounts import remove_tree
 from tests.conformance.images import DEFAULT_CACHE, Image, Inputs, pause_layer, push_all
 from tests.e2e.cluster import Cluster
 from tests.e2e_helm.nodes import E2E_IMAGE_PATH, HelmSuite, NodeImages, first_node
@@ -59,9 +60,8 @@ def node_images(registry: RegistryServer) -> NodeImages:
 
 @pytest.fixture(scope="session")
 def suite(registry: RegistryServer, node_images: NodeImages) -> Iterator[HelmSuite]:
-    work = Path(
-        os.environ.get("CLEARCRI_E2E_HELM_WORK") or tempfile.mkdtemp(prefix="clearcri-helm-")
-    )
+    kept = os.environ.get("CLEARCRI_E2E_HELM_WORK")
+    work = Path(kept or tempfile.mkdtemp(prefix="clearcri-helm-"))
     cluster: Cluster = first_node(work, registry.host)
     cluster.start()
     run = HelmSuite(cluster, registry.host, node_images, work)
@@ -69,3 +69,6 @@ def suite(registry: RegistryServer, node_images: NodeImages) -> Iterator[HelmSui
         yield run
     finally:
         run.stop()
+        if not kept:
+            # the nodes' roots hold installed runtimes and images: ~4 GB a run
+            remove_tree(work)
