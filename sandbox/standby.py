@@ -277,9 +277,7 @@ class StandbyPool:
         failures = 0
         while True:
             for standby in [s for s in self.ready if not self._running(s)]:
-                self.ready.remove(standby)
-                self._lane_of.pop(standby.id, None)
-                await self._remove(standby)
+                await self._drop(standby)
             if await self._shrink():
                 continue
             lane = self._short_lane()
@@ -330,10 +328,14 @@ class StandbyPool:
             ready = self._ready_in(lane)
             for surplus in reversed(ready[lane.target.size :]):
                 changed = True
-                self.ready.remove(surplus)
-                self._lane_of.pop(surplus.id, None)
-                await self._remove(surplus)
+                await self._drop(surplus)
         return changed
+
+    async def _drop(self, standby: PodSandbox) -> None:
+        """Take a ready standby VM out of the pool and remove it."""
+        self.ready.remove(standby)
+        self._lane_of.pop(standby.id, None)
+        await self._remove(standby)
 
     async def _quiet(self) -> None:
         """Wait until no pod VM has been starting for QUIET_S."""
