@@ -44,7 +44,7 @@ async def boot_floor(host: SandboxHost, work_dir: Path, index: int) -> float:
         image_slots=host.config.image_slots,
         tcg_tb_size_mib=host.config.tcg_tb_size_mib,
     )
-    cmd = build_command(spec, qemu=host.config.qemu)
+    cmd = build_command(spec, qemu=host.qemu)
     t0 = time.monotonic()
     proc = await VmProcess.spawn(cmd, stderr_log=spec.stderr_log, cwd=run_dir)
     try:

@@ -21,12 +21,16 @@ def mem_available_kib() -> int:
     return read_kib(Path("/proc/meminfo"), "MemAvailable")
 
 
-def bench_config(guest_dir: Path, work_dir: Path, *, templates: bool) -> SandboxConfig:
-    """Sandboxes under ``work_dir``, VM templates in a tmpfs directory of this run."""
+def bench_config(
+    guest_dir: Path, work_dir: Path, *, templates: bool, qemu: str = ""
+) -> SandboxConfig:
+    """Sandboxes under ``work_dir``, VM templates in a tmpfs directory of this run;
+    ``qemu`` is the VMM (``[vm] qemu``; "": the guest directory's)."""
     return SandboxConfig(
         run_root=work_dir / "run",
         guest_dir=guest_dir,
         accel="auto",
+        qemu=qemu,
         templates=templates,
         template_dir=Path(f"/dev/shm/clearcri-bench-templates-{os.getpid()}"),
     )

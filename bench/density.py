@@ -50,7 +50,13 @@ def pss_total_kib(sandboxes: list[PodSandbox]) -> int:
 
 
 async def run_density_bench(
-    *, guest_dir: Path, pods: int, step: int, work_dir: Path, plot: Path | None = None
+    *,
+    guest_dir: Path,
+    pods: int,
+    step: int,
+    work_dir: Path,
+    plot: Path | None = None,
+    qemu: str = "",
 ) -> int:
     """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
     time, and print at every ``step`` pods: the start time of the last ones, the host
@@ -59,11 +65,11 @@ async def run_density_bench(
     pod's QEMU uses (share of one core) and what memory is left. The baseline is the
     first step, measured in the same run; the limit is where a start fails or where the
     figures project that memory runs out. With ``plot``, start time and memory per pod against
-    the pod count go to that PNG file."""
+    the pod count go to that PNG file. ``qemu`` is the VMM (default: the guest's own)."""
     if plot is not None:
         require_matplotlib()
     assets = locate_guest(guest_dir)
-    config = bench_config(guest_dir, work_dir, templates=True)
+    config = bench_config(guest_dir, work_dir, templates=True, qemu=qemu)
     host = SandboxHost(config, assets)
     assert host.templates is not None
     sandboxes: list[PodSandbox] = []
@@ -75,7 +81,10 @@ async def run_density_bench(
         )
         idle_cpu = await asyncio.to_thread(cpu_busy_fraction, 5.0)
         before = mem_available_kib()
-        print(f"guest {assets.version}  accel {host.accel}  {config.default_memory_mib} MiB guests")
+        print(
+            f"guest {assets.version}  accel {host.accel}  {config.default_memory_mib} MiB "
+            f"guests  VMM {host.qemu}"
+        )
         print(f"host before: MemAvailable {before / 1024:.0f} MiB, CPU busy {idle_cpu:.1%}")
         print(
             f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'PSS MiB/pod':>12} "

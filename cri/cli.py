@@ -46,13 +46,19 @@ def _progress(line: str) -> None:
 
 def cmd_guest_build(args: argparse.Namespace) -> int:
     from guestbuild.builder import build_guest
+    from sandbox.guest import GuestError
 
-    assets = build_guest(
-        Path(args.guest_dir), progress=_progress, force=args.force, kernel=args.kernel
-    )
+    try:
+        assets = build_guest(
+            Path(args.guest_dir), progress=_progress, force=args.force, kernel=args.kernel
+        )
+    except GuestError as exc:
+        print(f"clearcri: guest build failed: {exc}", file=sys.stderr)
+        return 1
     print(f"kernel   {assets.kernel} ({assets.kernel_version})")
     print(f"initrd   {assets.initrd}")
     print(f"os image {assets.os_image} ({assets.os_image.stat().st_size / 2**20:.1f} MiB)")
+    print(f"vmm      {assets.vmm}")
     print(f"version  {assets.version}")
     return 0
 
@@ -184,6 +190,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
                 step=args.step,
                 work_dir=work,
                 plot=plot,
+                qemu=args.qemu,
             )
         )
 
@@ -348,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     density.add_argument("--pods", type=int, default=200, help="pods to start at most")
     density.add_argument("--step", type=int, default=25, help="print figures every N pods")
     density.add_argument("--work-dir", default="", help="scratch dir (default: a new temp dir)")
+    density.add_argument(
+        "--qemu",
+        default="",
+        help="the VMM ([vm] qemu; default: the guest directory's own build, "
+        "qemu-system-x86_64 for the host's)",
+    )
     density.add_argument(
         "--plot",
         default="",

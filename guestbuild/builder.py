@@ -7,7 +7,9 @@ directory (sandbox/guest.py finds them there at run time).
   guest needs (guestbuild/kmod.py; none with our kernel) and ``/init``
   (``guestbuild/guest_init.sh``);
 * ``os.img``: a read-only erofs image with python3, crun, busybox and the agent
-  (guestbuild/osimage.py), mapped into every VM with DAX from this one host file.
+  (guestbuild/osimage.py), mapped into every VM with DAX from this one host file;
+* ``qemu-system-x86_64``: the VMM, QEMU built from Debian's source with the qemu-lite
+  machine's devices only (guestbuild/vmm.py).
 
 ``floor-initrd.img`` boots the same kernel to a trivial ``/init`` (the benchmark floor).
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from guestbuild import kernel as guest_kernel
+from guestbuild import vmm as guest_vmm
 from guestbuild.apt import (
     DebCache,
     DebPackage,
@@ -44,7 +47,7 @@ from guestbuild.apt import (
     resolve_kernel_package,
 )
 from guestbuild.bzimage import extract_vmlinux
-from guestbuild.common import GuestBuildError, ProgressFn, remove, run
+from guestbuild.common import GuestBuildError, ProgressFn, compiler_version, remove, run
 from guestbuild.initramfs import Initramfs
 from guestbuild.kmod import (
     decompress_module,
@@ -147,7 +150,13 @@ FLOOR_INIT = f"#!/bin/sh\necho {FLOOR_READY_LINE}\npoweroff -f\nreboot -f\n"
 OS_IMAGE_ALIGN = 2 * 1024 * 1024
 
 #: Bump a component's recipe when the code that builds it changes its output.
-RECIPES: Mapping[str, int] = {"kernel": 1, "initrd": 1, "floor_initrd": 1, "os_image": 1}
+RECIPES: Mapping[str, int] = {
+    "kernel": 1,
+    "initrd": 1,
+    "floor_initrd": 1,
+    "os_image": 1,
+    "vmm": 1,
+}
 
 
 def hash_inputs(*parts: object) -> str:
@@ -173,6 +182,10 @@ class BuildInputs:
     blk_modules: tuple[str, ...] = GUEST_BLK_MODULES
     launcher: str = AGENT_LAUNCHER
     floor_init: str = FLOOR_INIT
+    #: Debian's QEMU source version the VMM is built from, and the VMM build's own
+    #: input hash (guestbuild/vmm.py: source, devices, configure options, compiler)
+    vmm_version: str = ""
+    vmm_input: str = ""
 
     @property
     def kernel_version(self) -> str:
@@ -237,6 +250,7 @@ class BuildInputs:
                 PYTHON_PRUNED_EXTENSIONS,
                 OS_PRUNED_PATHS,
             ),
+            "vmm": hash_inputs("vmm", RECIPES["vmm"], self.vmm_input),
         }
 
 
@@ -393,6 +407,13 @@ class _Builder:
         size = _mib(vmlinux.stat().st_size)
         self.progress(f"kernel: {OUTPUT_FILES['kernel']} {self.inputs.kernel_version} ({size})")
 
+    def build_vmm(self) -> None:
+        built = guest_vmm.VmmBuilder(self.inputs.vmm_version, progress=self.progress).build()
+        staged = self.staged("vmm")
+        shutil.copyfile(built, staged)
+        staged.chmod(0o755)
+        self.progress(f"vmm: {OUTPUT_FILES['vmm']} ({_mib(staged.stat().st_size)})")
+
     def module_files(self) -> tuple[dict[str, Path], set[str]]:
         moddir = self.kernel_root() / "lib" / "modules" / self.inputs.kernel_version
         if not moddir.is_dir():
@@ -532,6 +553,7 @@ def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLA
         if name not in base:
             raise GuestBuildError(f"package {name} is not available from apt")
     os_packages = tuple(resolve_closure(OS_ROOT_PACKAGES, apt_show, is_pruned_package))
+    vmm_version = guest_vmm.source_version()
     own = kernel_flavor == "clearcri"
     return BuildInputs(
         kernel_package=None if own else base[kernel_name],
@@ -542,7 +564,9 @@ def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLA
         kernel_flavor=kernel_flavor,
         kernel_source=base[kernel_name] if own else None,
         kernel_config=guest_kernel.config_fragment() if own else b"",
-        compiler=guest_kernel.compiler_version() if own else "",
+        compiler=compiler_version() if own else "",
+        vmm_version=vmm_version,
+        vmm_input=guest_vmm.input_hash(vmm_version, compiler_version()),
     )
 
 
@@ -578,6 +602,8 @@ def build_guest(
                     builder.build_initrd()
                 elif name == "floor_initrd":
                     builder.build_floor_initrd()
+                elif name == "vmm":
+                    builder.build_vmm()
                 else:
                     builder.build_os_image(hashes[name])
             for name in stale:

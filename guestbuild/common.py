@@ -3,6 +3,7 @@ helpers that run host programs and handle files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -44,3 +45,18 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def cache_root(kind: str) -> Path:
+    """Where builds of ``kind`` (the kernel, the VMM) are cached: ``~/.cache/clearcri/``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clearcri" / kind
+
+
+def compiler_version() -> str:
+    """The host compiler's version line: part of every compiled component's inputs."""
+    try:
+        out = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return "none"
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"

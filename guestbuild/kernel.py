@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from guestbuild.common import cache_root, compiler_version
+
 ProgressFn = Callable[[str], None]
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -43,16 +45,7 @@ def config_fragment() -> bytes:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clearcri" / "kernel"
-
-
-def compiler_version() -> str:
-    try:
-        out = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        return "none"
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+    return cache_root("kernel")
 
 
 def kernel_release(source_version: str) -> str:

@@ -5,7 +5,9 @@ directory with the ``manifest.json`` that describes them.
 * ``initrd.img``: the initramfs (busybox, the kernel modules the guest needs, ``/init``);
 * ``os.img``: a read-only erofs image with python3, crun, busybox and the agent, mapped
   into every VM with DAX from this one host file;
-* ``floor-initrd.img``: the same kernel's trivial ``/init`` (the benchmark floor).
+* ``floor-initrd.img``: the same kernel's trivial ``/init`` (the benchmark floor);
+* ``qemu-system-x86_64``: the VMM that runs them, QEMU with the qemu-lite machine's
+  devices only, linked statically (guestbuild/vmm.py).
 
 `clearcri guest build` (guestbuild/) makes them; this module only finds them and checks
 them against their manifest.
@@ -31,12 +33,13 @@ DEFAULT_KERNEL_FLAVOR = "clearcri"
 KERNEL_HZ = {"clearcri": 100, "debian": 250}
 
 #: The components of a build and their files in the guest directory.
-COMPONENTS: tuple[str, ...] = ("kernel", "initrd", "floor_initrd", "os_image")
+COMPONENTS: tuple[str, ...] = ("kernel", "initrd", "floor_initrd", "os_image", "vmm")
 OUTPUT_FILES: Mapping[str, str] = {
     "kernel": "vmlinux",
     "initrd": "initrd.img",
     "floor_initrd": "floor-initrd.img",
     "os_image": "os.img",
+    "vmm": "qemu-system-x86_64",
 }
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -59,6 +62,8 @@ class GuestAssets:
     kernel_version: str
     version: str
     kernel_flavor: str = DEFAULT_KERNEL_FLAVOR
+    #: the guest directory's own QEMU build (None: the host's QEMU runs the VMs)
+    vmm: Path | None = None
 
     @property
     def hz(self) -> int:
@@ -104,6 +109,7 @@ def locate_guest(guest_dir: Path = DEFAULT_GUEST_DIR) -> GuestAssets:
         kernel_version=str(manifest["kernel_version"]),
         version=str(manifest["version"]),
         kernel_flavor=str(manifest.get("kernel_flavor", "debian")),
+        vmm=paths["vmm"],
     )
 
 

@@ -81,6 +81,10 @@ class Jail:
     def command(self, cmd: list[str]) -> list[str]:
         """``cmd`` run inside this jail."""
         system = [path for path in SYSTEM_PATHS if os.path.exists(path)]
+        # a VMM outside the host's /usr (the guest directory's own build) is bound too
+        program = Path(cmd[0])
+        if program.is_absolute() and not any(program.is_relative_to(p) for p in system):
+            system.append(str(program))
         args = [
             f"uid={self.uid}",
             f"gid={self.gid}",

@@ -36,7 +36,10 @@ class SandboxConfig:
 
     run_root: Path = Path("/run/clearcri/sandboxes")
     guest_dir: Path = DEFAULT_GUEST_DIR
-    qemu: str = QEMU_BINARY
+    # The VMM: "" runs the guest directory's own QEMU build (guestbuild/vmm.py), or the
+    # host's qemu-system-x86_64 when the guest has none; a name on PATH or a path
+    # overrides it.
+    qemu: str = ""
     accel: str = "auto"
     # Guest size when the pod sets no limits (documented in docs/operations.md).
     default_vcpus: int = 1
@@ -183,9 +186,11 @@ class SandboxHost:
     def __init__(self, config: SandboxConfig, assets: GuestAssets | None = None) -> None:
         self.config = config
         self.assets = assets or locate_guest(config.guest_dir)
+        # the VMM every VM of the node runs
+        self.qemu = config.qemu or str(self.assets.vmm or QEMU_BINARY)
         choice = choose_accel(
             config.accel,
-            qemu=config.qemu,
+            qemu=self.qemu,
             assets=self.assets,
             cache_file=config.run_root.parent / "accel.json",
         )
@@ -214,7 +219,7 @@ class SandboxHost:
         if config.templates and config.os_image_mode == "pmem":
             self.templates = TemplateStore(
                 config.template_dir or config.run_root.parent / "templates",
-                config.qemu,
+                self.qemu,
                 vmm_ids=self.vmm_ids,
             )
             if config.hotplug:

@@ -226,7 +226,7 @@ class StandbyPool:
         """Whether a pod VM ``machine`` can be the standby VM ``vm``: a clone of the same
         template (base and room), no smaller (what it needs beyond is hot-plugged into
         the running VM when it launches, sandbox/vmpod.py), no extra arguments."""
-        qemu = self.host.config.qemu
+        qemu = self.host.qemu
         # the key holds the boot shape, room and share: a VM not sized at clone time
         # finds only a standby of its very size
         if machine.extra_args or machine.vcpus < vm.vcpus or machine.memory_mib < vm.memory_mib:

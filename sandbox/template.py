@@ -41,7 +41,7 @@ from sandbox.jail import JailError, VmmIds, jail_for, prepare_vmm_dir
 from sandbox.network import NETDEV_ID, NIC_PCI_ADDR
 from sandbox.procfs import pid_alive, read_cmdline
 from sandbox.qmp import QmpControl, QmpError
-from sandbox.vm import MachineSpec, VmProcess, build_command
+from sandbox.vm import MachineSpec, VmProcess, build_command, vmm_identity
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def template_key(machine: MachineSpec, qemu: str) -> str:
     vCPUs and memory it grows to are not part of the key), any other VM with its own."""
     shape = {
         "format": TEMPLATE_FORMAT,
-        "qemu": qemu,
+        "qemu": vmm_identity(qemu),
         "kernel": str(machine.kernel),
         "initrd": str(machine.initrd),
         "os_image": str(machine.os_image),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -180,6 +181,18 @@ def virtio_mem_args(region_mib: int) -> list[str]:
         f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem,"
         f"block-size={VIRTIO_MEM_BLOCK_MIB}M,requested-size=0,bus=pcie.0,addr={VIRTIO_MEM_ADDR}",
     ]
+
+
+def vmm_identity(qemu: str) -> str:
+    """The VMM binary ``qemu`` names (a path, or a name on PATH) as its path, size and
+    modification time: a rebuilt VMM is another VMM (a template's saved state is only
+    restored by the QEMU that saved it)."""
+    path = shutil.which(qemu) or qemu
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}:missing"
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def build_command(spec: MachineSpec, *, qemu: str = QEMU_BINARY) -> list[str]:

@@ -186,7 +186,7 @@ class VmBackend:
         elif self.machine.sized_at_clone:
             # nothing to clone: boot with the whole size, as without templates
             self.machine = self.machine.booted_whole()
-        cmd = build_command(self.machine, qemu=self.host.config.qemu)
+        cmd = build_command(self.machine, qemu=self.host.qemu)
         if self.machine.vmm_id is not None:
             cmd = jail_for(self.machine).command(cmd)
         tap: TapDevice | None = None

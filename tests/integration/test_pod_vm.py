@@ -237,7 +237,7 @@ async def test_killed_qemu_is_reported_dead_and_cleaned(sandbox_host: SandboxHos
 
 
 async def test_failed_boot_leaves_nothing(sandbox_host: SandboxHost) -> None:
-    sandbox_host.config.qemu = "/bin/false"
+    sandbox_host.qemu = "/bin/false"
     sandbox = create_vm_pod(sandbox_host, SandboxSpec("fail1"))
     with pytest.raises(SandboxError, match="failed to start"):
         await sandbox.start()

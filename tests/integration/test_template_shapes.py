@@ -90,7 +90,7 @@ async def test_pods_of_five_sizes_are_clones_of_the_bases(
     running: list[PodSandbox],
 ) -> None:
     assert host.rooms is not None and host.templates is not None
-    bases = {template_key(m, host.config.qemu) for m in host.base_machines()}
+    bases = {template_key(m, host.qemu) for m in host.base_machines()}
     assert len(bases) == 2
     # the default shape: a clone of its own base, nothing plugged
     default = create_vm_pod(host, SandboxSpec("default"))
@@ -100,7 +100,7 @@ async def test_pods_of_five_sizes_are_clones_of_the_bases(
     assert default.boot.restore > 0 and default.boot.kernel == 0
     assert default.boot.hotplug == 0
     assert (machine.vcpus, machine.memory_mib) == (machine.boot_vcpus, machine.boot_memory_mib)
-    assert template_key(machine, host.config.qemu) in bases
+    assert template_key(machine, host.qemu) in bases
     seen = []
     for i, (vcpus, limit) in enumerate(SHAPES):
         spec = _pod(f"shape{i}", vcpus, limit)

@@ -30,6 +30,7 @@ def test_component_hashes_track_only_their_inputs() -> None:
     assert _changed(base, build_inputs(busybox_package=new_busybox)) == {"initrd", "floor_initrd"}
     new_python = (DebPackage("python3", "3.11", "p2"), DebPackage("crun", "1.8", "c1"))
     assert _changed(base, build_inputs(os_packages=new_python)) == {"os_image"}
+    assert _changed(base, build_inputs(vmm_input="v2")) == {"vmm"}
     # Package order does not matter.
     assert _changed(base, build_inputs(os_packages=tuple(reversed(base.os_packages)))) == set()
 

@@ -153,3 +153,20 @@ def test_merge_makes_all_of_the_vmms_memory_mergeable(tmp_path: Path, merge: boo
     assert done.returncode == 0, done.stderr
     if _merge_any_supported():
         assert ("ksm_merge_any: yes" in done.stdout) is merge, done.stdout
+
+
+def test_a_vmm_outside_usr_is_bound_into_the_jail(tmp_path: Path) -> None:
+    """The guest directory's own QEMU build lives outside /usr: the jail shows it,
+    read-only, at the same path (the program runs; nothing else of its directory)."""
+    vmm_dir = tmp_path / "guest"
+    vmm_dir.mkdir()
+    program = vmm_dir / "qemu-system-x86_64"
+    program.write_text('#!/bin/sh\necho running; echo x > "$0"; ls "$(dirname "$0")"\n')
+    program.chmod(0o755)
+    (vmm_dir / "os.img").write_text("not bound\n")
+    jail = _jail(tmp_path)
+    assert f"readonly={program}" in jail.command([str(program)])
+    assert not any("readonly=/usr/bin/sh" in arg for arg in jail.command(["/usr/bin/sh"]))
+    done = subprocess.run(jail.command([str(program)]), capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["running", program.name]
+    assert "Read-only file system" in done.stderr

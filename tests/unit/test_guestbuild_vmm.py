@@ -1,0 +1,86 @@
+"""The VMM build (guestbuild/vmm.py): where Debian's QEMU source comes from, what the
+build is keyed by, and its cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guestbuild import vmm
+from guestbuild.common import GuestBuildError
+
+
+def test_source_version_comes_from_the_source_field() -> None:
+    show = "Package: qemu-system-x86\nSource: qemu (1:7.2+dfsg-7+deb12u18)\n"
+    show += "Version: 1:7.2+dfsg-7+deb12u18+b3\n"
+    # a binNMU's binary version is not the source's
+    assert vmm.parse_source_field(show) == "1:7.2+dfsg-7+deb12u18"
+    assert vmm.parse_source_field("Source: qemu\nVersion: 1:7.2-1\n") == "1:7.2-1"
+    assert vmm.parse_source_field("Package: qemu-system-x86\nVersion: 1:8.0-1\n") == "1:8.0-1"
+    assert vmm.parse_source_field("") is None
+
+
+def test_the_hosts_sources_become_deb_src_entries() -> None:
+    one_line = (
+        "# a comment\n"
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/d.gpg] http://deb.debian.org/debian "
+        "bookworm main contrib\n"
+        "deb-src http://deb.debian.org/debian bookworm main\n"
+        "deb http://security.debian.org/debian-security bookworm-security main # tail\n"
+    )
+    deb822 = (
+        "Types: deb\n# http://snapshot.debian.org/archive/debian/20250520T000000Z\n"
+        "URIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb-src\nURIs: http://x\nSuites: y\nComponents: main\n\n"
+        "Types: deb deb-src\nURIs: http://z\nSuites: w\nComponents: main\n"
+    )
+    stanzas = vmm.source_list([one_line], [deb822]).strip().split("\n\n")
+    assert stanzas == [
+        "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n"
+        "Components: main contrib\nSigned-By: /usr/share/keyrings/d.gpg",
+        "Types: deb-src\nURIs: http://security.debian.org/debian-security\n"
+        "Suites: bookworm-security\nComponents: main",
+        "Types: deb-src\nURIs: http://deb.debian.org/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg",
+        "Types: deb-src\nURIs: http://z\nSuites: w\nComponents: main",
+    ]
+    assert vmm.source_list(["deb-src http://x y main\n"], []) == ""
+
+
+def test_the_build_is_keyed_by_source_devices_options_and_compiler() -> None:
+    base = vmm.input_hash("1:7.2-1", "gcc 12")
+    assert vmm.input_hash("1:7.2-1", "gcc 12") == base
+    assert vmm.input_hash("1:7.2-2", "gcc 12") != base
+    assert vmm.input_hash("1:7.2-1", "gcc 13") != base
+    config = vmm.devices_config()
+    # the devices sandbox/vm.py puts in a pod VM, and not what it never uses
+    for device in ("Q35", "VIRTIO_PMEM", "VIRTIO_SERIAL", "VIRTIO_NET", "VIRTIO_9P"):
+        assert f"CONFIG_{device}=y\n" in config
+    assert "VGA" not in config and "USB" not in config
+    assert "--without-default-devices" in vmm.CONFIGURE_ARGS
+    assert "--static" in vmm.CONFIGURE_ARGS
+    assert vmm.safe_version("1:7.2+dfsg-7") == "7.2+dfsg-7"
+
+
+def test_a_cached_build_is_reused_and_nothing_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builder = vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path)
+    builder.cached.write_bytes(b"\x7fELF")
+
+    def no_tools() -> list[str]:
+        raise AssertionError("a cached build checks no tools")
+
+    monkeypatch.setattr(vmm, "missing_build_tools", no_tools)
+    assert builder.build() == builder.cached
+
+
+def test_missing_build_tools_name_the_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vmm, "missing_build_tools", lambda: ["meson"])
+    with pytest.raises(GuestBuildError, match=r"apt-get install .*meson.*libseccomp-dev"):
+        vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path).build()
