@@ -287,8 +287,17 @@ class VmmBuilder:
                 "APT::Sandbox::User=root",
             ]
             self.progress(f"vmm: fetching Debian's {SOURCE_PACKAGE} {self.version} source")
-            self._run([*apt, "update"])
-            self._run([*apt, "source", "--download-only", f"{SOURCE_PACKAGE}={self.version}"], work)
+            try:
+                self._run([*apt, "update"])
+                self._run(
+                    [*apt, "source", "--download-only", f"{SOURCE_PACKAGE}={self.version}"], work
+                )
+            except GuestBuildError as exc:
+                raise GuestBuildError(
+                    f"cannot fetch Debian's {SOURCE_PACKAGE} {self.version} source package: "
+                    "the host's apt sources must serve Debian's sources too (deb-src; "
+                    f"deb.debian.org does): {exc}"
+                ) from exc
             dsc = next(work.glob("*.dsc"), None)
             if dsc is None:
                 raise GuestBuildError(f"apt-get source brought no .dsc for {SOURCE_PACKAGE}")

@@ -84,3 +84,19 @@ def test_missing_build_tools_name_the_packages(
     monkeypatch.setattr(vmm, "missing_build_tools", lambda: ["meson"])
     with pytest.raises(GuestBuildError, match=r"apt-get install .*meson.*libseccomp-dev"):
         vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path).build()
+
+
+def test_a_source_that_cannot_be_fetched_says_what_the_host_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text("deb http://127.0.0.1:9/debian bookworm main\n")
+    real = vmm.host_source_list
+    monkeypatch.setattr(vmm, "host_source_list", lambda: real(etc))
+    monkeypatch.setattr(vmm, "missing_build_tools", lambda: [])
+    builder = vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path / "cache")
+    with pytest.raises(GuestBuildError, match="must serve Debian's sources too"):
+        builder.build()
+    # nothing of the attempt is left but the cache directory itself
+    assert list((tmp_path / "cache").iterdir()) == []
