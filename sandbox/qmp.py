@@ -26,11 +26,30 @@ class QmpError(Exception):
     """A QMP command failed or QEMU could not be reached."""
 
 
+#: What qemu.qmp logs (as an error, then a traceback) for each failed connection attempt.
+CONNECT_FAILURE = "Failed to establish connection"
+
+
+class _RetriedConnectFilter(logging.Filter):
+    """Drops qemu.qmp's own record of a failed connection attempt: QmpControl.connect
+    retries while QEMU is still setting up its socket (the file is there a moment before
+    QEMU listens on it) and raises QmpError itself once it gives up, so the daemon's log
+    shows no error for an attempt that was retried."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and args and args[0] == CONNECT_FAILURE)
+
+
+_RETRIED_CONNECT_FILTER = _RetriedConnectFilter()
+
+
 class QmpControl:
     """A connected QMP session with the events we care about recorded."""
 
     def __init__(self, name: str) -> None:
         self._client = QMPClient(name)
+        self._client.logger.addFilter(_RETRIED_CONNECT_FILTER)
         self._listener = EventListener(LIFECYCLE_EVENTS)
         self._events_task: asyncio.Task[None] | None = None
         self.shutdown_reason: str | None = None
