@@ -119,7 +119,8 @@ class WatchedVolumes:
             raise invalid(f"cannot follow volume {source}: {exc}") from exc
         with self._lock:
             self._pairs[mirror] = source
-            if self._thread is None:
+            # none yet, it stopped (nothing was followed), or it died
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="watched-volumes", daemon=True
                 )
@@ -142,6 +143,10 @@ class WatchedVolumes:
                 changed += sync(source, mirror)
             except (OSError, ValueError):
                 continue  # the pod is going away, or kubelet is mid-write: next round
+            except Exception:
+                # this thread follows every watched volume of the VM: whatever one
+                # raises, the others stay in step (and this one is tried next round)
+                continue
         return changed
 
     def _run(self) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,44 @@ def test_the_poller_stops_when_nothing_is_followed(tmp_path: Path) -> None:
     assert not thread.is_alive() and volumes._thread is None
     volumes.add(str(source), str(tmp_path / "c" / "watched" / "0"))
     assert volumes._thread is not None and volumes._thread.is_alive()
+
+
+def test_one_volume_that_breaks_the_sync_stops_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever one volume's sync raises, the poller goes on with the others (it follows
+    every watched volume of the VM), and a poller thread that ended is started again."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_version(good, "1", {"k": "a"})
+    write_version(bad, "1", {"k": "a"})
+    volumes = watched.WatchedVolumes(interval=0.01)
+    real_sync = watched.sync
+
+    def sync(source: str, mirror: str) -> bool:
+        if source == str(bad):
+            raise RuntimeError("not an OSError")
+        return real_sync(source, mirror)
+
+    volumes.add(str(bad), str(tmp_path / "b" / "watched" / "0"))
+    monkeypatch.setattr(watched, "sync", sync)
+    volumes.add(str(good), str(tmp_path / "g" / "watched" / "0"))
+    write_version(good, "2", {"k": "b"})
+    mirror = tmp_path / "g" / "watched" / "0" / "k"
+    deadline = time.monotonic() + 5
+    while mirror.read_text() != "b":
+        assert time.monotonic() < deadline, "the poller stopped following the good volume"
+        time.sleep(0.01)
+    thread = volumes._thread
+    assert thread is not None and thread.is_alive()
+
+
+def test_a_poller_thread_that_died_is_started_again(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_version(source, "1", {"k": "a"})
+    volumes = watched.WatchedVolumes(interval=3600)
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    volumes._thread = dead  # as a thread ended by an exception leaves it
+    volumes.add(str(source), str(tmp_path / "b" / "watched" / "0"))
+    assert volumes._thread is not dead and volumes._thread.is_alive()
