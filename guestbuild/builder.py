@@ -554,6 +554,7 @@ def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLA
             raise GuestBuildError(f"package {name} is not available from apt")
     os_packages = tuple(resolve_closure(OS_ROOT_PACKAGES, apt_show, is_pruned_package))
     vmm_version = guest_vmm.source_version()
+    compiler = compiler_version()
     own = kernel_flavor == "clearcri"
     return BuildInputs(
         kernel_package=None if own else base[kernel_name],
@@ -564,9 +565,9 @@ def collect_inputs(progress: ProgressFn, kernel_flavor: str = DEFAULT_KERNEL_FLA
         kernel_flavor=kernel_flavor,
         kernel_source=base[kernel_name] if own else None,
         kernel_config=guest_kernel.config_fragment() if own else b"",
-        compiler=compiler_version() if own else "",
+        compiler=compiler if own else "",
         vmm_version=vmm_version,
-        vmm_input=guest_vmm.input_hash(vmm_version, compiler_version()),
+        vmm_input=guest_vmm.input_hash(vmm_version, compiler),
     )
 
 

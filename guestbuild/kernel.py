@@ -11,6 +11,7 @@ a second build with the same inputs is a copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -106,7 +107,7 @@ class KernelBuilder:
         self.jobs = jobs or (os.cpu_count() or 1) + 1
         self.progress: ProgressFn = progress or (lambda _line: None)
 
-    @property
+    @functools.cached_property
     def input_hash(self) -> str:
         digest = hashlib.sha256()
         for part in (SOURCE_PACKAGE, self.source_version, LOCALVERSION, compiler_version()):

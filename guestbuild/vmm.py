@@ -18,6 +18,7 @@ a second build with the same inputs is a copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -211,7 +212,7 @@ class VmmBuilder:
         self.jobs = jobs or (os.cpu_count() or 1) + 1
         self.progress: ProgressFn = progress or (lambda _line: None)
 
-    @property
+    @functools.cached_property
     def input_hash(self) -> str:
         return input_hash(self.version, compiler_version())
 
