@@ -141,11 +141,10 @@ class WatchedVolumes:
         for mirror, source in pairs:
             try:
                 changed += sync(source, mirror)
-            except (OSError, ValueError):
-                continue  # the pod is going away, or kubelet is mid-write: next round
             except Exception:
-                # this thread follows every watched volume of the VM: whatever one
-                # raises, the others stay in step (and this one is tried next round)
+                # the pod is going away, kubelet is mid-write, or anything else: this
+                # thread follows every watched volume of the VM, so whatever one raises,
+                # the others stay in step and this one is tried next round
                 continue
         return changed
 
