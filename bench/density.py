@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
@@ -16,7 +17,11 @@ from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
 from sandbox.procfs import process_cpu_ns
-from sandbox.vmpod import create_vm_pod
+from sandbox.vmpod import create_vm_pod, vm_backend
+
+#: How long a step waits for its pods' translated code to be flushed, beyond the idle
+#: time the flush waits for.
+FLUSH_WAIT_MARGIN_S = 30.0
 
 
 def cpu_busy_fraction(seconds: float) -> float:
@@ -40,6 +45,22 @@ def cpu_seconds(sandboxes: list[PodSandbox]) -> float:
     return sum(process_cpu_ns(s.pid) or 0 for s in sandboxes if s.pid) / 1e9
 
 
+async def wait_flushed(sandboxes: list[PodSandbox], idle_s: float) -> bool:
+    """Wait until every pod VM's translated code has been flushed once (sandbox/jit.py):
+    the pods have idled ``idle_s``. False when some were not within the margin."""
+    deadline = time.monotonic() + idle_s + FLUSH_WAIT_MARGIN_S
+    while time.monotonic() < deadline:
+        if all(_flushed(sandbox) for sandbox in sandboxes):
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
+def _flushed(sandbox: PodSandbox) -> bool:
+    jit = vm_backend(sandbox).jit
+    return jit is None or jit.flushes > 0
+
+
 def pss_total_kib(sandboxes: list[PodSandbox]) -> int:
     """PSS summed over the VMs' qemu processes (a VM gone meanwhile counts 0)."""
     total = 0
@@ -57,6 +78,7 @@ async def run_density_bench(
     work_dir: Path,
     plot: Path | None = None,
     qemu: str = "",
+    jit_flush_idle_s: float | None = None,
 ) -> int:
     """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
     time, and print at every ``step`` pods: the start time of the last ones, the host
@@ -65,12 +87,21 @@ async def run_density_bench(
     pod's QEMU uses (share of one core) and what memory is left. The baseline is the
     first step, measured in the same run; the limit is where a start fails or where the
     figures project that memory runs out. With ``plot``, start time and memory per pod against
-    the pod count go to that PNG file. ``qemu`` is the VMM (default: the guest's own)."""
+    the pod count go to that PNG file. ``qemu`` is the VMM (default: the guest's own).
+
+    Under TCG an idle pod VM's translated code is flushed once it has idled
+    ``jit_flush_idle_s`` (``[vm] jit_flush_idle_s``, default the daemon's): each step
+    then prints the qemu processes' PSS twice, 3 s after the step's last start ("fresh")
+    and once every pod's code was flushed ("idle"); the other memory figures are the
+    idle ones. 0: nothing is flushed, one figure."""
     if plot is not None:
         require_matplotlib()
     assets = locate_guest(guest_dir)
     config = bench_config(guest_dir, work_dir, templates=True, qemu=qemu)
+    if jit_flush_idle_s is not None:
+        config = dataclasses.replace(config, jit_flush_idle_s=jit_flush_idle_s)
     host = SandboxHost(config, assets)
+    flushing = host.accel == "tcg" and config.jit_flush_idle_s > 0
     assert host.templates is not None
     sandboxes: list[PodSandbox] = []
     starts: list[float] = []
@@ -85,9 +116,16 @@ async def run_density_bench(
             f"guest {assets.version}  accel {host.accel}  {config.default_memory_mib} MiB "
             f"guests  VMM {host.qemu}"
         )
+        if flushing:
+            print(
+                f"translated code flushed after {config.jit_flush_idle_s:.0f} s idle: PSS "
+                "fresh (3 s after the step's last start) and idle (every pod flushed); the "
+                "other memory figures are the idle ones"
+            )
         print(f"host before: MemAvailable {before / 1024:.0f} MiB, CPU busy {idle_cpu:.1%}")
         print(
-            f"{'pods':>5} {'start median (s)':>17} {'start max':>10} {'PSS MiB/pod':>12} "
+            f"{'pods':>5} {'start median (s)':>17} {'start max':>10} "
+            f"{'PSS fresh':>10} {'PSS MiB/pod':>12} "
             f"{'MiB/pod':>8} {'MiB/extra pod':>14} {'CPU busy':>9} {'qemu CPU/pod':>13} "
             f"{'MemAvailable MiB':>17}"
         )
@@ -107,6 +145,9 @@ async def run_density_bench(
             count = len(starts)
             if count % step == 0 or count == pods:
                 await asyncio.sleep(3)
+                fresh_pss_kib = pss_total_kib(sandboxes) / count
+                if flushing and not await wait_flushed(sandboxes, config.jit_flush_idle_s):
+                    print(f"  (at {count} pods some pods' code was not flushed in time)")
                 qemu_cpu0, t_cpu0 = cpu_seconds(sandboxes), time.monotonic()
                 busy = await asyncio.to_thread(cpu_busy_fraction, 5.0)
                 qemu_cpu = (cpu_seconds(sandboxes) - qemu_cpu0) / (time.monotonic() - t_cpu0)
@@ -132,7 +173,8 @@ async def run_density_bench(
                 )
                 print(
                     f"{count:>5} {median:>17.3f} {max(recent):>10.3f} "
-                    f"{pss_per_pod_kib / 1024:>12.1f} {per_pod_kib / 1024:>8.1f} "
+                    f"{fresh_pss_kib / 1024:>10.1f} {pss_per_pod_kib / 1024:>12.1f} "
+                    f"{per_pod_kib / 1024:>8.1f} "
                     f"{extra_kib / 1024:>14.1f} {busy:>9.1%} {qemu_cpu / count:>13.3%} "
                     f"{available / 1024:>17.0f}",
                     flush=True,

@@ -191,6 +191,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
                 work_dir=work,
                 plot=plot,
                 qemu=args.qemu,
+                jit_flush_idle_s=args.jit_flush_idle,
             )
         )
 
@@ -360,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="the VMM ([vm] qemu; default: the guest directory's own build, "
         "qemu-system-x86_64 for the host's)",
+    )
+    density.add_argument(
+        "--jit-flush-idle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="under TCG, flush an idle pod VM's translated code after S seconds idle and "
+        "measure each step once every pod's was ([vm] jit_flush_idle_s; default: the "
+        "daemon's; 0: never)",
     )
     density.add_argument(
         "--plot",

@@ -87,6 +87,8 @@ class Config:
             raise ConfigError("vm.max_clone_memory_mib must be 0 (automatic) or more")
         if self.vm.standby < 0 or self.vm.standby_burst < 0:
             raise ConfigError("vm.standby and vm.standby_burst must be 0 or more")
+        if self.vm.jit_flush_idle_s < 0:
+            raise ConfigError("vm.jit_flush_idle_s must be 0 (never) or more seconds")
         if self.vm.ksm_pages_to_scan < 0:
             raise ConfigError("vm.ksm_pages_to_scan must be 0 (leave as is) or more")
         if not 0 <= self.metrics.port <= 65535:

@@ -11,9 +11,11 @@ file, shared by every VM of the node.
 
 The source is the version of Debian's ``qemu-system-x86`` (the same QEMU and Debian's
 patches), fetched with ``apt-get source`` through a source list of this build's own
-(the host's apt sources as ``deb-src``; the host's configuration is not touched). The
-result is cached by its inputs (source version, devices, configure options, compiler):
-a second build with the same inputs is a copy.
+(the host's apt sources as ``deb-src``; the host's configuration is not touched). Our
+own changes (``guestbuild/vmm_patches/``, each file says what it does and why) are
+applied to a copy of that tree. The result is cached by its inputs (source version,
+our changes, devices, configure options, compiler): a second build with the same
+inputs is a copy.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ SOURCE_PACKAGE = "qemu"
 BINARY_PACKAGE = "qemu-system-x86"
 BINARY = "qemu-system-x86_64"
 #: Bump when this module changes what it builds.
-RECIPE = 1
+RECIPE = 2
+#: Our changes to QEMU, applied in name order (``patch -p1``) to Debian's tree.
+PATCHES_DIR = Path(__file__).with_name("vmm_patches")
 #: Kconfig symbols of the devices compiled in (and what they select): the machine of
 #: sandbox/vm.py and nothing more.
 DEVICES: tuple[str, ...] = (
@@ -85,6 +89,7 @@ BUILD_PACKAGES: tuple[str, ...] = (
     "ninja-build",
     "pkg-config",
     "dpkg-dev",
+    "patch",
     "libglib2.0-dev",
     "libpcre2-dev",
     "libpixman-1-dev",
@@ -94,7 +99,16 @@ BUILD_PACKAGES: tuple[str, ...] = (
     "libattr1-dev",
     "libfdt-dev",
 )
-_BUILD_TOOLS = ("gcc", "meson", "ninja", "pkg-config", "dpkg-source", "apt-get", "strip")
+_BUILD_TOOLS = (
+    "gcc",
+    "meson",
+    "ninja",
+    "pkg-config",
+    "dpkg-source",
+    "apt-get",
+    "patch",
+    "strip",
+)
 _STATIC_LIBS = ("glib-2.0", "pixman-1", "zlib", "libseccomp", "libcap-ng")
 _FDT_HEADER = Path("/usr/include/libfdt.h")
 #: How often (in build steps) the build reports progress.
@@ -103,6 +117,11 @@ PROGRESS_EVERY = 250
 
 def default_cache_dir() -> Path:
     return cache_root("vmm")
+
+
+def patches() -> list[Path]:
+    """Our changes to QEMU, in the order they are applied."""
+    return sorted(PATCHES_DIR.glob("*.patch"))
 
 
 def devices_config() -> str:
@@ -236,14 +255,14 @@ class VmmBuilder:
                 f"apt-get install {' '.join(BUILD_PACKAGES)}"
             )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tree = self._source_tree()
-        (tree / "configs" / "devices" / "x86_64-softmmu" / f"{DEVICES_NAME}.mak").write_text(
-            devices_config()
-        )
+        pristine = self._source_tree()
+        tree = self.cache_dir / f"src-{self.input_hash[:16]}"
         out = self.cache_dir / f"out-{self.input_hash[:16]}"
-        shutil.rmtree(out, ignore_errors=True)
+        for stale in (tree, out):
+            shutil.rmtree(stale, ignore_errors=True)
         out.mkdir()
         try:
+            self._patched_copy(pristine, tree)
             self.progress(f"vmm: configuring QEMU {self.version} (the qemu-lite devices only)")
             self._run([str(tree / "configure"), *CONFIGURE_ARGS], cwd=out)
             self.progress(f"vmm: compiling with {self.jobs} jobs (minutes on a cold cache)")
@@ -253,9 +272,22 @@ class VmmBuilder:
             os.replace(tmp, self.cached)
         finally:
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(tree, ignore_errors=True)
         for old in self.cache_dir.glob(f"{BINARY}-*"):
             if old != self.cached:
                 old.unlink()
+
+    def _patched_copy(self, pristine: Path, tree: Path) -> None:
+        """Debian's tree as ``tree`` with our changes and device file: a copy of hard
+        links (``patch`` writes each file it changes anew, so Debian's tree stays as it
+        was unpacked and serves the next build)."""
+        self._run(["cp", "-al", str(pristine), str(tree)])
+        for change in patches():
+            self.progress(f"vmm: applying {change.name}")
+            self._run(["patch", "-p1", "--batch", "--forward", "-i", str(change)], tree)
+        devices = tree / "configs" / "devices" / "x86_64-softmmu" / f"{DEVICES_NAME}.mak"
+        devices.unlink(missing_ok=True)  # a link into Debian's tree
+        devices.write_text(devices_config())
 
     def _source_tree(self) -> Path:
         tree = self.cache_dir / f"{SOURCE_PACKAGE}_{safe_version(self.version)}"
@@ -345,5 +377,7 @@ def input_hash(version: str, compiler: str) -> str:
     digest = hashlib.sha256()
     for part in (SOURCE_PACKAGE, version, str(RECIPE), devices_config(), *CONFIGURE_ARGS):
         digest.update(part.encode() + b"\0")
+    for change in patches():
+        digest.update(change.name.encode() + b"\0" + change.read_bytes() + b"\0")
     digest.update(compiler.encode())
     return digest.hexdigest()

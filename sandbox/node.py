@@ -69,6 +69,9 @@ class SandboxConfig:
     # TCG's translated-code cache per VM: too small and the guest's start, container
     # creation and exec translate their code again and again (docs/benchmarks.md).
     tcg_tb_size_mib: int = 48
+    # Without KVM: after this many seconds in which a pod VM used (almost) no CPU, its
+    # QEMU drops its translated code and frees that memory (sandbox/jit.py); 0: never.
+    jit_flush_idle_s: float = 60.0
     mem_merge: bool = True
     # Turn the host's KSM on at daemon start where /sys allows it (docs/metrics.md:
     # memory saved vs. side channels); 0 leaves ksmd's pages_to_scan as it is.

@@ -202,6 +202,12 @@ class QmpControl:
                 },
             )
 
+    async def flush_translated_code(self) -> bool:
+        """Have TCG drop the VM's translated code and free its memory (sandbox/jit.py);
+        False when the VMM has no ``jit-flush`` command (not our build)."""
+        out = await self.execute("human-monitor-command", {"command-line": "jit-flush"})
+        return "unknown command" not in str(out)
+
     async def quit(self) -> None:
         with contextlib.suppress(QmpError, EOFError, ConnectionError):
             await self.execute("quit")

@@ -38,6 +38,7 @@ from sandbox.cgroups import CgroupError, VmCgroup, raise_memory_limit
 from sandbox.cgroups import place as place_in_cgroup
 from sandbox.hotplug import PlugPlan, expected_mem_total_kib, plug_bytes
 from sandbox.jail import JailError, jail_for, prepare_vmm_dir
+from sandbox.jit import JitFlusher
 from sandbox.lifecycle import PodSandbox, check_new
 from sandbox.network import (
     NETDEV_ID,
@@ -113,6 +114,11 @@ class VmBackend:
         self.own_netns: Path | None = None
         # a standby VM taken over at creation (its agent): launch starts no VM
         self.taken_agent: AgentClient | None = None
+        # a standby VM itself (no pod yet): its warm-up's translated code is what makes
+        # its pod's first container fast, it is not flushed
+        self.standby = False
+        # flushes the VM's translated code when the pod idles (TCG, sandbox/jit.py)
+        self.jit: JitFlusher | None = None
 
     # the state file ------------------------------------------------------------------
 
@@ -172,10 +178,30 @@ class VmBackend:
         self.host.starting += 1
         try:
             if self.taken_agent is not None:
-                return await self._take_over(sandbox, self.taken_agent)
-            return await self._boot(sandbox)
+                boot = await self._take_over(sandbox, self.taken_agent)
+            else:
+                boot = await self._boot(sandbox)
         finally:
             self.host.starting -= 1
+        self._follow_idle_code(sandbox)
+        return boot
+
+    def _follow_idle_code(self, sandbox: PodSandbox) -> None:
+        """Have the pod VM's translated code flushed whenever it idles (TCG only)."""
+        idle_s = self.host.config.jit_flush_idle_s
+        if self.standby or self.machine.accel == "kvm" or idle_s <= 0 or self.jit is not None:
+            return
+        if self.qmp is None or not sandbox.pid:
+            return
+        self.jit = JitFlusher(
+            self.spec.sandbox_id, sandbox.pid, self.qmp.flush_translated_code, idle_s=idle_s
+        )
+        self.jit.start()
+
+    async def _stop_following(self) -> None:
+        jit, self.jit = self.jit, None
+        if jit is not None:
+            await jit.stop()
 
     async def _boot(self, sandbox: PodSandbox) -> BootTimes:
         template = await self._template()
@@ -430,11 +456,13 @@ class VmBackend:
     async def reattach(self, sandbox: PodSandbox) -> None:
         self.qmp = QmpControl(f"clearcri-{self.spec.sandbox_id}")
         await self.qmp.connect(self.machine.qmp_socket, timeout=5.0)
+        self._follow_idle_code(sandbox)
 
     async def halt(self, sandbox: PodSandbox, grace: float) -> None:
         # Nothing in the guest needs flushing (read-only root, container layers on
         # tmpfs): quit QEMU instead of waiting for the guest kernel's power-off, which
         # takes seconds under TCG.
+        await self._stop_following()
         await self._kill_vm(sandbox.process)
 
     async def _kill_vm(self, process: VmProcess | None) -> None:
@@ -470,6 +498,7 @@ class VmBackend:
             self.host.vmm_ids.release(self.machine.vmm_id)
 
     async def close(self) -> None:
+        await self._stop_following()
         if self.qmp is not None:
             await self.qmp.close()
 
@@ -701,7 +730,9 @@ def create_standby_vm(
     run_dir = check_new(host.standby_dir, name)
     own_netns = host.network.netns_path(name) if networked else None
     machine = replace(base, name=name, run_dir=run_dir)
-    return _create(host, SandboxSpec(name), run_dir, machine, own_netns=own_netns)
+    standby = _create(host, SandboxSpec(name), run_dir, machine, own_netns=own_netns)
+    vm_backend(standby).standby = True
+    return standby
 
 
 def _create(

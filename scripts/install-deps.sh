@@ -15,7 +15,7 @@ apt_packages=(
     containerd runc
     etcd-server
     gcc libc6-dev binutils make flex bison bc libelf-dev
-    meson ninja-build pkg-config dpkg-dev libglib2.0-dev libpcre2-dev libpixman-1-dev
+    meson ninja-build pkg-config dpkg-dev patch libglib2.0-dev libpcre2-dev libpixman-1-dev
     zlib1g-dev libseccomp-dev libcap-ng-dev libattr1-dev libfdt-dev
 )
 scripts/apt-ensure.sh "${apt_packages[@]}"

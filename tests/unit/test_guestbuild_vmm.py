@@ -100,3 +100,68 @@ def test_a_source_that_cannot_be_fetched_says_what_the_host_needs(
         builder.build()
     # nothing of the attempt is left but the cache directory itself
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def _change(old: str, new: str) -> str:
+    return (
+        "What this change does, and why.\n\n"
+        "--- a/src/file.c\n+++ b/src/file.c\n@@ -1 +1 @@\n"
+        f"-{old}\n+{new}\n"
+    )
+
+
+def test_the_build_is_keyed_by_our_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vmm, "PATCHES_DIR", tmp_path)
+    without = vmm.input_hash("1:7.2-1", "gcc 12")
+    (tmp_path / "one.patch").write_text(_change("a", "b"))
+    with_one = vmm.input_hash("1:7.2-1", "gcc 12")
+    (tmp_path / "one.patch").write_text(_change("a", "c"))
+    assert len({without, with_one, vmm.input_hash("1:7.2-1", "gcc 12")}) == 3
+
+
+def test_our_changes_go_to_a_copy_and_debians_tree_stays_as_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "1-first.patch").write_text(_change("int x = 1;", "int x = 2;"))
+    (patches / "2-second.patch").write_text(_change("int x = 2;", "int x = 3;"))
+    monkeypatch.setattr(vmm, "PATCHES_DIR", patches)
+    pristine = tmp_path / "qemu"
+    (pristine / "src").mkdir(parents=True)
+    (pristine / "src" / "file.c").write_text("int x = 1;\n")
+    devices = pristine / "configs" / "devices" / "x86_64-softmmu"
+    devices.mkdir(parents=True)
+    (devices / f"{vmm.DEVICES_NAME}.mak").write_text("CONFIG_OLD=y\n")
+    tree = tmp_path / "copy"
+    vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path)._patched_copy(pristine, tree)
+    # both changes, in name order
+    assert (tree / "src" / "file.c").read_text() == "int x = 3;\n"
+    assert (tree / "configs/devices/x86_64-softmmu/clearcri.mak").read_text() == (
+        vmm.devices_config()
+    )
+    assert (pristine / "src" / "file.c").read_text() == "int x = 1;\n"
+    assert (devices / f"{vmm.DEVICES_NAME}.mak").read_text() == "CONFIG_OLD=y\n"
+
+
+def test_a_change_that_does_not_apply_fails_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "stale.patch").write_text(_change("int y = 1;", "int y = 2;"))
+    monkeypatch.setattr(vmm, "PATCHES_DIR", patches)
+    pristine = tmp_path / "qemu"
+    (pristine / "src").mkdir(parents=True)
+    (pristine / "src" / "file.c").write_text("int x = 1;\n")
+    with pytest.raises(GuestBuildError, match="patch"):
+        vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path)._patched_copy(pristine, tmp_path / "c")
+
+
+def test_each_change_of_ours_says_what_it_does() -> None:
+    changes = vmm.patches()
+    assert changes, "guestbuild/vmm_patches/ has our QEMU changes"
+    for change in changes:
+        text = change.read_text()
+        preamble = text.split("\ndiff ", 1)[0].split("\n--- ", 1)[0]
+        assert len(preamble.split()) > 20, f"{change.name} explains itself before the diff"
