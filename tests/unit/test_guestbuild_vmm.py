@@ -119,17 +119,29 @@ def test_the_build_is_keyed_by_our_changes(tmp_path: Path, monkeypatch: pytest.M
     assert len({without, with_one, vmm.input_hash("1:7.2-1", "gcc 12")}) == 3
 
 
+def _tree_and_changes(root: Path, monkeypatch: pytest.MonkeyPatch, **changes: str) -> Path:
+    """A Debian tree of one file (``int x = 1;``) under ``root``, and ``changes`` (file
+    name without ``.patch``: text) as our changes to it."""
+    patches = root / "patches"
+    patches.mkdir()
+    for name, text in changes.items():
+        (patches / f"{name}.patch").write_text(text)
+    monkeypatch.setattr(vmm, "PATCHES_DIR", patches)
+    pristine = root / "qemu"
+    (pristine / "src").mkdir(parents=True)
+    (pristine / "src" / "file.c").write_text("int x = 1;\n")
+    return pristine
+
+
 def test_our_changes_go_to_a_copy_and_debians_tree_stays_as_unpacked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    (patches / "1-first.patch").write_text(_change("int x = 1;", "int x = 2;"))
-    (patches / "2-second.patch").write_text(_change("int x = 2;", "int x = 3;"))
-    monkeypatch.setattr(vmm, "PATCHES_DIR", patches)
-    pristine = tmp_path / "qemu"
-    (pristine / "src").mkdir(parents=True)
-    (pristine / "src" / "file.c").write_text("int x = 1;\n")
+    pristine = _tree_and_changes(
+        tmp_path,
+        monkeypatch,
+        first=_change("int x = 1;", "int x = 2;"),
+        second=_change("int x = 2;", "int x = 3;"),
+    )
     devices = pristine / "configs" / "devices" / "x86_64-softmmu"
     devices.mkdir(parents=True)
     (devices / f"{vmm.DEVICES_NAME}.mak").write_text("CONFIG_OLD=y\n")
@@ -147,13 +159,7 @@ def test_our_changes_go_to_a_copy_and_debians_tree_stays_as_unpacked(
 def test_a_change_that_does_not_apply_fails_the_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    (patches / "stale.patch").write_text(_change("int y = 1;", "int y = 2;"))
-    monkeypatch.setattr(vmm, "PATCHES_DIR", patches)
-    pristine = tmp_path / "qemu"
-    (pristine / "src").mkdir(parents=True)
-    (pristine / "src" / "file.c").write_text("int x = 1;\n")
+    pristine = _tree_and_changes(tmp_path, monkeypatch, stale=_change("int y = 1;", "int y = 2;"))
     with pytest.raises(GuestBuildError, match="patch"):
         vmm.VmmBuilder("1:7.2-1", cache_dir=tmp_path)._patched_copy(pristine, tmp_path / "c")
 
