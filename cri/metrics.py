@@ -149,6 +149,12 @@ class RuntimeMetrics:
             ["cause"],
             registry=r,
         )
+        self.jit_flushes = Counter(
+            "clearcri_jit_flushes",
+            "Flushes of an idle pod VM's translated code, its memory given back to the host "
+            "(TCG only; vm.jit_flush_idle_s).",
+            registry=r,
+        )
         for phase in (
             "vmm_spawn",
             "restore",
@@ -208,6 +214,10 @@ class RuntimeMetrics:
 
     def vm_crashed(self, reason: str) -> None:
         self.vm_crashes.labels(crash_cause(reason)).inc()
+
+    def jit_flushed(self) -> None:
+        """The sandbox host's ``jit_flushed`` hook."""
+        self.jit_flushes.inc()
 
     def image_pulled(self, ok: bool, seconds: float) -> None:
         """The ImageStore's ``pull_observer`` hook."""

@@ -104,6 +104,7 @@ class Daemon:
                 host = await asyncio.to_thread(SandboxHost, cfg.vm)
             except (GuestAssetsMissing, ValueError) as exc:
                 raise DaemonError(str(exc)) from exc
+            host.jit_flushed = self.metrics.jit_flushed
             state = RuntimeState(self.store)
             self.runtime = Runtime(cfg, state, Sandboxes(host), self.images)
             self.runtime.metrics = self.metrics

@@ -2,11 +2,11 @@
 VMs give back their translated code").
 
 Under TCG, a VM's QEMU keeps every page of host code it has translated for its guest
-until its translation cache is full: for a pod that ran one container, ~10 MiB, the
-biggest part of what an idle pod VM costs the node. Nothing uses that code while the
-pod idles. A ``JitFlusher`` follows one pod VM's QEMU: once the VM has used less than
-``IDLE_CPU_SHARE`` of a core for ``idle_s`` seconds, it asks QEMU to drop its translated
-code and free that memory (the ``jit-flush`` monitor command of our VMM,
+until its translation cache is full: ~10 MiB for a VM that has only started, 35-40 MiB
+once it has run a container, the biggest part of what an idle pod VM costs the node.
+Nothing uses that code while the pod idles. A ``JitFlusher`` follows one pod VM's QEMU:
+once the VM has used less than ``IDLE_CPU_SHARE`` of a core for ``idle_s`` seconds, it
+asks QEMU to drop its translated code and free that memory (the ``jit-flush`` monitor command of our VMM,
 guestbuild/vmm_patches/jit-flush.patch). The guest then translates again what it runs
 next: an idle pod's timer ticks at once, the rest when the pod works again (its next
 exec pays for translating the exec path anew).
@@ -56,6 +56,7 @@ class JitFlusher:
         poll_s: float | None = None,
         cpu_ns: CpuFn = process_cpu_ns,
         clock: Callable[[], float] = time.monotonic,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.pid = pid
@@ -64,6 +65,7 @@ class JitFlusher:
         self.poll_s = POLL_S if poll_s is None else poll_s
         self._cpu_ns = cpu_ns
         self._clock = clock
+        self._on_flush = on_flush
         #: idle time the next flush waits for
         self.window = idle_s
         self.flushes = 0
@@ -112,6 +114,8 @@ class JitFlusher:
                     log.info("sandbox=%s: the VMM cannot flush translated code", self.name)
                     return
                 self.flushes += 1
+                if self._on_flush is not None:
+                    self._on_flush()
                 new_code = False
                 idle_for = 0.0
                 self.window = min(self.window * 2, self.idle_s * MAX_BACKOFF)

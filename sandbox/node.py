@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -216,6 +217,9 @@ class SandboxHost:
         self.standby: StandbySource | None = None
         # pod VMs being launched right now
         self.starting = 0
+        # called after each flush of an idle pod VM's translated code (sandbox/jit.py;
+        # set by the daemon, for its metrics)
+        self.jit_flushed: Callable[[], None] | None = None
         # the shapes VMs are cloned from and how far they grow, when VMs are sized at
         # clone time
         self.rooms: NodeRooms | None = None

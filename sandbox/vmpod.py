@@ -194,7 +194,11 @@ class VmBackend:
         if self.qmp is None or not sandbox.pid:
             return
         self.jit = JitFlusher(
-            self.spec.sandbox_id, sandbox.pid, self.qmp.flush_translated_code, idle_s=idle_s
+            self.spec.sandbox_id,
+            sandbox.pid,
+            self.qmp.flush_translated_code,
+            idle_s=idle_s,
+            on_flush=self.host.jit_flushed,
         )
         self.jit.start()
 

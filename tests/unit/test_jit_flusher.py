@@ -84,6 +84,23 @@ def test_each_flush_after_a_busy_spell_waits_twice_as_long() -> None:
     assert flusher.window == 60.0 * 8
 
 
+def test_each_flush_is_reported() -> None:
+    vm = FakeVm([IDLE] * 12 + [BUSY] + [IDLE] * 30)
+    reported: list[int] = []
+    flusher = JitFlusher(
+        "pod",
+        1,
+        vm.flush,
+        idle_s=60.0,
+        poll_s=0,
+        cpu_ns=vm.cpu_ns,
+        clock=vm.clock,
+        on_flush=lambda: reported.append(vm.polls - 1),
+    )
+    asyncio.run(flusher.follow())
+    assert reported == vm.flushed_at == [12, 13 + 24]
+
+
 def test_the_wait_stops_growing_at_its_cap() -> None:
     # eight busy spells, each followed by 200 s idle: flushed after 10, 20, 40, 80 s
     # of idling, then always after 160 s (16 x 10 s)

@@ -699,3 +699,11 @@ def test_configure_host_ksm_where_not_allowed(tmp_path: Path) -> None:
     (ksm / "pages_to_scan").mkdir()
     message = configure_host_ksm(500, ksm)
     assert "left as it is" in message
+
+
+def test_flushes_of_idle_vms_translated_code_are_counted() -> None:
+    metrics = RuntimeMetrics()
+    assert value(generate_latest(metrics.registry), "clearcri_jit_flushes_total") == 0
+    metrics.jit_flushed()
+    metrics.jit_flushed()
+    assert value(generate_latest(metrics.registry), "clearcri_jit_flushes_total") == 2
