@@ -6,10 +6,10 @@ until its translation cache is full: ~10 MiB for a VM that has only started, 35-
 once it has run a container, the biggest part of what an idle pod VM costs the node.
 Nothing uses that code while the pod idles. A ``JitFlusher`` follows one pod VM's QEMU:
 once the VM has used less than ``IDLE_CPU_SHARE`` of a core for ``idle_s`` seconds, it
-asks QEMU to drop its translated code and free that memory (the ``jit-flush`` monitor command of our VMM,
-guestbuild/vmm_patches/jit-flush.patch). The guest then translates again what it runs
-next: an idle pod's timer ticks at once, the rest when the pod works again (its next
-exec pays for translating the exec path anew).
+asks QEMU to drop its translated code and free that memory (the ``jit-flush`` monitor
+command of our VMM, guestbuild/vmm_patches/jit-flush.patch). The guest then translates
+again what it runs next: an idle pod's timer ticks at once, the rest when the pod works
+again (its next exec pays for translating the exec path anew).
 
 A VM is flushed again only after it has been busy since (new code to drop), and each
 flush of a VM waits twice as long an idle time as the one before (up to
