@@ -451,4 +451,5 @@ def test_dashboard_covers_the_issue() -> None:
         "clearcri_cri_request_duration_seconds_bucket",
         "clearcri_cri_requests_total",
         "clearcri_vm_crashes_total",
+        "clearcri_jit_flushes_total",
     } <= used
