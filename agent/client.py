@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from agent.errors import (
     AgentError,
     AgentTimeout,
+    AgentUnanswered,
     AgentUnavailable,
     AlreadyExists,
     FailedPrecondition,
@@ -55,6 +57,13 @@ from agent.protocol import (
 )
 from agent.streams import ContainerOutput, ExecSession, OutputQueue, PortForwardStream, Streams
 from agent.transport import AgentTransport, RunState, socket_address
+
+log = logging.getLogger(__name__)
+
+#: How long one connection waits for the agent's hello before the host connects again:
+#: a clone answers within a fraction of a second, a cold boot within a few seconds;
+#: a guest that missed this host's connection answers the next one at once.
+HELLO_ATTEMPT_S = 5.0
 
 __all__ = [
     "UNBOUNDED_OPS",
@@ -125,17 +134,44 @@ class AgentClient(AgentTransport):
     # ------------------------------------------------------------------ connect
 
     @classmethod
-    async def connect(cls, socket_path: Path | str, *, timeout: float = 30.0) -> AgentClient:
-        """Connect (retrying while the socket is missing or refused), say hello."""
+    async def connect(
+        cls,
+        socket_path: Path | str,
+        *,
+        timeout: float = 30.0,
+        hello_attempt_s: float = HELLO_ATTEMPT_S,
+    ) -> AgentClient:
+        """Connect (retrying while the socket is missing or refused), say hello. A
+        connection whose hello goes unanswered for ``hello_attempt_s`` is closed and
+        another one made, until ``timeout``: a guest that missed the news of this host's
+        connection hears of it again (see PROTOCOL.md, "Connecting")."""
         deadline = time.monotonic() + timeout
-        client = cls()
-        try:
-            await client._open(socket_path, timeout)
-            await client._hello(max(0.1, deadline - time.monotonic()))
-        except BaseException:
-            await client.close()
-            raise
-        return client
+        attempts = 0
+        while True:
+            attempts += 1
+            client = cls()
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await client._open(socket_path, left)
+                left = max(0.1, deadline - time.monotonic())
+                await client._hello(min(left, hello_attempt_s))
+            except AgentUnanswered:
+                await client.close()
+                if time.monotonic() + 0.1 >= deadline:
+                    raise AgentUnavailable(
+                        f"the agent did not answer hello within {timeout:.1f} s "
+                        f"({attempts} connections)"
+                    ) from None
+                log.warning(
+                    "agent at %s did not answer hello within %.1f s: connecting again",
+                    socket_path,
+                    hello_attempt_s,
+                )
+                continue
+            except BaseException:
+                await client.close()
+                raise
+            return client
 
     async def _hello(self, timeout: float) -> None:
         await self._send_sync()
@@ -144,7 +180,7 @@ class AgentClient(AgentTransport):
                 "hello", {"protocol_version": PROTOCOL_VERSION}, timeout=timeout
             )
         except AgentTimeout:
-            raise AgentUnavailable(
+            raise AgentUnanswered(
                 f"the agent did not answer hello within {timeout:.1f} s"
             ) from None
         ready: ReadyInfo = ReadyInfo.from_dict(result)

@@ -63,6 +63,10 @@ class AgentUnavailable(AgentError):
     code = UNAVAILABLE
 
 
+class AgentUnanswered(AgentUnavailable):
+    """One connection's hello went unanswered (``AgentClient.connect`` connects again)."""
+
+
 class UnknownOperation(AgentError):
     code = UNKNOWN_OP
 

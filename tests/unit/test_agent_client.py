@@ -46,7 +46,8 @@ def reply(request: dict[str, Any], result: Any = None) -> bytes:
 
 
 class ScriptedAgent:
-    """Answers hello and ping; any other op as ``scripts[op]`` says (default: {})."""
+    """Answers every op as ``scripts[op]`` says; hello and ping by default, any other
+    op with {}."""
 
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
@@ -69,12 +70,12 @@ class ScriptedAgent:
         self.requests.append(request)
         op = request["op"]
         frames: list[bytes] | None
-        if op == "hello":
+        if op in self.scripts:
+            frames = self.scripts[op](request)
+        elif op == "hello":
             frames = [reply(request, {"agent_version": "s", "protocol_version": PROTOCOL_VERSION})]
         elif op == "ping":
             frames = [reply(request, {"time_ns": 1})]
-        elif op in self.scripts:
-            frames = self.scripts[op](request)
         else:
             frames = [reply(request, {})]
         for frame in frames or []:
@@ -293,3 +294,58 @@ async def test_configure_network_returns_the_configured_interfaces(
     ]
     sent = scripted.args_of("configure_network")["interfaces"]
     assert sent[0]["mac"] == "02:00:00:00:00:01" and sent[0]["addresses"] == ["10.0.0.2/24"]
+
+
+class ListeningAgent:
+    """A unix socket like QEMU's agent chardev: one host at a time, each connection
+    served by a ScriptedAgent; ``unanswered`` connections never answer hello."""
+
+    def __init__(self, path: Any, unanswered: int) -> None:
+        self.path = path
+        self.unanswered = unanswered
+        self.connections = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> ListeningAgent:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        scripted = ScriptedAgent()
+        if self.connections <= self.unanswered:
+            scripted.scripts["hello"] = never
+        decoder = FrameDecoder()
+        scripted.writer = writer
+        while data := await reader.read(1 << 16):
+            for frame in decoder.feed(data):
+                if frame.kind == SYNC:
+                    writer.write(SYNC_MARKER)
+                elif frame.kind == REQUEST:
+                    scripted._handle(decode_json(frame.payload))
+        writer.close()
+
+
+async def test_a_hello_left_unanswered_is_said_again_on_a_new_connection(tmp_path: Any) -> None:
+    async with ListeningAgent(tmp_path / "agent.sock", unanswered=2) as agent:
+        client = await AgentClient.connect(agent.path, timeout=10.0, hello_attempt_s=0.2)
+        try:
+            assert client.ready.protocol_version == PROTOCOL_VERSION
+            assert agent.connections == 3
+            assert await client.ping() >= 0
+        finally:
+            await client.close()
+
+
+async def test_an_agent_that_never_answers_fails_at_the_timeout(tmp_path: Any) -> None:
+    async with ListeningAgent(tmp_path / "agent.sock", unanswered=10**6) as agent:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(AgentUnavailable, match=r"did not answer hello within 1\.0 s"):
+            await AgentClient.connect(agent.path, timeout=1.0, hello_attempt_s=0.3)
+        assert 0.9 <= loop.time() - started < 3.0
+        assert agent.connections >= 3
