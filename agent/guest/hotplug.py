@@ -5,7 +5,10 @@ memory as the virtio-mem driver adds it; a hot-added vCPU stays offline until so
 writes its ``online`` file: ``CpuWatcher`` does that as soon as the kernel announces the
 vCPU (a uevent), while the host is still reconnecting, and the ``hotplug`` request does
 it too for any it finds offline. That request returns once the guest has the vCPUs and
-the MemTotal it was asked for, so no container starts in a VM smaller than its pod.
+the MemTotal it was asked for, so no container starts in a VM smaller than its pod. It
+checks again whenever the kernel reports a memory block or vCPU online (the watcher's
+uevents), not only every ``POLL_S``: under TCG a clone's first hot-plug is on its pod's
+start, and a poll interval is time the pod waits for nothing.
 
 What the kernel sized from the memory it booted with stays the template's unless
 someone raises it: the process and thread limits, file and watch limits, TCP and UDP
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 CPU_DIR = "/sys/devices/system/cpu"
-MEMINFO = "/proc/meminfo"
 SYSCTL_DIR = "/proc/sys"
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 POLL_S = 0.02
@@ -136,14 +138,23 @@ def cpu_added(message: bytes) -> int | None:
     return None
 
 
+def size_changed(message: bytes) -> bool:
+    """Whether a kernel uevent says the guest's size may have grown: a memory block or
+    a vCPU online (a vCPU the watcher onlines itself reports its own ``online``)."""
+    head = message.split(b"\0", 1)[0]
+    return head.startswith((b"online@/devices/system/memory/", b"online@/devices/system/cpu/"))
+
+
 class CpuWatcher:
-    """Onlines every vCPU the kernel adds, as udev's rule does on a distribution."""
+    """Onlines every vCPU the kernel adds, as udev's rule does on a distribution, and
+    sets ``grown`` whenever a memory block or vCPU comes online (``wait_for_size``)."""
 
     def __init__(self, cpu_dir: str = CPU_DIR) -> None:
         # the C module alone: socket.py would pull enum into the agent's first hello
         import _socket
 
         self.cpu_dir = cpu_dir
+        self.grown = threading.Event()
         self._sock = _socket.socket(
             _socket.AF_NETLINK, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT
         )
@@ -157,12 +168,20 @@ class CpuWatcher:
             except OSError:
                 time.sleep(0.1)  # ENOBUFS after a burst: the hotplug request catches up
                 continue
-            cpu = cpu_added(message) if sender == 0 else None  # the kernel's, no one else's
+            if sender != 0:  # the kernel's, no one else's
+                continue
+            cpu = cpu_added(message)
             if cpu is not None:
                 online_cpu(cpu, self.cpu_dir)
+            elif size_changed(message):
+                self.grown.set()
 
 
-def mem_total_kib(meminfo: str = MEMINFO) -> int:
+def mem_total_kib(meminfo: str | None = None) -> int:
+    """The guest's MemTotal in KiB: from ``sysinfo(2)`` (glibc's physical pages), the
+    figure /proc/meminfo prints without the rest of it; or read from ``meminfo``."""
+    if meminfo is None:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
     text = _read(meminfo) or ""
     for line in text.splitlines():
         if line.startswith("MemTotal:"):
@@ -176,20 +195,25 @@ def wait_for_size(
     timeout: float,
     *,
     cpu_dir: str = CPU_DIR,
-    meminfo: str = MEMINFO,
+    meminfo: str | None = None,
+    grown: threading.Event | None = None,
 ) -> HotplugResult:
     """Online hot-added vCPUs until ``vcpus`` are online, and wait until MemTotal is at
     least ``mem_total`` KiB; at most ``timeout`` seconds (then DEADLINE_EXCEEDED saying
-    what the guest has). Returns the guest's vCPUs, MemTotal and the seconds it took."""
+    what the guest has). Checks again every ``POLL_S``, and at once when ``grown`` is
+    set (``CpuWatcher``). Returns the guest's vCPUs, MemTotal and the seconds it took."""
     started = time.monotonic()
     deadline = started + timeout
     while True:
+        if grown is not None:
+            grown.clear()  # before looking: a change from now on wakes the wait below
         online = len(online_cpus(cpu_dir))
-        for cpu in offline_cpus(cpu_dir):
-            if online >= vcpus:
-                break
-            if online_cpu(cpu, cpu_dir):
-                online += 1
+        if online < vcpus:
+            for cpu in offline_cpus(cpu_dir):
+                if online >= vcpus:
+                    break
+                if online_cpu(cpu, cpu_dir):
+                    online += 1
         memory = mem_total_kib(meminfo)
         if online >= vcpus and memory >= mem_total:
             return HotplugResult(
@@ -201,7 +225,10 @@ def wait_for_size(
                 f"after {timeout:.0f} s the guest has {online} of {vcpus} vCPUs online and "
                 f"MemTotal {memory} of {mem_total} KiB",
             )
-        time.sleep(POLL_S)
+        if grown is not None:
+            grown.wait(POLL_S)
+        else:
+            time.sleep(POLL_S)
 
 
 def cold_boot_kib(mem_total: int, template_mem_total: int, offset: int) -> int:

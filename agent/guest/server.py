@@ -431,7 +431,13 @@ class Server:
             raise OpError(INVALID_ARGUMENT, "vcpus and the MemTotal figures must be integers")
         if vcpus < 1:
             raise OpError(INVALID_ARGUMENT, "vcpus must be at least 1")
-        sized = hotplug.wait_for_size(vcpus, mem_total, float(args.get("timeout", 30)))
+        watcher = self._cpu_watcher
+        sized = hotplug.wait_for_size(
+            vcpus,
+            mem_total,
+            float(args.get("timeout", 30)),
+            grown=watcher.grown if watcher is not None else None,
+        )
         if template_mem_total:
             started = time.monotonic()
             sized.raised = hotplug.grow_boot_limits(template_mem_total, sized.mem_total_kib)

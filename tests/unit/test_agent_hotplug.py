@@ -3,6 +3,8 @@ hot-added vCPUs, waiting for plugged memory, raising what the kernel sized at bo
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,43 @@ def test_wait_for_size_gives_up_saying_what_the_guest_has(tmp_path: Path) -> Non
         "1 of 1 vCPUs" in caught.value.message
         and "MemTotal 79968 of 243808" in caught.value.message
     )
+
+
+def test_size_changed_is_a_memory_block_or_vcpu_coming_online() -> None:
+    assert hotplug.size_changed(b"online@/devices/system/memory/memory40\0ACTION=online\0")
+    assert hotplug.size_changed(b"online@/devices/system/cpu/cpu1\0ACTION=online\0")
+    assert not hotplug.size_changed(b"add@/devices/system/memory/memory40\0ACTION=add\0")
+    assert not hotplug.size_changed(b"online@/devices/virtual/net/eth0\0")
+
+
+def test_mem_total_without_a_file_is_the_kernels_physical_memory() -> None:
+    # sysinfo's total RAM, which is what /proc/meminfo prints as MemTotal
+    meminfo = Path("/proc/meminfo").read_text()
+    expected = int(meminfo.split("MemTotal:")[1].split()[0])
+    assert hotplug.mem_total_kib() == expected
+
+
+def test_wait_for_size_looks_again_as_soon_as_the_guest_grows(tmp_path: Path) -> None:
+    cpus = _sysfs(tmp_path, offline=[])
+    meminfo = _meminfo(tmp_path, 79968)
+    grown = threading.Event()
+
+    def plugged() -> None:
+        time.sleep(0.2)
+        meminfo.write_text("MemTotal:       243808 kB\n")
+        grown.set()
+
+    threading.Thread(target=plugged).start()
+    saved = hotplug.POLL_S
+    hotplug.POLL_S = 30.0  # only the wake-up can end the wait in time
+    try:
+        sized = hotplug.wait_for_size(
+            1, 243808, 10.0, cpu_dir=str(cpus), meminfo=str(meminfo), grown=grown
+        )
+    finally:
+        hotplug.POLL_S = saved
+    assert sized.mem_total_kib == 243808
+    assert sized.seconds < 5.0
 
 
 def _current(min_free: int) -> dict[str, str]:
