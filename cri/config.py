@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.node import SandboxConfig
-from sandbox.vm import MAX_IMAGE_SLOTS
+from sandbox.vm import MAX_IMAGE_SLOTS, MAX_TCG_TB_SIZE_MIB
 
 DEFAULT_CONFIG_PATH = Path("/etc/clearcri/config.toml")
 
@@ -87,6 +87,9 @@ class Config:
             raise ConfigError("vm.max_clone_memory_mib must be 0 (automatic) or more")
         if self.vm.standby < 0 or self.vm.standby_burst < 0:
             raise ConfigError("vm.standby and vm.standby_burst must be 0 or more")
+        if not 1 <= self.vm.tcg_tb_size_mib <= MAX_TCG_TB_SIZE_MIB:
+            # QEMU reads 0 as its own default, 1 GiB, which no pod's budget pays for
+            raise ConfigError(f"vm.tcg_tb_size_mib must be 1 to {MAX_TCG_TB_SIZE_MIB}")
         if self.vm.jit_flush_idle_s < 0:
             raise ConfigError("vm.jit_flush_idle_s must be 0 (never) or more seconds")
         if self.vm.ksm_pages_to_scan < 0:

@@ -39,6 +39,8 @@ FIRST_HOTPLUG_DEVICE = 0x08
 # Image slots a VM can have: root ports fill devices 0x08-0x1e (q35's LPC bridge is
 # 0x1f), eight functions each, and the last port is a standby's warm-up's.
 MAX_IMAGE_SLOTS = (0x1F - FIRST_HOTPLUG_DEVICE) * 8 - 1
+#: The largest TCG translation cache QEMU takes on an x86-64 host (it clamps above).
+MAX_TCG_TB_SIZE_MIB = 2048
 # The guest OS image always sits at this address so it is /dev/pmem0.
 OS_IMAGE_ADDR = "0x03"
 AGENT_SERIAL_ADDR = "0x04"

@@ -39,6 +39,8 @@ VALUES: dict[str, dict[str, Any]] = {
     "metrics-off": {"metrics": {"enabled": False}},
     "metrics-host-ip": {"metrics": {"address": "hostIP"}},
     "dashboard-off": {"dashboard": {"enabled": False}},
+    "tcg-tuned": {"config": {"vm": {"tcgTbSizeMiB": 16, "jitFlushIdleSeconds": 7.5}}},
+    "no-jit-flush": {"config": {"vm": {"jitFlushIdleSeconds": 0}}},
     "api-server": {"apiServer": {"host": "10.0.0.5", "port": 6443}},
     "mirrors": {
         "registry": {
@@ -211,6 +213,8 @@ def test_servicemonitor_is_a_wellformed_monitoring_object() -> None:
     "values",
     [
         {"config": {"vm": {"accel": "xen"}}},
+        {"config": {"vm": {"tcgTbSizeMiB": 0}}},
+        {"config": {"vm": {"jitFlushIdleSeconds": -1}}},
         {"runtimeClass": {"overhead": {"memory": "lots"}}},
         {"metrics": {"port": 70000}},
         {"registry": {"mirrors": {"docker.io": "https://not-a-list"}}},
@@ -358,6 +362,7 @@ def test_default_config_is_a_valid_daemon_config(tmp_path: Path) -> None:
     assert config.vm.guest_dir == Path("/opt/clearcri/guest")
     assert config.vm.default_memory_mib == 256 and config.vm.mem_merge
     assert config.vm.standby == 1 and config.vm.standby_burst == 1
+    assert config.vm.tcg_tb_size_mib == 48 and config.vm.jit_flush_idle_s == 60.0
     assert config.vm.max_clone_memory_mib == 0
     assert not config.vm.host_ksm and config.vm.ksm_pages_to_scan == 0
     assert config.metrics.enabled and config.metrics.address == "0.0.0.0"
@@ -430,6 +435,13 @@ def test_dashboard_label_annotations_and_namespace() -> None:
 def test_no_dashboard(name: str) -> None:
     assert [d for d in objects(name) if d["metadata"]["name"].endswith("-dashboard")] == []
     assert kinds(objects(name)).count("ConfigMap") == 1
+
+
+def test_translation_cache_values_reach_the_daemon_config(tmp_path: Path) -> None:
+    config = load_config(rendered_config(objects("tcg-tuned"), tmp_path))
+    assert config.vm.tcg_tb_size_mib == 16 and config.vm.jit_flush_idle_s == 7.5
+    config = load_config(rendered_config(objects("no-jit-flush"), tmp_path))
+    assert config.vm.jit_flush_idle_s == 0
 
 
 def test_registry_mirrors_reach_the_daemon_config(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ def test_explicit_vm_dirs_win_even_when_equal_to_defaults(tmp_path: Path) -> Non
         ("[vm]\nimage_slots = -1\n", r"image_slots must be 0 to 183"),
         ("[vm]\nstandby_burst = -1\n", r"standby_burst must be 0 or more"),
         ("[vm]\nmax_clone_memory_mib = -1\n", r"max_clone_memory_mib must be 0"),
+        ("[vm]\ntcg_tb_size_mib = 0\n", r"tcg_tb_size_mib must be 1 to 2048"),
+        ("[vm]\ntcg_tb_size_mib = 4096\n", r"tcg_tb_size_mib must be 1 to 2048"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
