@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.mounts import remove_tree
 from tests.e2e.cluster import Cluster, ClusterConfig
 from tests.e2e.workloads import Workloads
 from tests.registry import RegistryServer, busybox_layer, push_image
@@ -50,14 +51,19 @@ def e2e_image(e2e_registry: RegistryServer) -> str:
 
 
 @pytest.fixture(scope="session")
-def cluster(e2e_registry: RegistryServer) -> Iterator[Cluster]:
-    work = Path(os.environ.get("CLEARCRI_E2E_WORK") or tempfile.mkdtemp(prefix="clearcri-e2e-"))
+def cluster(e2e_registry: RegistryServer, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    kept = os.environ.get("CLEARCRI_E2E_WORK")
+    work = Path(kept or tempfile.mkdtemp(prefix="clearcri-e2e-"))
     node = Cluster(ClusterConfig(work=work))
     node.start()
     try:
         yield node
     finally:
         node.stop()
+        if kept or request.session.testsfailed:
+            print(f"\nthe e2e work directory (logs, etcd data) is kept: {work}")
+        else:
+            remove_tree(work)
 
 
 @pytest.fixture
