@@ -31,8 +31,9 @@ commands:
   bench boot    benchmark VM boot against the bare-kernel floor, and host memory per VM
   bench container  a pod VM's container steps: create, start, output, exec, kill, stop
   bench density start idle pod VMs up to a count: start time, memory, CPU as they add up
-  bench shapes  pods of five distinct limits: sized at clone time, from a template of
-                their own shape, or as a new shape; against the default shape's clone
+  bench shapes  pods of five distinct limits: on a standby VM, sized at clone time, from
+                a template of their own shape, or as a new shape; their start and
+                their first container's first output, against the default shape's clone
   bench overhead
                 what a pod VM costs its pod cgroup beyond the guest's RAM (QEMU's
                 own memory), idle and with the guest full
@@ -381,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     density.set_defaults(func=cmd_bench_density)
     shapes = bench_sub.add_parser(
         "shapes",
-        help="pods of five distinct limits (hot-plugged, own template, new shape) against "
-        "the default shape's clone",
+        help="pods of five distinct limits (standby, hot-plugged, own template, new shape): "
+        "start and first container's output against the default shape's clone",
     )
     shapes.add_argument("--guest-dir", default=str(DEFAULT_GUEST_DIR))
     shapes.add_argument("--rounds", type=int, default=3, help="rounds of every pod")
