@@ -56,6 +56,16 @@ def qemu_own_anon_kib(pid: int, guest_ram_bytes: set[int]) -> int:
     return total
 
 
+def translated_code_kib(info_jit: str) -> int | None:
+    """The translated code in use (KiB) in HMP's ``info jit`` text (``gen code size
+    USED/SIZE``); None without TCG."""
+    for line in info_jit.splitlines():
+        if line.startswith("gen code size"):
+            used = line.split()[-1].split("/")[0]
+            return int(used) // 1024 if used.isdigit() else None
+    return None
+
+
 async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Path) -> int:
     """Boot a pod VM (a template clone, as pods start) of each size in ``sizes`` (MiB)
     under a memory cgroup of its own, fill its guest until the guest's OOM killer acts,
@@ -79,10 +89,12 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
     print(f"guest {assets.version}  accel {host.accel}  tb-size {config.tcg_tb_size_mib} MiB")
     print(
         f"{'VM MiB':>7} {'guest MemTotal':>15} {'idle charge':>12} {'peak charge':>12} "
-        f"{'peak - VM':>10} {'QEMU own':>9}   (MiB, charged to the VM's memory cgroup; "
-        "QEMU own: its anonymous memory outside guest RAM)"
+        f"{'peak - VM':>10} {'QEMU own':>9} {'of it code':>11}   (MiB, charged to the VM's "
+        "memory cgroup; QEMU own: its anonymous memory outside guest RAM; code: the "
+        "translated code in use)"
     )
     overheads: list[float] = []
+    beside_code: list[float] = []
     guest_floor: list[float] = []
     try:
         for size in sizes:
@@ -126,11 +138,19 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
                 overhead = peak / MIB - memory_mib
                 ram = {machine.boot_memory_mib * MIB, machine.hotplug_memory_mib * MIB}
                 own = qemu_own_anon_kib(sandbox.pid, ram) / 1024
+                qmp = vm_backend(sandbox).qmp
+                code_kib = None
+                if qmp is not None and machine.accel != "kvm":
+                    info = await qmp.execute("human-monitor-command", {"command-line": "info jit"})
+                    code_kib = translated_code_kib(str(info))
                 overheads.append(own)
                 guest_floor.append(memory_mib - total)
+                code = "" if code_kib is None else f"{code_kib / 1024:.1f}"
+                if code_kib is not None:
+                    beside_code.append(own - code_kib / 1024)
                 print(
                     f"{memory_mib:>7} {total:>15.1f} {idle / MIB:>12.1f} "
-                    f"{peak / MIB:>12.1f} {overhead:>10.1f} {own:>9.1f}",
+                    f"{peak / MIB:>12.1f} {overhead:>10.1f} {own:>9.1f} {code:>11}",
                     flush=True,
                 )
             finally:
@@ -145,5 +165,10 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
         )
         print(
             f"guest RAM the kernel keeps for itself (VM - MemTotal): max {max(guest_floor):.1f} MiB"
+        )
+    if beside_code:
+        print(
+            f"QEMU's own memory beside its translated code (what vm.qemu_overhead_mib is "
+            f"for; the code has vm.tcg_tb_size_mib): max {max(beside_code):.1f} MiB"
         )
     return 0
