@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.common import bench_config, drop_templates, mem_available_kib, read_kib
 from bench.plots import DensityStep, density_plot, require_matplotlib
-from sandbox.api import SandboxSpec
+from sandbox.api import BootTimes, SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
@@ -22,6 +22,18 @@ from sandbox.vmpod import create_vm_pod, vm_backend
 #: How long a step waits for its pods' translated code to be flushed, beyond the idle
 #: time the flush waits for.
 FLUSH_WAIT_MARGIN_S = 30.0
+
+
+#: ``--starts-csv``: a pod's number, seconds since the bench began, and its start's
+#: phases as sandbox/api.py's BootTimes has them (a clone: spawn, restore, agent; one
+#: sized at clone time also hotplug, from the restore, overlapping the agent's).
+START_COLUMNS = ("pod", "at_s", "total_s", "vmm_spawn_s", "restore_s", "agent_s", "hotplug_s")
+
+
+def start_row(pod: int, at: float, boot: BootTimes) -> str:
+    """A ``--starts-csv`` row of one start."""
+    values = (at, boot.total, boot.vmm_spawn, boot.restore, boot.agent_ready, boot.hotplug)
+    return ",".join([str(pod), *(f"{v:.4f}" for v in values)])
 
 
 def cpu_busy_fraction(seconds: float) -> float:
@@ -79,6 +91,7 @@ async def run_density_bench(
     plot: Path | None = None,
     qemu: str = "",
     jit_flush_idle_s: float | None = None,
+    starts_csv: Path | None = None,
 ) -> int:
     """Start up to ``pods`` idle pod VMs (template clones, as the daemon does), one at a
     time, and print at every ``step`` pods: the start time of the last ones, the host
@@ -93,7 +106,10 @@ async def run_density_bench(
     ``jit_flush_idle_s`` (``[vm] jit_flush_idle_s``, default the daemon's): each step
     then prints the qemu processes' PSS twice, 3 s after the step's last start ("fresh")
     and once every pod's code was flushed ("idle"); the other memory figures are the
-    idle ones. 0: nothing is flushed, one figure."""
+    idle ones. 0: nothing is flushed, one figure.
+
+    With ``starts_csv``, every start's phases go to that CSV file, one row per pod
+    (``START_COLUMNS``), as it starts."""
     if plot is not None:
         require_matplotlib()
     assets = locate_guest(guest_dir)
@@ -106,6 +122,10 @@ async def run_density_bench(
     sandboxes: list[PodSandbox] = []
     starts: list[float] = []
     steps: list[DensityStep] = []
+    csv_file = starts_csv.open("w", encoding="utf-8") if starts_csv is not None else None
+    if csv_file is not None:
+        csv_file.write(",".join(START_COLUMNS) + "\n")
+    began = time.monotonic()
     try:
         await host.templates.build(
             host.machine_for(SandboxSpec("default"), config.run_root / "default")
@@ -143,6 +163,9 @@ async def run_density_bench(
                 break
             starts.append(boot.total)
             count = len(starts)
+            if csv_file is not None:
+                csv_file.write(start_row(count, time.monotonic() - began, boot) + "\n")
+                csv_file.flush()
             if count % step == 0 or count == pods:
                 await asyncio.sleep(3)
                 fresh_pss_kib = pss_total_kib(sandboxes) / count
@@ -194,6 +217,8 @@ async def run_density_bench(
                 )
         print(f"limit: {limit or f'none reached up to {pods} pods'}")
     finally:
+        if csv_file is not None:
+            csv_file.close()
         for sandbox in sandboxes:
             with contextlib.suppress(Exception):
                 await sandbox.destroy()

@@ -193,6 +193,7 @@ def cmd_bench_density(args: argparse.Namespace) -> int:
                 plot=plot,
                 qemu=args.qemu,
                 jit_flush_idle_s=args.jit_flush_idle,
+                starts_csv=Path(args.starts_csv) if args.starts_csv else None,
             )
         )
 
@@ -362,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="the VMM ([vm] qemu; default: the guest directory's own build, "
         "qemu-system-x86_64 for the host's)",
+    )
+    density.add_argument(
+        "--starts-csv",
+        default="",
+        metavar="FILE",
+        help="write every start's phases (spawn, restore, agent, hot-plug) to FILE, a row per pod",
     )
     density.add_argument(
         "--jit-flush-idle",
