@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -332,10 +333,13 @@ class VmProcess:
     """One qemu process: spawned by us or adopted from an earlier daemon.
 
     Exit is noticed at once through a pidfd registered on the event loop, for our own
-    children and for adopted processes alike. Our own children are reaped by asyncio.
+    children and for adopted processes alike; our own children are reaped then, with
+    their exit status. Not through asyncio's subprocesses: Python 3.11's child watcher
+    keeps a thread per running child, blocked in ``waitpid``, so a node of 500 pods had
+    500 threads in the daemon for its VMs.
     """
 
-    def __init__(self, pid: int, proc: asyncio.subprocess.Process | None = None) -> None:
+    def __init__(self, pid: int, proc: subprocess.Popen[bytes] | None = None) -> None:
         self.pid = pid
         self._proc = proc
         self._exited = asyncio.get_running_loop().create_future()
@@ -351,9 +355,10 @@ class VmProcess:
         """Start qemu (``cmd``: its command line, or one that ends by exec'ing it);
         ``pass_fds`` stay open in it under the same numbers (a tap fd)."""
         with stderr_log.open("ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
+            # vfork and exec: returns in a millisecond or two, as asyncio's would
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
                 cwd=cwd,
@@ -371,26 +376,20 @@ class VmProcess:
         return cls(pid)
 
     def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._proc is not None:
-            task = loop.create_task(self._proc.wait())
-            task.add_done_callback(self._waited)
-            return
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
-            self._mark_exited(None)
+            self._mark_exited(self._reap())
             return
-        loop.add_reader(self._pidfd, self._pidfd_ready)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._pidfd_ready)
 
-    def _waited(self, task: asyncio.Task[int]) -> None:
-        # cancelled when the daemon's loop shuts down with the VM still running: the VM
-        # lives on (a restarted daemon adopts it), nothing has exited
-        if not task.cancelled() and task.exception() is None:
-            self._mark_exited(task.result())
+    def _reap(self) -> int | None:
+        """Our own child's exit status (negative: the signal that ended it), once it has
+        exited; None for an adopted process (its parent reaps it)."""
+        return self._proc.poll() if self._proc is not None else None
 
     def _pidfd_ready(self) -> None:
-        self._mark_exited(None)
+        self._mark_exited(self._reap())
 
     def _mark_exited(self, code: int | None) -> None:
         if self._pidfd is not None:

@@ -208,6 +208,46 @@ def test_loop_shutdown_with_a_running_vm_reports_no_error(tmp_path: Path) -> Non
     assert exited == []  # nothing exited: the process outlived the loop
 
 
+def test_a_vm_process_is_watched_without_a_thread_and_reaped_with_its_status(
+    tmp_path: Path,
+) -> None:
+    """A node's VMs cost the daemon no thread each; an exit is noticed, the process
+    reaped and its status kept (negative: the signal)."""
+    import asyncio
+    import os
+    import signal
+    import threading
+
+    from sandbox.vm import VmProcess
+
+    async def main() -> tuple[int, list[int | None], int | None, int | None]:
+        before = threading.active_count()
+        procs = [
+            await VmProcess.spawn(["sleep", "30"], stderr_log=tmp_path / "err", cwd=tmp_path)
+            for _ in range(5)
+        ]
+        threads = threading.active_count() - before
+        for proc in procs:
+            proc.kill(signal.SIGKILL)
+        codes = [await proc.wait(10) for proc in procs]
+        done = await VmProcess.spawn(
+            ["sh", "-c", "exit 3"], stderr_log=tmp_path / "err", cwd=tmp_path
+        )
+        code = await done.wait(10)
+        reaped = None
+        try:
+            os.waitpid(done.pid, os.WNOHANG)
+        except ChildProcessError:
+            reaped = done.pid
+        return threads, codes, code, reaped
+
+    threads, codes, code, reaped = asyncio.run(main())
+    assert threads == 0
+    assert codes == [-signal.SIGKILL] * 5
+    assert code == 3
+    assert reaped is not None  # no zombie left
+
+
 @pytest.mark.parametrize(("slots", "fits"), [(MAX_IMAGE_SLOTS, True), (MAX_IMAGE_SLOTS + 1, False)])
 def test_the_most_image_slots_fit_on_the_root_bus(tmp_path: Path, slots: int, fits: bool) -> None:
     """QEMU itself takes the root ports of the most image slots the config allows (and
