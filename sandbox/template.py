@@ -109,11 +109,8 @@ def nic_args(netdev: str | None) -> list[str]:
     ]
 
 
-def template_key(machine: MachineSpec, qemu: str) -> str:
-    """What decides the guest-visible machine. A template serves the VMs that boot with
-    its shape: a VM sized at clone time boots with the node's base shape and room (the
-    vCPUs and memory it grows to are not part of the key), any other VM with its own."""
-    shape = {
+def _assets(machine: MachineSpec, qemu: str) -> dict[str, object]:
+    return {
         "format": TEMPLATE_FORMAT,
         "qemu": vmm_identity(qemu),
         "kernel": str(machine.kernel),
@@ -123,6 +120,24 @@ def template_key(machine: MachineSpec, qemu: str) -> str:
         "os_image_mtime": machine.os_image.stat().st_mtime_ns,
         "kernel_mtime": machine.kernel.stat().st_mtime_ns,
         "initrd_mtime": machine.initrd.stat().st_mtime_ns,
+    }
+
+
+def assets_key(machine: MachineSpec, qemu: str) -> str:
+    """What every template of a node has in common: the VMM build and the guest's
+    kernel, initramfs and OS image. A template of other assets serves no VM any more
+    (an upgrade, a rebuilt guest directory)."""
+    return hashlib.sha256(json.dumps(_assets(machine, qemu), sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+
+
+def template_key(machine: MachineSpec, qemu: str) -> str:
+    """What decides the guest-visible machine. A template serves the VMs that boot with
+    its shape: a VM sized at clone time boots with the node's base shape and room (the
+    vCPUs and memory it grows to are not part of the key), any other VM with its own."""
+    shape = {
+        **_assets(machine, qemu),
         "vcpus": machine.boot_vcpus,
         "memory_mib": machine.boot_memory_mib,
         "max_vcpus": machine.max_vcpus,
@@ -230,9 +245,11 @@ class TemplateStore:
 
     async def build(self, machine: MachineSpec) -> VmTemplate:
         key = template_key(machine, self.qemu)
+        assets = assets_key(machine, self.qemu)
         async with self._locks.setdefault(key, asyncio.Lock()):
             existing = self.get(machine)
             if existing is not None:
+                self._prune(keep=key, assets=assets)
                 return existing
             final = self.root / key
             # unique: several daemons (or test processes) may share one template dir
@@ -276,6 +293,7 @@ class TemplateStore:
                 raise TemplateError(f"cannot allocate the template's RAM file: {exc}") from exc
             info = {
                 "key": key,
+                "assets": assets,
                 "boot_seconds": boot,
                 "created_at": time.time(),
                 "mem_total_kib": mem_total_kib,
@@ -288,7 +306,7 @@ class TemplateStore:
                 shutil.rmtree(work, ignore_errors=True)
                 if self.get(machine) is None:
                     raise TemplateError(f"cannot install template {key} in {self.root}") from None
-            self._prune(keep=key)
+            self._prune(keep=key, assets=assets)
             log.info("VM template %s ready (boot %.2fs)", key, boot)
             template = self.get(machine)
             assert template is not None
@@ -342,15 +360,24 @@ class TemplateStore:
             await qmp.close()
             await process.kill_and_wait()
 
-    def _prune(self, keep: str) -> None:
-        """Keep the newest ``self.keep`` templates (a template costs its touched RAM)."""
+    def _prune(self, keep: str, assets: str) -> None:
+        """Drop every template of other ``assets`` (another VMM build or guest: no VM is
+        cloned from it again, and its RAM file holds its whole memory on tmpfs), and keep
+        the newest ``self.keep`` of the others. ``keep`` is the one just asked for."""
         entries = []
         for directory in self.root.iterdir():
             if directory.name.startswith(".") or directory.name == keep:
                 continue
-            with contextlib.suppress(OSError, ValueError, KeyError):
+            try:
                 info = json.loads((directory / INFO_FILE).read_text())
-                entries.append((info["created_at"], directory))
+                created = float(info["created_at"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a template, or one being installed
+            if info.get("assets") != assets:
+                log.info("removing VM template %s: made for another VMM or guest", directory.name)
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            entries.append((created, directory))
         entries.sort(reverse=True)
         for _, directory in entries[self.keep - 1 :]:
             shutil.rmtree(directory, ignore_errors=True)
