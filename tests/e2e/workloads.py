@@ -70,12 +70,19 @@ class Workloads:
         return self.cluster.kubectl_json("-n", self.namespace, "get", kind, name)
 
     def wait(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+        """Until ``check`` is true. A check that raises ClusterError is asked again: what
+        it reads may not be reported yet (a pod's container statuses right after the pod
+        is created), or the API may be briefly unavailable."""
         deadline = time.monotonic() + timeout
+        last = ""
         while time.monotonic() < deadline:
-            if check():
-                return
+            try:
+                if check():
+                    return
+            except ClusterError as exc:
+                last = f" (last: {exc})"
             time.sleep(1)
-        raise ClusterError(f"{what}: not reached within {timeout:.0f} s\n{self.describe()}")
+        raise ClusterError(f"{what}: not reached within {timeout:.0f} s{last}\n{self.describe()}")
 
     def describe(self) -> str:
         result = self.kubectl("describe", "pods", check=False)
