@@ -1,4 +1,5 @@
-"""What the benchmarks share: reading /proc, the sandbox configuration of a run."""
+"""What the benchmarks share: reading /proc, the sandbox configuration of a run, the
+busybox image their containers run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from sandbox.api import RootfsImage
 from sandbox.node import SandboxConfig
 
 
@@ -39,3 +42,11 @@ def bench_config(
 def drop_templates(config: SandboxConfig) -> None:
     if config.template_dir is not None:
         shutil.rmtree(config.template_dir, ignore_errors=True)
+
+
+def busybox_image(work_dir: Path) -> RootfsImage:
+    """The busybox rootfs image of a run, built in ``work_dir`` the first time."""
+    erofs = work_dir / "busybox.erofs"
+    if erofs.exists():
+        return RootfsImage("busybox", erofs)
+    return build_rootfs_image(make_busybox_tree(work_dir / "busybox"), erofs, image_id="busybox")

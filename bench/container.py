@@ -33,9 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.protocol import ContainerSpec, ExecSpec
-from bench.common import bench_config, drop_templates
-from cri.images.rootfs import build_rootfs_image, make_busybox_tree
-from sandbox.api import RootfsImage, SandboxSpec
+from bench.common import bench_config, busybox_image, drop_templates
+from sandbox.api import SandboxSpec
 from sandbox.lifecycle import PodSandbox
 from sandbox.node import SandboxHost
 from sandbox.standby import StandbyPool
@@ -62,13 +61,7 @@ def _anon_mib(pid: int) -> float:
 async def one_run(
     host: SandboxHost, image_dir: Path, index: int, samples: dict[str, list[float]]
 ) -> None:
-    erofs = image_dir / "busybox.erofs"
-    if erofs.exists():
-        image = RootfsImage("busybox", erofs)
-    else:
-        image = build_rootfs_image(
-            make_busybox_tree(image_dir / "busybox"), erofs, image_id="busybox"
-        )
+    image = busybox_image(image_dir)
 
     def add(name: str, seconds: float) -> None:
         samples[name].append(seconds)

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import bench_config, drop_templates
+from bench.common import bench_config, busybox_image, drop_templates
 from sandbox.api import SandboxSpec
 from sandbox.cgroups import VmCgroup, hierarchies
 from sandbox.guest import locate_guest
@@ -73,7 +73,6 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
     anonymous memory (outside the guest's RAM): what a pod's cgroup budget must leave
     room for beyond the guest (``vm.qemu_overhead_mib``)."""
     from agent.protocol import ContainerSpec
-    from cri.images.rootfs import build_rootfs_image, make_busybox_tree
 
     assets = locate_guest(guest_dir)
     # each VM exactly its size: no guest overhead on top, no budget below
@@ -84,8 +83,7 @@ async def run_overhead_bench(*, guest_dir: Path, sizes: list[int], work_dir: Pat
     )
     host = SandboxHost(config, assets)
     parent = f"clearcri-bench-{os.getpid()}"
-    tree = make_busybox_tree(work_dir / "busybox")
-    image = build_rootfs_image(tree, work_dir / "busybox.erofs", image_id="busybox")
+    image = busybox_image(work_dir)
     print(f"guest {assets.version}  accel {host.accel}  tb-size {config.tcg_tb_size_mib} MiB")
     print(
         f"{'VM MiB':>7} {'guest MemTotal':>15} {'idle charge':>12} {'peak charge':>12} "

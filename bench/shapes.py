@@ -42,8 +42,7 @@ from pathlib import Path
 
 from agent.protocol import ContainerSpec
 from bench.boot import pss_kib
-from bench.common import bench_config, drop_templates
-from cri.images.rootfs import build_rootfs_image, make_busybox_tree
+from bench.common import bench_config, busybox_image, drop_templates
 from sandbox.api import RootfsImage, SandboxSpec
 from sandbox.guest import locate_guest
 from sandbox.lifecycle import PodSandbox
@@ -192,10 +191,7 @@ async def run_shapes_bench(*, guest_dir: Path, rounds: int, work_dir: Path) -> i
         new = hosts["new shape"].templates
         assert new is not None
         new.keep = 1  # new shapes' templates are not met again
-        image = build_rootfs_image(
-            make_busybox_tree(work_dir / "busybox"), work_dir / "busybox.erofs", image_id="busybox"
-        )
-        return await _run(hosts, rounds, image)
+        return await _run(hosts, rounds, busybox_image(work_dir))
     finally:
         for config in configs.values():
             drop_templates(config)
